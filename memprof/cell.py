@@ -1,0 +1,93 @@
+"""A Cell: one fully resolved training configuration, the unit the executor runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# The axes a suite's grid may vary, in the order they appear in a cell's key.
+AXES: tuple[str, ...] = (
+    "model",
+    "adapter",
+    "optimizer",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "precision",
+    "lr",
+    "schedule",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything a worker needs to build and train one configuration, as plain data.
+
+    ``model_spec``, ``adapter_spec`` and ``data_spec`` are the validated suite tables the names point to,
+    so a cell is self-contained and can be sent to another process as JSON.
+    """
+
+    suite: str
+    index: int
+    model: str
+    adapter: str
+    optimizer: str
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    precision: str
+    lr: float
+    schedule: str
+    optim: str
+    steps: int
+    warmup_steps: int
+    lr_warmup_steps: int
+    seed: int
+    repeat: int
+    device: str
+    timeout_s: float
+    memory_budget_bytes: int
+    max_grad_norm: float
+    model_spec: dict[str, Any] = field(default_factory=dict)
+    adapter_spec: dict[str, Any] = field(default_factory=dict)
+    optim_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Human-readable configuration key; the same configuration gives the same key in any run."""
+        parts = [
+            self.model,
+            self.adapter,
+            self.optimizer,
+            f"b{self.batch_size}",
+            f"s{self.seq_len}",
+            f"ga{self.grad_accum}",
+            self.precision,
+            f"lr{self.lr:g}",
+            self.schedule,
+            f"seed{self.seed}",
+        ]
+        return "/".join(parts)
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of every field that defines the measurement (not the index or the suite name)."""
+        data = self.to_dict()
+        for name in ("index", "suite", "timeout_s"):
+            data.pop(name)
+        blob = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        return cls(**data)

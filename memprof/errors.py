@@ -1,0 +1,17 @@
+"""User-facing errors: one line, naming the file and field, exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (a suite, a flag, a path).
+
+    The CLI prints ``str(error)`` as one line and exits 2; ``--debug`` shows the traceback.
+    """
+
+    exit_code = 2
+
+    def __init__(self, where: str, what: str) -> None:
+        self.where = where
+        self.what = what
+        super().__init__(f"{where}: {what}" if where else what)

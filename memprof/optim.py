@@ -1,0 +1,71 @@
+"""Build a cell's optimizer and LR schedule with the libraries' own factories.
+
+Catalogue names go through ``transformers.Trainer.get_optimizer_cls_and_kwargs``, so a name means here exactly
+what it means in ``TrainingArguments.optim``; schedules go through ``transformers.get_scheduler``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof import catalogue
+
+
+class OptimizerUnavailable(Exception):
+    """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
+
+
+def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if catalogue.is_custom(name):
+        return _from_class_path(name, params, lr, kwargs)
+    entry = catalogue.lookup(name)
+    if not entry.installed:
+        raise OptimizerUnavailable(f"{name} needs {entry.library}, which is not installed "
+                                   f"(pip install {entry.install or entry.requires})")
+    if entry.needs_cuda and device.type != "cuda":
+        raise OptimizerUnavailable(f"{name} needs a CUDA device")
+    if entry.factory != "transformers":
+        return _from_class_path(entry.factory, params, lr, kwargs)
+
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
+                                 use_cpu=device.type == "cpu")
+        cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return cls(params, **{**defaults, **kwargs})
+
+
+def _from_class_path(path: str, params: list[nn.Parameter], lr: float,
+                     kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise OptimizerUnavailable(f"cannot import {module_name}: {err}") from err
+    except AttributeError as err:
+        raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
+    return cls(params, **{"lr": lr, **kwargs})
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep two weight sequences and must be told train()/eval()."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The LR schedule; None for schedule-free optimizers, which need none."""
+    if is_schedule_free(optimizer):
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)

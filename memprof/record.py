@@ -1,0 +1,141 @@
+"""The Record: one cell's outcome as plain, frozen data (bytes as integers, seconds as floats)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from memprof.cell import Cell
+
+SCHEMA_VERSION = 1
+
+
+class Status(str, enum.Enum):
+    """How a cell ended. Every fault is its own value; none of them ends the suite."""
+
+    OK = "ok"
+    OOM = "oom"                    # out of memory (CUDA OOM, host allocator failure, memory budget)
+    DIVERGED = "diverged"          # loss became NaN/inf; the cell stopped at that step
+    CRASHED = "crashed"            # an exception from a library, a signal (segfault, SIGKILL), a bad exit
+    TIMEOUT = "timeout"            # ran past the suite's timeout_s and was killed
+    INTERRUPTED = "interrupted"    # Ctrl-C / SIGTERM while it ran
+    UNAVAILABLE = "unavailable"    # its optimizer's library is not installed, or it needs CUDA
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one cell measured. Fields a device does not have (CUDA peaks on the CPU) stay None."""
+
+    cell_key: str
+    config_hash: str
+    suite: str
+    cell_index: int
+    model: str
+    adapter: str
+    optimizer: str
+    optim: str
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    precision: str
+    lr: float
+    schedule: str
+    seed: int
+    repeat: int
+    steps: int
+    warmup_steps: int
+    status: Status = Status.OK
+    schema_version: int = SCHEMA_VERSION
+    error: str = ""
+    fail_phase: str = ""
+    fail_step: int | None = None
+    exit_code: int | None = None
+    host: str = ""
+    device: str = ""
+    device_name: str = ""
+    # exact accounting
+    total_params: int | None = None
+    trainable_params: int | None = None
+    frozen_weight_bytes: int | None = None
+    trainable_weight_bytes: int | None = None
+    buffer_bytes: int | None = None
+    gradient_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    optimizer_state_paged_bytes: int | None = None
+    optimizer_state_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    activation_bytes: int | None = None
+    # CUDA caching allocator
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    # NVML
+    nvml_peak_device_used_bytes: int | None = None
+    nvml_peak_process_used_bytes: int | None = None
+    # host
+    rss_baseline_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    peak_rss_delta_bytes: int | None = None
+    # time and loss
+    step_time_median_s: float | None = None
+    step_time_p95_s: float | None = None
+    tokens_per_s: float | None = None
+    train_s: float | None = None
+    setup_s: float | None = None
+    cell_wall_s: float | None = None
+    harness_wall_s: float | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    final_loss_smoothed: float | None = None
+
+    @classmethod
+    def for_cell(cls, cell: Cell, **values: Any) -> Record:
+        return cls(
+            cell_key=cell.key, config_hash=cell.config_hash, suite=cell.suite, cell_index=cell.index,
+            model=cell.model, adapter=cell.adapter, optimizer=cell.optimizer, optim=cell.optim,
+            batch_size=cell.batch_size, seq_len=cell.seq_len, grad_accum=cell.grad_accum,
+            precision=cell.precision, lr=cell.lr, schedule=cell.schedule, seed=cell.seed, repeat=cell.repeat,
+            steps=cell.steps, warmup_steps=cell.warmup_steps, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["status"] = Status(values.get("status", "ok"))
+        return cls(**values)
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat CSV row: nested dicts become dotted columns (``optimizer_state_bytes.uint8``)."""
+        row = self.to_dict()
+        for dtype, nbytes in row.pop("optimizer_state_bytes_by_dtype").items():
+            row[f"optimizer_state_bytes.{dtype}"] = nbytes
+        return row
+
+
+def smoothed_final(losses: list[float], window: int = 5) -> float:
+    """Mean of the last ``window`` finite losses (NaN when there are none)."""
+    tail = [x for x in losses[-window:] if math.isfinite(x)]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+@dataclass
+class CellResult:
+    """A Record and the per-step and timeline rows that go beside it."""
+
+    record: Record
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"record": self.record.to_dict(), "steps": self.steps, "timeline": self.timeline}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellResult:
+        return cls(Record.from_dict(data["record"]), data.get("steps", []), data.get("timeline", []))

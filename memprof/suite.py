@@ -1,0 +1,338 @@
+"""Suite files: TOML validated into typed settings, then expanded into the grid of Cells.
+
+A suite is data, never code: it is parsed with ``tomllib`` and checked field by field; every error names the
+file and the key path. Nothing heavy is imported here, so ``--dry-run`` and validation are instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memprof import catalogue
+from memprof.cell import AXES, Cell
+from memprof.errors import UserError
+from memprof.presets import PRESETS
+
+PACKAGED_SUITES = Path(__file__).parent / "suites"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SuiteSettings(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    steps: PositiveInt = 10
+    warmup_steps: Annotated[int, Field(ge=0)] = 2
+    seed: int = 0
+    repeats: PositiveInt = 1
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    memory_budget_bytes: Annotated[int, Field(ge=0)] = 0
+    lr_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+
+    @model_validator(mode="after")
+    def _measured_steps_remain(self) -> SuiteSettings:
+        if self.warmup_steps >= self.steps:
+            raise ValueError("warmup_steps must be smaller than steps (no step would be measured)")
+        return self
+
+
+class DataSettings(_Strict):
+    source: Literal["stdlib", "synthetic", "file"] = "stdlib"
+    path: str = ""
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> DataSettings:
+        if (self.source == "file") != bool(self.path):
+            raise ValueError("'path' is required with source = \"file\" and only then")
+        return self
+
+
+class ModelSettings(_Strict):
+    preset: str = ""
+    path: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        sources = [s for s in ("preset", "path", "config") if getattr(self, s)]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of 'preset', 'path' or 'config'")
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset '{self.preset}'; known: {', '.join(PRESETS)}")
+        if self.config and "model_type" not in self.config:
+            raise ValueError("an inline config needs 'model_type' (e.g. \"llama\")")
+        return self
+
+
+class AdapterSettings(_Strict):
+    kind: Literal["none", "lora", "qlora", "dora"] = "lora"
+    r: PositiveInt = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: list[str] | Literal["all-linear", "attention"] = "attention"
+    use_rslora: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class OptimizerSettings(_Strict):
+    optim: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("optim")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if not catalogue.is_custom(name):
+            try:
+                catalogue.lookup(name)
+            except KeyError as err:
+                raise ValueError(err.args[0]) from None
+        return name
+
+
+class GridSettings(_Strict):
+    model: list[str] = Field(min_length=1)
+    adapter: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
+    optimizer: list[str] = Field(min_length=1)
+    batch_size: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    seq_len: list[PositiveInt] = Field(default_factory=lambda: [128], min_length=1)
+    grad_accum: list[PositiveInt] = Field(default_factory=lambda: [1], min_length=1)
+    precision: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    lr: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1e-3], min_length=1)
+    schedule: list[str] = Field(default_factory=lambda: ["constant"], min_length=1)
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _ints_are_floats(cls, values: Any) -> Any:
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in SCHEDULES:
+                raise ValueError(f"unknown schedule '{name}'; known: {', '.join(SCHEDULES)}")
+        return names
+
+
+class Override(_Strict):
+    match: dict[str, Any]
+    set: dict[str, Any]
+
+
+class SuiteFile(_Strict):
+    suite: SuiteSettings
+    data: DataSettings = DataSettings()
+    grid: GridSettings
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    adapters: dict[str, AdapterSettings] = Field(default_factory=dict)
+    optimizers: dict[str, OptimizerSettings] = Field(default_factory=dict)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    override: list[Override] = Field(default_factory=list)
+
+
+BUILTIN_ADAPTERS: dict[str, AdapterSettings] = {
+    "none": AdapterSettings(kind="none"),
+    "lora": AdapterSettings(kind="lora"),
+    "qlora": AdapterSettings(kind="qlora"),
+    "dora": AdapterSettings(kind="dora"),
+}
+
+
+class Suite:
+    """A validated suite: its source file, its settings and the cells it expands to."""
+
+    def __init__(self, path: Path, text: str, spec: SuiteFile) -> None:
+        self.path = path
+        self.text = text
+        self.spec = spec
+        self.cells = _expand(path, spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.suite.name
+
+    @property
+    def digest(self) -> str:
+        """Hash of the suite text, used to check that a resumed run is the same suite."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A path to a suite file, or the name of a suite shipped in the package (``quick``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    packaged = PACKAGED_SUITES / f"{name_or_path.removesuffix('.toml')}.toml"
+    if packaged.exists():
+        return packaged
+    raise UserError(str(path), "no such suite file (shipped suites: "
+                    + ", ".join(p.stem for p in sorted(PACKAGED_SUITES.glob("*.toml"))) + ")")
+
+
+def load(name_or_path: str) -> Suite:
+    """Read, validate and expand a suite.
+
+    Raises:
+        UserError: naming the file and the key path of the first problem.
+    """
+    path = resolve_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Suite:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(str(path), f"malformed TOML: {err}") from None
+    try:
+        spec = SuiteFile.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = _loc(first["loc"])
+        raise UserError(str(path), f"{where}: {_message(first)}") from None
+    return Suite(path, text, spec)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[str]", "literal['all-linear','attention']") or "[" in str(part):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return msg
+
+
+def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
+    grid = spec.grid
+    _check_names(path, spec)
+    values = {axis: getattr(grid, axis) for axis in AXES}
+    for i, rule in enumerate(spec.exclude):
+        _check_axes(path, f"exclude[{i}]", rule)
+    for i, rule in enumerate(spec.override):
+        _check_axes(path, f"override[{i}].match", rule.match)
+        _check_overridable(path, f"override[{i}].set", rule.set)
+    cells: list[Cell] = []
+    s = spec.suite
+    for combo in itertools.product(*(values[a] for a in AXES)):
+        axes = dict(zip(AXES, combo))
+        if any(_matches(axes, rule) for rule in spec.exclude):
+            continue
+        extra: dict[str, Any] = {}
+        for rule in spec.override:
+            if _matches(axes, rule.match):
+                extra.update(rule.set)
+        axes.update({k: v for k, v in extra.items() if k in AXES})
+        settings = {k: v for k, v in extra.items() if k not in AXES}
+        opt = spec.optimizers.get(axes["optimizer"])
+        for repeat in range(s.repeats):
+            cells.append(Cell(
+                suite=s.name,
+                index=len(cells),
+                **axes,
+                optim=opt.optim if opt else axes["optimizer"],
+                optim_kwargs=dict(opt.kwargs) if opt else {},
+                steps=settings.get("steps", s.steps),
+                warmup_steps=settings.get("warmup_steps", s.warmup_steps),
+                lr_warmup_steps=settings.get("lr_warmup_steps", s.lr_warmup_steps),
+                seed=s.seed + repeat,
+                repeat=repeat,
+                device=s.device,
+                timeout_s=settings.get("timeout_s", s.timeout_s),
+                memory_budget_bytes=settings.get("memory_budget_bytes", s.memory_budget_bytes),
+                max_grad_norm=settings.get("max_grad_norm", s.max_grad_norm),
+                model_spec=_model_spec(spec, axes["model"]),
+                adapter_spec=_adapter_spec(spec, axes["adapter"]),
+                data_spec=spec.data.model_dump(),
+            ))
+    if not cells:
+        raise UserError(str(path), "exclude: every cell of the grid is excluded; nothing to run")
+    return cells
+
+
+def _check_names(path: Path, spec: SuiteFile) -> None:
+    for i, name in enumerate(spec.grid.model):
+        if name not in spec.models and name not in PRESETS:
+            raise UserError(str(path), f"grid.model[{i}]: unknown model '{name}' (not a [models] table nor a preset"
+                            f"; presets: {', '.join(PRESETS)})")
+    for i, name in enumerate(spec.grid.adapter):
+        if name not in spec.adapters and name not in BUILTIN_ADAPTERS:
+            raise UserError(str(path), f"grid.adapter[{i}]: unknown adapter '{name}' (not an [adapters] table nor "
+                            f"one of {', '.join(BUILTIN_ADAPTERS)})")
+    for i, name in enumerate(spec.grid.optimizer):
+        if name in spec.optimizers or catalogue.is_custom(name):
+            continue
+        try:
+            catalogue.lookup(name)
+        except KeyError as err:
+            raise UserError(str(path), f"grid.optimizer[{i}]: {err.args[0]}") from None
+
+
+def _check_axes(path: Path, where: str, rule: dict[str, Any]) -> None:
+    for key in rule:
+        if key not in AXES:
+            raise UserError(str(path), f"{where}.{key}: not a grid axis (axes: {', '.join(AXES)})")
+
+
+_OVERRIDABLE = ("steps", "warmup_steps", "lr_warmup_steps", "timeout_s", "memory_budget_bytes", "max_grad_norm")
+
+
+def _check_overridable(path: Path, where: str, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if key not in AXES and key not in _OVERRIDABLE:
+            raise UserError(str(path), f"{where}.{key}: cannot be overridden (allowed: "
+                            f"{', '.join(AXES + _OVERRIDABLE)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(str(path), f"{where}.{key}: must be a number or a string")
+
+
+def _matches(axes: dict[str, Any], rule: dict[str, Any]) -> bool:
+    return all(axes.get(k) == v for k, v in rule.items())
+
+
+def _model_spec(spec: SuiteFile, name: str) -> dict[str, Any]:
+    if name in spec.models:
+        return spec.models[name].model_dump()
+    return ModelSettings(preset=name).model_dump()
+
+
+def _adapter_spec(spec: SuiteFile, name: str) -> dict[str, Any]:
+    settings = spec.adapters.get(name) or BUILTIN_ADAPTERS[name]
+    out = settings.model_dump()
+    if isinstance(out["target_modules"], tuple):
+        out["target_modules"] = list(out["target_modules"])
+    return out

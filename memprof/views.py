@@ -1,0 +1,82 @@
+"""Terminal views built from records: they format, they never compute measurements."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from rich.table import Table
+
+from memprof.cell import Cell
+from memprof.record import Record, Status
+
+BASELINE_OPTIMIZER = "adamw_torch"
+_STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
+                 Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def peak_bytes(record: Record) -> int | None:
+    """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
+    return record.peak_allocated_bytes if record.peak_allocated_bytes is not None else record.peak_rss_delta_bytes
+
+
+def results_table(records: Iterable[Record], title: str = "memprof results") -> Table:
+    """Cells grouped by model/adapter (and shape), comparing optimizers against AdamW in the same group."""
+    records = list(records)
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.model, r.adapter, r.batch_size, r.seq_len, r.precision), []).append(r)
+    table = Table(title=title, header_style="bold")
+    for name, justify in [("model / adapter", "left"), ("optimizer", "left"), ("status", "left"),
+                          ("state", "right"), ("vs AdamW", "right"), ("paged", "right"), ("trainable", "right"),
+                          ("peak", "right"), ("tokens/s", "right"), ("step p50", "right"), ("loss", "right")]:
+        table.add_column(name, justify=justify)
+    for (model, adapter, batch, seq, precision), rows in groups.items():
+        base = next((r.optimizer_state_bytes for r in rows
+                     if r.optim == BASELINE_OPTIMIZER and r.optimizer_state_bytes), None)
+        for i, r in enumerate(rows):
+            label = f"{model} / {adapter}\n[dim]b{batch}×s{seq} {precision}[/dim]" if i == 0 else ""
+            ratio = (f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None
+                     else "–")
+            status = f"[{_STATUS_STYLE[r.status]}]{r.status.value}[/]"
+            if r.status is not Status.OK and r.fail_phase:
+                status += f" [dim]({r.fail_phase}@{r.fail_step})[/dim]"
+            loss = _num(r.final_loss_smoothed, ".3f")
+            if r.first_loss is not None and r.status is Status.OK:
+                loss = f"{_num(r.first_loss, '.2f')}→{loss}"
+            table.add_row(label, r.optimizer, status, human_bytes(r.optimizer_state_bytes), ratio,
+                          human_bytes(r.optimizer_state_paged_bytes) if r.optimizer_state_paged_bytes else "–",
+                          _num(r.trainable_params, ","), human_bytes(peak_bytes(r)), _num(r.tokens_per_s, ",.0f"),
+                          _num(r.step_time_median_s * 1e3 if r.step_time_median_s else None, ".1f") + " ms",
+                          loss)
+        table.add_section()
+    failed = [r for r in records if r.status not in (Status.OK,) and r.error]
+    if failed:
+        table.caption = "\n".join(f"[dim]{r.cell_key}: {r.error[:160]}[/dim]" for r in failed[:8])
+    return table
+
+
+def cells_table(cells: Iterable[Cell], title: str) -> Table:
+    table = Table(title=title, header_style="bold")
+    for name in ("#", "model", "adapter", "optimizer", "batch", "seq", "accum", "precision", "lr", "schedule",
+                 "seed"):
+        table.add_column(name)
+    for c in cells:
+        table.add_row(str(c.index), c.model, c.adapter, c.optimizer, str(c.batch_size), str(c.seq_len),
+                      str(c.grad_accum), c.precision, f"{c.lr:g}", c.schedule, str(c.seed))
+    return table

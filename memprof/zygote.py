@@ -1,0 +1,186 @@
+"""The zygote: a process that imports the heavy libraries once, then forks one fresh worker per cell.
+
+Protocol (JSON lines): the executor writes ``{"cell": {...}, "log": path, "sample_interval_s": s}`` on stdin;
+the zygote answers one ``CellResult`` dict per request on its protocol stream. It imports and never computes
+(libgomp is not fork-safe once a parallel op ran), and on a CUDA host it preloads only CUDA-clean modules and
+refuses to fork once CUDA was initialised (a forked child could not use the GPU).
+
+A worker that dies (signal, ``os._exit``) or runs past its timeout leaves no result; the zygote writes its
+Record (``crashed`` with the exit status and stderr tail, or ``timeout``) instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+STDERR_TAIL_BYTES = 2000
+_child_pid = 0
+
+
+def preload() -> bool:
+    """Import what every worker needs; return whether this host has a CUDA device."""
+    import torch
+
+    has_cuda = torch.cuda.device_count() > 0  # asks NVML: does not initialise CUDA
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    if not has_cuda:
+        # bitsandbytes (and so peft) initialise CUDA at import on a CUDA host: only preload them without one.
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+        from transformers import Trainer  # noqa: F401
+
+        import memprof.worker  # noqa: F401
+    return has_cuda
+
+
+def memory_budget(budget_bytes: int) -> None:
+    """Cap this process's address space at its current size plus ``budget_bytes`` (a CPU memory budget)."""
+    if budget_bytes <= 0:
+        return
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            current = int(line.split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (current + budget_bytes, resource.RLIM_INFINITY))
+            return
+
+
+def _child(request: dict[str, Any], write_fd: int) -> None:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    code = 0
+    try:
+        from memprof.cell import Cell
+        from memprof.worker import run_cell
+
+        cell = Cell.from_dict(request["cell"])
+        memory_budget(cell.memory_budget_bytes)
+        result = run_cell(cell, request.get("sample_interval_s", 0.01))
+        payload = json.dumps(result.to_dict(), default=str).encode()
+        with os.fdopen(write_fd, "wb") as out:
+            out.write(payload)
+    except BaseException:  # noqa: BLE001 - the parent records a crash from our exit code
+        import traceback
+
+        traceback.print_exc()
+        code = 70
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Fork a worker for one cell, wait for it (blocking, never spinning) and return its result dict."""
+    global _child_pid
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in the zygote; refusing to fork")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        _child(request, write_fd)
+    os.close(write_fd)
+    _child_pid = pid
+    timeout_s = float(request["cell"]["timeout_s"])
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    timed_out = False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        try:
+            ready, _, _ = select.select([read_fd], [], [], left)
+        except InterruptedError:
+            continue
+        if not ready:
+            continue
+        chunk = os.read(read_fd, 1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    if timed_out:
+        _kill_group(pid)
+    os.close(read_fd)
+    _, wait_status = os.waitpid(pid, 0)
+    _child_pid = 0
+    if timed_out:
+        return _fault(request, "timeout", f"ran past timeout_s = {timeout_s:g} and was killed", None)
+    if chunks and os.waitstatus_to_exitcode(wait_status) == 0:
+        return json.loads(b"".join(chunks))
+    code = os.waitstatus_to_exitcode(wait_status)
+    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    tail = _tail(request["log"])
+    return _fault(request, "crashed", f"worker {how}" + (f"; stderr: {tail}" if tail else ""), code)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _fault(request: dict[str, Any], status: str, error: str, exit_code: int | None) -> dict[str, Any]:
+    from memprof.cell import Cell
+    from memprof.record import Record, Status
+
+    cell = Cell.from_dict(request["cell"])
+    record = Record.for_cell(cell, status=Status(status), error=error, exit_code=exit_code)
+    return {"record": record.to_dict(), "steps": [], "timeline": []}
+
+
+def _tail(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()[-STDERR_TAIL_BYTES:]
+    except OSError:
+        return ""
+    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    return " | ".join(lines[-5:])
+
+
+def _forward_interrupt(signum: int, frame: Any) -> None:
+    if _child_pid:
+        try:
+            os.kill(_child_pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+
+def main() -> None:
+    # The protocol gets a private copy of stdout; fd 1 then points at stderr so that nothing a library
+    # prints can corrupt the protocol stream.
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    signal.signal(signal.SIGINT, _forward_interrupt)
+    signal.signal(signal.SIGTERM, _forward_interrupt)
+    has_cuda = preload()
+    protocol.write(json.dumps({"ready": True, "cuda": has_cuda}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        result = run_request(json.loads(line))
+        protocol.write(json.dumps(result, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
