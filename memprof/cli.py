@@ -13,7 +13,8 @@ from rich.console import Console
 from memprof.errors import UserError
 
 console = Console(stderr=True)
-out = Console()
+# Piped output gets a readable width instead of rich's 80-column fallback.
+out = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def main(argv: list[str] | None = None) -> None:

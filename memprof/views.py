@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from memprof.cell import Cell
 from memprof.record import Record, Status
@@ -35,40 +37,46 @@ def peak_bytes(record: Record) -> int | None:
     return record.peak_allocated_bytes if record.peak_allocated_bytes is not None else record.peak_rss_delta_bytes
 
 
-def results_table(records: Iterable[Record], title: str = "memprof results") -> Table:
-    """Cells grouped by model/adapter (and shape), comparing optimizers against AdamW in the same group."""
+def results_table(records: Iterable[Record], title: str = "memprof results") -> Group:
+    """One table per model/adapter/shape group, comparing optimizers against AdamW in the same group."""
     records = list(records)
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault((r.model, r.adapter, r.batch_size, r.seq_len, r.precision), []).append(r)
-    table = Table(title=title, header_style="bold")
-    for name, justify in [("model / adapter", "left"), ("optimizer", "left"), ("status", "left"),
-                          ("state", "right"), ("vs AdamW", "right"), ("paged", "right"), ("trainable", "right"),
-                          ("peak", "right"), ("tokens/s", "right"), ("step p50", "right"), ("loss", "right")]:
-        table.add_column(name, justify=justify)
+    show_paged = any(r.optimizer_state_paged_bytes for r in records)
+    columns = ["optimizer", "status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
+        ["peak", "tokens/s", "step p50", "loss"]
+    parts: list = [Text(title, style="bold")]
     for (model, adapter, batch, seq, precision), rows in groups.items():
+        trainable = next((r.trainable_params for r in rows if r.trainable_params), None)
+        table = Table(title=f"[bold cyan]{model} / {adapter}[/]  b{batch}×s{seq} {precision}, "
+                            f"{_num(trainable, ',')} trainable params", title_justify="left", header_style="bold")
+        for name in columns:
+            table.add_column(name, justify="left" if name in ("optimizer", "status") else "right")
         base = next((r.optimizer_state_bytes for r in rows
                      if r.optim == BASELINE_OPTIMIZER and r.optimizer_state_bytes), None)
-        for i, r in enumerate(rows):
-            label = f"{model} / {adapter}\n[dim]b{batch}×s{seq} {precision}[/dim]" if i == 0 else ""
-            ratio = (f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None
-                     else "–")
-            status = f"[{_STATUS_STYLE[r.status]}]{r.status.value}[/]"
-            if r.status is not Status.OK and r.fail_phase:
-                status += f" [dim]({r.fail_phase}@{r.fail_step})[/dim]"
-            loss = _num(r.final_loss_smoothed, ".3f")
-            if r.first_loss is not None and r.status is Status.OK:
-                loss = f"{_num(r.first_loss, '.2f')}→{loss}"
-            table.add_row(label, r.optimizer, status, human_bytes(r.optimizer_state_bytes), ratio,
-                          human_bytes(r.optimizer_state_paged_bytes) if r.optimizer_state_paged_bytes else "–",
-                          _num(r.trainable_params, ","), human_bytes(peak_bytes(r)), _num(r.tokens_per_s, ",.0f"),
-                          _num(r.step_time_median_s * 1e3 if r.step_time_median_s else None, ".1f") + " ms",
-                          loss)
-        table.add_section()
-    failed = [r for r in records if r.status not in (Status.OK,) and r.error]
-    if failed:
-        table.caption = "\n".join(f"[dim]{r.cell_key}: {r.error[:160]}[/dim]" for r in failed[:8])
-    return table
+        for r in rows:
+            table.add_row(*_row(r, base, show_paged))
+        parts.append(table)
+    failed = [r for r in records if r.status is not Status.OK and r.error]
+    parts.extend(Text(f"{r.cell_key}: {r.error[:200]}", style="dim") for r in failed[:8])
+    return Group(*parts)
+
+
+def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
+    ratio = f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None else "–"
+    status = f"[{_STATUS_STYLE[r.status]}]{r.status.value}[/]"
+    if r.status is not Status.OK and r.fail_phase:
+        status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
+    loss = _num(r.final_loss_smoothed, ".3f")
+    if r.first_loss is not None and r.status is Status.OK:
+        loss = f"{_num(r.first_loss, '.2f')}→{loss}"
+    step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
+    cells = [r.optimizer, status, human_bytes(r.optimizer_state_bytes), ratio]
+    if show_paged:
+        cells.append(human_bytes(r.optimizer_state_paged_bytes))
+    return cells + [human_bytes(peak_bytes(r)), _num(r.tokens_per_s, ",.0f"),
+                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else ""), loss]
 
 
 def cells_table(cells: Iterable[Cell], title: str) -> Table:

@@ -1,0 +1,41 @@
+"""Shared test helpers: tiny suites written to a temp dir, and running the CLI in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SUITE = """
+[suite]
+name = "{name}"
+device = "cpu"
+steps = {steps}
+warmup_steps = 1
+timeout_s = 120
+
+[grid]
+model = ["tiny-llama"]
+adapter = {adapters}
+optimizer = {optimizers}
+batch_size = {batch_sizes}
+seq_len = [32]
+"""
+
+
+def write_suite(directory: Path, name: str = "tiny", steps: int = 3, adapters: str = '["lora"]',
+                optimizers: str = '["adamw_torch"]', batch_sizes: str = "[2]", extra: str = "") -> Path:
+    """A small valid suite file; ``extra`` TOML is appended verbatim."""
+    path = directory / f"{name}.toml"
+    path.write_text(TINY_SUITE.format(name=name, steps=steps, adapters=adapters, optimizers=optimizers,
+                                      batch_sizes=batch_sizes) + extra)
+    return path
+
+
+def run_cli(*argv: str) -> int:
+    """Run ``memprof`` in-process and return its exit code."""
+    from memprof.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return int(exit_info.value.code or 0)
