@@ -1,0 +1,91 @@
+"""Suite validation and grid expansion: every error names the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_suite
+
+from memprof import suite
+from memprof.errors import UserError
+
+
+def test_quick_suite_covers_the_required_grid() -> None:
+    s = suite.load("quick")
+    assert {c.optimizer for c in s.cells} >= {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor",
+                                                "lion_8bit", "schedule_free_adamw"}
+    assert {c.adapter_spec["kind"] for c in s.cells} == {"lora", "qlora"}
+    assert len(s.cells) == 12
+    assert len({c.key for c in s.cells}) == 12
+
+
+def test_path_and_packaged_name_resolve_to_the_same_suite() -> None:
+    assert suite.load("suites/quick.toml").digest == suite.load("quick").digest
+
+
+def test_grid_expands_to_the_cartesian_product_with_exclude_and_override(tmp_path: Path) -> None:
+    path = write_suite(tmp_path, adapters='["lora", "qlora"]', optimizers='["adamw_torch", "adafactor"]',
+                       batch_sizes="[1, 2]", extra="""
+[[exclude]]
+adapter = "qlora"
+optimizer = "adafactor"
+
+[[override]]
+match = { optimizer = "adafactor" }
+set = { lr = 0.01, steps = 5 }
+""")
+    cells = suite.load(str(path)).cells
+    assert len(cells) == 2 * 2 * 2 - 2
+    assert not [c for c in cells if c.adapter == "qlora" and c.optimizer == "adafactor"]
+    adafactor = [c for c in cells if c.optimizer == "adafactor"]
+    assert {c.lr for c in adafactor} == {0.01} and {c.steps for c in adafactor} == {5}
+    assert {c.lr for c in cells if c.optimizer == "adamw_torch"} == {1e-3}
+
+
+def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
+    path = write_suite(tmp_path)
+    text = path.read_text().replace('device = "cpu"', 'device = "cpu"\nrepeats = 3\nseed = 7')
+    path.write_text(text)
+    cells = suite.load(str(path)).cells
+    assert [(c.repeat, c.seed) for c in cells] == [(0, 7), (1, 8), (2, 9)]
+
+
+@pytest.mark.parametrize(("mutation", "expected"), [
+    (('steps = 3', 'steps = 0'), "suite.steps: Input should be greater than 0"),
+    (('steps = 3', 'steps = "3"'), "suite.steps: Input should be a valid integer"),
+    (('device = "cpu"', 'device = "tpu"'), "suite.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    (('seq_len = [32]', 'seq_len = [32]\ncolour = "red"'), "grid.colour: unknown key"),
+    (('batch_size = [2]', 'batch_size = [2, -1]'), "grid.batch_size[1]: Input should be greater than 0"),
+    (('optimizer = ["adamw_torch"]', 'optimizer = ["adamw_torh"]'),
+     "grid.optimizer[0]: unknown optimizer 'adamw_torh' (did you mean 'adamw_torch'?)"),
+    (('model = ["tiny-llama"]', 'model = ["gpt-9"]'), "grid.model[0]: unknown model 'gpt-9'"),
+    (('adapter = ["lora"]', 'adapter = ["ia3"]'), "grid.adapter[0]: unknown adapter 'ia3'"),
+    (('[grid]', '[grid\n'), "malformed TOML"),
+])
+def test_bad_suites_fail_with_file_and_field(tmp_path: Path, mutation: tuple[str, str], expected: str) -> None:
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace(*mutation))
+    with pytest.raises(UserError) as err:
+        suite.load(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_reports_a_bad_suite_in_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace("steps = 3", "steps = -1"))
+    assert run_cli("run", str(path), "--out", str(tmp_path / "results")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "suite.steps" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_dry_run_lists_cells_without_running(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_suite(tmp_path, optimizers='["adamw_torch", "lion_8bit"]')
+    assert run_cli("run", str(path), "--dry-run", "--out", str(tmp_path / "results")) == 0
+    shown = capsys.readouterr().out
+    assert "lion_8bit" in shown and "adamw_torch" in shown and "2 cells" in shown
+    assert not (tmp_path / "results").exists()
