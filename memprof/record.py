@@ -74,6 +74,10 @@ class Record:
     # NVML
     nvml_peak_device_used_bytes: int | None = None
     nvml_peak_process_used_bytes: int | None = None
+    # attribution at the peak (memprof.attribution)
+    attributed_other_bytes: int | None = None
+    allocator_cache_bytes: int | None = None
+    non_pytorch_bytes: int | None = None
     # host
     rss_baseline_bytes: int | None = None
     peak_rss_bytes: int | None = None

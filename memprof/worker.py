@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memprof.attribution import attribute
 from memprof.cell import Cell
 from memprof.record import CellResult, Record, Status, smoothed_final
 from memprof.trackers.host import rss_bytes
@@ -123,7 +124,7 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     values.update(_summarise(logs, cell))
     values["cell_wall_s"] = time.perf_counter() - t_start
     values.pop("traceback", None)
-    record = Record.for_cell(cell, status=status, **values)
+    record = attribute(Record.for_cell(cell, status=status, **values))
     steps = [{"cell_key": cell.key, "repeat": cell.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])
 
