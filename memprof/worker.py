@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
-import resource
 import socket
-import statistics
 import time
 import traceback
 from contextlib import ExitStack
@@ -15,7 +12,7 @@ import torch
 
 from memprof.attribution import attribute
 from memprof.cell import Cell
-from memprof.record import CellResult, Record, Status, smoothed_final
+from memprof.record import CellResult, Record, Status
 from memprof.trackers.host import rss_bytes
 
 
@@ -42,32 +39,21 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     Record's ``status``.
     """
     from memprof import data, models, optim
+    from memprof.measure import exact_values, memory_sources, peak_values, step_summary
     from memprof.probe import CellProbe
-    from memprof.trackers import accounting
-    from memprof.trackers.cuda import CudaAllocator
-    from memprof.trackers.nvml import open_nvml
     from memprof.trackers.sampler import Sampler
     from memprof.train import Diverged, train
 
     t_start = time.perf_counter()
     device = resolve_device(cell.device)
     torch.manual_seed(cell.seed)
-    values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "rss_baseline_bytes": rss_bytes()}
-    sources: dict[str, Any] = {"rss_bytes": rss_bytes}
-    allocator = None
-    if device.type == "cuda":
-        allocator = CudaAllocator(device)
-        values["device_name"] = torch.cuda.get_device_name(device)
-        sources["allocated_bytes"] = lambda: torch.cuda.memory_allocated(device)
-        sources["reserved_bytes"] = lambda: torch.cuda.memory_reserved(device)
-        nvml = open_nvml(device.index or 0)
-        if nvml is not None:
-            sources["nvml_device_used_bytes"], sources["nvml_process_used_bytes"], _ = nvml
-    else:
-        values["device_name"] = "cpu"
+    baseline = rss_bytes()
+    measured = memory_sources(device)
+    allocator = measured.allocator
+    values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
 
     status, model, optimizer, probe = Status.OK, None, None, None
-    sampler = Sampler(sources, sample_interval_s)
+    sampler = Sampler(measured.sources, sample_interval_s)
     with ExitStack() as stack:
         stack.enter_context(sampler)
         if allocator is not None:
@@ -94,62 +80,23 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
             status = Status.OOM if is_oom(err) else Status.CRASHED
             values["error"] = _one_line(err)
             if status is Status.CRASHED:
-                values["traceback"] = traceback.format_exc()
+                traceback.print_exc()  # into the cell's log, for the user who wants more than one line
         if status is not Status.OK and status is not Status.UNAVAILABLE and probe is not None:
             values["fail_phase"], step = probe.where
             values.setdefault("fail_step", step if step >= 0 else None)
         elif probe is None and status in (Status.OOM, Status.CRASHED):
             values["fail_phase"] = "setup"
 
-    if model is not None:
-        weights = accounting.weight_bytes(model)
-        values.update(total_params=weights.frozen_params + weights.trainable_params,
-                      trainable_params=weights.trainable_params, frozen_weight_bytes=weights.frozen.total,
-                      trainable_weight_bytes=weights.trainable.total, buffer_bytes=weights.buffers.total)
-    if optimizer is not None:
-        state = accounting.optimizer_state_bytes(optimizer)
-        values.update(optimizer_state_bytes=state.total, optimizer_state_paged_bytes=state.paged,
-                      optimizer_state_bytes_by_dtype=state.by_dtype)
-    if allocator is not None:
-        peaks = allocator.peaks
-        values.update(peak_allocated_bytes=peaks.peak_allocated_bytes, peak_reserved_bytes=peaks.peak_reserved_bytes,
-                      num_alloc_retries=peaks.num_alloc_retries, num_ooms=peaks.num_ooms)
-    values["nvml_peak_device_used_bytes"] = sampler.peaks.get("nvml_device_used_bytes")
-    values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
-    peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    values.update(peak_rss_bytes=peak_rss, peak_rss_delta_bytes=peak_rss - values["rss_baseline_bytes"])
+    values.update(exact_values(model, optimizer))
+    values.update(peak_values(sampler, allocator, baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)
-    values.update(_summarise(logs, cell))
+    values.update(step_summary(logs, cell.warmup_steps, cell.tokens_per_step))
     values["cell_wall_s"] = time.perf_counter() - t_start
-    values.pop("traceback", None)
     record = attribute(Record.for_cell(cell, status=status, **values))
     steps = [{"cell_key": cell.key, "repeat": cell.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])
-
-
-def _summarise(logs: list, cell: Cell) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if logs:
-        out["first_loss"] = logs[0].loss
-        out["final_loss"] = logs[-1].loss
-        out["final_loss_smoothed"] = smoothed_final([log.loss for log in logs])
-        out["train_s"] = sum(log.step_time_s for log in logs)
-    measured = [log.step_time_s for log in logs[cell.warmup_steps:]]
-    if measured:
-        median = statistics.median(measured)
-        out["step_time_median_s"] = median
-        out["step_time_p95_s"] = _percentile(measured, 0.95)
-        out["tokens_per_s"] = cell.tokens_per_step / median if median > 0 else math.nan
-    return out
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def _one_line(err: BaseException) -> str:
