@@ -7,10 +7,14 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from memprof.errors import UserError
+
+if TYPE_CHECKING:
+    from memprof.compare import ResultSet, Rule
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
@@ -41,11 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
     run.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling interval, seconds")
+    run.add_argument("--compare-to", type=Path, metavar="BASELINE",
+                     help="then compare the run to this result folder; exit with the comparison's code")
+    _add_compare_options(run)
     run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compare", help="compare two result sets cell by cell; exit 1 on a regression")
+    comp.add_argument("baseline", type=Path, help="result folder (or its records.jsonl / cells.csv)")
+    comp.add_argument("current", type=Path, help="result folder (or its records.jsonl / cells.csv)")
+    comp.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout (no table)")
+    comp.add_argument("--all", action="store_true", help="show every metric of every cell")
+    _add_compare_options(comp)
+    comp.set_defaults(func=cmd_compare)
 
     opts = sub.add_parser("optimizers", help="list the optimizer catalogue")
     opts.set_defaults(func=cmd_optimizers)
-    for p in (run, opts):
+    for p in (run, comp, opts):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -64,7 +79,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from memprof.runner import run_suite
 
-    return run_suite(suite, cells, args.out, args.sample_interval, console, out)
+    compare_to = None
+    if args.compare_to:
+        from memprof import compare
+
+        baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
+        _rules(args, ())
+
+        def compare_to(run_dir: Path) -> int:
+            return _compare(baseline, compare.load(run_dir), args)
+    return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from memprof import compare
+
+    return _compare(compare.load(args.baseline), compare.load(args.current), args)
+
+
+def _add_compare_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rule", action="append", default=[], metavar="METRIC:RULE",
+                   help="override a comparison rule: peak_rss_delta_bytes:10%%, tokens_per_s:factor=1.2,p=0.01, "
+                        "final_loss_smoothed:abs=0.1, optimizer_state_bytes:exact, activation_bytes:off")
+    p.add_argument("--allow-different-machines", action="store_true",
+                   help="compare memory peaks and timings even when the machines differ")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="also write a PR-comment summary to FILE")
+
+
+def _rules(args: argparse.Namespace, suite_rules: tuple[tuple[str, str], ...],
+           suite_path: str = "") -> dict[str, Rule]:
+    """The default rules, then the current suite's [compare] table, then --rule flags."""
+    from memprof import compare
+
+    rules = compare.resolve_rules(suite_rules, f"{suite_path}: compare")
+    return compare.resolve_rules([compare.split_rule(text) for text in args.rule], "--rule", rules)
+
+
+def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) -> int:
+    import json
+
+    from memprof import compare, compare_views
+
+    rules = _rules(args, current.suite_rules, str(current.suite_path))
+    result = compare.compare(baseline, current, rules, args.allow_different_machines)
+    if args.markdown:
+        try:
+            args.markdown.write_text(compare_views.markdown(result), encoding="utf-8")
+        except OSError as err:
+            raise UserError(str(args.markdown), f"cannot write: {err}") from None
+    if getattr(args, "json", False):
+        print(json.dumps(result.to_dict(), indent=2))
+        return result.exit_code
+    for line in compare_views.header_lines(result):
+        out.print(line, highlight=False, soft_wrap=True)
+    out.print(compare_views.comparison_table(result, getattr(args, "all", False)))
+    out.print(compare_views.summary_line(result), highlight=False)
+    return result.exit_code
 
 
 def cmd_optimizers(args: argparse.Namespace) -> int:

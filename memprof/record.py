@@ -122,6 +122,31 @@ class Record:
             row[f"optimizer_state_bytes.{dtype}"] = nbytes
         return row
 
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> Record:
+        """The inverse of ``to_row`` for a row read back from CSV text (an empty cell is None).
+
+        Raises:
+            ValueError: a cell that is not a number where the field is one.
+        """
+        types = {f.name: str(f.type) for f in fields(cls)}
+        values: dict[str, Any] = {}
+        by_dtype: dict[str, int] = {}
+        for key, text in row.items():
+            if key.startswith("optimizer_state_bytes."):
+                if text:
+                    by_dtype[key.split(".", 1)[1]] = int(text)
+                continue
+            kind = types.get(key, "str").split(" ")[0]
+            if text == "" and "None" in types.get(key, ""):
+                values[key] = None
+            elif kind in ("int", "float"):
+                values[key] = int(text) if kind == "int" else float(text)
+            else:
+                values[key] = text
+        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype})
+
+
 
 def smoothed_final(losses: list[float], window: int = 5) -> float:
     """Mean of the last ``window`` finite losses (NaN when there are none)."""

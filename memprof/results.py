@@ -107,3 +107,33 @@ def read_records(run_dir: Path) -> list[Record]:
                             f"(this memprof reads {SCHEMA_VERSION})")
         records.append(Record.from_dict(data))
     return records
+
+
+def read_csv_records(path: Path) -> list[Record]:
+    """The records of a ``cells.csv`` (the flat copy of records.jsonl); an empty file gives none.
+
+    Raises:
+        UserError: when the file cannot be read, lacks the key columns, or holds another schema version.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    if not rows:
+        return []
+    missing = [c for c in ("cell_key", "schema_version") if c not in columns]
+    if missing:
+        raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
+    records = []
+    for n, row in enumerate(rows, 2):
+        if row["schema_version"] != str(SCHEMA_VERSION):
+            raise UserError(str(path), f"line {n}: schema_version {row['schema_version'] or None} "
+                            f"(this memprof reads {SCHEMA_VERSION})")
+        try:
+            records.append(Record.from_row(row))
+        except (ValueError, TypeError) as err:
+            raise UserError(str(path), f"line {n}: {err}") from None
+    return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -20,11 +21,12 @@ EXIT_INTERRUPTED = 130
 
 
 def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s: float, console: Console,
-              out: Console) -> int:
+              out: Console, compare: Callable[[Path], int] | None = None) -> int:
     """Run every cell; return the process exit code (0, or 130 when interrupted).
 
     Faults inside cells are results and do not change the exit code. Ctrl-C or SIGTERM interrupts the running
-    cell (recorded as ``interrupted``), keeps every finished cell, and stops.
+    cell (recorded as ``interrupted``), keeps every finished cell, and stops. ``compare``, called with the run
+    folder after a run that was not interrupted, gives the exit code instead (``--compare-to``).
     """
     run_dir = new_run_dir(out_root, suite.name)
     executor = LocalExecutor(run_dir / "logs", sample_interval_s)
@@ -60,4 +62,6 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
     out.print(results_table(writer.records, title=f"{suite.name} — {run_dir}"))
     interrupted = stopping or any(r.status is Status.INTERRUPTED for r in writer.records)
     console.print(f"results: {run_dir}" + (" [yellow](interrupted)[/]" if interrupted else ""))
-    return EXIT_INTERRUPTED if interrupted else 0
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return compare(run_dir) if compare is not None else 0

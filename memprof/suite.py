@@ -147,6 +147,19 @@ class SuiteFile(_Strict):
     optimizers: dict[str, OptimizerSettings] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     override: list[Override] = Field(default_factory=list)
+    # `memprof compare` rules when a run of this suite is the current side: metric = "rule" (e.g. "10%")
+    compare: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("compare")
+    @classmethod
+    def _known_rules(cls, rules: dict[str, str]) -> dict[str, str]:
+        from memprof.compare import resolve_rules
+
+        try:
+            resolve_rules(rules.items(), "compare")
+        except UserError as err:
+            raise ValueError(err.what) from None
+        return rules
 
 
 BUILTIN_ADAPTERS: dict[str, AdapterSettings] = {

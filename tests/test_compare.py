@@ -1,0 +1,297 @@
+"""`memprof compare` on real result sets: a pure re-run, a LoRA rank change, an OOM, repeats, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_suite
+
+from memprof.compare import Rule, Verdict, config_key, parse_spec
+from memprof.record import Record, Status
+from memprof.results import read_records
+from memprof.stats import mann_whitney_p, smallest_p
+
+REPEATS = 14  # split into two interleaved halves of 7: the fewest that can reach the default p < 0.002
+OPTIMIZERS = '["adamw_torch", "adafactor"]'
+RANK_16 = '\n[adapters.lora]\nkind = "lora"\nr = 16\n'
+# adafactor gets 16 MB of address space on top of the worker's size: it runs out of memory while building (with
+# less, the memory sampler's thread cannot even start its 8 MiB stack, and the cell crashes instead)
+OOM_ADAFACTOR = '\n[[override]]\nmatch = { optimizer = "adafactor" }\nset = { memory_budget_bytes = 16000000 }\n'
+
+
+def _run(suite: Path, out: Path, *extra: str) -> tuple[Path, int]:
+    code = run_cli("run", str(suite), "--out", str(out), *extra)
+    (run_dir,) = out.iterdir()
+    return run_dir, code
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]]:
+    """Four real runs of a tiny suite; the re-run and the changed run already compare to the first."""
+    tmp = tmp_path_factory.mktemp("compare")
+    base_suite = write_suite(tmp, "cmp", optimizers=OPTIMIZERS)
+    changed_dir = tmp / "changed"
+    changed_dir.mkdir()
+    changed_suite = write_suite(changed_dir, "cmp", optimizers=OPTIMIZERS, extra=RANK_16 + OOM_ADAFACTOR)
+    repeats_suite = write_suite(tmp, "reps")
+    repeats_suite.write_text(repeats_suite.read_text().replace("warmup_steps = 1", f"warmup_steps = 1\n"
+                                                                                   f"repeats = {REPEATS}"))
+    out: dict[str, tuple[Path, int]] = {}
+    with pytest.MonkeyPatch.context() as env:
+        # one torch thread per worker: on a busy shared machine, spinning OpenMP threads make tiny steps 30x slower
+        env.setenv("OMP_NUM_THREADS", "1")
+        out["base"] = _run(base_suite, tmp / "base")
+        out["rerun"] = _run(base_suite, tmp / "rerun", "--compare-to", str(out["base"][0]))
+        out["changed"] = _run(changed_suite, tmp / "changed-out", "--compare-to", str(out["base"][0]),
+                              "--markdown", str(tmp / "changed.md"))
+        out["repeats"] = _run(repeats_suite, tmp / "repeats")
+    return out
+
+
+def compare_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = run_cli("compare", *argv, "--json")
+    return code, json.loads(capsys.readouterr().out)
+
+
+def cells_by_optimizer(result: dict) -> dict[str, dict]:
+    return {cell["key"].split("/")[2]: cell for cell in result["cells"]}
+
+
+def metric(cell: dict, name: str) -> dict:
+    (found,) = [m for m in cell["metrics"] if m["metric"] == name]
+    return found
+
+
+def split_halves(run_dir: Path, tmp: Path) -> tuple[Path, Path]:
+    """Even and odd repeats as two result folders: interleaved in time, so both halves saw the same load."""
+    records = read_records(run_dir)
+    return (write_records(tmp / "even", [r for r in records if r.repeat % 2 == 0], like=run_dir),
+            write_records(tmp / "odd", [r for r in records if r.repeat % 2 == 1], like=run_dir))
+
+
+def write_records(folder: Path, records: list[Record], like: Path) -> Path:
+    """A result folder holding ``records``, with the environment and suite of the run folder ``like``."""
+    folder.mkdir()
+    for name in ("env.json", "suite.toml"):
+        shutil.copy(like / name, folder / name)
+    (folder / "records.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    return folder
+
+
+def test_the_runs_behind_the_comparisons_ran(runs: dict[str, tuple[Path, int]]) -> None:
+    base = read_records(runs["base"][0])
+    assert runs["base"][1] == 0 and [r.status for r in base] == [Status.OK, Status.OK]
+    changed = {r.optimizer: r for r in read_records(runs["changed"][0])}
+    assert changed["adamw_torch"].status is Status.OK
+    assert changed["adafactor"].status is Status.OOM, changed["adafactor"].error
+    repeats = read_records(runs["repeats"][0])
+    assert [r.repeat for r in repeats] == list(range(REPEATS)) and {config_key(r) for r in repeats} == {
+        repeats[0].cell_key}
+
+
+def test_a_pure_rerun_is_unchanged_and_run_compare_to_exits_0(
+        runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
+    assert runs["rerun"][1] == 0
+    code, result = compare_json(capsys, str(runs["base"][0]), str(runs["rerun"][0]))
+    assert code == 0 and result["exit_code"] == 0
+    assert result["counts"]["unchanged"] == 2 and len(result["cells"]) == 2
+    for cell in result["cells"]:
+        assert cell["verdict"] == "unchanged"
+        for name in ("optimizer_state_bytes", "trainable_weight_bytes", "frozen_weight_bytes", "gradient_bytes"):
+            assert metric(cell, name)["verdict"] == "unchanged" and metric(cell, name)["change"] == 0
+        # one repeat per side: a throughput ratio of two single samples is never a verdict
+        throughput = metric(cell, "tokens_per_s")
+        assert throughput["verdict"] == "unchanged" and throughput["note"].startswith("not enough repeats (1 vs 1")
+        assert metric(cell, "final_loss_smoothed")["change"] == 0  # same seed, same machine: the same loss
+    assert result["machines"][0] == result["machines"][1] and result["peaks_compared"]
+
+
+def test_a_tenfold_slowdown_with_one_repeat_is_still_not_a_verdict(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    slow = [replace(r, tokens_per_s=r.tokens_per_s / 10, step_time_median_s=r.step_time_median_s * 10)
+            for r in read_records(runs["base"][0])]
+    write_records(tmp_path / "slow", slow, like=runs["base"][0])
+    code, result = compare_json(capsys, str(runs["base"][0]), str(tmp_path / "slow"))
+    assert code == 0
+    assert {metric(c, "tokens_per_s")["verdict"] for c in result["cells"]} == {"unchanged"}
+
+
+def test_a_lora_rank_change_regresses_exact_bytes_and_an_oom_fails(
+        runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
+    assert runs["changed"][1] == 1  # `run --compare-to` exits with the comparison's code
+    code, result = compare_json(capsys, str(runs["base"][0]), str(runs["changed"][0]))
+    assert code == 1 and result["counts"]["regressed"] == 1 and result["counts"]["failed"] == 1
+    cells = cells_by_optimizer(result)
+    adamw = cells["adamw_torch"]
+    assert adamw["verdict"] == "regressed" and "configuration changed" in adamw["note"]
+    trainable = metric(adamw, "trainable_weight_bytes")
+    assert trainable["verdict"] == "regressed" and trainable["current"] == 2 * trainable["baseline"]  # r 8 → 16
+    state = metric(adamw, "optimizer_state_bytes")
+    assert state["verdict"] == "regressed" and state["current"] > state["baseline"]
+    assert metric(adamw, "frozen_weight_bytes")["verdict"] == "unchanged"
+    oom = cells["adafactor"]
+    assert (oom["verdict"], oom["baseline_status"], oom["current_status"]) == ("failed", "ok", "oom")
+    markdown = (runs["changed"][0].parent.parent / "changed.md").read_text()
+    assert markdown.startswith("### memprof compare: regression (1 regressed, 1 failed)")
+    assert "| `adamw_torch` | **regressed** | optimizer_state_bytes |" in markdown
+
+
+def test_an_exact_change_is_a_regression_in_either_direction(
+        runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
+    code, result = compare_json(capsys, str(runs["changed"][0]), str(runs["base"][0]))
+    assert code == 1
+    cells = cells_by_optimizer(result)
+    assert cells["adamw_torch"]["verdict"] == "regressed"  # fewer bytes, but not the baseline's bytes
+    assert cells["adafactor"]["verdict"] == "improved"  # oom → ok
+
+
+def test_rules_on_the_command_line_and_in_the_suite(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base, changed = str(runs["base"][0]), str(runs["changed"][0])
+    moved = ("optimizer_state_bytes", "predicted_state_bytes", "trainable_weight_bytes", "gradient_bytes",
+             "activation_bytes", "peak_rss_delta_bytes", "final_loss_smoothed")
+    code, result = compare_json(capsys, base, changed, *(a for name in moved for a in ("--rule", f"{name}:off")))
+    adamw = cells_by_optimizer(result)["adamw_torch"]
+    assert adamw["verdict"] == "unchanged" and not set(moved) & {m["metric"] for m in adamw["metrics"]}
+    assert code == 1  # the OOM still fails
+    # the same rules from the current run's suite: its [compare] table
+    folder = tmp_path / "changed"
+    shutil.copytree(runs["changed"][0], folder)
+    with open(folder / "suite.toml", "a") as f:
+        f.write("\n[compare]\n" + "".join(f'{name} = "off"\n' for name in moved))
+    code, result = compare_json(capsys, base, str(folder))
+    assert cells_by_optimizer(result)["adamw_torch"]["verdict"] == "unchanged"
+    # ... and --rule wins over the suite
+    code, result = compare_json(capsys, base, str(folder), "--rule", "trainable_weight_bytes:exact")
+    assert cells_by_optimizer(result)["adamw_torch"]["verdict"] == "regressed"
+
+
+def test_rule_grammar() -> None:
+    timing = Rule("noisy", 1.1)
+    assert parse_spec("10%", timing) == Rule("relative", 0.10)
+    assert parse_spec("factor=1.2", timing) == Rule("noisy", 1.2, 0.002)
+    assert parse_spec("p=0.01", timing) == Rule("noisy", 1.1, 0.01)
+    assert parse_spec("factor=1.5,p=0.05", timing) == Rule("noisy", 1.5, 0.05)
+    assert parse_spec("abs=0.1", timing) == Rule("absolute", 0.1)
+    assert parse_spec("exact", timing) == Rule("exact") and parse_spec("off", timing) == Rule("off")
+    for bad in ("ten%", "factor=0.5", "p=2", "abs=-1", "speed=3", "abs=1,factor=2"):
+        with pytest.raises(ValueError):
+            parse_spec(bad, timing)
+
+
+def test_mann_whitney_p_values_by_hand() -> None:
+    # complete separation of 5 and 5 samples: 2 of the C(10, 5) = 252 orderings are as extreme
+    assert mann_whitney_p([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]) == pytest.approx(2 / 252)
+    assert smallest_p(5, 5) == pytest.approx(2 / 252) and smallest_p(7, 7) == pytest.approx(2 / 3432)
+    assert mann_whitney_p([1, 2, 3], [4, 5, 6, 7]) == pytest.approx(2 / 35)
+    # U = 7 for 5 and 5: P(U <= 7) = 39 / 252
+    assert mann_whitney_p([1.1, 2.5, 3.3, 4.2, 5.0], [2.0, 2.6, 6, 7, 8]) == pytest.approx(78 / 252)
+    assert mann_whitney_p([3, 1, 2], [2, 1, 3]) == pytest.approx(1.0)
+
+
+def test_repeats_of_a_pure_rerun_do_not_make_a_throughput_verdict(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    even, odd = split_halves(runs["repeats"][0], tmp_path)
+    code, result = compare_json(capsys, str(even), str(odd))
+    (cell,) = result["cells"]
+    assert cell["repeats"] == [REPEATS // 2, REPEATS // 2]
+    for name in ("tokens_per_s", "step_time_median_s"):
+        judged = metric(cell, name)
+        assert judged["verdict"] != "regressed" and judged["note"].startswith("p=")  # judged, not skipped
+    assert metric(cell, "final_loss_smoothed")["verdict"] == "not comparable"  # no seed on both sides
+    assert metric(cell, "optimizer_state_bytes")["verdict"] == "unchanged"
+    assert cell["verdict"] != "regressed" and code == 0
+
+
+def test_repeats_catch_a_real_slowdown(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    even, _ = split_halves(runs["repeats"][0], tmp_path)
+    records = read_records(even)
+    spread = max(r.step_time_median_s for r in records) / min(r.step_time_median_s for r in records)
+    slower = 2 * spread  # every slowed repeat is slower than every baseline repeat
+    write_records(tmp_path / "slow", [replace(r, tokens_per_s=r.tokens_per_s / slower,
+                                              step_time_median_s=r.step_time_median_s * slower) for r in records],
+                  like=even)
+    code, result = compare_json(capsys, str(even), str(tmp_path / "slow"))
+    (cell,) = result["cells"]
+    assert code == 1 and cell["verdict"] == "regressed"
+    assert metric(cell, "tokens_per_s")["verdict"] == "regressed"
+    assert metric(cell, "tokens_per_s")["note"] == f"p={2 / 3432:.2g}"
+    code, result = compare_json(capsys, str(even), str(tmp_path / "slow"),
+                                "--rule", f"tokens_per_s:factor={slower * 2}", "--rule", "step_time_median_s:off")
+    assert code == 0  # significant, but below the factor asked for
+
+
+def test_different_machines_do_not_compare_peaks(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "gpu"
+    shutil.copytree(runs["rerun"][0], folder)
+    env = json.loads((folder / "env.json").read_text())
+    env["gpus"] = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_bytes": 85 << 30, "driver": "570.1"}]
+    env["versions"]["torch"] = "9.9.9"
+    (folder / "env.json").write_text(json.dumps(env))
+    code, result = compare_json(capsys, str(runs["base"][0]), str(folder))
+    assert code == 0 and not result["peaks_compared"]
+    assert result["machines"][1] == "NVIDIA H100 80GB HBM3"
+    assert any(line.startswith("torch: ") and line.endswith("→ 9.9.9") for line in result["environment"])
+    cell = result["cells"][0]
+    assert metric(cell, "peak_rss_delta_bytes")["verdict"] == "not comparable"
+    assert metric(cell, "optimizer_state_bytes")["verdict"] == "unchanged"  # exact bytes are compared anyway
+    code, result = compare_json(capsys, str(runs["base"][0]), str(folder), "--allow-different-machines")
+    assert metric(result["cells"][0], "peak_rss_delta_bytes")["verdict"] != "not comparable"
+    capsys.readouterr()
+    assert run_cli("compare", str(runs["base"][0]), str(folder)) == 0
+    shown = capsys.readouterr().out
+    assert "environment differs:" in shown and "memory peaks and timings not compared" in shown
+
+
+def test_table_csv_input_and_missing_and_new_cells(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = runs["base"][0]
+    one = [r for r in read_records(base) if r.optimizer == "adamw_torch"]
+    write_records(tmp_path / "one", one, like=base)
+    code, result = compare_json(capsys, str(base / "cells.csv"), str(tmp_path / "one" / "records.jsonl"))
+    assert code == 0
+    assert {c["key"].split("/")[2]: c["verdict"] for c in result["cells"]} == {"adamw_torch": "unchanged",
+                                                                              "adafactor": "missing"}
+    code, result = compare_json(capsys, str(tmp_path / "one"), str(base))
+    assert code == 0 and result["counts"]["new"] == 1
+    capsys.readouterr()
+    assert run_cli("compare", str(base), str(runs["changed"][0])) == 1
+    shown = capsys.readouterr().out
+    assert "regressed" in shown and "failed" in shown and "→ regression" in shown
+
+
+@pytest.mark.parametrize("case", ["missing folder", "not a result", "other schema", "empty csv", "bad rule",
+                                  "missing baseline for --compare-to"])
+def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture, case: str) -> None:
+    base = str(runs["base"][0])
+    if case == "missing folder":
+        argv, where = ["compare", base, str(tmp_path / "nope")], str(tmp_path / "nope")
+    elif case == "not a result":
+        argv, where = ["compare", base, str(tmp_path)], str(tmp_path)
+    elif case == "other schema":
+        lines = (runs["base"][0] / "records.jsonl").read_text().replace('"schema_version": 1', '"schema_version": 99')
+        write_records(tmp_path / "v99", [], like=runs["base"][0])
+        (tmp_path / "v99" / "records.jsonl").write_text(lines)
+        argv, where = ["compare", base, str(tmp_path / "v99")], "schema_version 99"
+    elif case == "empty csv":
+        (tmp_path / "cells.csv").write_text("")
+        argv, where = ["compare", str(tmp_path / "cells.csv"), base], str(tmp_path / "cells.csv")
+    elif case == "bad rule":
+        argv, where = ["compare", base, base, "--rule", "tokens_per_s:fast"], "--rule"
+    else:
+        argv = ["run", str(runs["base"][0] / "suite.toml"), "--out", str(tmp_path / "out"), "--compare-to",
+                str(tmp_path / "nope")]
+        where = str(tmp_path / "nope")
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and where in err, err
+    assert not (tmp_path / "out").exists()  # --compare-to checks the baseline before it runs anything
