@@ -48,10 +48,21 @@ def count_bytes(tensors: Iterable[torch.Tensor], exclude: set[tuple[str, int]] |
     return out
 
 
+# Plain objects that optimizers keep in their state and that hold tensors: GaLore's and APOLLO's projectors.
+_TENSOR_HOLDERS = {"GaLoreProjector", "GradientProjector"}
+
+
 def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested dicts/lists/tuples and bitsandbytes quant states."""
+    """Every tensor inside nested dicts/lists/tuples, bitsandbytes quant states, low-rank projectors and
+    tensor subclasses (torchao's low-bit states own no storage: their codes, scales and qmaps do)."""
     if isinstance(obj, torch.Tensor):
-        yield obj
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            for name in obj.__tensor_flatten__()[0]:
+                yield from walk_tensors(getattr(obj, name))
+        else:
+            yield obj
+    elif type(obj).__name__ in _TENSOR_HOLDERS:
+        yield from walk_tensors(vars(obj))
     elif isinstance(obj, dict):
         for value in obj.values():
             yield from walk_tensors(value)
@@ -112,5 +123,7 @@ def gradient_bytes(model: nn.Module) -> ByteCount:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> ByteCount:
     """Every tensor the optimizer keeps in ``state`` (moments, step counters, quantisation maps and absmax),
-    each storage once; paged (bitsandbytes managed-memory) bytes are also reported apart."""
-    return count_bytes(walk_tensors(list(optimizer.state.values())))
+    each storage once; paged (bitsandbytes managed-memory) bytes are also reported apart. GrokAdamW keeps its
+    moments in ``param_groups[i]["state"]`` instead of ``optimizer.state``: those count too."""
+    hidden = [group["state"] for group in optimizer.param_groups if isinstance(group.get("state"), dict)]
+    return count_bytes(walk_tensors([*optimizer.state.values(), *hidden]))
