@@ -7,6 +7,7 @@ what it means in ``TrainingArguments.optim``; schedules go through ``transformer
 from __future__ import annotations
 
 import importlib
+import inspect
 import tempfile
 from typing import Any
 
@@ -14,6 +15,12 @@ import torch
 from torch import nn
 
 from memprof import catalogue
+
+
+# GaLore and APOLLO read their target modules and projection settings from TrainingArguments
+# (optim_target_modules, optim_args), not from the optimizer's constructor.
+_LOW_RANK = ("galore_", "apollo_")
+_PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "proj", "scale_type")
 
 
 class OptimizerUnavailable(Exception):
@@ -25,7 +32,7 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
     """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top."""
     params = [p for p in model.parameters() if p.requires_grad]
     if catalogue.is_custom(name):
-        return _from_class_path(name, params, lr, kwargs)
+        return _from_class_path(name, model, lr, kwargs)
     entry = catalogue.lookup(name)
     if not entry.installed:
         raise OptimizerUnavailable(f"{name} needs {entry.library}, which is not installed "
@@ -33,19 +40,25 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
     if entry.needs_cuda and device.type != "cuda":
         raise OptimizerUnavailable(f"{name} needs a CUDA device")
     if entry.factory != "transformers":
-        return _from_class_path(entry.factory, params, lr, kwargs)
+        return _from_class_path(entry.factory, model, lr, kwargs)
 
     from transformers import Trainer, TrainingArguments
 
+    kwargs, low_rank = dict(kwargs), {}
+    if name.startswith(_LOW_RANK):
+        projection = [f"{key}={kwargs.pop(key)}" for key in _PROJECTION_KEYS if key in kwargs]
+        low_rank = {"optim_target_modules": kwargs.pop("target_modules", "all-linear"),
+                    "optim_args": ",".join(projection) or None}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
-                                 use_cpu=device.type == "cpu")
+                                 use_cpu=device.type == "cpu", **low_rank)
         cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if "params" in defaults:  # GaLore/APOLLO: transformers split the model into projected and plain groups
+        return cls(**{**defaults, **kwargs})
     return cls(params, **{**defaults, **kwargs})
 
 
-def _from_class_path(path: str, params: list[nn.Parameter], lr: float,
-                     kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     module_name, _, class_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -53,7 +66,18 @@ def _from_class_path(path: str, params: list[nn.Parameter], lr: float,
         raise OptimizerUnavailable(f"cannot import {module_name}: {err}") from err
     except AttributeError as err:
         raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
-    return cls(params, **{"lr": lr, **kwargs})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if next(iter(inspect.signature(cls).parameters), "") == "named_parameters":
+        return cls(named, **{"lr": lr, **_head_layout(model), **kwargs})
+    return cls([p for _, p in named], **{"lr": lr, **kwargs})
+
+
+def _head_layout(model: nn.Module) -> dict[str, Any]:
+    """Adam-mini partitions its state by name and attention head, so it needs the model's width and heads."""
+    config = model.config
+    heads = config.num_attention_heads
+    return {"dim": config.hidden_size, "n_heads": heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads, "verbose": False}
 
 
 def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
