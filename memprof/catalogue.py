@@ -20,8 +20,9 @@ class OptimizerEntry:
         name: the name in suites and ``TrainingArguments.optim``.
         library: the package that implements it.
         states: what it keeps per parameter, in words.
-        bytes_per_param: asymptotic state bytes per trainable fp32 parameter (large tensors); None when it
-            depends on shape or rank (factored or projected states).
+        bytes_per_param: state bytes per trainable fp32 parameter of a large tensor (8-bit: + one fp32 absmax
+            or scale per 256-element block); None when it depends on shape or rank (factored or projected
+            states). ``memprof.formulas`` has the exact bytes; a test checks the two agree.
         needs_cuda: True when it cannot run on the CPU.
         requires: the importable module it needs ("" when it ships with the core dependencies).
         install: the pip requirement that provides ``requires``.
@@ -47,46 +48,51 @@ def _e(*args, **kwargs) -> OptimizerEntry:
 
 
 _ADAM = "exp_avg, exp_avg_sq"
-_BNB8 = "uint8 state(s) + fp32 absmax per 256-block (32-bit below 4096 elements)"
+_BNB8 = "uint8 + fp32 absmax per 256 (fp32 below 4096 elements)"
+# 8-bit: a byte per element and state, plus a 4-byte absmax per 256 elements and state
+_Q8 = 1 + 4 / 256
+_Q4 = 0.5 + 4 / 256
 
 ENTRIES: tuple[OptimizerEntry, ...] = (
     _e("adamw_torch", "torch", _ADAM, 8.0),
     _e("adamw_torch_fused", "torch", _ADAM, 8.0),
     _e("adafactor", "transformers", "factored row/col second moment", None),
     _e("adamw_anyprecision", "torchdistx", _ADAM, 8.0, requires="torchdistx", install="torchdistx"),
-    _e("adamw_torch_4bit", "torchao", _ADAM + " in 4-bit blocks", 1.0, requires="torchao", install="torchao"),
-    _e("adamw_torch_8bit", "torchao", _ADAM + " in 8-bit blocks", 2.0, requires="torchao", install="torchao"),
+    _e("adamw_torch_4bit", "torchao", _ADAM + " in 4-bit blocks", 2 * _Q4, requires="torchao", install="torchao"),
+    _e("adamw_torch_8bit", "torchao", _ADAM + " in 8-bit blocks", 2 * _Q8, requires="torchao", install="torchao"),
     _e("ademamix", "bitsandbytes", "m1, m2 (slow EMA), nu", 12.0),
-    _e("ademamix_8bit", "bitsandbytes", "m1, m2, nu: " + _BNB8, 3.0),
+    _e("ademamix_8bit", "bitsandbytes", "m1, m2, nu: " + _BNB8, 3 * _Q8),
     _e("sgd", "torch", "none (momentum 0)", 0.0),
     _e("adagrad", "torch", "sum of squared gradients", 4.0),
-    _e("adamw_bnb_8bit", "bitsandbytes", _BNB8, 2.0),
-    _e("adamw_8bit", "bitsandbytes", _BNB8, 2.0),
-    _e("lion_8bit", "bitsandbytes", "momentum: " + _BNB8, 1.0),
+    _e("adamw_bnb_8bit", "bitsandbytes", _BNB8, 2 * _Q8),
+    _e("adamw_8bit", "bitsandbytes", _BNB8, 2 * _Q8),
+    _e("lion_8bit", "bitsandbytes", "momentum: " + _BNB8, _Q8),
     _e("lion_32bit", "bitsandbytes", "momentum", 4.0),
     _e("paged_adamw_32bit", "bitsandbytes", _ADAM + " (paged on CUDA)", 8.0),
-    _e("paged_adamw_8bit", "bitsandbytes", _BNB8 + " (paged on CUDA)", 2.0),
+    _e("paged_adamw_8bit", "bitsandbytes", _BNB8 + " (paged on CUDA)", 2 * _Q8),
     _e("paged_ademamix_32bit", "bitsandbytes", "m1, m2, nu (paged on CUDA)", 12.0),
-    _e("paged_ademamix_8bit", "bitsandbytes", "m1, m2, nu: " + _BNB8 + " (paged on CUDA)", 3.0),
+    _e("paged_ademamix_8bit", "bitsandbytes", "m1, m2, nu: " + _BNB8 + " (paged on CUDA)", 3 * _Q8),
     _e("paged_lion_32bit", "bitsandbytes", "momentum (paged on CUDA)", 4.0),
-    _e("paged_lion_8bit", "bitsandbytes", "momentum: " + _BNB8 + " (paged on CUDA)", 1.0),
+    _e("paged_lion_8bit", "bitsandbytes", "momentum: " + _BNB8 + " (paged on CUDA)", _Q8),
     _e("rmsprop", "torch", "square average", 4.0),
     _e("rmsprop_bnb", "bitsandbytes", "square average", 4.0),
-    _e("rmsprop_bnb_8bit", "bitsandbytes", "square average: " + _BNB8, 1.0),
+    _e("rmsprop_bnb_8bit", "bitsandbytes", "square average: " + _BNB8, _Q8),
     _e("rmsprop_bnb_32bit", "bitsandbytes", "square average", 4.0),
     _e("galore_adamw", "galore-torch", "Adam moments of rank-r projections + projector", None,
        requires="galore_torch", install="galore-torch"),
     _e("galore_adamw_8bit", "galore-torch", "8-bit Adam moments of rank-r projections + projector", None,
-       requires="galore_torch", install="galore-torch"),
+       needs_cuda=True, requires="galore_torch", install="galore-torch"),
     _e("galore_adafactor", "galore-torch", "factored moments of rank-r projections + projector", None,
        requires="galore_torch", install="galore-torch"),
     _e("apollo_adamw", "apollo-torch", "Adam moments of rank-r random projections", None,
        requires="apollo_torch", install="apollo-torch"),
-    _e("grokadamw", "grokadamw", _ADAM + ", grok EMA", 12.0, requires="grokadamw", install="grokadamw"),
+    _e("grokadamw", "grokadamw", _ADAM + ", grok EMA (kept on the CPU)", 12.0, requires="grokadamw",
+       install="grokadamw"),
     _e("schedule_free_adamw", "schedulefree", "z, exp_avg_sq", 8.0, requires="schedulefree"),
     _e("schedule_free_radam", "schedulefree", "z, exp_avg_sq", 8.0, requires="schedulefree"),
     _e("schedule_free_sgd", "schedulefree", "z", 4.0, requires="schedulefree"),
-    _e("stable_adamw", "torch-optimi", _ADAM, 8.0, requires="optimi", install="torch-optimi"),
+    _e("stable_adamw", "torch-optimi", _ADAM + " (+ Kahan buffer for 16-bit params)", 8.0, requires="optimi",
+       install="torch-optimi"),
     _e("torch_adafactor", "torch", "factored row/col second moment", None,
        factory="torch.optim:Adafactor"),
     _e("came", "came-pytorch", "exp_avg, factored second moment and residual", None,

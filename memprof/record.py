@@ -63,6 +63,7 @@ class Record:
     buffer_bytes: int | None = None
     gradient_bytes: int | None = None
     optimizer_state_bytes: int | None = None
+    predicted_state_bytes: int | None = None  # memprof.formulas: what the catalogue formula says it should be
     optimizer_state_paged_bytes: int | None = None
     optimizer_state_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     activation_bytes: int | None = None

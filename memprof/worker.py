@@ -38,7 +38,7 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     Never raises for a fault inside the cell (OOM, divergence, a library error, Ctrl-C): those are the
     Record's ``status``.
     """
-    from memprof import data, models, optim
+    from memprof import data, formulas, models, optim
     from memprof.measure import exact_values, memory_sources, peak_values, step_summary
     from memprof.probe import CellProbe
     from memprof.trackers.sampler import Sampler
@@ -88,6 +88,8 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
             values["fail_phase"] = "setup"
 
     values.update(exact_values(model, optimizer))
+    if optimizer is not None:
+        values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optim, optimizer)
     values.update(peak_values(sampler, allocator, baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
