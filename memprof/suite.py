@@ -59,6 +59,8 @@ class DataSettings(_Strict):
     def _path_for_file(self) -> DataSettings:
         if (self.source == "file") != bool(self.path):
             raise ValueError("'path' is required with source = \"file\" and only then")
+        if self.path and not Path(self.path).is_file():
+            raise ValueError(f"path: no such file: {self.path}")
         return self
 
 
@@ -188,6 +190,35 @@ class Suite:
         """Hash of the suite text, used to check that a resumed run is the same suite."""
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
+    def preflight_pairs(self) -> list[dict[str, Any]]:
+        """The distinct (model, adapter) pairs of the cells, for the checks that need the libraries
+        (``memprof.preflight``: does the model build, do the adapter's target modules match)."""
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for c in self.cells:
+            pairs.setdefault((c.model, c.adapter), {"model": c.model, "model_spec": c.model_spec,
+                                                    "adapter": c.adapter, "adapter_spec": c.adapter_spec})
+        return list(pairs.values())
+
+    def preflight_error(self, problem: dict[str, str]) -> UserError:
+        """A problem ``memprof.preflight`` found, as a UserError naming the key that defines the culprit."""
+        model, adapter = problem["model"], problem["adapter"]
+        if problem["field"] == "model":
+            return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
+                                             f"{problem['error']}")
+        where = self._defined_at("adapter", adapter)
+        if adapter in self.spec.adapters:
+            where += ".target_modules"
+        return UserError(str(self.path), f"{where}: adapter '{adapter}' does not fit model '{model}': "
+                                         f"{problem['error']}")
+
+    def _defined_at(self, axis: str, name: str) -> str:
+        tables = self.spec.models if axis == "model" else self.spec.adapters
+        if name in tables:
+            return f"{axis}s.{name}"
+        names = getattr(self.spec.grid, axis)
+        return f"grid.{axis}[{names.index(name)}]" if name in names else f"grid.{axis}"
+
+
 
 def resolve_path(name_or_path: str) -> Path:
     """A path to a suite file, or the name of a suite shipped in the package (``quick``)."""
@@ -258,7 +289,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
         _check_axes(path, f"exclude[{i}]", rule)
     for i, rule in enumerate(spec.override):
         _check_axes(path, f"override[{i}].match", rule.match)
-        _check_overridable(path, f"override[{i}].set", rule.set)
+        _check_overridable(path, f"override[{i}].set", rule.set, spec)
     cells: list[Cell] = []
     s = spec.suite
     for combo in itertools.product(*(values[a] for a in AXES)):
@@ -298,21 +329,25 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
 
 
 def _check_names(path: Path, spec: SuiteFile) -> None:
-    for i, name in enumerate(spec.grid.model):
-        if name not in spec.models and name not in PRESETS:
-            raise UserError(str(path), f"grid.model[{i}]: unknown model '{name}' (not a [models] table nor a preset"
-                            f"; presets: {', '.join(PRESETS)})")
-    for i, name in enumerate(spec.grid.adapter):
-        if name not in spec.adapters and name not in BUILTIN_ADAPTERS:
-            raise UserError(str(path), f"grid.adapter[{i}]: unknown adapter '{name}' (not an [adapters] table nor "
-                            f"one of {', '.join(BUILTIN_ADAPTERS)})")
-    for i, name in enumerate(spec.grid.optimizer):
-        if name in spec.optimizers or catalogue.is_custom(name):
-            continue
+    for axis in ("model", "adapter", "optimizer"):
+        for i, name in enumerate(getattr(spec.grid, axis)):
+            error = _name_error(spec, axis, name)
+            if error:
+                raise UserError(str(path), f"grid.{axis}[{i}]: {error}")
+
+
+def _name_error(spec: SuiteFile, axis: str, name: str) -> str:
+    """Why ``name`` is not a model, adapter or optimizer of this suite ('' when it is one)."""
+    if axis == "model" and name not in spec.models and name not in PRESETS:
+        return f"unknown model '{name}' (not a [models] table nor a preset; presets: {', '.join(PRESETS)})"
+    if axis == "adapter" and name not in spec.adapters and name not in BUILTIN_ADAPTERS:
+        return f"unknown adapter '{name}' (not an [adapters] table nor one of {', '.join(BUILTIN_ADAPTERS)})"
+    if axis == "optimizer" and name not in spec.optimizers and not catalogue.is_custom(name):
         try:
             catalogue.lookup(name)
         except KeyError as err:
-            raise UserError(str(path), f"grid.optimizer[{i}]: {err.args[0]}") from None
+            return str(err.args[0])
+    return ""
 
 
 def _check_axes(path: Path, where: str, rule: dict[str, Any]) -> None:
@@ -324,13 +359,26 @@ def _check_axes(path: Path, where: str, rule: dict[str, Any]) -> None:
 _OVERRIDABLE = ("steps", "warmup_steps", "lr_warmup_steps", "timeout_s", "memory_budget_bytes", "max_grad_norm")
 
 
-def _check_overridable(path: Path, where: str, values: dict[str, Any]) -> None:
+def _check_overridable(path: Path, where: str, values: dict[str, Any], spec: SuiteFile) -> None:
+    """An override's values pass the same checks as the grid and [suite] values they replace."""
     for key, value in values.items():
         if key not in AXES and key not in _OVERRIDABLE:
             raise UserError(str(path), f"{where}.{key}: cannot be overridden (allowed: "
                             f"{', '.join(AXES + _OVERRIDABLE)})")
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UserError(str(path), f"{where}.{key}: must be a number or a string")
+        error = _name_error(spec, key, value) if key in ("model", "adapter", "optimizer") else ""
+        if error:
+            raise UserError(str(path), f"{where}.{key}: {error}")
+    axes = {k: [v] for k, v in values.items() if k in AXES}
+    settings = {k: v for k, v in values.items() if k not in AXES}
+    try:
+        GridSettings.model_validate({"model": ["-"], "optimizer": ["-"], **axes})
+        SuiteSettings.model_validate({**spec.suite.model_dump(), **settings})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = first["loc"][0] if first["loc"] and first["loc"][0] in values else ""
+        raise UserError(str(path), f"{where}{'.' + key if key else ''}: {_message(first)}") from None
 
 
 def _matches(axes: dict[str, Any], rule: dict[str, Any]) -> bool:
