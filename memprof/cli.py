@@ -40,11 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite: every cell in its own process")
-    run.add_argument("suite", nargs="?", default="quick", help="suite file, or a shipped suite name (default: quick)")
+    run.add_argument("suite", nargs="?", help="suite file, or a shipped suite name (default: quick; with --resume: "
+                                              "the suite the run started with)")
     run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
     run.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling interval, seconds")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="finish an interrupted run in its own folder: run only the cells it lacks")
     run.add_argument("--compare-to", type=Path, metavar="BASELINE",
                      help="then compare the run to this result folder; exit with the comparison's code")
     _add_compare_options(run)
@@ -68,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from memprof import suite as suite_mod
 
-    suite = suite_mod.load(args.suite)
+    if args.resume is not None and not (args.resume / "manifest.json").is_file():
+        raise UserError(str(args.resume), "not a memprof result folder (no manifest.json)")
+    if args.suite is None and args.resume is not None:
+        suite = suite_mod.load(str(args.resume / "suite.toml"))
+    else:
+        suite = suite_mod.load(args.suite or "quick")
     cells = suite.cells
     if args.device:
         cells = [replace(c, device=args.device) for c in cells]
@@ -88,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def compare_to(run_dir: Path) -> int:
             return _compare(baseline, compare.load(run_dir), args)
-    return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to)
+    return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to,
+                     resume=args.resume)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -11,9 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memprof import env as env_mod
 from memprof.cell import Cell
-from memprof.executor import LocalExecutor
+from memprof.errors import UserError
+from memprof.executor import LocalExecutor, PreflightFailed
 from memprof.record import Status
-from memprof.results import RunWriter, new_run_dir
+from memprof.results import RunWriter, new_run_dir, prepare_resume
 from memprof.suite import Suite
 from memprof.views import results_table
 
@@ -21,18 +22,22 @@ EXIT_INTERRUPTED = 130
 
 
 def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s: float, console: Console,
-              out: Console, compare: Callable[[Path], int] | None = None) -> int:
+              out: Console, compare: Callable[[Path], int] | None = None, resume: Path | None = None) -> int:
     """Run every cell; return the process exit code (0, or 130 when interrupted).
 
     Faults inside cells are results and do not change the exit code. Ctrl-C or SIGTERM interrupts the running
     cell (recorded as ``interrupted``), keeps every finished cell, and stops. ``compare``, called with the run
-    folder after a run that was not interrupted, gives the exit code instead (``--compare-to``).
+    folder after a run that was not interrupted, gives the exit code instead (``--compare-to``). ``resume``, an
+    earlier run folder of the same suite and cells, gets only the cells it lacks (interrupted ones run again).
+
+    No results folder is created before the suite's models passed the checks that need the libraries
+    (``memprof.preflight``); a failure there is a UserError.
     """
-    run_dir = new_run_dir(out_root, suite.name)
-    executor = LocalExecutor(run_dir / "logs", sample_interval_s)
-    writer = RunWriter(run_dir, suite.text,
-                       {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in cells]},
-                       env_mod.capture())
+    manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in cells],
+                "config_hashes": [c.config_hash for c in cells]}
+    if resume is not None:
+        prepare_resume(resume, manifest)  # before the zygote starts: the wrong folder fails at once
+    executor = LocalExecutor(sample_interval_s=sample_interval_s)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -42,12 +47,27 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        problems: list[dict[str, str]] = []
+        with console.status(f"{suite.name}: starting workers and checking the models"):
+            try:
+                problems = executor.preflight(suite.preflight_pairs())
+            except PreflightFailed as err:
+                if not stopping:
+                    raise UserError(str(suite.path), f"checking the models failed: {err}") from None
+        if stopping:
+            console.print("interrupted before any cell ran; nothing was written")
+            return EXIT_INTERRUPTED
+        if problems:
+            raise suite.preflight_error(problems[0])
+        run_dir = resume or new_run_dir(out_root, suite.name)
+        executor.log_to(run_dir / "logs")
+        writer = RunWriter(run_dir, suite.text, manifest, env_mod.capture())
+        finished = {r.cell_index for r in writer.records}
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
                       transient=False) as progress:
-            task = progress.add_task(f"{suite.name}: starting workers", total=len(cells), last="")
-            executor.wait_ready()
-            for cell in cells:
+            task = progress.add_task(suite.name, total=len(cells), completed=len(finished), last="")
+            for cell in (c for c in cells if c.index not in finished):
                 if stopping:
                     break
                 progress.update(task, description=f"{suite.name}: {cell.key}")
@@ -61,7 +81,8 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
             signal.signal(s, handler)
     out.print(results_table(writer.records, title=f"{suite.name} — {run_dir}"))
     interrupted = stopping or any(r.status is Status.INTERRUPTED for r in writer.records)
-    console.print(f"results: {run_dir}" + (" [yellow](interrupted)[/]" if interrupted else ""))
+    console.print(f"results: {run_dir}" + (f" [yellow](interrupted; finish it with: memprof run --resume {run_dir})[/]"
+                                           if interrupted else ""), highlight=False, soft_wrap=True)
     if interrupted:
         return EXIT_INTERRUPTED
     return compare(run_dir) if compare is not None else 0

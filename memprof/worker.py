@@ -72,6 +72,7 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
                   probe)
         except Diverged as err:
             status, values["error"], values["fail_step"] = Status.DIVERGED, str(err), err.step
+            values["fail_phase"] = "forward"  # where the non-finite loss came from; it is checked after the step
         except optim.OptimizerUnavailable as err:
             status, values["error"] = Status.UNAVAILABLE, str(err)
         except KeyboardInterrupt:
@@ -82,7 +83,8 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
             if status is Status.CRASHED:
                 traceback.print_exc()  # into the cell's log, for the user who wants more than one line
         if status is not Status.OK and status is not Status.UNAVAILABLE and probe is not None:
-            values["fail_phase"], step = probe.where
+            phase, step = probe.where
+            values.setdefault("fail_phase", phase)
             values.setdefault("fail_step", step if step >= 0 else None)
         elif probe is None and status in (Status.OOM, Status.CRASHED):
             values["fail_phase"] = "setup"

@@ -6,7 +6,11 @@ the zygote answers one ``CellResult`` dict per request on its protocol stream. I
 refuses to fork once CUDA was initialised (a forked child could not use the GPU).
 
 A worker that dies (signal, ``os._exit``) or runs past its timeout leaves no result; the zygote writes its
-Record (``crashed`` with the exit status and stderr tail, or ``timeout``) instead.
+Record (``crashed`` with the exit status and stderr tail, ``timeout``, or ``interrupted`` when it died of the
+Ctrl-C it was sent) instead. ``{"preflight": [...]}`` asks for the suite's model checks (``memprof.preflight``),
+run in a forked process like a cell; the answer is ``{"problems": [...]}`` or ``{"failed": reason}``. When the
+executor goes away (its end of stdin closes, even mid-cell after a ``kill -9``), the zygote kills the running
+worker and exits: nothing keeps computing for a run nobody records.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 STDERR_TAIL_BYTES = 2000
+PREFLIGHT_TIMEOUT_S = 600.0
 _child_pid = 0
+_interrupted = False
 
 
 def preload() -> bool:
@@ -65,13 +71,18 @@ def _child(request: dict[str, Any], write_fd: int) -> None:
     os.dup2(log, 2)
     code = 0
     try:
-        from memprof.cell import Cell
-        from memprof.worker import run_cell
+        if "preflight" in request:
+            from memprof.preflight import check_all
 
-        cell = Cell.from_dict(request["cell"])
-        memory_budget(cell.memory_budget_bytes)
-        result = run_cell(cell, request.get("sample_interval_s", 0.01))
-        payload = json.dumps(result.to_dict(), default=str).encode()
+            answer: dict[str, Any] = {"problems": check_all(request["preflight"])}
+        else:
+            from memprof.cell import Cell
+            from memprof.worker import run_cell
+
+            cell = Cell.from_dict(request["cell"])
+            memory_budget(cell.memory_budget_bytes)
+            answer = run_cell(cell, request.get("sample_interval_s", 0.01)).to_dict()
+        payload = json.dumps(answer, default=str).encode()
         with os.fdopen(write_fd, "wb") as out:
             out.write(payload)
     except BaseException:  # noqa: BLE001 - the parent records a crash from our exit code
@@ -85,9 +96,14 @@ def _child(request: dict[str, Any], write_fd: int) -> None:
         os._exit(code)
 
 
-def run_request(request: dict[str, Any]) -> dict[str, Any]:
-    """Fork a worker for one cell, wait for it (blocking, never spinning) and return its result dict."""
-    global _child_pid
+def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int, bool]:
+    """Fork a worker for the request and wait for it (blocking, never spinning).
+
+    Returns:
+        The worker's answer (None unless it exited cleanly with one), its exit code (negative: a signal), and
+        whether it ran past ``timeout_s`` and was killed.
+    """
+    global _child_pid, _interrupted
     import torch
 
     if torch.cuda.is_initialized():
@@ -98,21 +114,25 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
         os.close(read_fd)
         _child(request, write_fd)
     os.close(write_fd)
-    _child_pid = pid
-    timeout_s = float(request["cell"]["timeout_s"])
+    _child_pid, _interrupted = pid, False
     deadline = time.monotonic() + timeout_s
     chunks: list[bytes] = []
     timed_out = False
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
+    # The executor writes nothing while a worker runs, so its end of stdin can only hang up: it went away.
+    poller.register(sys.stdin.fileno(), 0)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        try:
-            ready, _, _ = select.select([read_fd], [], [], left)
-        except InterruptedError:
-            continue
-        if not ready:
+        events = dict(poller.poll(left * 1000))
+        if events.get(sys.stdin.fileno(), 0) & (select.POLLHUP | select.POLLERR):
+            _kill_group(pid)
+            os.waitpid(pid, 0)
+            sys.exit(0)
+        if read_fd not in events:
             continue
         chunk = os.read(read_fd, 1 << 20)
         if not chunk:
@@ -123,14 +143,38 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     os.close(read_fd)
     _, wait_status = os.waitpid(pid, 0)
     _child_pid = 0
+    code = os.waitstatus_to_exitcode(wait_status)
+    return (b"".join(chunks) if chunks and code == 0 else None), code, timed_out
+
+
+def run_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell in a forked worker and return its result dict, or a fault Record the worker could not write."""
+    timeout_s = float(request["cell"]["timeout_s"])
+    answer, code, timed_out = _fork(request, timeout_s)
     if timed_out:
         return _fault(request, "timeout", f"ran past timeout_s = {timeout_s:g} and was killed", None)
-    if chunks and os.waitstatus_to_exitcode(wait_status) == 0:
-        return json.loads(b"".join(chunks))
-    code = os.waitstatus_to_exitcode(wait_status)
-    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    if answer is not None:
+        return json.loads(answer)
     tail = _tail(request["log"])
-    return _fault(request, "crashed", f"worker {how}" + (f"; stderr: {tail}" if tail else ""), code)
+    how = _how(code) + (f"; stderr: {tail}" if tail else "")
+    if _interrupted:
+        return _fault(request, "interrupted", f"interrupted; worker {how}", code)
+    return _fault(request, "crashed", f"worker {how}", code)
+
+
+def run_preflight(request: dict[str, Any]) -> dict[str, Any]:
+    """Run the suite's model checks in a forked process (see ``memprof.preflight``)."""
+    answer, code, timed_out = _fork(request, PREFLIGHT_TIMEOUT_S)
+    if answer is not None:
+        return json.loads(answer)
+    if timed_out:
+        return {"failed": f"the model checks ran past {PREFLIGHT_TIMEOUT_S:g} s"}
+    tail = _tail(request["log"])
+    return {"failed": f"the model checks' process {_how(code)}" + (f"; stderr: {tail}" if tail else "")}
+
+
+def _how(code: int) -> str:
+    return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 def _kill_group(pid: int) -> None:
@@ -159,7 +203,9 @@ def _tail(path: str) -> str:
 
 
 def _forward_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted
     if _child_pid:
+        _interrupted = True
         try:
             os.kill(_child_pid, signal.SIGINT)
         except ProcessLookupError:
@@ -178,7 +224,8 @@ def main() -> None:
     for line in sys.stdin:
         if not line.strip():
             continue
-        result = run_request(json.loads(line))
+        request = json.loads(line)
+        result = run_preflight(request) if "preflight" in request else run_request(request)
         protocol.write(json.dumps(result, default=str) + "\n")
 
 
