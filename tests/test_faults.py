@@ -1,0 +1,564 @@
+"""Faults are results: real fault injection, end to end.
+
+OOM under a CPU memory budget, a worker killed by SIGKILL, a library exception, a timeout and a diverging loss
+each become their cell's status while the suite goes on; SIGINT/SIGTERM stop a run that ``--resume`` finishes;
+``kill -9`` of ``memprof run`` at random moments loses no finished cell; bad suites are one line and exit 2
+before anything runs. The faulty optimizers live in ``tests/faulty.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psutil
+import pytest
+from conftest import run_cli, write_suite
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from memprof import suite as suite_mod
+from memprof.errors import UserError
+from memprof.record import Record, Status
+from memprof.results import RunWriter, prepare_resume, read_records
+
+TESTS_DIR = Path(__file__).parent
+OOM_BUDGET = 512 << 20
+RUN_TIMEOUT_S = 300
+
+FAULT_SUITE = f"""
+[suite]
+name = "faults"
+device = "cpu"
+steps = 3
+warmup_steps = 1
+timeout_s = 120
+
+[data]
+source = "synthetic"
+
+[grid]
+model = ["tiny-llama"]
+adapter = ["lora"]
+# every fault comes before the healthy cell, which shows that the suite went on after each of them
+optimizer = ["hog", "kill", "raise", "sleep", "nan", "sgd"]
+batch_size = [2]
+seq_len = [32]
+
+[optimizers.hog]
+optim = "sgd"
+[optimizers.kill]
+optim = "faulty:KillSelf"
+[optimizers.raise]
+optim = "faulty:Raise"
+[optimizers.sleep]
+optim = "faulty:Sleep"
+[optimizers.nan]
+optim = "sgd"
+
+[[override]]   # the embeddings of 8192 x 32 tokens alone are 256 MiB; the forward needs several such tensors
+match = {{ optimizer = "hog" }}
+set = {{ batch_size = 8192, memory_budget_bytes = {OOM_BUDGET} }}
+
+[[override]]
+match = {{ optimizer = "sleep" }}
+set = {{ timeout_s = 5 }}
+
+[[override]]   # weights of 1e30 after the first step: the second loss overflows
+match = {{ optimizer = "nan" }}
+set = {{ lr = 1e30, steps = 6 }}
+"""
+
+
+def _suite(directory: Path, name: str, optimizers: list[str], extra: str = "") -> Path:
+    """A tiny suite whose optimizer table may name the faulty ones."""
+    path = directory / f"{name}.toml"
+    path.write_text(f"""
+[suite]
+name = "{name}"
+device = "cpu"
+steps = 3
+warmup_steps = 1
+timeout_s = 120
+
+[data]
+source = "synthetic"
+
+[grid]
+model = ["tiny-llama"]
+adapter = ["lora"]
+optimizer = {json.dumps(optimizers)}
+batch_size = [2]
+seq_len = [32]
+""" + extra)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def faulty_importable() -> Any:
+    """Workers import ``faulty`` by name; the zygote inherits this environment."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), before) if p)
+    yield
+    if before is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = before
+
+
+def _memprof(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "memprof", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate: Any, what: str, timeout_s: float = RUN_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+# --- one run, every fault inside a cell -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("faults")
+    path = tmp / "faults.toml"
+    path.write_text(FAULT_SUITE)
+    out = tmp / "results"
+    code = run_cli("run", str(path), "--out", str(out))
+    (run_dir,) = out.iterdir()
+    records = read_records(run_dir)
+    return {"code": code, "run_dir": run_dir, "records": records, "by": {r.optimizer: r for r in records}}
+
+
+def test_faults_are_statuses_and_the_suite_goes_on(fault_run: dict[str, Any]) -> None:
+    assert fault_run["code"] == 0  # faults inside cells are results, not a failed run
+    statuses = [(r.optimizer, r.status) for r in fault_run["records"]]
+    assert statuses == [("hog", Status.OOM), ("kill", Status.CRASHED), ("raise", Status.CRASHED),
+                        ("sleep", Status.TIMEOUT), ("nan", Status.DIVERGED), ("sgd", Status.OK)]
+    cells = pd.read_csv(fault_run["run_dir"] / "cells.csv")
+    assert list(cells["status"]) == ["oom", "crashed", "crashed", "timeout", "diverged", "ok"]
+
+
+def test_oom_under_a_memory_budget_records_where_and_the_peak_reached(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["hog"]
+    assert r.batch_size == 8192
+    assert "DefaultCPUAllocator: can't allocate memory" in r.error and "\n" not in r.error
+    assert (r.fail_phase, r.fail_step) == ("forward", 0)
+    # RLIMIT_AS caps the address space at the fork's size plus the budget, and resident memory is part of it
+    assert 0 < r.peak_rss_delta_bytes <= OOM_BUDGET
+    assert r.peak_rss_bytes == r.rss_baseline_bytes + r.peak_rss_delta_bytes
+    assert r.trainable_params == 28672  # the model was built: the failure is the forward's, not the set-up's
+
+
+def test_a_worker_killed_by_sigkill_is_crashed_with_the_signal_and_stderr(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["kill"]
+    assert r.exit_code == -signal.SIGKILL
+    assert r.error == "worker killed by signal SIGKILL; stderr: faulty: KillSelf sends itself SIGKILL"
+
+
+def test_a_library_exception_is_crashed_with_a_one_line_error(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["raise"]
+    assert r.error == "RuntimeError: faulty: Raise failed in step() second line of the message"
+    assert (r.fail_phase, r.fail_step) == ("optimizer", 0)
+    log = (fault_run["run_dir"] / "logs" / f"cell-{r.cell_index:04d}.log").read_text()
+    assert "Traceback" in log and "faulty.py" in log  # the whole story is in the cell's log
+
+
+def test_a_cell_past_its_timeout_is_killed_and_recorded(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["sleep"]
+    assert r.error == "ran past timeout_s = 5 and was killed"
+    assert 5 <= r.harness_wall_s < 120  # killed at its own timeout, long before the sleep's 600 s
+
+
+def test_a_diverging_loss_stops_the_cell_at_that_step(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["nan"]
+    assert (r.status, r.fail_step, r.fail_phase) == (Status.DIVERGED, 1, "forward")
+    assert r.error == "loss is nan at step 1"
+    steps = pd.read_csv(fault_run["run_dir"] / "cells" / f"{r.cell_index:04d}" / "steps.csv")
+    assert list(steps["step"]) == [0, 1]  # of 6: stopped early
+    assert math.isfinite(steps["loss"][0]) and not math.isfinite(steps["loss"][1])
+
+
+# --- interrupts and --resume --------------------------------------------------------------------------------
+
+
+def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Path) -> None:
+    marker = tmp_path / "sleeping"
+    path = _suite(tmp_path, "intr", ["sgd", "sleepy", "adamw_torch"],
+                  f'[optimizers.sleepy]\noptim = "faulty:Sleep"\nkwargs = {{ seconds = 600, marker = "{marker}" }}\n')
+    out = tmp_path / "results"
+    proc = _memprof("run", str(path), "--out", str(out))
+    _wait_for(marker.exists, "the second cell to start")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 130, stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    assert f"memprof run --resume {run_dir}" in stderr
+    first = read_records(run_dir)
+    assert [(r.cell_index, r.status) for r in first] == [(0, Status.OK), (1, Status.INTERRUPTED)]
+    assert first[1].error == "interrupted"
+    assert len(pd.read_csv(run_dir / "cells.csv")) == 2
+
+    resumed = _memprof("run", "--resume", str(run_dir))  # the suite comes from the folder
+    _, stderr = resumed.communicate(timeout=RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert list(out.iterdir()) == [run_dir]  # appended to the same folder
+    records = read_records(run_dir)
+    assert [(r.cell_index, r.status) for r in records] == [(0, Status.OK), (1, Status.OK), (2, Status.OK)]
+    assert records[0] == first[0]  # the finished cell was not run again
+    cells = pd.read_csv(run_dir / "cells.csv")
+    assert list(cells["cell_index"]) == [0, 1, 2] and set(cells["status"]) == {"ok"}
+
+
+def test_sigterm_interrupts_too_and_resume_refuses_a_changed_suite(tmp_path: Path) -> None:
+    marker = tmp_path / "sleeping"
+    extra = f'[optimizers.sleepy]\noptim = "faulty:Sleep"\nkwargs = {{ seconds = 600, marker = "{marker}" }}\n'
+    path = _suite(tmp_path, "term", ["sleepy", "sgd"], extra)
+    out = tmp_path / "results"
+    proc = _memprof("run", str(path), "--out", str(out))
+    _wait_for(marker.exists, "the first cell to start")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 130, stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    assert [(r.cell_index, r.status) for r in read_records(run_dir)] == [(0, Status.INTERRUPTED)]
+
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    changed = _suite(tmp_path, "term", ["sleepy", "sgd"], extra + "\n# one more line\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_cli("run", str(changed), "--resume", str(run_dir))
+    assert code == 2
+    message = err.getvalue().strip()
+    assert "\n" not in message and str(run_dir / "manifest.json") in message and "suite hash" in message
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert run_cli("run", str(path), "--device", "cuda", "--resume", str(run_dir)) == 2  # other cells
+
+
+# --- kill -9 of `memprof run` ---------------------------------------------------------------------------------
+
+
+def _assert_readable(run_dir: Path) -> list[Record]:
+    """Every finished cell can be read back and no file but a *.tmp is half-written."""
+    if not (run_dir / "manifest.json").exists():  # killed while the folder was being set up
+        assert not (run_dir / "records.jsonl").exists()
+        return []
+    records = read_records(run_dir)
+    if (run_dir / "cells.csv").exists():
+        rows = pd.read_csv(run_dir / "cells.csv")
+        # cells.csv is rewritten just after each record is appended: at most that one is missing
+        assert list(rows["cell_index"]) in ([r.cell_index for r in records], [r.cell_index for r in records][:-1])
+    for name in ("manifest.json", "env.json"):
+        if (run_dir / name).exists():
+            json.loads((run_dir / name).read_text())
+    if (run_dir / "suite.toml").exists():
+        tomllib.loads((run_dir / "suite.toml").read_text())
+    for csv_path in (run_dir / "cells").glob("*/*.csv"):
+        assert len(pd.read_csv(csv_path)) > 0
+    for r in records:
+        if r.status is Status.OK:
+            assert len(pd.read_csv(run_dir / "cells" / f"{r.cell_index:04d}" / "steps.csv")) == r.steps
+    return records
+
+
+def _kill_9(proc: subprocess.Popen, delay_s: float) -> None:
+    """SIGKILL ``memprof run`` after ``delay_s``; its zygote and worker must not outlive it."""
+    time.sleep(delay_s)
+    children = psutil.Process(proc.pid).children(recursive=True)  # the zygote, and a worker if one runs
+    proc.kill()
+    proc.communicate()
+    # the zygote sees its stdin hang up, kills the running worker and exits: nothing computes for nobody
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive
+
+
+def test_kill_9_of_the_run_at_random_moments_loses_no_finished_cell(tmp_path: Path) -> None:
+    path = _suite(tmp_path, "kill9", ["sgd"], "")
+    path.write_text(path.read_text().replace("batch_size = [2]", "batch_size = [1, 2, 3, 4]"))
+    rng = random.Random(8)
+    out = tmp_path / "results"
+    proc = _memprof("run", str(path), "--out", str(out))
+    _wait_for(lambda: out.exists() and any(out.iterdir()), "the results folder")
+    _kill_9(proc, rng.uniform(0, 3))
+    (run_dir,) = out.iterdir()
+    finished = _assert_readable(run_dir)
+    # killed again while resuming, at any moment of its life (start-up included)
+    _kill_9(_memprof("run", "--resume", str(run_dir)), rng.uniform(0, 8))
+    before, finished = finished, _assert_readable(run_dir)
+    assert finished[:len(before)] == before
+
+    with open(run_dir / "records.jsonl", "a") as f:  # a torn last line, as a kill mid-append would leave it
+        f.write('{"cell_key": "tiny-llama/lora/sgd/b4/s32", "status": "o')
+    assert _assert_readable(run_dir) == finished
+    resumed = _memprof("run", "--resume", str(run_dir))
+    _, stderr = resumed.communicate(timeout=RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, stderr[-2000:]
+    records = _assert_readable(run_dir)
+    assert sorted(r.cell_index for r in records) == [0, 1, 2, 3]
+    assert all(r.status is Status.OK for r in records)
+    assert records[:len(finished)] == finished  # what had finished was kept, not run again
+    assert (run_dir / "records.jsonl").read_text().endswith("}\n")
+
+
+def test_resume_drops_a_torn_line_and_interrupted_records(tmp_path: Path) -> None:
+    suite = suite_mod.load(str(write_suite(tmp_path, optimizers='["adamw_torch", "sgd", "adafactor"]')))
+    manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in suite.cells],
+                "config_hashes": [c.config_hash for c in suite.cells]}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    writer = RunWriter(run_dir, suite.text, manifest, {})
+    from memprof.record import CellResult
+
+    writer.append(CellResult(Record.for_cell(suite.cells[0]), [{"step": 0}], [{"t_s": 0.0}]))
+    writer.append(CellResult(Record.for_cell(suite.cells[1], status=Status.INTERRUPTED), [{"step": 0}], []))
+    with open(run_dir / "records.jsonl", "a") as f:
+        f.write('{"cell_key": "x", "sta')
+    assert [r.cell_index for r in read_records(run_dir)] == [0, 1]
+    # a torn line anywhere but last is corruption, not a kill: it is said, not skipped
+    assert prepare_resume(run_dir, manifest) == [Record.for_cell(suite.cells[0])]
+    assert (run_dir / "records.jsonl").read_text().count("\n") == 1
+    assert not (run_dir / "cells" / "0001").exists()  # the interrupted attempt's rows are gone
+    assert len(pd.read_csv(run_dir / "cells.csv")) == 1
+    with pytest.raises(UserError, match="suite hash"):
+        prepare_resume(run_dir, {**manifest, "suite_digest": "0" * 16})
+
+
+def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
+    suite = suite_mod.load(str(write_suite(tmp_path)))
+    manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in suite.cells],
+                "config_hashes": [c.config_hash for c in suite.cells]}
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results import RunWriter; "
+         "RunWriter(Path(sys.argv[1]), '', json.loads(sys.argv[2]), {}); print('held', flush=True); sys.stdin.read()",
+         str(run_dir), json.dumps(manifest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match="another memprof process is writing this folder"):
+            prepare_resume(run_dir, manifest)
+    finally:
+        holder.communicate("")
+    assert prepare_resume(run_dir, manifest) == []  # the lock went with its process
+
+
+# --- bad suites ---------------------------------------------------------------------------------------------
+
+
+def _run_bad(path: Path, out: Path) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli("run", str(path), "--out", str(out))
+    return code, err.getvalue()
+
+
+def _assert_refused(code: int, stderr: str, path: Path, out: Path, *fragments: str) -> None:
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {path}: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+VALID = {
+    "suite": {"name": "prop", "device": "cpu", "steps": 3, "warmup_steps": 1, "timeout_s": 60.0, "repeats": 1},
+    "data": {"source": "synthetic"},
+    "grid": {"model": ["tiny-llama"], "adapter": ["mylora"], "optimizer": ["adamw_torch", "fast"],
+             "batch_size": [2], "seq_len": [32], "lr": [0.001]},
+    "adapters": {"mylora": {"kind": "lora", "r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}},
+    "optimizers": {"fast": {"optim": "sgd", "kwargs": {"momentum": 0.9}}},
+    "override": [{"match": {"optimizer": "fast"}, "set": {"steps": 4}}],
+}
+# Where a number <= 0 is impossible, and a wrong value for each kind of leaf.
+POSITIVE = [("suite", "steps"), ("suite", "repeats"), ("suite", "timeout_s"), ("grid", "batch_size", 0),
+            ("grid", "seq_len", 0), ("grid", "lr", 0), ("adapters", "mylora", "r"), ("adapters", "mylora", "alpha"),
+            ("override", 0, "set", "steps")]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan" if value != value else repr(value))
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = []
+    for table, body in doc.items():
+        if isinstance(body, list):
+            for item in body:
+                lines += [f"[[{table}]]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in item.items())]
+        else:
+            lines += [f"[{table}]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in body.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _leaves(doc: Any, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(doc, dict) and doc:
+        return [leaf for k, v in doc.items() for leaf in _leaves(v, prefix + (k,))]
+    if isinstance(doc, list) and doc and isinstance(doc[0], dict):
+        return [leaf for i, v in enumerate(doc) for leaf in _leaves(v, prefix + (i,))]
+    return [prefix]
+
+
+def _get(doc: Any, path: tuple) -> Any:
+    for part in path:
+        doc = doc[part]
+    return doc
+
+
+def _set(doc: Any, path: tuple, value: Any) -> None:
+    _get(doc, path[:-1])[path[-1]] = value
+
+
+def _wrong_for(value: Any) -> st.SearchStrategy:
+    """Values of another kind than ``value`` (an int stands in for a float, so floats never get ints)."""
+    texts = st.text(max_size=8)
+    scalars = st.one_of(texts, st.booleans(), st.integers(), st.floats(allow_nan=False))
+    if isinstance(value, str):
+        return st.one_of(st.integers(), st.booleans(), st.lists(texts, max_size=2))
+    if isinstance(value, bool):
+        return st.one_of(texts, st.integers())
+    if isinstance(value, (int, float)):
+        return st.one_of(texts, st.booleans(), st.lists(st.integers(1, 9), min_size=1, max_size=2),
+                         st.dictionaries(st.just("x"), st.integers(), min_size=1))
+    if isinstance(value, list):
+        return st.one_of(texts, st.booleans(), st.integers(1, 9), st.dictionaries(st.just("x"), scalars, min_size=1))
+    return st.one_of(texts, st.integers(), st.lists(st.integers(), min_size=1))  # a table
+
+
+@st.composite
+def malformed_suites(draw: st.DrawFn) -> tuple[str, str]:
+    """(kind, text): one mutation of VALID that is wrong by construction; "garbage" may rarely stay valid."""
+    doc = json.loads(json.dumps(VALID))
+    kind = draw(st.sampled_from(["unknown_key", "wrong_type", "not_positive", "garbage"]))
+    if kind == "unknown_key":
+        where = draw(st.sampled_from(_leaves(doc)))[:-1]
+        if where[-1] == "kwargs":  # an optimizer's kwargs are free-form by design: use its table
+            where = where[:-1]
+        _get(doc, where)["zz" + draw(st.from_regex(r"[a-z_]{0,10}", fullmatch=True))] = draw(st.integers())
+    elif kind == "wrong_type":
+        # kwargs are free-form, and a match value of another type is legal (it matches nothing)
+        where = draw(st.sampled_from([p for p in _leaves(doc) if "kwargs" not in p and "match" not in p]))
+        _set(doc, where, draw(_wrong_for(_get(doc, where))))
+    elif kind == "not_positive":
+        where = draw(st.sampled_from(POSITIVE))
+        _set(doc, where, draw(st.one_of(st.integers(max_value=0), st.floats(max_value=0, allow_nan=False))))
+    else:
+        text = render(doc)
+        cut = draw(st.integers(1, len(text) - 1))
+        junk = draw(st.sampled_from(["[", "]", "=", '"', "[[", "{", "= =", "\x00", "key", "[suite", "\n["]))
+        return kind, text[:cut] + junk + text[cut:]
+    return kind, render(doc)
+
+
+def test_the_valid_base_of_the_property_test_is_valid(tmp_path: Path) -> None:
+    path = tmp_path / "prop.toml"
+    path.write_text(render(VALID))
+    assert len(suite_mod.load(str(path)).cells) == 2
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutation=malformed_suites())
+def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple[str, str]) -> None:
+    kind, text = mutation
+    if kind == "garbage":
+        try:
+            suite_mod.parse(text, Path("x.toml"))
+        except UserError:
+            pass
+        else:  # the junk landed where TOML and the schema allow it (inside a string, say): proves nothing
+            assume(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bad.toml"
+        path.write_text(text, encoding="utf-8")
+        out = Path(tmp) / "results"
+        code, stderr = _run_bad(path, out)
+        _assert_refused(code, stderr, path, out)
+
+
+@pytest.mark.parametrize(("extra_suite", "fragments"), [
+    ('[suite]\nname = "x"\nsteps = 3\n[grid\n', ["malformed TOML"]),
+    ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.stepz", "unknown key"]),
+    ('[suite]\nname = "x"\nsteps = "3"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
+    ('[suite]\nname = "x"\nsteps = 0\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\nbatch_size = [0]\n',
+     ["grid.batch_size[0]"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["adamw_nope"]\n', ["grid.optimizer[0]"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\nadapter = ["lora2"]\noptimizer = ["sgd"]\n',
+     ["grid.adapter[0]", "unknown adapter"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["gpt-9"]\noptimizer = ["sgd"]\n', ["grid.model[0]", "unknown model"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+     '[[override]]\nmatch = { optimizer = "sgd" }\nset = { batch_size = -1 }\n', ["override[0].set.batch_size"]),
+    ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+     '[[override]]\nmatch = { optimizer = "sgd" }\nset = { optimizer = "nope" }\n', ["override[0].set.optimizer"]),
+    ('[suite]\nname = "x"\nwarmup_steps = 2\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+     '[[override]]\nmatch = { optimizer = "sgd" }\nset = { steps = 2 }\n', ["override[0].set", "warmup_steps"]),
+    ('[suite]\nname = "x"\n[data]\nsource = "file"\npath = "/nonexistent/corpus.txt"\n'
+     '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["data", "no such file"]),
+    ('[suite]\nname = "../../escape"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.name"]),
+])
+def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite: str, fragments: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(extra_suite)
+    out = tmp_path / "results"
+    code, stderr = _run_bad(path, out)
+    _assert_refused(code, stderr, path, out, *fragments)
+    with pytest.raises(UserError):  # --debug shows the traceback instead
+        run_cli("--debug", "run", str(path), "--out", str(out))
+
+
+def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
+    path = _suite(tmp_path, "pre", ["sgd"], '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj", "dense"]\n')
+    path.write_text(path.read_text().replace('adapter = ["lora"]', 'adapter = ["narrow"]'))
+    out = tmp_path / "results"
+    code, stderr = _run_bad(path, out)
+    _assert_refused(code, stderr, path, out, "adapters.narrow.target_modules: adapter 'narrow' does not fit model "
+                    "'tiny-llama'", "qkv_proj", "linear layers of this model: down_proj, gate_proj, k_proj")
+
+
+def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
+    from memprof.preflight import check_all
+
+    path = _suite(tmp_path, "pre", ["sgd"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
+                  '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
+                  '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n')
+    path.write_text(path.read_text().replace('model = ["tiny-llama"]', 'model = ["mine", "tiny-qwen2"]')
+                    .replace('adapter = ["lora"]', 'adapter = ["wide", "none_here", "none"]'))
+    suite = suite_mod.load(str(path))
+    problems = check_all(suite.preflight_pairs())
+    assert [(p["model"], p["adapter"], p["field"]) for p in problems] == [("mine", "wide", "model"),
+                                                                          ("tiny-qwen2", "none_here", "adapter")]
+    assert "/nonexistent/model-dir" in problems[0]["error"]
+    assert str(suite.preflight_error(problems[0])).startswith(f"{path}: models.mine: model 'mine' does not build: ")
+    assert str(suite.preflight_error(problems[1])).startswith(
+        f"{path}: adapters.none_here.target_modules: adapter 'none_here' does not fit model 'tiny-qwen2': ")
+
+
+def test_trust_remote_code_is_off_unless_the_suite_sets_it(tmp_path: Path) -> None:
+    cell = suite_mod.load(str(write_suite(tmp_path))).cells[0]
+    assert cell.model_spec["trust_remote_code"] is False
