@@ -151,13 +151,14 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
 
     from memprof.catalogue import ENTRIES
 
-    table = Table(title="memprof optimizer catalogue", header_style="bold")
-    for name in ("name", "library", "states kept", "bytes/param", "needs CUDA", "installed"):
+    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.formulas)", header_style="bold")
+    for name in ("name", "library", "states kept", "bytes/param", "available"):
         table.add_column(name)
     for e in ENTRIES:
-        per_param = "depends on shape" if e.bytes_per_param is None else f"{e.bytes_per_param:g}"
-        installed = "yes" if e.installed else f"[dim]no: pip install {e.install or e.requires}[/dim]"
-        table.add_row(e.name, e.library, e.states, per_param, "yes" if e.needs_cuda else "no", installed)
+        per_param = "by shape" if e.bytes_per_param is None else f"{e.bytes_per_param:.3g}"
+        available = (f"[dim]no: pip install {e.install or e.requires}[/dim]" if not e.installed
+                     else "CUDA only" if e.needs_cuda else "yes")
+        table.add_row(e.name, e.library, e.states, per_param, available)
     out.print(table)
     return 0
 
