@@ -63,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
 
     opts = sub.add_parser("optimizers", help="list the optimizer catalogue")
     opts.set_defaults(func=cmd_optimizers)
-    for p in (run, comp, opts):
+
+    xc = sub.add_parser("crosscheck", help="train one cell under PyTorch's memory profiler and compare its "
+                                           "categories with memprof's exact bytes; exit 1 on disagreement")
+    xc.add_argument("suite", help="suite file, or a shipped suite name")
+    xc.add_argument("--cell", type=int, default=0, metavar="N", help="the cell's index in the suite (default: 0)")
+    xc.set_defaults(func=cmd_crosscheck)
+    for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -144,6 +150,25 @@ def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) 
     out.print(compare_views.comparison_table(result, getattr(args, "all", False)))
     out.print(compare_views.summary_line(result), highlight=False)
     return result.exit_code
+
+
+def cmd_crosscheck(args: argparse.Namespace) -> int:
+    from memprof import suite as suite_mod
+
+    suite = suite_mod.load(args.suite)
+    if not 0 <= args.cell < len(suite.cells):
+        raise UserError(f"{suite.path}: --cell", f"{args.cell} is not a cell index (0..{len(suite.cells) - 1})")
+    cell = suite.cells[args.cell]
+    from memprof.crosscheck import crosscheck, exit_code
+    from memprof.optim import OptimizerUnavailable
+    from memprof.views import crosscheck_table
+
+    try:
+        rows = crosscheck(cell)
+    except OptimizerUnavailable as err:
+        raise UserError(f"{suite.path}: cell {args.cell}", str(err)) from None
+    out.print(crosscheck_table(rows, f"PyTorch profiler vs memprof: cell {args.cell} {cell.key}"))
+    return exit_code(rows)
 
 
 def cmd_optimizers(args: argparse.Namespace) -> int:

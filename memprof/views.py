@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.table import Table
@@ -11,6 +12,9 @@ from rich.text import Text
 
 from memprof.cell import Cell
 from memprof.record import Record, Status
+
+if TYPE_CHECKING:
+    from memprof.crosscheck import Comparison
 
 BASELINE_OPTIMIZER = "adamw_torch"
 _STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
@@ -88,3 +92,17 @@ def cells_table(cells: Iterable[Cell], title: str) -> Table:
         table.add_row(str(c.index), c.model, c.adapter, c.optimizer, str(c.batch_size), str(c.seq_len),
                       str(c.grad_accum), c.precision, f"{c.lr:g}", c.schedule, str(c.seed))
     return table
+
+
+def crosscheck_table(rows: Iterable[Comparison], title: str) -> Group:
+    """PyTorch's profiler beside memprof, one category a row, with each row's notes below the table."""
+    rows = list(rows)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("category", "profiler bytes", "memprof bytes", "diff", "verdict"):
+        table.add_column(name, justify="right" if "bytes" in name or name == "diff" else "left")
+    for row in rows:
+        style = "green" if row.agrees else "bold red" if row.required else "yellow"
+        table.add_row(row.category, f"{row.profiler_bytes:,}", f"{row.memprof_bytes:,}", f"{row.diff_bytes:+,}",
+                      f"[{style}]{row.verdict}[/]")
+    notes = [Text(f"{row.category}: {row.note}", style="dim") for row in rows if row.note]
+    return Group(table, *notes)

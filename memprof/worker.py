@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +16,11 @@ from memprof.attribution import attribute
 from memprof.cell import Cell
 from memprof.record import CellResult, Record, Status
 from memprof.trackers.host import rss_bytes
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from memprof.train import Probe, StepLog
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,44 +39,72 @@ def is_oom(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
+@dataclass
+class Training:
+    """A cell's model, optimizer, schedule and data, built the one way every caller builds them (``run_cell``,
+    ``memprof crosscheck``, the tracker-overhead benchmark). Fields fill in as they are built, so after a fault
+    part-way what was built can still be measured."""
+
+    cell: Cell
+    device: torch.device
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    batches: Iterator[torch.Tensor] | None = None
+
+    def build(self) -> Training:
+        from memprof import data, models, optim
+
+        cell, device = self.cell, self.device
+        torch.manual_seed(cell.seed)
+        self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device)
+        self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device)
+        self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps)
+        if optim.is_schedule_free(self.optimizer):
+            self.optimizer.train()
+        corpus = data.load_corpus(cell.data_spec, cell.seed)
+        self.batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed)
+        return self
+
+    def train(self, probe: Probe) -> list[StepLog]:
+        """The cell's steps with ``probe`` observing; raises what ``train`` raises."""
+        from memprof.train import train
+
+        cell = self.cell
+        return train(self.model, self.optimizer, self.scheduler, self.batches, cell.steps, cell.grad_accum,
+                     cell.max_grad_norm, self.device, probe)
+
+
 def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     """Build the cell's model and optimizer, train it, and measure everything on the way.
 
     Never raises for a fault inside the cell (OOM, divergence, a library error, Ctrl-C): those are the
     Record's ``status``.
     """
-    from memprof import data, formulas, models, optim
+    from memprof import formulas, optim
     from memprof.measure import exact_values, memory_sources, peak_values, step_summary
     from memprof.probe import CellProbe
     from memprof.trackers.sampler import Sampler
-    from memprof.train import Diverged, train
+    from memprof.train import Diverged
 
     t_start = time.perf_counter()
     device = resolve_device(cell.device)
-    torch.manual_seed(cell.seed)
     baseline = rss_bytes()
     measured = memory_sources(device)
     allocator = measured.allocator
     values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
 
-    status, model, optimizer, probe = Status.OK, None, None, None
+    status, probe, built = Status.OK, None, Training(cell, device)
     sampler = Sampler(measured.sources, sample_interval_s)
     with ExitStack() as stack:
         stack.enter_context(sampler)
         if allocator is not None:
             stack.enter_context(allocator)
         try:
-            model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device)
-            optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, model, device)
-            scheduler = optim.build_schedule(cell.schedule, optimizer, cell.lr_warmup_steps, cell.steps)
-            if optim.is_schedule_free(optimizer):
-                optimizer.train()
-            corpus = data.load_corpus(cell.data_spec, cell.seed)
-            batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed)
-            probe = CellProbe(model, sampler, allocator, snapshot_step=max(cell.warmup_steps - 1, 0))
+            built.build()
+            probe = CellProbe(built.model, sampler, allocator, snapshot_step=max(cell.warmup_steps - 1, 0))
             values["setup_s"] = time.perf_counter() - t_start
-            train(model, optimizer, scheduler, batches, cell.steps, cell.grad_accum, cell.max_grad_norm, device,
-                  probe)
+            built.train(probe)
         except Diverged as err:
             status, values["error"], values["fail_step"] = Status.DIVERGED, str(err), err.step
             values["fail_phase"] = "forward"  # where the non-finite loss came from; it is checked after the step
@@ -89,9 +124,9 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
         elif probe is None and status in (Status.OOM, Status.CRASHED):
             values["fail_phase"] = "setup"
 
-    values.update(exact_values(model, optimizer))
-    if optimizer is not None:
-        values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optim, optimizer)
+    values.update(exact_values(built.model, built.optimizer))
+    if built.optimizer is not None:
+        values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optim, built.optimizer)
     values.update(peak_values(sampler, allocator, baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
