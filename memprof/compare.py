@@ -91,6 +91,7 @@ class Verdict(str, enum.Enum):
 
 
 FAILING = (Verdict.REGRESSED, Verdict.FAILED)
+DIFFERENT_MACHINES = "different machines"  # the note of a machine-bound metric that was not compared
 
 
 # --- rules -----------------------------------------------------------------------------------------------------
@@ -418,7 +419,7 @@ def _compare_metric(metric: str, rule: Rule, base: list[Record], cur: list[Recor
     if not b or not c:
         return result(Verdict.NOT_COMPARABLE, f"not measured in the {'baseline' if not b else 'current'} run")
     if info.machine_bound and not peaks_compared:
-        return result(Verdict.NOT_COMPARABLE, "different machines")
+        return result(Verdict.NOT_COMPARABLE, DIFFERENT_MACHINES)
     sign = -1.0 if info.higher_is_better else 1.0  # > 0: worse
 
     if rule.kind == "exact":

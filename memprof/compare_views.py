@@ -9,7 +9,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from memprof.compare import METRICS, Comparison, MetricDelta, ResultSet, Verdict
+from memprof.compare import DIFFERENT_MACHINES, METRICS, Comparison, MetricDelta, ResultSet, Verdict
 from memprof.env import machine_label
 from memprof.views import human_bytes
 
@@ -117,15 +117,20 @@ def _describe(side: ResultSet, path: bool = True) -> str:
 
 
 def _rows(c: Comparison, show_all: bool) -> list[list[tuple[str, ...]]]:
-    """Plain-text rows per cell: (key, verdict, metric, baseline, current, change, note, style)."""
+    """Plain-text rows per cell: (key, verdict, metric, baseline, current, change, note, style).
+
+    Metrics left out across machines are said once in the header, not in every cell.
+    """
     out = []
     for cell in c.cells:
         verdict = cell.verdict.value
-        shown = [m for m in cell.metrics if show_all or m.verdict is not Verdict.UNCHANGED]
+        shown = [m for m in cell.metrics if show_all or (m.verdict is not Verdict.UNCHANGED
+                                                           and m.note != DIFFERENT_MACHINES)]
         rows = [(cell.key, verdict, m.metric, _value(m.metric, m.baseline), _value(m.metric, m.current),
                  _change(m), _metric_note(m), _STYLE[cell.verdict]) for m in shown]
         if not rows:
-            note = cell.note or (f"{len(cell.metrics)} metrics within their rules" if cell.metrics else "")
+            within = sum(m.verdict is Verdict.UNCHANGED for m in cell.metrics)
+            note = cell.note or (f"{within} metrics within their rules" if cell.metrics else "")
             if cell.repeats[0] != cell.repeats[1] and cell.verdict not in (Verdict.NEW, Verdict.MISSING):
                 note += f" ({cell.repeats[0]} vs {cell.repeats[1]} repeats)"
             rows = [(cell.key, verdict, "", "", "", "", note.strip(), _STYLE[cell.verdict])]
