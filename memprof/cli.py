@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
     run.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling interval, seconds")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="run N cells at a time (one GPU each on CUDA; cores shared out on the CPU)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="finish an interrupted run in its own folder: run only the cells it lacks")
     run.add_argument("--compare-to", type=Path, metavar="BASELINE",
@@ -102,8 +104,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def compare_to(run_dir: Path) -> int:
             return _compare(baseline, compare.load(run_dir), args)
+    if args.jobs < 1:
+        raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
     return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to,
-                     resume=args.resume)
+                     resume=args.resume, jobs=args.jobs)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 from memprof.cell import Cell
+from memprof.errors import UserError
 from memprof.record import CellResult
 
 
@@ -43,7 +47,8 @@ class LocalExecutor:
     copied to ``zygote.log`` there on ``close``.
     """
 
-    def __init__(self, log_dir: Path | None = None, sample_interval_s: float = 0.01) -> None:
+    def __init__(self, log_dir: Path | None = None, sample_interval_s: float = 0.01,
+                 env: dict[str, str] | None = None) -> None:
         self.log_dir: Path | None = None
         self.sample_interval_s = sample_interval_s
         self._log = tempfile.TemporaryFile()
@@ -52,7 +57,7 @@ class LocalExecutor:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "memprof.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._log, start_new_session=True, text=True, bufsize=1,
-            env={**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore")})
+            env={**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"), **(env or {})})
         self._ready = False
         self.has_cuda: bool | None = None
 
@@ -127,3 +132,94 @@ class LocalExecutor:
             with open(self.log_dir / "zygote.log", "ab") as f:
                 f.write(self._log.read())
         self._log.close()
+
+
+def cuda_device_count() -> int:
+    """GPUs NVML can see (0 without NVML or a GPU); asks no CUDA runtime, so it is safe before forking."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 - no NVML means no GPU to pin
+        return 0
+
+
+class LocalPool:
+    """``jobs`` local executors, each with its own zygote, taking cells as they free up.
+
+    On a CUDA host each job is pinned to its own GPU (``CUDA_VISIBLE_DEVICES``), so two cells never share one
+    and memory figures stay clean; on the CPU each job gets ``cores // jobs`` threads, and the records say how
+    many jobs ran at once (their timings were taken side by side). One job changes nothing in the environment.
+    """
+
+    def __init__(self, jobs: int = 1, sample_interval_s: float = 0.01) -> None:
+        gpus = cuda_device_count()
+        if gpus and jobs > gpus:
+            raise UserError("--jobs", f"{jobs} jobs but {gpus} GPU(s): cells never share a GPU")
+        self.jobs = jobs
+        self.envs = [self._env(i, gpus) for i in range(jobs)]
+        self.executors = [LocalExecutor(sample_interval_s=sample_interval_s, env=env) for env in self.envs]
+
+    def _env(self, index: int, gpus: int) -> dict[str, str]:
+        if self.jobs == 1:
+            return {}
+        if gpus:
+            return {"CUDA_VISIBLE_DEVICES": str(index)}
+        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
+        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
+        return self.executors[0].preflight(pairs)
+
+    def log_to(self, log_dir: Path) -> None:
+        for executor in self.executors:
+            executor.log_to(log_dir)
+
+    def run_all(self, cells: list[Cell], stopping: Callable[[], bool]) -> Iterator[CellResult]:
+        """Results in the order cells finish. A job takes no new cell once ``stopping()`` is true.
+
+        Raises:
+            ZygoteDied: a job's zygote died (the harness, not a cell, failed).
+        """
+        todo: queue.SimpleQueue[Cell] = queue.SimpleQueue()
+        for cell in cells:
+            todo.put(cell)
+        done: queue.SimpleQueue[CellResult | BaseException | None] = queue.SimpleQueue()
+
+        def work(executor: LocalExecutor, env: dict[str, str]) -> None:
+            try:
+                while not stopping():
+                    try:
+                        cell = todo.get_nowait()
+                    except queue.Empty:
+                        break
+                    result = executor.run(cell)
+                    result.record = replace(result.record, concurrent_jobs=self.jobs,
+                                            visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""))
+                    done.put(result)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                done.put(err)
+            finally:
+                done.put(None)
+
+        threads = [threading.Thread(target=work, args=pair, daemon=True) for pair in zip(self.executors, self.envs)]
+        for thread in threads:
+            thread.start()
+        running = len(threads)
+        while running:
+            item = done.get()  # blocks: no polling while cells train
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
+    def interrupt(self) -> None:
+        for executor in self.executors:
+            executor.interrupt()
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()

@@ -53,6 +53,8 @@ class Record:
     fail_step: int | None = None
     exit_code: int | None = None
     host: str = ""
+    concurrent_jobs: int = 1
+    visible_devices: str = ""  # CUDA_VISIBLE_DEVICES of the job that ran it ("" = not pinned)
     device: str = ""
     device_name: str = ""
     # exact accounting

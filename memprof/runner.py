@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memprof import env as env_mod
 from memprof.cell import Cell
 from memprof.errors import UserError
-from memprof.executor import LocalExecutor, PreflightFailed
+from memprof.executor import LocalPool, PreflightFailed
 from memprof.record import Status
 from memprof.results import RunWriter, new_run_dir, prepare_resume
 from memprof.suite import Suite
@@ -22,7 +22,8 @@ EXIT_INTERRUPTED = 130
 
 
 def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s: float, console: Console,
-              out: Console, compare: Callable[[Path], int] | None = None, resume: Path | None = None) -> int:
+              out: Console, compare: Callable[[Path], int] | None = None, resume: Path | None = None,
+              jobs: int = 1) -> int:
     """Run every cell; return the process exit code (0, or 130 when interrupted).
 
     Faults inside cells are results and do not change the exit code. Ctrl-C or SIGTERM interrupts the running
@@ -37,7 +38,7 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
                 "config_hashes": [c.config_hash for c in cells]}
     if resume is not None:
         prepare_resume(resume, manifest)  # before the zygote starts: the wrong folder fails at once
-    executor = LocalExecutor(sample_interval_s=sample_interval_s)
+    executor = LocalPool(jobs, sample_interval_s=sample_interval_s)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -66,12 +67,10 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
                       transient=False) as progress:
-            task = progress.add_task(suite.name, total=len(cells), completed=len(finished), last="")
-            for cell in (c for c in cells if c.index not in finished):
-                if stopping:
-                    break
-                progress.update(task, description=f"{suite.name}: {cell.key}")
-                result = executor.run(cell)
+            jobs_note = f" ({jobs} jobs)" if jobs > 1 else ""
+            task = progress.add_task(suite.name + jobs_note, total=len(cells), completed=len(finished), last="")
+            pending = [c for c in cells if c.index not in finished]
+            for result in executor.run_all(pending, lambda: stopping):
                 writer.append(result)
                 r = result.record
                 progress.update(task, advance=1, last=f"last: {r.optimizer} {r.status.value}")
