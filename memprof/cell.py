@@ -54,6 +54,10 @@ class Cell:
     adapter_spec: dict[str, Any] = field(default_factory=dict)
     optim_kwargs: dict[str, Any] = field(default_factory=dict)
     data_spec: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 0
+    eval_batches: int = 4
+    target_loss: float | None = None
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:

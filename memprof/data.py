@@ -109,3 +109,14 @@ def batches(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int) -> I
         starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen)
         yield tokens[starts[:, None] + offsets].long()
 
+
+
+def eval_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, count: int) -> list[torch.Tensor]:
+    """``count`` fixed batches of windows spread evenly over the held-out tokens: the same for every seed."""
+    if count == 0:
+        return []
+    if len(tokens) < seq_len:
+        raise ValueError(f"held-out split of {len(tokens)} tokens is too short for seq_len {seq_len}")
+    starts = torch.linspace(0, len(tokens) - seq_len, count * batch_size).long()
+    windows = tokens[starts[:, None] + torch.arange(seq_len)].long()
+    return list(windows.split(batch_size))

@@ -23,6 +23,10 @@ _LOW_RANK = ("galore_", "apollo_")
 _PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "proj", "scale_type")
 
 
+# An LRScheduler, or a scheduler that steps on a metric (ReduceLROnPlateau, transformers' GreedyLR: no common base).
+Scheduler = Any
+
+
 class OptimizerUnavailable(Exception):
     """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
 
@@ -85,11 +89,20 @@ def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
 
 
-def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The LR schedule; None for schedule-free optimizers, which need none."""
+def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                   kwargs: dict[str, Any] | None = None) -> Scheduler | None:
+    """The LR schedule ``transformers.get_scheduler`` builds for ``name``; None for schedule-free optimizers,
+    which need none. ``kwargs`` are the schedule's own (``min_lr_rate``, ``num_decay_steps``...)."""
     if is_schedule_free(optimizer):
         return None
     from transformers import get_scheduler
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs or None)
+
+
+def steps_on_metric(scheduler: Scheduler) -> bool:
+    """ReduceLROnPlateau and GreedyLR step on a metric (the eval loss), not once per optimizer step."""
+    from transformers.optimization import GreedyLR
+
+    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))

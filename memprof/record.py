@@ -96,6 +96,18 @@ class Record:
     first_loss: float | None = None
     final_loss: float | None = None
     final_loss_smoothed: float | None = None
+    # convergence (memprof.convergence, memprof.diagnose)
+    adapter_r: int | None = None
+    final_eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    entropy_floor_nats: float | None = None
+    floor_gap_nats: float | None = None
+    target_loss: float | None = None
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
+    loss_auc: float | None = None
+    diagnosis: str = ""  # comma-separated memprof.diagnose codes
+    verdict: str = ""  # what went wrong with the training, when something did
 
     @classmethod
     def for_cell(cls, cell: Cell, **values: Any) -> Record:

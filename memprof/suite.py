@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -22,8 +23,15 @@ from memprof.presets import PRESETS
 PACKAGED_SUITES = Path(__file__).parent / "suites"
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# Every transformers.SchedulerType; the metric-driven ones step on the eval loss (so they need eval_every > 0).
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-             "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+             "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+             "warmup_stable_decay", "greedy")
+METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+# Schedules transformers cannot build without one of these keys in their [schedules.<name>] table.
+SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
+                  "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
+                  "warmup_stable_decay": ("num_decay_steps",)}
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -43,17 +51,24 @@ class SuiteSettings(_Strict):
     memory_budget_bytes: Annotated[int, Field(ge=0)] = 0
     lr_warmup_steps: Annotated[int, Field(ge=0)] = 0
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    lr_warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0  # of the steps, rounded up (as transformers)
+    eval_every: Annotated[int, Field(ge=0)] = 0  # steps between evaluations; 0: only after the last step
+    eval_batches: Annotated[int, Field(ge=0)] = 4  # fixed held-out batches per evaluation; 0: no evaluation
+    target_loss: Annotated[float, Field(gt=0)] | None = None  # for steps_to_target / seconds_to_target
 
     @model_validator(mode="after")
     def _measured_steps_remain(self) -> SuiteSettings:
         if self.warmup_steps >= self.steps:
             raise ValueError("warmup_steps must be smaller than steps (no step would be measured)")
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise ValueError("give lr_warmup_steps or lr_warmup_ratio, not both")
         return self
 
 
 class DataSettings(_Strict):
     source: Literal["stdlib", "synthetic", "file"] = "stdlib"
     path: str = ""
+    seed: int = 0  # of the synthetic chain: the same task for every repeat (repeats vary init and batch order)
 
     @model_validator(mode="after")
     def _path_for_file(self) -> DataSettings:
@@ -149,6 +164,7 @@ class SuiteFile(_Strict):
     optimizers: dict[str, OptimizerSettings] = Field(default_factory=dict)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     override: list[Override] = Field(default_factory=list)
+    schedules: dict[str, dict[str, Any]] = Field(default_factory=dict)  # a schedule's own kwargs, by name
     # `memprof compare` rules when a run of this suite is the current side: metric = "rule" (e.g. "10%")
     compare: dict[str, str] = Field(default_factory=dict)
 
@@ -284,6 +300,7 @@ def _message(error: dict[str, Any]) -> str:
 def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
     grid = spec.grid
     _check_names(path, spec)
+    _check_schedules(path, spec)
     values = {axis: getattr(grid, axis) for axis in AXES}
     for i, rule in enumerate(spec.exclude):
         _check_axes(path, f"exclude[{i}]", rule)
@@ -303,6 +320,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
         axes.update({k: v for k, v in extra.items() if k in AXES})
         settings = {k: v for k, v in extra.items() if k not in AXES}
         opt = spec.optimizers.get(axes["optimizer"])
+        steps = settings.get("steps", s.steps)
         for repeat in range(s.repeats):
             cells.append(Cell(
                 suite=s.name,
@@ -310,9 +328,10 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
                 **axes,
                 optim=opt.optim if opt else axes["optimizer"],
                 optim_kwargs=dict(opt.kwargs) if opt else {},
-                steps=settings.get("steps", s.steps),
+                steps=steps,
                 warmup_steps=settings.get("warmup_steps", s.warmup_steps),
-                lr_warmup_steps=settings.get("lr_warmup_steps", s.lr_warmup_steps),
+                lr_warmup_steps=settings.get("lr_warmup_steps",
+                                             s.lr_warmup_steps or math.ceil(s.lr_warmup_ratio * steps)),
                 seed=s.seed + repeat,
                 repeat=repeat,
                 device=s.device,
@@ -322,6 +341,10 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
                 model_spec=_model_spec(spec, axes["model"]),
                 adapter_spec=_adapter_spec(spec, axes["adapter"]),
                 data_spec=spec.data.model_dump(),
+                eval_every=s.eval_every,
+                eval_batches=s.eval_batches,
+                target_loss=s.target_loss,
+                schedule_kwargs=dict(spec.schedules.get(axes["schedule"], {})),
             ))
     if not cells:
         raise UserError(str(path), "exclude: every cell of the grid is excluded; nothing to run")
@@ -348,6 +371,19 @@ def _name_error(spec: SuiteFile, axis: str, name: str) -> str:
         except KeyError as err:
             return str(err.args[0])
     return ""
+
+
+def _check_schedules(path: Path, spec: SuiteFile) -> None:
+    for name in spec.schedules:
+        if name not in SCHEDULES:
+            raise UserError(str(path), f"schedules.{name}: unknown schedule; known: {', '.join(SCHEDULES)}")
+    for i, name in enumerate(spec.grid.schedule):
+        needs = SCHEDULE_NEEDS.get(name, ())
+        if needs and not any(key in spec.schedules.get(name, {}) for key in needs):
+            raise UserError(str(path), f"grid.schedule[{i}]: '{name}' needs {' or '.join(needs)} in a "
+                            f"[schedules.{name}] table")
+        if name in METRIC_SCHEDULES and not (spec.suite.eval_every and spec.suite.eval_batches):
+            raise UserError(str(path), f"grid.schedule[{i}]: '{name}' steps on the eval loss; set suite.eval_every")
 
 
 def _check_axes(path: Path, where: str, rule: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,8 @@ class Training:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     batches: Iterator[torch.Tensor] | None = None
+    held_out: Sequence[torch.Tensor] = ()
+    entropy_floor_nats: float | None = None
 
     def build(self) -> Training:
         from memprof import data, models, optim
@@ -59,20 +61,23 @@ class Training:
         torch.manual_seed(cell.seed)
         self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device)
         self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device)
-        self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps)
+        self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps,
+                                              cell.schedule_kwargs)
         if optim.is_schedule_free(self.optimizer):
             self.optimizer.train()
-        corpus = data.load_corpus(cell.data_spec, cell.seed)
+        corpus = data.load_corpus(cell.data_spec, cell.data_spec.get("seed", 0))
+        self.entropy_floor_nats = corpus.entropy_floor_nats
         self.batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed)
+        self.held_out = data.eval_batches(corpus.eval, cell.batch_size, cell.seq_len, cell.eval_batches)
         return self
 
     def train(self, probe: Probe) -> list[StepLog]:
-        """The cell's steps with ``probe`` observing; raises what ``train`` raises."""
+        """The cell's steps (and held-out evaluation) with ``probe`` observing; raises what ``train`` raises."""
         from memprof.train import train
 
         cell = self.cell
         return train(self.model, self.optimizer, self.scheduler, self.batches, cell.steps, cell.grad_accum,
-                     cell.max_grad_norm, self.device, probe)
+                     cell.max_grad_norm, self.device, probe, self.held_out, cell.eval_every)
 
 
 def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
@@ -81,7 +86,7 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     Never raises for a fault inside the cell (OOM, divergence, a library error, Ctrl-C): those are the
     Record's ``status``.
     """
-    from memprof import formulas, optim
+    from memprof import convergence, formulas, optim
     from memprof.measure import exact_values, memory_sources, peak_values, step_summary
     from memprof.probe import CellProbe
     from memprof.trackers.sampler import Sampler
@@ -132,6 +137,9 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)
     values.update(step_summary(logs, cell.warmup_steps, cell.tokens_per_step))
+    if status in (Status.OK, Status.DIVERGED):  # a curve cut short by a crash or OOM says nothing about learning
+        values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.target_loss))
+    values["adapter_r"] = cell.adapter_spec.get("r") if cell.adapter_spec.get("kind", "none") != "none" else None
     values["cell_wall_s"] = time.perf_counter() - t_start
     record = attribute(Record.for_cell(cell, status=status, **values))
     steps = [{"cell_key": cell.key, "repeat": cell.repeat, **vars(log)} for log in logs]
