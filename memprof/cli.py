@@ -15,6 +15,7 @@ from memprof.errors import UserError
 
 if TYPE_CHECKING:
     from memprof.compare import ResultSet, Rule
+    from memprof.plan import Request
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     xc.add_argument("suite", help="suite file, or a shipped suite name")
     xc.add_argument("--cell", type=int, default=0, metavar="N", help="the cell's index in the suite (default: 0)")
     xc.set_defaults(func=cmd_crosscheck)
+    _add_plan_commands(sub)
     for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -189,6 +191,160 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
                      else "CUDA only" if e.needs_cuda else "yes")
         table.add_row(e.name, e.library, e.states, per_param, available)
     out.print(table)
+    return 0
+
+
+def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
+    plan = sub.add_parser("plan", help="predict peak memory per GPU without weights or a GPU; or refit it")
+    plan.add_argument("suite", nargs="?", help="plan every cell of this suite file instead of one configuration")
+    _add_config_options(plan, precision="bf16")
+    plan.add_argument("--gpu", nargs="+", metavar="GPU", help="cards (rtx-4090, a6000, l40s, a100-40gb, a100-80gb, "
+                      "h100-80gb, h200) or sizes (24GB, 40GB, 48GB, 80GB, 141GB); default: the sizes")
+    plan.add_argument("--budget-bytes", type=int, metavar="N", help="also plan against a budget of N bytes")
+    plan.add_argument("--calibration", type=Path, metavar="FILE", help="coefficients to use (default: the shipped "
+                      "memprof/calibration.json, from CPU runs)")
+    plan.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR",
+                      help="refit the coefficients from these result folders and write them (then exit)")
+    plan.add_argument("--calibration-out", type=Path, metavar="FILE",
+                      help="where --calibrate writes (default: the package's calibration.json)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
+    plan.set_defaults(func=cmd_plan)
+
+    fit = sub.add_parser("fit", help="find the largest batch size (or length) that trains here, by isolated trials")
+    _add_config_options(fit, precision="fp32")
+    fit.add_argument("--search", choices=["batch_size", "seq_len"], default="batch_size", help="what to grow")
+    fit.add_argument("--memory-budget", type=int, metavar="BYTES", help="the limit (required on the CPU, where it "
+                     "caps each trial's address space; on CUDA default: the card)")
+    fit.add_argument("--margin", type=float, default=0.05, help="a trial fits if its peak stays under (1 - margin) "
+                     "x the limit (default 0.05)")
+    fit.add_argument("--steps", type=int, default=2, help="optimizer steps per trial (default 2)")
+    fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    fit.add_argument("--start", type=int, default=None, help="first value tried (default: 1 batch, or the "
+                     "granularity for lengths)")
+    fit.add_argument("--max", type=int, default=1 << 16, help="largest value tried (default 65536)")
+    fit.add_argument("--granularity", type=int, default=None, help="search in multiples of this (default: 1 for "
+                     "batch sizes, 64 for lengths)")
+    fit.add_argument("--timeout", type=float, default=600.0, help="seconds per trial (default 600)")
+    fit.add_argument("--json", action="store_true", help="print the search as JSON on stdout")
+    fit.set_defaults(func=cmd_fit)
+    for p in (plan, fit):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
+    p.add_argument("--model", help="a preset (memprof/presets.py) or a local HF config/checkpoint folder")
+    p.add_argument("--adapter", default="lora", help="none, lora, qlora or dora (default: lora)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="all-linear (default), attention, or a comma-separated list of module names")
+    p.add_argument("--optimizer", default="adamw_torch", help="a catalogue name (memprof optimizers)")
+    p.add_argument("--batch-size", type=int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=precision,
+                   help=f"weights and compute dtype (default {precision})")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+
+
+def _request(args: argparse.Namespace) -> Request:
+    from memprof.plan import request_from_flags
+
+    if not args.model:
+        raise UserError("--model", "required (or give a suite file to plan)")
+    return request_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
+                              args.batch_size, args.seq_len, args.precision, args.grad_accum,
+                              args.gradient_checkpointing)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from memprof import calibration as calibration_mod
+    from memprof import gpus as gpus_mod
+    from memprof import plan as plan_mod
+    from memprof import plan_views
+
+    if args.calibrate:
+        fitted = calibration_mod.fit(args.calibrate)
+        target = args.calibration_out or calibration_mod.DEFAULT_PATH
+        calibration_mod.save(fitted, target)
+        out.print(plan_views.calibration_table(fitted, str(target)))
+        return 0
+    gpus = [gpus_mod.parse_gpu(name) for name in (args.gpu or ["24GB", "40GB", "48GB", "80GB", "141GB"])]
+    if args.budget_bytes is not None:
+        gpus.append(gpus_mod.budget(f"{args.budget_bytes:,} B", args.budget_bytes))
+    if args.suite:
+        from memprof import suite as suite_mod
+
+        if args.model:
+            raise UserError("--model", "give either a suite or --model, not both")
+        requests = plan_mod.requests_from_cells(suite_mod.load(args.suite).cells)
+        if args.gradient_checkpointing:
+            requests = [replace(r, gradient_checkpointing=True) for r in requests]
+    else:
+        requests = [_request(args)]
+    calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
+    plans = plan_mod.plan_requests(requests, calibration)
+    verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
+    if args.json:
+        print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
+                         indent=2))
+        return 0
+    if args.suite:
+        for table in plan_views.suite_tables(plans, gpus, verdicts):
+            out.print(table)
+    else:
+        out.print(plan_views.parts_table(plans[0]))
+        out.print(plan_views.verdict_table(plans[0], verdicts[0]))
+    out.print(f"[dim]{calibration.note}[/]", highlight=False)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from memprof import fit as fit_mod
+    from memprof import plan_views
+
+    request = _request(args)
+    granularity = args.granularity or (1 if args.search == "batch_size" else 64)
+    if granularity <= 0:
+        raise UserError("--granularity", f"must be positive, got {granularity}")
+
+    def progress(trial: fit_mod.Trial) -> None:
+        console.print(f"  {args.search} {trial.value}: {trial.status}" + ("" if trial.fits else " (does not fit)"),
+                      highlight=False)
+
+    result = fit_mod.run_search(request, args.search, args.memory_budget, args.margin, args.steps, args.device,
+                                args.start or granularity, args.max, granularity, args.timeout, progress)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    out.print(plan_views.search_table(result))
+    answer = f"{result.best:,}" if result.best else "none (the smallest value did not fit)"
+    out.print(f"largest {args.search} that fits: [bold]{answer}[/] ({len(result.trials)} trials, "
+              f"{result.wall_s:.1f} s)", highlight=False)
+    return 0
+
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
+    report = sub.add_parser("report", help="tables (mean ± 95%% CI over repeats, time to target, best LR per rank, "
+                                           "diagnoses) and loss/LR plots of a run, as terminal tables and HTML")
+    report.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
+    report.add_argument("--out", type=Path, help="where to write report.html and the PNGs (default: RUN_DIR/report)")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    report.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from memprof import plots, report, report_views
+
+    run = report.load_run(args.run_dir)
+    tables = report.tables(run)
+    page = report_views.write(run, tables, plots.figures(run), args.out or args.run_dir / "report")
+    out.print(report_views.rich_tables(tables))
+    console.print(f"report: {page}")
     return 0
 
 

@@ -1,0 +1,45 @@
+"""`memprof fit`: the largest batch that trains under a CPU memory budget, found by isolated trials."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run_cli
+
+# tiny-llama, LoRA, AdamW, 2 steps of 1024-token sequences: each sequence adds ~110 MB of resident memory, and the
+# worker's address space is capped at the budget, so a couple of sequences fit and more are a real OOM.
+BUDGET = 420_000_000
+MAX_BATCH = 64
+
+
+def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli("fit", "--model", "tiny-llama", "--adapter", "lora", "--optimizer", "adamw_torch",
+                   "--precision", "fp32", "--seq-len", "1024", "--steps", "2", "--device", "cpu",
+                   "--memory-budget", str(BUDGET), "--margin", "0", "--max", str(MAX_BATCH), "--json")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    trials = {t["value"]: t for t in result["trials"]}
+    best = result["best"]
+    assert 1 <= best <= 8, result
+    # the answer is bracketed by measurement: it ran, one more sequence ran out of memory
+    assert trials[best]["status"] == "ok" and trials[best]["fits"]
+    assert trials[best + 1]["status"] == "oom" and not trials[best + 1]["fits"]
+    # doubling, then bisection: 2*floor(log2(best)) + 2 trials, within log2(range) + 3
+    assert len(result["trials"]) == 2 * int(math.log2(best)) + 2
+    assert len(result["trials"]) <= math.log2(MAX_BATCH) + 3
+    assert result["wall_s"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--memory-budget", "0"], "--memory-budget: a memory budget must be positive"),
+    ([], "--memory-budget: required on the CPU"),
+    (["--memory-budget", "1000000", "--gradient-checkpointing"], "--gradient-checkpointing:"),
+    (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
+])
+def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("fit", "--model", "tiny-llama", "--device", "cpu", *argv) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err

@@ -1,0 +1,231 @@
+"""`memprof plan`: exact parts against real models and measured cells, the big presets without a download,
+refitting the calibration, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from memprof import calibration, meta, plan
+from memprof.models import build_model
+from memprof.record import Status
+from memprof.results import read_records
+from memprof.suite import AdapterSettings, ModelSettings, parse
+from memprof.trackers.accounting import weight_bytes
+
+# QLoRA with paged 8-bit AdamW over five shapes and two batch sizes (enough to refit its activations), and a full
+# fine-tune with AdamW: 4-bit weights with quant state, 8-bit and 32-bit optimizer state. Seven cells.
+MEASURED_SUITE = """
+[suite]
+name = "plan-check"
+device = "cpu"
+steps = 2
+warmup_steps = 1
+timeout_s = 300
+
+[grid]
+model = ["base", "wide", "mlp", "kv", "deep"]
+adapter = ["qlora", "none"]
+optimizer = ["paged_adamw_8bit", "adamw_torch"]
+batch_size = [2, 8]
+seq_len = [64]
+
+""" + "".join(f"[[exclude]]\n{rule}\n\n" for rule in (
+    'adapter = "qlora"\noptimizer = "adamw_torch"', 'adapter = "none"\noptimizer = "paged_adamw_8bit"',
+    'adapter = "none"\nbatch_size = 8', *(f'model = "{m}"\nbatch_size = 8' for m in ("wide", "mlp", "kv", "deep")),
+    *(f'adapter = "none"\nmodel = "{m}"' for m in ("wide", "mlp", "kv", "deep")))) + """
+[models.base]
+preset = "tiny-llama"
+[models.wide]
+preset = "tiny-llama"
+overrides = {hidden_size = 512, intermediate_size = 1376, num_attention_heads = 8, num_key_value_heads = 4}
+[models.mlp]
+preset = "tiny-llama"
+overrides = {intermediate_size = 1376}
+[models.kv]
+preset = "tiny-llama"
+overrides = {num_key_value_heads = 4}
+[models.deep]
+preset = "tiny-llama"
+overrides = {num_hidden_layers = 3}
+
+[adapters.qlora]
+kind = "qlora"
+r = 16
+target_modules = "all-linear"
+"""
+EXACT_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "buffer_bytes", "gradient_bytes",
+                "optimizer_state_bytes")
+
+
+def _adapter(kind: str, **changes: object) -> dict:
+    spec = AdapterSettings(kind=kind, r=16, target_modules="all-linear", **changes).model_dump()
+    return {**spec, "target_modules": "all-linear"}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real CPU run of MEASURED_SUITE (7 cells, in fresh processes)."""
+    tmp = tmp_path_factory.mktemp("plan")
+    suite_path = tmp / "plan-check.toml"
+    suite_path.write_text(MEASURED_SUITE)
+    assert run_cli("run", str(suite_path), "--out", str(tmp / "results")) == 0
+    (run_dir,) = (tmp / "results").iterdir()
+    return run_dir
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind,changes", [("none", {}), ("lora", {}), ("dora", {}), ("qlora", {}),
+                                          ("qlora", {"double_quant": False}), ("qlora", {"quant_type": "fp4"})])
+def test_meta_model_weights_equal_a_real_build(precision: str, kind: str, changes: dict) -> None:
+    """Frozen (4-bit: packed weight, absmax, nested absmax, offset and maps), trainable and buffer bytes of the
+    meta model equal those of the model quantised for real on the CPU, byte for byte."""
+    model_spec = ModelSettings(preset="tiny-llama").model_dump()
+    adapter_spec = _adapter(kind, **changes)
+    real = weight_bytes(build_model(model_spec, adapter_spec, precision, torch.device("cpu")))
+    model = meta.meta_model(model_spec, adapter_spec, precision)
+    assert meta.frozen_weight_bytes(model) == real.frozen.total
+    assert weight_bytes(model).trainable.total == real.trainable.total
+    assert weight_bytes(model).buffers.total == real.buffers.total
+
+
+def test_four_bit_formula_by_hand() -> None:
+    # 65536 values: 32768 packed bytes, 1024 blocks of 64 -> uint8 absmax, 4 nested fp32 absmax, offset, maps
+    assert meta.four_bit_bytes(65536) == 32768 + 1024 + 4 + 4 * 4 + 1024 + 64
+    assert meta.four_bit_bytes(65536, double_quant=False) == 32768 + 4 * 1024 + 64
+    assert meta.four_bit_bytes(65) == 33 + 2 + 4 + 4 + 1024 + 64  # odd count, partial block
+
+
+def test_plan_matches_measured_cells_byte_for_byte(measured: Path) -> None:
+    records = read_records(measured)
+    cells = {c.key: c for c in parse((measured / "suite.toml").read_text(), measured / "suite.toml").cells}
+    assert len(records) == 7 and all(r.status is Status.OK for r in records)
+    cal = calibration.load()
+    errors = []
+    for r in records:
+        request = plan.Request.from_cell(cells[r.cell_key])
+        exact = plan.exact_parts(request)
+        assert {f: getattr(exact, f) for f in EXACT_FIELDS} == {f: getattr(r, f) for f in EXACT_FIELDS}, r.cell_key
+        predicted = plan.predict(request, exact, cal)
+        errors.append((predicted.training_bytes - r.peak_rss_delta_bytes) / r.peak_rss_delta_bytes)
+    worst = max(errors, key=abs)
+    print(f"plan vs measured CPU peak (RSS growth): errors {[f'{e:+.1%}' for e in errors]}, worst {worst:+.1%}")
+    assert all(abs(e) < 0.5 for e in errors)  # CPU-calibrated activations and temporaries: a sanity bound
+
+
+def test_refit_from_measured_run_reproduces_activations(measured: Path, tmp_path: Path) -> None:
+    out = tmp_path / "calibration.json"
+    assert run_cli("plan", "--calibrate", str(measured), "--calibration-out", str(out)) == 0
+    fitted = calibration.load(out)
+    assert set(fitted.groups) == {"fp32/qlora"}
+    assert "fp32/none" in fitted.source["skipped"]  # one shape only: not enough to fit
+    assert fitted.source["device"] == "cpu" and fitted.source["runs"] == [measured.name]
+    assert fitted.groups["fp32/qlora"].records == 6
+    # saved activations are deterministic and linear in the widths: the fit reproduces them closely
+    assert fitted.groups["fp32/qlora"].activation_max_error < 0.01
+
+
+def test_shipped_calibration_says_where_it_came_from() -> None:
+    cal = calibration.load()
+    assert cal.device == "cpu"
+    assert "GPU figures differ until calibrated on a GPU" in cal.note
+    assert {f"{p}/{k}" for p in ("fp32", "bf16") for k in ("none", "lora", "qlora", "dora")} <= set(cal.groups)
+    assert cal.source["versions"]["torch"]
+
+
+def _plan_json(*argv: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
+    assert run_cli("plan", *argv, "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_llama_8b_qlora_and_70b_plan_offline(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    (p8,) = _plan_json("--model", "llama-3.1-8b", "--adapter", "qlora", "--rank", "16", "--optimizer",
+                       "paged_adamw_8bit", "--batch-size", "4", "--seq-len", "2048", "--gpu", "24GB", "h100-80gb",
+                       capsys=capsys)
+    # LoRA r=16 on all seven linear layers of 32 layers: r * (in + out) each
+    per_layer = 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert p8["trainable_params"] == 32 * per_layer == 41_943_040
+    assert p8["total_params"] == 8_030_261_248 + 41_943_040  # Llama-3.1-8B and its adapter
+    parts = p8["parts"]
+    assert parts["adapter weights"]["bytes"] == 4 * 41_943_040  # peft keeps adapters in fp32
+    assert parts["gradients"]["bytes"] == parts["adapter weights"]["bytes"]
+    # 8-bit AdamW: two uint8 states plus one fp32 absmax per 256 values (every LoRA matrix has >= 4096 values)
+    assert parts["optimizer state"]["bytes"] == 2 * (41_943_040 + 4 * (41_943_040 // 256)) + 2 * 1024
+    linear = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
+    embeddings = 2 * 128256 * 4096 * 4  # embed_tokens and lm_head, cast to fp32 by peft's k-bit preparation
+    assert linear // 2 < parts["frozen weights"]["bytes"] - embeddings < linear // 2 * 1.07
+    assert [g["gpu"] for g in p8["gpus"]] == ["24GB", "h100-80gb"]
+    assert all(g["max_batch_size"] >= 0 for g in p8["gpus"])
+
+    (p70,) = _plan_json("--model", "llama-3.1-70b", "--adapter", "none", "--optimizer", "adamw_torch",
+                        "--precision", "bf16", "--gpu", "141GB", capsys=capsys)
+    assert p70["total_params"] == 70_553_706_496
+    assert p70["parts"]["trainable weights"]["bytes"] == 2 * 70_553_706_496
+    # AdamW: exp_avg and exp_avg_sq like each bf16 param, and a 4-byte step per tensor
+    tensors = 80 * 9 + 3
+    assert p70["parts"]["optimizer state"]["bytes"] == 2 * 2 * 70_553_706_496 + 4 * tensors
+    assert p70["gpus"][0]["fits"] is False and p70["gpus"][0]["max_batch_size"] == 0
+
+
+def test_plan_suite_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    suite_path = tmp_path / "s.toml"
+    suite_path.write_text(MEASURED_SUITE.replace("batch_size = [2, 8]", "batch_size = [2, 8, 64]"))
+    plans = _plan_json(str(suite_path), "--gpu", "24GB", capsys=capsys)
+    assert len(plans) == 7 + 6  # the measured cells, and batch 64 for the six configurations without a rule
+    assert run_cli("plan", str(suite_path), "--gpu", "24GB", "40GB") == 0
+    text = capsys.readouterr().out
+    assert "paged_adamw_8bit" in text and "b64" in text and "✓" in text
+
+
+def test_more_tokens_never_plan_less() -> None:
+    request = plan.request_from_flags("tiny-llama", "lora", batch_size=1, seq_len=64, precision="fp32")
+    cal = calibration.load()
+    exact = plan.exact_parts(request)
+    totals = [plan.predict(replace(request, batch_size=b), exact, cal).total_bytes for b in (1, 2, 4, 8)]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+    checkpointed = replace(request, batch_size=8, gradient_checkpointing=True)
+    assert plan.predict(checkpointed, exact, cal).total_bytes < totals[-1]
+
+
+def test_largest_is_exact_for_a_threshold() -> None:
+    for answer in (0, 1, 2, 3, 7, 8, 100, 4095):
+        calls: list[int] = []
+
+        def fits(n: int) -> bool:
+            calls.append(n)
+            return n <= answer
+        assert plan.largest(fits, limit=4096) == answer
+        assert len(calls) == (1 if answer == 0 else 2 * int(math.log2(answer)) + 2)
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["--model", "tiny-llama", "--gpu", "rtx-9090"], "--gpu: unknown GPU 'rtx-9090'"),
+    (["--model", "tiny-llama", "--budget-bytes", "0"], "--budget-bytes: a memory budget must be positive"),
+    (["--model", "tiny-llama", "--gpu", "0GB"], "--gpu: a memory budget must be positive"),
+    (["--model", "no-such-model"], "--model: 'no-such-model' is neither a preset"),
+    (["--model", "tiny-llama", "--optimizer", "adamw_torh"], "did you mean 'adamw_torch'"),
+])
+def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("plan", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert where in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_model_that_is_not_a_causal_lm(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 32128}))
+    proc = subprocess.run([sys.executable, "-m", "memprof", "plan", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "T5Config" in last and "Traceback" not in proc.stderr
