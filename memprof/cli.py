@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     xc.add_argument("--cell", type=int, default=0, metavar="N", help="the cell's index in the suite (default: 0)")
     xc.set_defaults(func=cmd_crosscheck)
     _add_plan_commands(sub)
+    _add_report_command(sub)
     for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

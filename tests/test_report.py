@@ -1,0 +1,147 @@
+"""`memprof report` on a real run: CI tables over repeats, the best LR per rank, diagnoses, PNGs and one HTML file."""
+
+from __future__ import annotations
+
+import base64
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from memprof import diagnose, report, stats, suite
+from memprof.record import Status
+
+SUITE = """
+[suite]
+name = "report-test"
+device = "cpu"
+steps = 12
+warmup_steps = 1
+repeats = 2
+eval_every = 4
+eval_batches = 2
+target_loss = 5.0
+lr_warmup_ratio = 0.1
+timeout_s = 120
+
+[data]
+source = "synthetic"
+
+[grid]
+model = ["tiny-llama"]
+adapter = ["r4", "r8"]
+optimizer = ["adamw_torch"]
+batch_size = [4]
+seq_len = [16]
+lr = [1e-3, 8e-3, 1e5]        # 1e5: every repeat diverges (NaN), so it must never be a best LR
+schedule = ["linear"]
+
+[adapters.r4]
+kind = "lora"
+r = 4
+target_modules = "all-linear"
+
+[adapters.r8]
+kind = "lora"
+r = 8
+target_modules = "all-linear"
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("report")
+    (root / "report-test.toml").write_text(SUITE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # two spin-waiting OpenMP threads on two busy cores are slower than one
+        assert run_cli("run", str(root / "report-test.toml"), "--out", str(root / "results")) == 0
+    (path,) = (root / "results").iterdir()
+    assert run_cli("report", str(path)) == 0
+    yield path
+
+
+def test_the_page_embeds_every_figure_and_the_pngs_are_written(run_dir: Path) -> None:
+    page = (run_dir / "report" / "report.html").read_text()
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    names = ["loss-00", "loss-01", "lr-rank"]  # one loss figure per adapter (the plot groups), then the sweep
+    assert len(images) == len(names)
+    for name, data in zip(names, images):
+        png = (run_dir / "report" / f"{name}.png").read_bytes()
+        assert base64.b64decode(data) == png
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", png[16:24])
+        assert (width, height) == ((1600, 540) if name.startswith("loss") else (700, 480))
+    assert "src='http" not in page and "<script" not in page  # self-contained
+
+
+def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    assert len(run.records) == 12 and {r.repeat for r in run.records} == {0, 1}
+    table = report.repeats_table(run)
+    assert table.columns[:3] == ["adapter", "optimizer", "lr"]  # the axes that vary (and the optimizer)
+    assert "tiny-llama" in table.title and "linear" in table.title  # the ones that do not
+    assert len(table.rows) == 6
+    column = {name: i for i, name in enumerate(table.columns)}
+    page = (run_dir / "report" / "report.html").read_text()
+    for rs in report.by_config(run.records).values():
+        row = next(row for row in table.rows if row[:3] == [rs[0].adapter, "adamw_torch", f"{rs[0].lr:g}"])
+        if rs[0].lr == 1e5:
+            assert row[column["ok"]] == "0/2 (diverged)" and row[column["final loss"]] == "–"
+            assert row[column["verdict"]] == "diverged"
+            continue
+        mean, half = stats.t_interval([r.final_loss_smoothed for r in rs])
+        assert row[column["final loss"]] == f"{mean:.3f} ± {half:.3f}" and half > 0  # two seeds, two curves
+        tokens, tokens_half = stats.t_interval([r.tokens_per_s for r in rs])
+        assert row[column["tokens/s"]] == f"{tokens:,.0f} ± {tokens_half:,.0f}"
+        step, step_half = stats.t_interval([r.step_time_median_s * 1e3 for r in rs])
+        assert row[column["step ms"]] == f"{step:.1f} ± {step_half:.1f}"
+        assert f">{row[column['final loss']]}</td>" in page
+
+
+def test_best_lr_per_rank_is_the_lowest_mean_eval_loss_and_never_a_diverged_one(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    table = report.lr_rank_table(run)
+    assert table is not None and [row[1] for row in table.rows] == ["4", "8"]
+    for row, rank in zip(table.rows, (4, 8)):
+        means = {lr: sum(r.final_eval_loss for r in run.records if r.adapter_r == rank and r.lr == lr) / 2
+                 for lr in (1e-3, 8e-3)}
+        best = min(means, key=means.__getitem__)
+        assert row[5] == f"{best:g}"
+        assert row[4] == "diverged"
+        assert (table.rows.index(row), 2 + [1e-3, 8e-3, 1e5].index(best)) in table.best
+    assert any(note.startswith("adamw_torch: best LR ∝ r^") for note in table.notes)
+
+
+def test_diagnoses_come_with_their_remedies(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    diverged = [r for r in run.records if r.lr == 1e5]
+    assert all(r.status is Status.DIVERGED and r.diagnosis == "non_finite" for r in diverged)
+    table = report.diagnosis_table(run)
+    assert table is not None
+    (row,) = [row for row in table.rows if row[0] == "non_finite"]
+    assert row[2] == diagnose.FINDINGS["non_finite"].remedy
+    assert row[3].count("100000") == len(diverged) == 4  # each diverged cell named once
+    assert row[2] in (run_dir / "report" / "report.html").read_text()
+
+
+def test_time_to_target_has_the_suite_target_and_the_relative_one(run_dir: Path) -> None:
+    run = report.load_run(run_dir)
+    table = report.target_table(run)
+    assert "steps to 5" in table.columns and "steps to relative" in table.columns
+    best = min((r for r in run.records if r.status is Status.OK), key=lambda r: r.final_loss_smoothed)
+    row = next(row for row in table.rows if row[:3] == [best.adapter, "adamw_torch", f"{best.lr:g}"])
+    assert not row[-2].startswith("never")  # the best cell reaches a target 5% above its own final loss
+
+
+def test_report_of_a_folder_without_records_is_a_user_error(tmp_path: Path) -> None:
+    assert run_cli("report", str(tmp_path)) == 2
+
+
+def test_the_lr_rank_suite_sweeps_lr_by_rank_on_the_cpu() -> None:
+    s = suite.load("lr-rank")
+    assert {c.device for c in s.cells} == {"cpu"} and {c.data_spec["source"] for c in s.cells} == {"synthetic"}
+    assert sorted({c.adapter_spec["r"] for c in s.cells}) == [4, 8, 16, 32]
+    assert len({c.lr for c in s.cells}) == 5 and len(s.cells) == 20
