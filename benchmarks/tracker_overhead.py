@@ -1,0 +1,185 @@
+"""What memprof's trackers cost a training step: one cell's median step time with every tracker on against the
+same cell run bare.
+
+- on: ``memprof.worker.run_cell``, exactly as a suite runs a cell (``CellProbe``, the background ``Sampler``,
+  the saved-activation and gradient snapshots at the last warm-up step, exact accounting after training).
+- off: the same cell built the same way (``worker.Training``) and trained with a ``NullProbe``, no sampler.
+
+Runs alternate off, on, off, on, ... so slow drifts of a shared machine fall on both arms alike. Each run is a
+child forked from this process after it imported the libraries and computed nothing, as memprof's zygote forks
+a worker per cell: every run starts from the same state, none inherits another's heap or pays (or skips) the
+one-time lazy initialisations of the first training step in a process, which would bias by position rather than
+by arm, and the parent never runs a parallel op (libgomp is not fork-safe afterwards).
+
+Per run the figure is the median step time after the warm-up steps; the overhead is the median over pairs of
+on/off, with the ratio of the two arms' medians beside it. Writes results/benchmarks/tracker_overhead.{json,md}.
+
+    python benchmarks/tracker_overhead.py [--pairs 10] [--steps 30] [--suite quick] [--cell 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from memprof import env, suite
+from memprof.cell import Cell
+from memprof.zygote import preload
+
+OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
+TARGET_RATIO = 1.02
+
+
+def run_arm(arm: str, cell: Cell) -> list[float]:
+    """The measured (post-warm-up) step times of one run of ``arm``, in seconds."""
+    import torch
+
+    from memprof.train import NullProbe
+    from memprof.worker import Training, run_cell
+
+    if arm == "on":
+        result = run_cell(cell)
+        if result.record.status.value != "ok":
+            raise RuntimeError(f"the cell did not run: {result.record.error}")
+        times = [row["step_time_s"] for row in result.steps]
+    else:
+        times = [log.step_time_s for log in Training(cell, torch.device(cell.device)).build().train(NullProbe())]
+    return times[cell.warmup_steps:]
+
+
+def cpu_stall_us() -> int | None:
+    """Microseconds, since boot, that some runnable task waited for a CPU (Linux pressure stall information)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except OSError:
+        return None
+    return int(line.rsplit("total=", 1)[1])
+
+
+def forked(arm: str, cell: Cell, log: Path) -> list[float]:
+    """``run_arm`` in a child forked from this (import-only) process."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        code = 0
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            with os.fdopen(write_fd, "w") as out:
+                json.dump(run_arm(arm, cell), out)
+        except BaseException:  # noqa: BLE001 - the parent reports a failed run from the exit code and the log
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as answer:
+        payload = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"the {arm} run failed; see {log}:\n{log.read_text()[-2000:]}")
+    return json.loads(payload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30, help="steps per run (the suite's warm-up steps excluded)")
+    parser.add_argument("--suite", default="quick")
+    parser.add_argument("--cell", type=int, default=0)
+    args = parser.parse_args()
+    if preload():
+        raise SystemExit("on a CUDA host the libraries cannot be preloaded before forking; run this on a CPU host")
+    cell = replace(suite.load(args.suite).cells[args.cell], device="cpu", steps=args.steps)
+
+    load_before = os.getloadavg()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in range(args.pairs):
+            for arm in ("off", "on"):
+                t0, stall0 = time.perf_counter(), cpu_stall_us()
+                times = forked(arm, cell, Path(tmp) / f"{pair}-{arm}.log")
+                wall, stall1 = time.perf_counter() - t0, cpu_stall_us()
+                # the share of the run during which some task waited for a CPU: how busy the machine was
+                pressure = (stall1 - stall0) / 1e6 / wall if stall0 is not None and stall1 is not None else None
+                runs.append({"pair": pair, "arm": arm, "step_time_median_s": statistics.median(times),
+                             "run_wall_s": wall, "cpu_pressure": pressure, "step_times_s": times})
+                print(f"pair {pair} {arm:>3}: median step {runs[-1]['step_time_median_s'] * 1e3:.2f} ms, "
+                      f"cpu pressure {pressure if pressure is None else round(pressure, 3)}", flush=True)
+    load_after = os.getloadavg()
+
+    off = [r["step_time_median_s"] for r in runs if r["arm"] == "off"]
+    on = [r["step_time_median_s"] for r in runs if r["arm"] == "on"]
+    pair_ratios = [b / a for a, b in zip(off, on)]
+    pressure = {arm: [r["cpu_pressure"] for r in runs if r["arm"] == arm and r["cpu_pressure"] is not None]
+                for arm in ("off", "on")}
+    ratio = statistics.median(pair_ratios)
+    machine = env.capture()
+    result = {
+        "machine": {k: machine[k] for k in ("host", "platform", "cpu", "cpu_count", "memory_bytes", "gpus",
+                                            "versions", "git_revision", "git_dirty")},
+        "cell": cell.key,
+        "steps": cell.steps,
+        "warmup_steps": cell.warmup_steps,
+        "pairs": args.pairs,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "cpu_pressure_median": {arm: statistics.median(v) if v else None for arm, v in pressure.items()},
+        "off_median_step_s": statistics.median(off),
+        "on_median_step_s": statistics.median(on),
+        "ratio_of_medians": statistics.median(on) / statistics.median(off),
+        "pair_ratio_median": ratio,
+        "pair_ratio_min": min(pair_ratios),
+        "pair_ratio_max": max(pair_ratios),
+        "target_ratio": TARGET_RATIO,
+        "within_target": ratio <= TARGET_RATIO,
+        "runs": runs,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "tracker_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [
+        f"# Tracker overhead per training step ({machine['cpu']}, {machine['cpu_count']} cores, host "
+        f"{machine['host']}, torch {machine['versions']['torch']})",
+        "",
+        f"Cell `{cell.key}` ({args.suite} suite, cell {args.cell}, on the CPU), {cell.steps} steps per run, the "
+        f"first {cell.warmup_steps} left out; {args.pairs} pairs of runs alternating off, on, each run in a child "
+        "forked from an import-only parent (as memprof's zygote runs cells).",
+        "",
+        "- **on**: `run_cell`: CellProbe, background Sampler (host RSS every 10 ms), snapshots, exact accounting.",
+        "- **off**: the same cell built the same way, trained with a `NullProbe`, no sampler.",
+        "",
+        "| arm | median step time (median over runs) | runs |",
+        "| --- | ---: | ---: |",
+        f"| off | {result['off_median_step_s'] * 1e3:.2f} ms | {len(off)} |",
+        f"| on | {result['on_median_step_s'] * 1e3:.2f} ms | {len(on)} |",
+        "",
+        f"**Overhead: on/off = {ratio:.4f}** (median over pairs; range {min(pair_ratios):.4f} to "
+        f"{max(pair_ratios):.4f}; ratio of the arms' medians {result['ratio_of_medians']:.4f}). "
+        f"Target ≤ {TARGET_RATIO}: {'met' if result['within_target'] else 'NOT met'}.",
+        "",
+        f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
+        f"{', '.join(f'{x:.2f}' for x in load_after)} (a 2-core machine shared with other work). CPU pressure "
+        "(share of a run during which some task waited for a CPU; the on arm's own sampler thread counts): median "
+        + ", ".join(f"{arm} {v:.3f}" for arm, v in result["cpu_pressure_median"].items() if v is not None) + ".",
+        "",
+    ]
+    (OUT / "tracker_overhead.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
