@@ -162,7 +162,6 @@ class Record:
         return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype})
 
 
-
 def smoothed_final(losses: list[float], window: int = 5) -> float:
     """Mean of the last ``window`` finite losses (NaN when there are none)."""
     tail = [x for x in losses[-window:] if math.isfinite(x)]

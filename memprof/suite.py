@@ -235,7 +235,6 @@ class Suite:
         return f"grid.{axis}[{names.index(name)}]" if name in names else f"grid.{axis}"
 
 
-
 def resolve_path(name_or_path: str) -> Path:
     """A path to a suite file, or the name of a suite shipped in the package (``quick``)."""
     path = Path(name_or_path)
