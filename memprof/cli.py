@@ -188,8 +188,10 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
         table.add_column(name)
     for e in ENTRIES:
         per_param = "by shape" if e.bytes_per_param is None else f"{e.bytes_per_param:.3g}"
-        available = (f"[dim]no: pip install {e.install or e.requires}[/dim]" if not e.installed
-                     else "CUDA only" if e.needs_cuda else "yes")
+        available = "CUDA only" if e.needs_cuda else "yes"
+        if not e.installed:
+            available = f"[dim]no: pip install {e.install or e.requires}[/dim]" + (
+                "\n[dim]CUDA only[/dim]" if e.needs_cuda else "")
         table.add_row(e.name, e.library, e.states, per_param, available)
     out.print(table)
     return 0

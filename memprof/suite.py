@@ -139,6 +139,8 @@ class GridSettings(_Strict):
     @field_validator("lr", mode="before")
     @classmethod
     def _ints_are_floats(cls, values: Any) -> Any:
+        if not isinstance(values, list):
+            return values  # pydantic reports the wrong type
         return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
 
     @field_validator("schedule")

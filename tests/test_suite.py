@@ -89,3 +89,11 @@ def test_dry_run_lists_cells_without_running(tmp_path: Path, capsys: pytest.Capt
     shown = capsys.readouterr().out
     assert "lion_8bit" in shown and "adamw_torch" in shown and "2 cells" in shown
     assert not (tmp_path / "results").exists()
+
+
+def test_a_scalar_where_a_list_belongs_is_a_type_error(tmp_path: Path) -> None:
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace("seq_len = [32]", "seq_len = [32]\nlr = false"))
+    with pytest.raises(UserError) as err:
+        suite.load(str(path))
+    assert "grid.lr: Input should be a valid list" in str(err.value)
