@@ -72,3 +72,28 @@ def test_track_measures_a_plain_pytorch_loop_and_writes_a_run_folder(tmp_path: P
     (written,) = read_records(t.run_dir)
     assert written.optimizer_state_bytes == r.optimizer_state_bytes
     assert (t.run_dir / "cells" / "0000" / "steps.csv").exists()
+
+
+def test_sft_trainer_callback_state_bytes_equal_memprof_run(tmp_path: Path) -> None:
+    trl = pytest.importorskip("trl", reason="TRL is an optional extra (pip install -e '.[trl]')")
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    cell = quick_lora_cell("adamw_torch")
+    expected = run_cell(cell).record.optimizer_state_bytes
+    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
+    # a byte-level tokenizer built in memory: nothing can be downloaded here
+    byte_vocab = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(256)}, unk_token="<0>"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_vocab, pad_token="<0>", eos_token="<1>")
+    rows = [next(batches(markov_corpus(0).train, 1, 32, i))[0].tolist() for i in range(8)]
+    callback = MemprofCallback(out=tmp_path, name="sft")
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), optim="adamw_torch", learning_rate=cell.lr,
+                         max_steps=STEPS, per_device_train_batch_size=2, logging_steps=1, report_to="none",
+                         use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=[callback],
+                             train_dataset=datasets.Dataset.from_dict({"input_ids": rows}))
+    trainer.train()
+    record = callback.tracking.record
+    assert record.status is Status.OK and record.steps == STEPS
+    assert record.optimizer_state_bytes == expected
