@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_SUITE = """
 [suite]
@@ -39,3 +41,14 @@ def run_cli(*argv: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     return int(exit_info.value.code or 0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for in-process training of tiny models: on a busy 2-core box a second OpenMP thread
+    spends its time spin-waiting and makes these steps up to ten times slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,6 +18,8 @@ from memprof.record import Status
 from memprof.results import read_records
 from memprof.train import NullProbe, StepLog, evaluate, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CPU = torch.device("cpu")
 
 
@@ -31,13 +33,6 @@ def convergence_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (run_dir,) = out.iterdir()
     yield run_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def steps_csv(run_dir: Path, index: int) -> list[dict[str, str]]:

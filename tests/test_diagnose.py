@@ -3,7 +3,6 @@ remedy, applied to the same run, makes it go away where that is cheap to show.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,8 @@ import torch
 from memprof import diagnose, suite
 from memprof.record import Record, Status
 from memprof.worker import run_cell
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SUITE = """
 [suite]
@@ -62,14 +63,6 @@ If the implementation is easy to explain, it may be a good idea.
 Namespaces are one honking great idea -- let's do more of those!
 """
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two OpenMP threads on two cores shared with other jobs spend most of their time spin-waiting: one is faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(tmp_path: Path, *, steps: int, lr: float, optimizer: str = "adamw_torch", adapter: str = "none",

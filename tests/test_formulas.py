@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +20,8 @@ from memprof.models import build_model
 from memprof.optim import build_optimizer, is_schedule_free
 from memprof.suite import AdapterSettings
 from memprof.trackers.accounting import optimizer_state_bytes
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
 # intermediate 700: LoRA matrices of 11200 elements, which fill no whole number of 256-element blocks
@@ -44,14 +45,6 @@ LIBRARY_LIMITS = {
     ("paged_ademamix_32bit", "full"): _PAGED_ON_CPU,
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: a second intra-op thread only adds synchronisation (ten times slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(name: str, adapter: str, kwargs: dict[str, Any] | None = None, precision: str = "fp32",
