@@ -58,5 +58,5 @@ class MemprofCallback(TrainerCallback):
         self.tracking.__exit__(None, None, None)
         r = self.tracking.record
         state.log_history.append({"step": state.global_step, "memprof/optimizer_state_bytes": r.optimizer_state_bytes,
-                                  "memprof/peak_bytes": r.peak_allocated_bytes or r.peak_rss_delta_bytes,
+                                  "memprof/peak_bytes": r.peak_bytes,
                                   "memprof/tokens_per_s": r.tokens_per_s})

@@ -109,6 +109,11 @@ class Record:
     diagnosis: str = ""  # comma-separated memprof.diagnose codes
     verdict: str = ""  # what went wrong with the training, when something did
 
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
+        return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
+
     @classmethod
     def for_cell(cls, cell: Cell, **values: Any) -> Record:
         return cls(

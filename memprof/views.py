@@ -36,11 +36,6 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def peak_bytes(record: Record) -> int | None:
-    """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
-    return record.peak_allocated_bytes if record.peak_allocated_bytes is not None else record.peak_rss_delta_bytes
-
-
 def results_table(records: Iterable[Record], title: str = "memprof results") -> Group:
     """One table per model/adapter/shape group, comparing optimizers against AdamW in the same group."""
     records = list(records)
@@ -83,7 +78,7 @@ def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
     cells = [r.optimizer, status, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
-    return cells + [human_bytes(peak_bytes(r)), _num(r.tokens_per_s, ",.0f"),
+    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f"),
                     _num(step_ms, ".1f") + (" ms" if step_ms is not None else ""), loss]
 
 
