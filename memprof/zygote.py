@@ -10,11 +10,13 @@ Record (``crashed`` with the exit status and stderr tail, ``timeout``, or ``inte
 Ctrl-C it was sent) instead. ``{"preflight": [...]}`` asks for the suite's model checks (``memprof.preflight``),
 run in a forked process like a cell; the answer is ``{"problems": [...]}`` or ``{"failed": reason}``. When the
 executor goes away (its end of stdin closes, even mid-cell after a ``kill -9``), the zygote kills the running
-worker and exits: nothing keeps computing for a run nobody records.
+worker and exits, and a worker whose zygote dies is killed by the kernel (``PR_SET_PDEATHSIG``): nothing keeps
+computing for a run nobody records.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -27,6 +29,7 @@ from typing import Any
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STDERR_TAIL_BYTES = 2000
 PREFLIGHT_TIMEOUT_S = 600.0
 _child_pid = 0
@@ -62,7 +65,17 @@ def memory_budget(budget_bytes: int) -> None:
             return
 
 
-def _child(request: dict[str, Any], write_fd: int) -> None:
+def _die_with(zygote: int) -> None:
+    """Have the kernel SIGKILL this process when the zygote dies, even of a SIGKILL that runs no clean-up
+    (a Ray worker that exits kills its own children, the zygote, but not their children)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:  # it died before the prctl
+        os._exit(1)
+
+
+def _child(request: dict[str, Any], write_fd: int, zygote: int) -> None:
+    _die_with(zygote)
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -109,10 +122,11 @@ def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int,
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised in the zygote; refusing to fork")
     read_fd, write_fd = os.pipe()
+    zygote = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(request, write_fd)
+        _child(request, write_fd, zygote)
     os.close(write_fd)
     _child_pid, _interrupted = pid, False
     deadline = time.monotonic() + timeout_s
