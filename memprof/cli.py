@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
 from memprof.errors import UserError
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         if args.debug:
             raise
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         code = err.exit_code
     sys.exit(code)
 
@@ -49,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-interval", type=float, default=0.01, help="memory sampling interval, seconds")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="run N cells at a time (one GPU each on CUDA; cores shared out on the CPU)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="where cells run: local processes (default), or tasks on a Ray cluster, one GPU each "
+                          '(pip install "memprof[ray]")')
+    run.add_argument("--address", metavar="ADDRESS", help="with --executor ray: the cluster (auto, "
+                     "ray://head:10001, host:port; default: RAY_ADDRESS, else a new local Ray instance)")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="finish an interrupted run in its own folder: run only the cells it lacks")
     run.add_argument("--compare-to", type=Path, metavar="BASELINE",
@@ -109,8 +115,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _compare(baseline, compare.load(run_dir), args)
     if args.jobs < 1:
         raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
+    if args.executor == "ray" and args.jobs != 1:
+        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address", "needs --executor ray")
     return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to,
-                     resume=args.resume, jobs=args.jobs)
+                     resume=args.resume, jobs=args.jobs, executor=args.executor, address=args.address)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -29,6 +29,20 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+class Pool(Protocol):
+    """What the runner drives: local processes (``LocalPool``) or a Ray cluster (``memprof.ray_executor``)."""
+
+    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]: ...
+
+    def log_to(self, log_dir: Path) -> None: ...
+
+    def run_all(self, cells: list[Cell], stopping: Callable[[], bool]) -> Iterator[CellResult]: ...
+
+    def interrupt(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class ZygoteDied(RuntimeError):
     """The zygote process itself went away (not a cell fault: the harness cannot go on)."""
 
@@ -104,12 +118,16 @@ class LocalExecutor:
         self._proc.stdin.flush()
         return self._read()
 
-    def run(self, cell: Cell) -> CellResult:
+    def log_path(self, cell: Cell) -> Path:
+        """Where ``run`` writes the cell's log."""
         if self.log_dir is None:
             raise RuntimeError("LocalExecutor.run before log_to: the cell's log has nowhere to go")
+        return self.log_dir / f"cell-{cell.index:04d}.log"
+
+    def run(self, cell: Cell) -> CellResult:
+        log = self.log_path(cell)
         self.wait_ready()
         t0 = time.perf_counter()
-        log = self.log_dir / f"cell-{cell.index:04d}.log"
         request = {"cell": cell.to_dict(), "log": str(log.resolve()), "sample_interval_s": self.sample_interval_s}
         result = CellResult.from_dict(self._ask(request))
         result.record = replace(result.record, harness_wall_s=time.perf_counter() - t0)

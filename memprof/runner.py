@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memprof import env as env_mod
 from memprof.cell import Cell
 from memprof.errors import UserError
-from memprof.executor import LocalPool, PreflightFailed
+from memprof.executor import LocalPool, Pool, PreflightFailed
 from memprof.record import Status
 from memprof.results import RunWriter, new_run_dir, prepare_resume
 from memprof.suite import Suite
@@ -23,7 +23,7 @@ EXIT_INTERRUPTED = 130
 
 def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s: float, console: Console,
               out: Console, compare: Callable[[Path], int] | None = None, resume: Path | None = None,
-              jobs: int = 1) -> int:
+              jobs: int = 1, executor: str = "local", address: str | None = None) -> int:
     """Run every cell; return the process exit code (0, or 130 when interrupted).
 
     Faults inside cells are results and do not change the exit code. Ctrl-C or SIGTERM interrupts the running
@@ -32,26 +32,27 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
     earlier run folder of the same suite and cells, gets only the cells it lacks (interrupted ones run again).
 
     No results folder is created before the suite's models passed the checks that need the libraries
-    (``memprof.preflight``); a failure there is a UserError.
+    (``memprof.preflight``); a failure there is a UserError. ``executor`` is ``local`` (``jobs`` processes) or
+    ``ray`` (tasks on the Ray cluster at ``address``, see ``memprof.ray_executor``).
     """
     manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in cells],
                 "config_hashes": [c.config_hash for c in cells]}
     if resume is not None:
         prepare_resume(resume, manifest)  # before the zygote starts: the wrong folder fails at once
-    executor = LocalPool(jobs, sample_interval_s=sample_interval_s)
+    pool = make_pool(executor, jobs, address, sample_interval_s)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        executor.interrupt()
+        pool.interrupt()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         problems: list[dict[str, str]] = []
         with console.status(f"{suite.name}: starting workers and checking the models"):
             try:
-                problems = executor.preflight(suite.preflight_pairs())
+                problems = pool.preflight(suite.preflight_pairs())
             except PreflightFailed as err:
                 if not stopping:
                     raise UserError(str(suite.path), f"checking the models failed: {err}") from None
@@ -61,21 +62,21 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
         if problems:
             raise suite.preflight_error(problems[0])
         run_dir = resume or new_run_dir(out_root, suite.name)
-        executor.log_to(run_dir / "logs")
+        pool.log_to(run_dir / "logs")
         writer = RunWriter(run_dir, suite.text, manifest, env_mod.capture())
         finished = {r.cell_index for r in writer.records}
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
                       transient=False) as progress:
-            jobs_note = f" ({jobs} jobs)" if jobs > 1 else ""
+            jobs_note = " (Ray)" if executor == "ray" else f" ({jobs} jobs)" if jobs > 1 else ""
             task = progress.add_task(suite.name + jobs_note, total=len(cells), completed=len(finished), last="")
             pending = [c for c in cells if c.index not in finished]
-            for result in executor.run_all(pending, lambda: stopping):
+            for result in pool.run_all(pending, lambda: stopping):
                 writer.append(result)
                 r = result.record
                 progress.update(task, advance=1, last=f"last: {r.optimizer} {r.status.value}")
     finally:
-        executor.close()
+        pool.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     out.print(results_table(writer.records, title=f"{suite.name} — {run_dir}"))
@@ -85,3 +86,12 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
     if interrupted:
         return EXIT_INTERRUPTED
     return compare(run_dir) if compare is not None else 0
+
+
+def make_pool(executor: str, jobs: int, address: str | None, sample_interval_s: float) -> Pool:
+    """``LocalPool`` (``jobs`` local processes) or, for ``executor == "ray"``, a ``RayPool`` on ``address``."""
+    if executor == "ray":
+        from memprof.ray_executor import RayPool
+
+        return RayPool(address, sample_interval_s=sample_interval_s)
+    return LocalPool(jobs, sample_interval_s=sample_interval_s)
