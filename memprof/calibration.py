@@ -43,6 +43,7 @@ TEMPORARY_FEATURES = ("activation_bytes", "tokens*vocab", "constant")
 SHAPES_NEEDED = 5  # distinct model shapes: the per-token widths must vary independently to be told apart
 ASSUMED_CUDA_CONTEXT_BYTES = 512 << 20
 ASSUMED_CUDA_CONTEXT_SOURCE = "assumed (512 MiB), not measured"
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # fp16 keeps the same element sizes as bf16: its runs are not needed to plan it.
 PRECISION_FALLBACK = {"fp16": "bf16"}
 
@@ -57,6 +58,7 @@ class Shape:
     kv_width: int
     vocab: int
     max_positions: int
+    heads: int = 0  # query heads: eager attention keeps one seq × seq matrix per head and layer
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
@@ -67,7 +69,7 @@ class Shape:
         return cls(layers=config.num_hidden_layers, hidden=hidden,
                    intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
                    kv_width=kv_heads * head_dim, vocab=config.vocab_size,
-                   max_positions=getattr(config, "max_position_embeddings", None) or 0)
+                   max_positions=getattr(config, "max_position_embeddings", None) or 0, heads=heads)
 
     def activation_features(self) -> tuple[int, ...]:
         """The per-token features: the first five of ``ACTIVATION_FEATURES``."""
@@ -87,20 +89,23 @@ class Group:
 
     def activation_bytes(self, shape: Shape, tokens: int, adapted_numel: int, checkpointing: bool = False,
                          residual_itemsize: int = 4) -> int:
-        """Saved activations for ``tokens`` tokens in one micro-batch, ``adapted_numel`` base weight elements
-        under an adapter.
-
-        With gradient checkpointing (derived, never measured here) each layer keeps only its input, and one
-        layer's activations are alive again while it is recomputed in backward.
-        """
+        """Saved activations at the end of forward for ``tokens`` tokens in one micro-batch, ``adapted_numel``
+        base weight elements under an adapter. With gradient checkpointing each layer keeps only its input
+        (derived from the fitted widths; what one layer's recomputation adds in backward is
+        ``recompute_bytes``)."""
         c = self.activation
-        per_layer = c[0] * shape.hidden + c[1] * shape.intermediate + c[2] * shape.kv_width
         outside = c[3] * shape.hidden + c[4] * shape.vocab
         if checkpointing:
-            per_token = shape.layers * shape.hidden * residual_itemsize + per_layer + outside
-        else:
-            per_token = shape.layers * per_layer + outside
-        return round(tokens * per_token + c[5] * adapted_numel)
+            return round(tokens * (shape.layers * shape.hidden * residual_itemsize + outside))
+        return round(tokens * (shape.layers * self._per_layer(shape) + outside) + c[5] * adapted_numel)
+
+    def recompute_bytes(self, shape: Shape, tokens: int, adapted_numel: int) -> int:
+        """One layer's activations, alive again while gradient checkpointing recomputes it in backward."""
+        return round(tokens * self._per_layer(shape) + self.activation[5] * adapted_numel / max(shape.layers, 1))
+
+    def _per_layer(self, shape: Shape) -> float:
+        c = self.activation
+        return c[0] * shape.hidden + c[1] * shape.intermediate + c[2] * shape.kv_width
 
     def temporary_bytes(self, activation_bytes: int, tokens: int, vocab: int) -> int:
         features = (activation_bytes, tokens * vocab, 1)
@@ -182,6 +187,8 @@ class Sample:
     known_bytes: int             # weights, buffers, gradients, optimizer state: exact
     peak_bytes: int              # CPU: RSS growth; CUDA: reserved (+ paged state, outside the allocator)
     context_bytes: int | None    # CUDA only: memory outside PyTorch (context, workspaces)
+    checkpointing: bool = False  # gradient checkpointing on: each layer kept only its input
+    residual_itemsize: int = 4
 
 
 def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
@@ -212,7 +219,7 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
         source.update(host=env.get("host"), machine=env_mod.machine_label(env), versions=env.get("versions", {}))
         for r in records:
             cell = cells.get(r.cell_key)
-            if r.status.value != "ok" or cell is None or r.activation_bytes is None:
+            if r.status.value != "ok" or cell is None or r.activation_bytes is None or r.attn_implementation != "sdpa":
                 continue
             key = json.dumps(cell.model_spec, sort_keys=True)
             if key not in shapes:
@@ -230,7 +237,8 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
             out.append(Sample(f"{r.precision}/{cell.adapter_spec['kind']}", shapes[key], r.batch_size * r.seq_len,
                               adapted[build], r.activation_bytes, known,
                               r.peak_reserved_bytes + paged if cuda else r.peak_rss_delta_bytes,
-                              r.non_pytorch_bytes if cuda else None))
+                              r.non_pytorch_bytes if cuda else None, r.gradient_checkpointing != "off",
+                              DTYPE_BYTES[r.precision]))
     if len(devices) > 1:
         raise UserError(", ".join(map(str, run_dirs)), "runs from a CPU and a GPU cannot be fitted together")
     source["device"] = devices.pop() if devices else "?"
@@ -253,6 +261,28 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
+def fit_activations(full: Sequence[Sample], checkpointed: Sequence[Sample]) -> np.ndarray:
+    """The per-token activation coefficients (``ACTIVATION_FEATURES``), fitted per token so that large and small
+    cells weigh alike.
+
+    With checkpointed cells the split between the layers and what lies outside them is measured rather than
+    inferred: a checkpointed layer keeps exactly its input, so those cells give the outside coefficients
+    (hidden, vocab) directly, and the cells without checkpointing then give the per-layer ones. Without them
+    all six come from one fit, where layer count and the outside widths are nearly collinear.
+    """
+    features = [(*s.shape.activation_features(), s.adapted_numel / s.tokens) for s in full]
+    y = np.array([s.activation_bytes / s.tokens for s in full])
+    if len({(s.shape.hidden, s.shape.vocab) for s in checkpointed}) < 2:
+        return nonnegative_lstsq(np.array(features, dtype=float), y)
+    outside = nonnegative_lstsq(
+        np.array([(s.shape.hidden, s.shape.vocab) for s in checkpointed], dtype=float),
+        np.array([s.activation_bytes / s.tokens - s.shape.layers * s.shape.hidden * s.residual_itemsize
+                  for s in checkpointed]))
+    x = np.array(features, dtype=float)
+    per_layer = nonnegative_lstsq(x[:, [0, 1, 2, 5]], y - x[:, [3, 4]] @ outside)
+    return np.array([*per_layer[:3], *outside, per_layer[3]])
+
+
 def fit(run_dirs: Sequence[Path]) -> Calibration:
     """Fit every precision/adapter group present in the runs with enough shapes (the others are listed in
     ``source["skipped"]``).
@@ -272,20 +302,19 @@ def fit(run_dirs: Sequence[Path]) -> Calibration:
         if len(distinct_shapes) < SHAPES_NEEDED or len(rows) < len(ACTIVATION_FEATURES):
             skipped[name] = f"{len(rows)} cells over {len(distinct_shapes)} shapes (needs {SHAPES_NEEDED})"
             continue
-        # per token, so that large and small cells weigh alike
-        act_x = np.array([(*s.shape.activation_features(), s.adapted_numel / s.tokens) for s in rows], dtype=float)
-        act_y = np.array([s.activation_bytes / s.tokens for s in rows])
-        activation = nonnegative_lstsq(act_x, act_y)
-        temp_x = np.array([(s.activation_bytes, s.tokens * s.shape.vocab, 1) for s in rows], dtype=float)
-        temp_y = np.array([s.peak_bytes - s.known_bytes - s.activation_bytes for s in rows], dtype=float)
+        full = [s for s in rows if not s.checkpointing]
+        activation = fit_activations(full, [s for s in rows if s.checkpointing])
+        temp_x = np.array([(s.activation_bytes, s.tokens * s.shape.vocab, 1) for s in full], dtype=float)
+        temp_y = np.array([s.peak_bytes - s.known_bytes - s.activation_bytes for s in full], dtype=float)
         temporaries = nonnegative_lstsq(temp_x, temp_y)
         group = Group(tuple(float(c) for c in activation), tuple(float(t) for t in temporaries), len(rows), 0.0, 0.0)
         act_err, peak_err = [], []
         for s in rows:
-            act = group.activation_bytes(s.shape, s.tokens, s.adapted_numel)
+            act = group.activation_bytes(s.shape, s.tokens, s.adapted_numel, s.checkpointing, s.residual_itemsize)
             act_err.append(abs(act - s.activation_bytes) / s.activation_bytes)
-            peak = s.known_bytes + act + group.temporary_bytes(act, s.tokens, s.shape.vocab)
-            peak_err.append(abs(peak - s.peak_bytes) / s.peak_bytes)
+            if not s.checkpointing:
+                peak = s.known_bytes + act + group.temporary_bytes(act, s.tokens, s.shape.vocab)
+                peak_err.append(abs(peak - s.peak_bytes) / s.peak_bytes)
         groups[name] = Group(group.activation, group.temporaries, len(rows), max(act_err), max(peak_err))
     if not groups:
         raise UserError(where, "too few shapes to fit any group: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())

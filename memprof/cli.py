@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     xc.set_defaults(func=cmd_crosscheck)
     _add_plan_commands(sub)
     _add_report_command(sub)
+    _add_levers_command(sub)
     for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -257,6 +258,11 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
                    help=f"weights and compute dtype (default {precision})")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
+                   help="attention kernel (default sdpa; eager keeps a seq×seq matrix per head and layer)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the run is sharded over (default 1)")
+    p.add_argument("--strategy", choices=["ddp", "zero1", "fsdp2"],
+                   help="what the ranks shard: ddp nothing, zero1 the optimizer state, fsdp2 everything")
 
 
 def _request(args: argparse.Namespace) -> Request:
@@ -266,7 +272,7 @@ def _request(args: argparse.Namespace) -> Request:
         raise UserError("--model", "required (or give a suite file to plan)")
     return request_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
                               args.batch_size, args.seq_len, args.precision, args.grad_accum,
-                              args.gradient_checkpointing)
+                              args.gradient_checkpointing, args.attn, args.world_size, args.strategy)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -294,6 +300,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         requests = plan_mod.requests_from_cells(suite_mod.load(args.suite).cells)
         if args.gradient_checkpointing:
             requests = [replace(r, gradient_checkpointing=True) for r in requests]
+        if args.attn != "sdpa":
+            requests = [replace(r, attn_implementation=args.attn) for r in requests]
+        if args.strategy or args.world_size != 1:
+            levers = plan_mod.sharding_flags(args.world_size, args.strategy)
+            requests = [replace(r, **levers) for r in requests]
     else:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
@@ -338,6 +349,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     answer = f"{result.best:,}" if result.best else "none (the smallest value did not fit)"
     out.print(f"largest {args.search} that fits: [bold]{answer}[/] ({len(result.trials)} trials, "
               f"{result.wall_s:.1f} s)", highlight=False)
+    return 0
+
+
+def _add_levers_command(sub: argparse._SubParsersAction) -> None:
+    levers = sub.add_parser("levers", help="a run's cells as a Markdown table, per rank: weights, gradients, state, "
+                                           "activations and peak under each lever")
+    levers.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
+    levers.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    levers.set_defaults(func=cmd_levers)
+
+
+def cmd_levers(args: argparse.Namespace) -> int:
+    from memprof.results import read_records
+    from memprof.views import levers_markdown
+
+    print(levers_markdown(read_records(args.run_dir)))
     return 0
 
 

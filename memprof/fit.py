@@ -70,7 +70,10 @@ def trial_cell(request: Request, axis: str, value: int, index: int, steps: int, 
                 lr_warmup_steps=0, seed=0, repeat=0, device=device, timeout_s=timeout_s,
                 memory_budget_bytes=budget_bytes, max_grad_norm=1.0, model_spec=request.model_spec,
                 adapter_spec=request.adapter_spec, optim_kwargs=request.optim_kwargs,
-                data_spec=DataSettings().model_dump(), **sizes)
+                data_spec=DataSettings().model_dump(),
+                gradient_checkpointing="on" if request.gradient_checkpointing else "off",
+                attn_implementation=request.attn_implementation,
+                parallel={"strategy": request.strategy, "world_size": request.world_size}, **sizes)
 
 
 def search(request: Request, axis: str, run: Callable[[Cell], Record], limit_bytes: int, margin: float,
@@ -124,9 +127,6 @@ def run_search(request: Request, axis: str, budget_bytes: int | None, margin: fl
         raise UserError("--steps", f"must be at least 1, got {steps}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
-    if request.gradient_checkpointing:
-        raise UserError("--gradient-checkpointing", "memprof's training loop does not checkpoint; `fit` cannot "
-                        "measure it (`plan` estimates it)")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
     limit = budget_bytes
     if limit is None and cuda:

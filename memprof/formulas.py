@@ -463,5 +463,11 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def predict_for_optimizer(optim_name: str, optimizer: torch.optim.Optimizer) -> int | None:
-    """``predict_state_bytes`` for a built optimizer: its param groups and settings, none of its state."""
-    return predict_state_bytes(optim_name, optimizer.param_groups, optimizer_settings(optimizer))
+    """``predict_state_bytes`` for a built optimizer: its param groups and settings, none of its state (for a
+    ZeroRedundancyOptimizer, this rank's partition; for FSDP2's DTensor parameters, their local shards)."""
+    from memprof.trackers.accounting import local, local_optimizer
+
+    optimizer = local_optimizer(optimizer)
+    groups = [{**g, "params": [ParamSpec(tuple(local(p).shape), p.dtype, p.requires_grad) for p in g["params"]]}
+              for g in optimizer.param_groups]
+    return predict_state_bytes(optim_name, groups, optimizer_settings(optimizer))

@@ -19,6 +19,10 @@ class ModelLoadError(Exception):
     """The model named by a cell could not be built (bad path, unknown architecture, too small a vocabulary)."""
 
 
+class LeverUnavailable(Exception):
+    """A lever this machine cannot pull (flash_attention_2 without CUDA or the flash-attn package)."""
+
+
 def build_config(model_spec: dict[str, Any]):
     """The transformers config for a model spec (preset, inline config or local path), with overrides."""
     from transformers import AutoConfig
@@ -41,31 +45,54 @@ def build_config(model_spec: dict[str, Any]):
     return config
 
 
-def build_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precision: str,
-                device: torch.device) -> nn.Module:
-    """The model on ``device``, quantised and wrapped in its peft adapter as the adapter spec says."""
+def build_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precision: str, device: torch.device,
+                attn_implementation: str = "sdpa", gradient_checkpointing: str = "off") -> nn.Module:
+    """The model on ``device``, quantised and wrapped in its peft adapter as the adapter spec says, with its
+    attention kernel and gradient checkpointing (``off``, ``on`` = non-reentrant, or ``reentrant``)."""
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == "flash_attention_2" and device.type != "cuda":
+        raise LeverUnavailable("flash_attention_2 needs a CUDA device")
     dtype = DTYPES[precision]
     config = build_config(model_spec)
     qlora = adapter_spec["kind"] == "qlora"
-    if model_spec.get("path"):
-        quant = _bnb_config(adapter_spec) if qlora else None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_spec["path"], config=config, dtype=dtype, quantization_config=quant, device_map=str(device),
-                local_files_only=True, trust_remote_code=model_spec.get("trust_remote_code", False))
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"cannot load {model_spec['path']}: {err}") from err
-    elif qlora:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        quantize_linears_4bit(model, adapter_spec)
-        model.to(device)
-    else:
-        with device:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        if model_spec.get("path"):
+            quant = _bnb_config(adapter_spec) if qlora else None
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_spec["path"], config=config, dtype=dtype, quantization_config=quant,
+                    device_map=str(device), local_files_only=True, attn_implementation=attn_implementation,
+                    trust_remote_code=model_spec.get("trust_remote_code", False))
+            except OSError as err:
+                raise ModelLoadError(f"cannot load {model_spec['path']}: {err}") from err
+        elif qlora:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            quantize_linears_4bit(model, adapter_spec)
+            model.to(device)
+        else:
+            with device:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                         attn_implementation=attn_implementation)
+    except ImportError as err:  # transformers' answer to a kernel whose package is not installed
+        raise LeverUnavailable(f"attn_implementation {attn_implementation}: {err}") from err
+    except ValueError as err:
+        raise ModelLoadError(f"cannot load {model_spec.get('path') or 'the model'}: {err}") from err
     model.config.use_cache = False
+    if gradient_checkpointing != "off":
+        enable_checkpointing(model, reentrant=gradient_checkpointing == "reentrant")
     return attach_adapter(model, adapter_spec)
+
+
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+    """Recompute each decoder layer in backward. transformers also registers the input-grad hook here (the
+    embeddings' output requires grad), without which reentrant checkpointing of a frozen model under a peft
+    adapter gives the adapter no gradient."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _bnb_config(adapter_spec: dict[str, Any]):

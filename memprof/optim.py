@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,16 +28,26 @@ _PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "proj", "sc
 Scheduler = Any
 
 
+# How an optimizer class becomes an optimizer: ``cls(params, **kwargs)``, or a wrapper around it (ZeRO-1's
+# ZeroRedundancyOptimizer takes the class and builds this rank's partition of it).
+Construct = Callable[..., torch.optim.Optimizer]
+
+
+def _plain(cls: type, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    return cls(params, **kwargs)
+
+
 class OptimizerUnavailable(Exception):
     """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
 
 
-def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module,
-                    device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top."""
+def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module, device: torch.device,
+                    construct: Construct = _plain) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top, made by
+    ``construct(cls, params, **kwargs)``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if catalogue.is_custom(name):
-        return _from_class_path(name, model, lr, kwargs)
+        return _from_class_path(name, model, lr, kwargs, construct)
     entry = catalogue.lookup(name)
     if not entry.installed:
         raise OptimizerUnavailable(f"{name} needs {entry.library}, which is not installed "
@@ -44,7 +55,7 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
     if entry.needs_cuda and device.type != "cuda":
         raise OptimizerUnavailable(f"{name} needs a CUDA device")
     if entry.factory != "transformers":
-        return _from_class_path(entry.factory, model, lr, kwargs)
+        return _from_class_path(entry.factory, model, lr, kwargs, construct)
 
     from transformers import Trainer, TrainingArguments
 
@@ -57,12 +68,12 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
         args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
                                  use_cpu=device.type == "cpu", **low_rank)
         cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
-    if "params" in defaults:  # GaLore/APOLLO: transformers split the model into projected and plain groups
-        return cls(**{**defaults, **kwargs})
-    return cls(params, **{**defaults, **kwargs})
+    params = defaults.pop("params", params)  # GaLore/APOLLO: transformers split projected and plain groups
+    return construct(cls, params, **{**defaults, **kwargs})
 
 
-def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any],
+                     construct: Construct) -> torch.optim.Optimizer:
     module_name, _, class_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -72,8 +83,10 @@ def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, A
         raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if next(iter(inspect.signature(cls).parameters), "") == "named_parameters":
+        if construct is not _plain:
+            raise OptimizerUnavailable(f"{class_name} takes named parameters, which cannot be partitioned by rank")
         return cls(named, **{"lr": lr, **_head_layout(model), **kwargs})
-    return cls([p for _, p in named], **{"lr": lr, **kwargs})
+    return construct(cls, [p for _, p in named], **{"lr": lr, **kwargs})
 
 
 def _head_layout(model: nn.Module) -> dict[str, Any]:

@@ -13,6 +13,7 @@ byte.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from memprof.calibration import Calibration, Group, Shape
-from memprof.cell import Cell
+from memprof.cell import Cell, lever_label
 from memprof.errors import UserError
 from memprof.gpus import Gpu
 from memprof.meta import adapted_numel, frozen_weight_bytes, meta_model
@@ -44,11 +45,21 @@ class Request:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     optim_kwargs: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    strategy: str = "none"   # memprof.sharding.STRATEGIES
+    world_size: int = 1
 
     @classmethod
     def from_cell(cls, cell: Cell) -> Request:
         return cls(cell.model, cell.model_spec, cell.adapter, cell.adapter_spec, cell.optimizer, cell.optim,
-                   cell.batch_size, cell.seq_len, cell.precision, cell.grad_accum, False, cell.optim_kwargs)
+                   cell.batch_size, cell.seq_len, cell.precision, cell.grad_accum,
+                   cell.gradient_checkpointing != "off", cell.optim_kwargs, cell.attn_implementation,
+                   cell.strategy, cell.world_size)
+
+    @property
+    def levers(self) -> str:
+        return lever_label("on" if self.gradient_checkpointing else "off", self.attn_implementation, self.strategy,
+                           self.world_size)
 
     @property
     def tokens(self) -> int:
@@ -57,8 +68,19 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RankParts:
+    """What one rank holds of the exact parts (every rank holds everything when nothing is sharded)."""
+
+    frozen_weight_bytes: int
+    trainable_weight_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int | None
+
+
+@dataclass(frozen=True)
 class Exact:
-    """The parts of the peak that are known exactly from shapes and formulas."""
+    """The parts of the peak that are known exactly from shapes and formulas; for a sharded request, the
+    fullest rank's (``ranks`` has each rank's)."""
 
     shape: Shape
     total_params: int
@@ -71,6 +93,8 @@ class Exact:
     optimizer_state_note: str
     adapted_numel: int       # base weight elements under an adapter
     residual_itemsize: int   # element size of the hidden states between layers (what checkpointing keeps)
+    ranks: tuple[RankParts, ...] = ()
+    gathered_bytes: int = 0  # FSDP2: the root unit and two layers all-gathered at once (one computing, one next)
 
 
 @dataclass(frozen=True)
@@ -109,9 +133,11 @@ class Plan:
         r = self.request
         return {"model": r.model, "adapter": r.adapter, "optimizer": r.optimizer, "batch_size": r.batch_size,
                 "seq_len": r.seq_len, "precision": r.precision, "grad_accum": r.grad_accum,
-                "gradient_checkpointing": r.gradient_checkpointing, "total_params": self.exact.total_params,
+                "gradient_checkpointing": r.gradient_checkpointing, "attn_implementation": r.attn_implementation,
+                "strategy": r.strategy, "world_size": r.world_size, "total_params": self.exact.total_params,
                 "trainable_params": self.exact.trainable_params, "calibration": self.calibration,
                 "parts": {p.name: {"bytes": p.bytes, "how": p.how} for p in self.parts},
+                "ranks": [vars(rank) for rank in self.exact.ranks],
                 "total_bytes": self.total_bytes, "complete": self.complete}
 
 
@@ -144,39 +170,107 @@ class Verdict:
                 "seq_len_capped": self.seq_len_capped}
 
 
-def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) -> tuple[int | None, str]:
+@dataclass(frozen=True)
+class StatePlan:
+    """Predicted optimizer state: its bytes (None without a formula), how, and the param groups and settings
+    it was sized from (what a sharded plan re-partitions)."""
+
+    bytes: int | None
+    note: str
+    groups: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
+def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) -> StatePlan:
     """Predicted optimizer-state bytes and how: the optimizer is built on the meta model by transformers'
     factory (so param groups, GaLore's projected groups and Adam-mini's names are the real ones), then
     ``memprof.formulas`` sizes its state. A library that is not installed still gets its formula."""
     from memprof import formulas, optim as optim_mod
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    settings = dict(optim_kwargs)
     try:
         built = optim_mod.build_optimizer(optim, optim_kwargs, 1e-3, model, torch.device("cpu"))
-        predicted = formulas.predict_for_optimizer(optim, built)
+        groups, settings = built.param_groups, formulas.optimizer_settings(built)
     except optim_mod.OptimizerUnavailable:
-        predicted = formulas.predict_state_bytes(optim, trainable, optim_kwargs)
-    if predicted is not None:
-        return predicted, "exact (memprof.formulas)"
-    return None, formulas.why_unpredictable(optim) or "no formula covers this configuration"
+        pass
+    specs = [{**g, "params": [formulas.ParamSpec(tuple(p.shape), p.dtype, p.requires_grad) for p in g["params"]]}
+             for g in groups]
+    predicted = formulas.predict_state_bytes(optim, specs, settings)
+    note = "exact (memprof.formulas)" if predicted is not None else \
+        formulas.why_unpredictable(optim) or "no formula covers this configuration"
+    return StatePlan(predicted, note, specs, settings)
 
 
 def exact_parts(request: Request, model: nn.Module | None = None) -> Exact:
-    """The exact parts of a request (``model``: its meta model, when the caller already built it)."""
+    """The exact parts of a request (``model``: its meta model, when the caller already built it); for a
+    sharded request, each rank's and the fullest rank's."""
     from memprof import models
     from memprof.trackers.accounting import weight_bytes
 
     if model is None:
         model = meta_model(request.model_spec, request.adapter_spec, request.precision)
     weights = weight_bytes(model)
-    state, note = optimizer_state(model, request.optim, request.optim_kwargs)
+    state = optimizer_state(model, request.optim, request.optim_kwargs)
     shape = Shape.from_config(models.build_config(request.model_spec))
+    ranks = rank_parts(request, model, state)
+    fullest = {name: max(getattr(r, name) for r in ranks) if all(getattr(r, name) is not None for r in ranks)
+               else None for name in ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes",
+                                      "optimizer_state_bytes")}
     return Exact(shape=shape, total_params=weights.frozen_params + weights.trainable_params,
-                 trainable_params=weights.trainable_params, frozen_weight_bytes=frozen_weight_bytes(model),
-                 trainable_weight_bytes=weights.trainable.total, buffer_bytes=weights.buffers.total,
-                 gradient_bytes=weights.trainable.total, optimizer_state_bytes=state, optimizer_state_note=note,
-                 adapted_numel=adapted_numel(model),
-                 residual_itemsize=model.get_input_embeddings().weight.element_size())
+                 trainable_params=weights.trainable_params, buffer_bytes=weights.buffers.total,
+                 optimizer_state_note=state.note, adapted_numel=adapted_numel(model),
+                 residual_itemsize=model.get_input_embeddings().weight.element_size(),
+                 ranks=ranks if request.world_size > 1 else (), gathered_bytes=gathered_bytes(request, model),
+                 **fullest)
+
+
+def rank_parts(request: Request, model: nn.Module, state: StatePlan) -> tuple[RankParts, ...]:
+    """What each rank holds: zero1 partitions the optimizer state by whole parameters; fsdp2 shards every
+    parameter on dim 0, its storage padded to the full chunk, and its state sized on the unpadded local shard
+    (QLoRA's 4-bit base weights stay whole, see ``memprof.sharding``)."""
+    from memprof import formulas, sharding
+
+    n, strategy = request.world_size, request.strategy
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    four_bit = frozen_weight_bytes(model) - sum(p.numel() * p.element_size() for p in frozen
+                                                if not sharding.is_four_bit(p))
+
+    def held(params: list[nn.Parameter]) -> int:
+        if strategy != "fsdp2":
+            return sum(p.numel() * p.element_size() for p in params)
+        return sum(sharding.padded_shard_numel(p.shape, n) * p.element_size() for p in params)
+
+    plain_frozen = held([p for p in frozen if not sharding.is_four_bit(p)])
+    states: list[int | None] = [state.bytes] * n
+    if strategy == "zero1":
+        parts = sharding.zero1_partition([[math.prod(p.shape) for p in g["params"]] for g in state.groups], n)
+        states = [formulas.predict_state_bytes(request.optim, [
+            {**g, "params": [g["params"][i] for i in owned[k]]} for k, g in enumerate(state.groups)],
+            state.settings) for owned in parts]
+    elif strategy == "fsdp2":
+        states = [formulas.predict_state_bytes(request.optim, [
+            {**g, "params": [replace(p, shape=sharding.local_shapes(p.shape, n)[rank]) for p in g["params"]]}
+            for g in state.groups], state.settings) for rank in range(n)]
+    return tuple(RankParts(four_bit + plain_frozen, held(trainable), held(trainable), s) for s in states)
+
+
+def gathered_bytes(request: Request, model: nn.Module) -> int:
+    """FSDP2 all-gathers a unit's weights to compute with them: the root unit (embeddings, final norm, head)
+    stays gathered through forward and backward, and a layer is gathered while the previous one computes."""
+    if request.strategy != "fsdp2":
+        return 0
+    from memprof import sharding
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+
+    def full(params: Iterable[nn.Parameter]) -> int:
+        return sum(p.numel() * p.element_size() for p in params if not sharding.is_four_bit(p))
+
+    layers = [full(m.parameters()) for m in model.modules() if type(m).__name__ in kinds]
+    return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
 
 
 # --- predictions ----------------------------------------------------------------------------------------------
@@ -189,24 +283,53 @@ def predict(request: Request, exact: Exact, calibration: Calibration) -> Plan:
 
 
 def _assemble(request: Request, exact: Exact, group: Group, calibration: Calibration) -> Plan:
-    tokens = request.tokens
-    act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, request.gradient_checkpointing,
-                                 exact.residual_itemsize)
+    tokens, checkpointing = request.tokens, request.gradient_checkpointing
+    act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
+    act_how = f"fitted ({calibration.device} calibration)"
+    if checkpointing:
+        act_how += ", derived for checkpointing"
+    if request.attn_implementation == "eager":
+        act += eager_attention_bytes(request, exact)
+        act_how += ", + eager attention's seq×seq matrices (derived)"
     temp = max(0, group.temporary_bytes(act, tokens, exact.shape.vocab))
     fitted = f"fitted ({calibration.device} calibration)"
     quant = " (4-bit + quant state)" if request.adapter_spec["kind"] == "qlora" else ""
-    parts = (
-        Part("frozen weights", exact.frozen_weight_bytes, "exact" + quant),
+    per_rank = f", per rank ({request.strategy} shards it)" if request.strategy in ("zero1", "fsdp2") else ""
+    parts = [
+        Part("frozen weights", exact.frozen_weight_bytes, "exact" + quant + _if_fsdp2(request, per_rank)),
         Part("adapter weights" if request.adapter_spec["kind"] != "none" else "trainable weights",
-             exact.trainable_weight_bytes, "exact"),
+             exact.trainable_weight_bytes, "exact" + _if_fsdp2(request, per_rank)),
         Part("buffers", exact.buffer_bytes, "exact"),
-        Part("gradients", exact.gradient_bytes, "exact"),
-        Part("optimizer state", exact.optimizer_state_bytes, exact.optimizer_state_note),
-        Part("activations", act, fitted + (", derived for checkpointing" if request.gradient_checkpointing else "")),
-        Part("temporaries", temp, fitted),
-        Part("CUDA context", calibration.cuda_context_bytes, calibration.cuda_context_source),
-    )
-    return Plan(request, exact, parts, calibration.path or calibration.device)
+        Part("gradients", exact.gradient_bytes, "exact" + _if_fsdp2(request, per_rank)),
+        Part("optimizer state", exact.optimizer_state_bytes, exact.optimizer_state_note + per_rank),
+        Part("activations", act, act_how),
+    ]
+    if checkpointing:
+        recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
+        if request.attn_implementation == "eager":
+            recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
+        parts.append(Part("recomputed layer", recompute, "fitted: one layer's activations, alive again in backward"))
+    parts.append(Part("temporaries", temp, fitted))
+    if request.strategy in ("ddp", "zero1"):
+        parts.append(Part("DDP gradient buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients"))
+    if request.strategy == "fsdp2":
+        parts.append(Part("all-gathered weights", exact.gathered_bytes,
+                          "derived: the root unit and two layers unsharded at once"))
+    parts.append(Part("CUDA context", calibration.cuda_context_bytes, calibration.cuda_context_source))
+    return Plan(request, exact, tuple(parts), calibration.path or calibration.device)
+
+
+def _if_fsdp2(request: Request, text: str) -> str:
+    return text if request.strategy == "fsdp2" else ""
+
+
+def eager_attention_bytes(request: Request, exact: Exact) -> int:
+    """What eager attention saves beyond sdpa's kernels: each layer's softmax output, one seq × seq matrix per
+    head (with checkpointing only the additive causal mask, which every checkpointed layer keeps as an input)."""
+    square = request.batch_size * request.seq_len ** 2 * exact.residual_itemsize
+    if request.gradient_checkpointing:
+        return square
+    return exact.shape.layers * exact.shape.heads * square
 
 
 def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH) -> int:
@@ -275,7 +398,9 @@ def requests_from_cells(cells: Iterable[Cell]) -> list[Request]:
 
 def request_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_modules: str = "all-linear",
                        optimizer: str = "adamw_torch", batch_size: int = 1, seq_len: int = 2048,
-                       precision: str = "bf16", grad_accum: int = 1, gradient_checkpointing: bool = False) -> Request:
+                       precision: str = "bf16", grad_accum: int = 1, gradient_checkpointing: bool = False,
+                       attn_implementation: str = "sdpa", world_size: int = 1,
+                       strategy: str | None = None) -> Request:
     """A request from command-line values: ``model`` is a preset name or a local config/checkpoint folder.
 
     Raises:
@@ -312,4 +437,20 @@ def request_from_flags(model: str, adapter: str = "qlora", rank: int = 16, targe
             raise UserError("--optimizer", err.args[0]) from None
     name = Path(model).name if model not in PRESETS else model
     return Request(name, model_spec, adapter, adapter_spec, optimizer, optimizer, batch_size, seq_len, precision,
-                   grad_accum, gradient_checkpointing)
+                   grad_accum, gradient_checkpointing, attn_implementation=attn_implementation,
+                   **sharding_flags(world_size, strategy))
+
+
+def sharding_flags(world_size: int, strategy: str | None) -> dict[str, Any]:
+    """``--world-size``/``--strategy`` as Request fields (a world size alone means ddp).
+
+    Raises:
+        UserError: naming the flag that is wrong.
+    """
+    if world_size < 1:
+        raise UserError("--world-size", f"must be positive, got {world_size}")
+    if strategy is None:
+        strategy = "ddp" if world_size > 1 else "none"
+    elif world_size == 1:
+        raise UserError("--strategy", f"{strategy} needs --world-size > 1")
+    return {"strategy": strategy, "world_size": world_size}

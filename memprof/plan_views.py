@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def describe(plan: Plan) -> str:
     r, e = plan.request, plan.exact
     extra = (" grad-accum " + str(r.grad_accum) if r.grad_accum > 1 else "") + \
-        (" gradient checkpointing" if r.gradient_checkpointing else "")
+        (f" {r.levers}" if r.levers else "") + (", per rank" if r.world_size > 1 else "")
     return (f"{r.model} / {r.adapter} / {r.optimizer}  b{r.batch_size}×s{r.seq_len} {r.precision}{extra}  "
             f"({e.total_params / 1e9:.2f} B params, {e.trainable_params / 1e6:.1f} M trainable)")
 
@@ -65,16 +65,16 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
-        groups.setdefault((r.seq_len, r.precision, r.grad_accum, r.gradient_checkpointing), []).append(i)
+        groups.setdefault((r.seq_len, r.precision, r.grad_accum, r.levers), []).append(i)
     tables = []
-    for (seq, precision, accum, checkpointing), members in groups.items():
+    for (seq, precision, accum, levers), members in groups.items():
         batches = sorted({plans[i].request.batch_size for i in members})
         rows: dict[tuple[str, str, str], dict[int, int]] = {}
         for i in members:
             r = plans[i].request
             rows.setdefault((r.model, r.adapter, r.optimizer), {})[r.batch_size] = i
         title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
-                 + (" gradient checkpointing" if checkpointing else ""))
+                 + (f" {levers}" if levers else ""))
         table = Table(title=title, title_justify="left", header_style="bold",
                       caption=f"predicted peak on a GPU; ✓/✗ per GPU: {' '.join(g.name for g in gpus)}",
                       caption_justify="left")

@@ -7,9 +7,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from memprof.cell import Cell
+from memprof.cell import Cell, lever_label
 
 SCHEMA_VERSION = 1
+# The figures a sharded cell keeps for each of its ranks (the record's own fields hold the max over ranks).
+RANK_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
+               "predicted_state_bytes", "activation_bytes", "peak_allocated_bytes", "peak_rss_delta_bytes",
+               "step_time_median_s")
 
 
 class Status(str, enum.Enum):
@@ -108,11 +112,23 @@ class Record:
     loss_auc: float | None = None
     diagnosis: str = ""  # comma-separated memprof.diagnose codes
     verdict: str = ""  # what went wrong with the training, when something did
+    # levers (the headline figures of a sharded cell are the max over its ranks, never a sum)
+    gradient_checkpointing: str = "off"
+    attn_implementation: str = "sdpa"
+    parallel_strategy: str = "none"
+    world_size: int = 1
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # one dict of RANK_FIELDS per rank
 
     @property
     def peak_bytes(self) -> int | None:
         """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
+
+    @property
+    def levers(self) -> str:
+        """The memory levers this cell pulled away from the defaults ('' for none)."""
+        return lever_label(self.gradient_checkpointing, self.attn_implementation, self.parallel_strategy,
+                           self.world_size)
 
     @classmethod
     def for_cell(cls, cell: Cell, **values: Any) -> Record:
@@ -121,7 +137,9 @@ class Record:
             model=cell.model, adapter=cell.adapter, optimizer=cell.optimizer, optim=cell.optim,
             batch_size=cell.batch_size, seq_len=cell.seq_len, grad_accum=cell.grad_accum,
             precision=cell.precision, lr=cell.lr, schedule=cell.schedule, seed=cell.seed, repeat=cell.repeat,
-            steps=cell.steps, warmup_steps=cell.warmup_steps, **values)
+            steps=cell.steps, warmup_steps=cell.warmup_steps, gradient_checkpointing=cell.gradient_checkpointing,
+            attn_implementation=cell.attn_implementation, parallel_strategy=cell.strategy,
+            world_size=cell.world_size, **values)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -140,6 +158,9 @@ class Record:
         row = self.to_dict()
         for dtype, nbytes in row.pop("optimizer_state_bytes_by_dtype").items():
             row[f"optimizer_state_bytes.{dtype}"] = nbytes
+        for rank, figures in enumerate(row.pop("ranks")):
+            for name, value in figures.items():
+                row[f"rank{rank}.{name}"] = value
         return row
 
     @classmethod
@@ -152,10 +173,17 @@ class Record:
         types = {f.name: str(f.type) for f in fields(cls)}
         values: dict[str, Any] = {}
         by_dtype: dict[str, int] = {}
+        ranks: dict[int, dict[str, Any]] = {}
         for key, text in row.items():
             if key.startswith("optimizer_state_bytes."):
                 if text:
                     by_dtype[key.split(".", 1)[1]] = int(text)
+                continue
+            if key.startswith("rank") and "." in key:
+                rank, name = key.split(".", 1)
+                if text:
+                    ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = float(text) if "." in text \
+                        else int(text)
                 continue
             kind = types.get(key, "str").split(" ")[0]
             if text == "" and "None" in types.get(key, ""):
@@ -164,7 +192,8 @@ class Record:
                 values[key] = int(text) if kind == "int" else float(text)
             else:
                 values[key] = text
-        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype})
+        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype,
+                              "ranks": [ranks[r] for r in sorted(ranks)]})
 
 
 def smoothed_final(losses: list[float], window: int = 5) -> float:

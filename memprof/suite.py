@@ -125,6 +125,20 @@ class OptimizerSettings(_Strict):
         return name
 
 
+class ParallelSettings(_Strict):
+    """How many ranks a cell runs on and what they shard: ddp replicates everything, zero1 partitions the
+    optimizer state (ZeroRedundancyOptimizer), fsdp2 shards parameters, gradients and state (``fully_shard``)."""
+
+    strategy: Literal["none", "ddp", "zero1", "fsdp2"] = "none"
+    world_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _ranks_match(self) -> ParallelSettings:
+        if self.strategy == "none" and self.world_size != 1:
+            raise ValueError("world_size > 1 needs a strategy (ddp, zero1 or fsdp2)")
+        return self
+
+
 class GridSettings(_Strict):
     model: list[str] = Field(min_length=1)
     adapter: list[str] = Field(default_factory=lambda: ["lora"], min_length=1)
@@ -135,6 +149,31 @@ class GridSettings(_Strict):
     precision: list[Literal["fp32", "bf16", "fp16"]] = Field(default_factory=lambda: ["fp32"], min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1e-3], min_length=1)
     schedule: list[str] = Field(default_factory=lambda: ["constant"], min_length=1)
+    # off, on (non-reentrant, torch's recommendation) or reentrant; true/false mean on/off
+    gradient_checkpointing: list[Literal["off", "on", "reentrant"]] = Field(default_factory=lambda: ["off"],
+                                                                           min_length=1)
+    attn_implementation: list[Literal["eager", "sdpa", "flash_attention_2"]] = Field(
+        default_factory=lambda: ["sdpa"], min_length=1)
+    parallel: list[ParallelSettings] = Field(default_factory=lambda: [ParallelSettings()], min_length=1)
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bools_are_on_off(cls, values: Any) -> Any:
+        if isinstance(values, (bool, str)):
+            values = [values]
+        if not isinstance(values, list):
+            return values
+        return [{True: "on", False: "off"}[v] if isinstance(v, bool) else v for v in values]
+
+    @field_validator("attn_implementation", mode="before")
+    @classmethod
+    def _one_attn(cls, values: Any) -> Any:
+        return [values] if isinstance(values, str) else values
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _one_table(cls, values: Any) -> Any:
+        return [values] if isinstance(values, dict) else values
 
     @field_validator("lr", mode="before")
     @classmethod
@@ -303,6 +342,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[Cell]:
     _check_names(path, spec)
     _check_schedules(path, spec)
     values = {axis: getattr(grid, axis) for axis in AXES}
+    values["parallel"] = [p.model_dump() for p in grid.parallel]
     for i, rule in enumerate(spec.exclude):
         _check_axes(path, f"exclude[{i}]", rule)
     for i, rule in enumerate(spec.override):

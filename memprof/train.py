@@ -100,6 +100,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedul
         lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses: the scheduler moves it afterwards
         with probe.phase(step, "optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # queued, no sync
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor of the rank's partial norm
+                grad_norm = grad_norm.full_tensor()
             probe.gradients_ready(step)
             optimizer.step()
             if scheduler is not None and not on_metric:

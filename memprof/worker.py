@@ -39,6 +39,15 @@ def is_oom(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
+_DATA_STRIDE = 1_000_003  # ranks of a sharded cell draw disjoint batch streams: seed + stride * rank
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 @dataclass
 class Training:
     """A cell's model, optimizer, schedule and data, built the one way every caller builds them (``run_cell``,
@@ -59,15 +68,21 @@ class Training:
 
         cell, device = self.cell, self.device
         torch.manual_seed(cell.seed)
-        self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device)
-        self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device)
+        if cell.strategy == "none":
+            self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device,
+                                            cell.attn_implementation, cell.gradient_checkpointing)
+            self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device)
+        else:
+            from memprof import sharding
+
+            self.model, self.optimizer = sharding.build_sharded(cell, device)
         self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps,
                                               cell.schedule_kwargs)
         if optim.is_schedule_free(self.optimizer):
             self.optimizer.train()
         corpus = data.load_corpus(cell.data_spec, cell.data_spec.get("seed", 0))
         self.entropy_floor_nats = corpus.entropy_floor_nats
-        self.batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed)
+        self.batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed + _DATA_STRIDE * _rank())
         self.held_out = data.eval_batches(corpus.eval, cell.batch_size, cell.seq_len, cell.eval_batches)
         return self
 
@@ -81,19 +96,28 @@ class Training:
 
 
 def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
-    """Build the cell's model and optimizer, train it, and measure everything on the way.
+    """Build the cell's model and optimizer, train it, and measure everything on the way; a sharded cell on
+    each of its ranks (``memprof.ranks``, which forks them before anything here computes).
 
     Never raises for a fault inside the cell (OOM, divergence, a library error, Ctrl-C): those are the
     Record's ``status``.
     """
-    from memprof import convergence, formulas, optim
+    if cell.strategy != "none":
+        from memprof.ranks import run_ranks
+
+        return run_ranks(cell, sample_interval_s)
+    return measure_cell(cell, resolve_device(cell.device), sample_interval_s)
+
+
+def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.01) -> CellResult:
+    """``run_cell`` on one device: the only rank, or one of a sharded cell's ranks."""
+    from memprof import convergence, formulas, models, optim
     from memprof.measure import exact_values, memory_sources, peak_values, step_summary
     from memprof.probe import CellProbe
     from memprof.trackers.sampler import Sampler
     from memprof.train import Diverged
 
     t_start = time.perf_counter()
-    device = resolve_device(cell.device)
     baseline = rss_bytes()
     measured = memory_sources(device)
     allocator = measured.allocator
@@ -113,7 +137,7 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
         except Diverged as err:
             status, values["error"], values["fail_step"] = Status.DIVERGED, str(err), err.step
             values["fail_phase"] = "forward"  # where the non-finite loss came from; it is checked after the step
-        except optim.OptimizerUnavailable as err:
+        except (optim.OptimizerUnavailable, models.LeverUnavailable) as err:
             status, values["error"] = Status.UNAVAILABLE, str(err)
         except KeyboardInterrupt:
             status, values["error"] = Status.INTERRUPTED, "interrupted"
@@ -129,6 +153,8 @@ def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
         elif probe is None and status in (Status.OOM, Status.CRASHED):
             values["fail_phase"] = "setup"
 
+    if callable(getattr(built.model, "reshard", None)):
+        built.model.reshard()  # FSDP2 keeps the root unit gathered after a forward: count the rank's shards
     values.update(exact_values(built.model, built.optimizer))
     if built.optimizer is not None:
         values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optim, built.optimizer)

@@ -20,8 +20,21 @@ class ByteCount:
     tensors: int = 0
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this process holds: a DTensor's (FSDP2's sharded parameters, gradients and optimizer
+    state) local shard; any other tensor as it is."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if isinstance(inner, torch.Tensor) else t
+
+
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer holding this rank's state: ZeroRedundancyOptimizer's wrapped local one, else itself."""
+    inner = getattr(optimizer, "optim", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
-    storage = t.untyped_storage()
+    storage = local(t).untyped_storage()
     return (str(t.device), storage.data_ptr())
 
 
@@ -29,7 +42,7 @@ def count_bytes(tensors: Iterable[torch.Tensor], exclude: set[tuple[str, int]] |
     """Sum the storages behind ``tensors``, each once; views and shared tensors do not double count."""
     seen: set[tuple[str, int]] = set(exclude or ())
     out = ByteCount()
-    for t in tensors:
+    for t in map(local, tensors):
         if t.device.type == "meta":
             key = ("meta", id(t))
             nbytes = t.numel() * t.element_size()
@@ -118,6 +131,7 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
 
 
 def gradient_bytes(model: nn.Module) -> ByteCount:
+    """Gradients of the parameters, each storage once (a rank's shards under FSDP2)."""
     return count_bytes(p.grad for p in model.parameters() if p.grad is not None)
 
 
@@ -125,5 +139,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> ByteCount:
     """Every tensor the optimizer keeps in ``state`` (moments, step counters, quantisation maps and absmax),
     each storage once; paged (bitsandbytes managed-memory) bytes are also reported apart. GrokAdamW keeps its
     moments in ``param_groups[i]["state"]`` instead of ``optimizer.state``: those count too."""
+    optimizer = local_optimizer(optimizer)
     hidden = [group["state"] for group in optimizer.param_groups if isinstance(group.get("state"), dict)]
     return count_bytes(walk_tensors([*optimizer.state.values(), *hidden]))
