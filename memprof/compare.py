@@ -304,8 +304,9 @@ class Comparison:
 
 def config_key(record: Record) -> str:
     """The key a cell's repeats share: its ``cell_key`` with the seed of repeat 0 (a repeat only moves the seed)."""
-    head, sep, _ = record.cell_key.rpartition("/seed")
-    return f"{head}/seed{record.seed - record.repeat}" if sep else record.cell_key
+    head, sep, tail = record.cell_key.rpartition("/seed")
+    _, slash, levers = tail.partition("/")  # lever suffixes (/gc, /eager, /fsdp2x2) follow the seed
+    return f"{head}/seed{record.seed - record.repeat}{slash}{levers}" if sep else record.cell_key
 
 
 def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],

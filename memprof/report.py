@@ -75,7 +75,8 @@ def read_steps(path: Path) -> list[StepRow]:
 
 def config_of(r: Record) -> tuple:
     """What repeats share: everything but the seed."""
-    return (r.model, r.adapter, r.optimizer, r.batch_size, r.seq_len, r.grad_accum, r.precision, r.lr, r.schedule)
+    return (r.model, r.adapter, r.optimizer, r.batch_size, r.seq_len, r.grad_accum, r.precision, r.lr, r.schedule,
+            r.levers)
 
 
 def group_of(r: Record) -> tuple:
@@ -84,7 +85,7 @@ def group_of(r: Record) -> tuple:
 
 
 def label_of(r: Record) -> str:
-    return f"{r.optimizer} lr={r.lr:g} {r.schedule}"
+    return f"{r.optimizer} lr={r.lr:g} {r.schedule}" + (f" {r.levers}" if r.levers else "")
 
 
 def by_config(records: Iterable[Record]) -> dict[tuple, list[Record]]:
@@ -113,7 +114,7 @@ def mean_ci(values: Sequence[float | None], fmt: str) -> str:
 # The configuration axes a table can show, as (Record field, column name); only those that vary get a column.
 AXES = (("model", "model"), ("adapter", "adapter"), ("optimizer", "optimizer"), ("batch_size", "batch"),
         ("seq_len", "seq"), ("grad_accum", "accum"), ("precision", "precision"), ("lr", "lr"),
-        ("schedule", "schedule"))
+        ("schedule", "schedule"), ("levers", "levers"))
 
 
 def varying_axes(records: Sequence[Record]) -> list[tuple[str, str]]:

@@ -94,6 +94,12 @@ def test_the_runs_behind_the_comparisons_ran(runs: dict[str, tuple[Path, int]]) 
         repeats[0].cell_key}
 
 
+def test_repeats_share_a_key_and_levers_keep_theirs(runs: dict[str, tuple[Path, int]]) -> None:
+    (first, *_) = read_records(runs["repeats"][0])
+    second = replace(first, cell_key=first.cell_key.replace("/seed0", "/seed1") + "/gc/zero1x2", seed=1, repeat=1)
+    assert config_key(second) == first.cell_key + "/gc/zero1x2" != config_key(first)
+
+
 def test_a_pure_rerun_is_unchanged_and_run_compare_to_exits_0(
         runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
     assert runs["rerun"][1] == 0
