@@ -23,6 +23,7 @@ import torch
 
 from memprof.cell import Cell
 from memprof.record import RANK_FIELDS, CellResult, Record, Status
+from memprof.zygote import die_with
 
 
 def run_ranks(cell: Cell, sample_interval_s: float) -> CellResult:
@@ -30,10 +31,11 @@ def run_ranks(cell: Cell, sample_interval_s: float) -> CellResult:
     and makes the cell ``crashed``."""
     with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
         rendezvous = Path(tmp) / "rendezvous"
-        pids = {}
+        pids, launcher = {}, os.getpid()
         for rank in range(cell.world_size):
             pid = os.fork()
             if pid == 0:
+                die_with(launcher)  # a rank outliving its cell would wait in a collective until the timeout
                 _rank_child(cell, rank, rendezvous, Path(tmp) / f"rank{rank}.json", sample_interval_s)
             pids[pid] = rank
         codes = _join(pids)
@@ -47,7 +49,7 @@ def run_ranks(cell: Cell, sample_interval_s: float) -> CellResult:
 
 def _join(pids: dict[int, int]) -> dict[int, int]:
     """Wait for every rank (blocking). When one exits abnormally the rest could only hang in a collective, so
-    they are killed. Returns each rank's wait status."""
+    they are killed. Returns each rank's wait status, in the order the ranks exited."""
     codes: dict[int, int] = {}
     while len(codes) < len(pids):
         try:
@@ -102,8 +104,8 @@ def _rank_child(cell: Cell, rank: int, rendezvous: Path, out: Path, sample_inter
 
 def merge(cell: Cell, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
     """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``.
-    The first rank that did not finish ``ok`` gives the status and the base record (else rank 0)."""
-    failed = [r for r in range(cell.world_size) if r not in results or results[r].record.status is not Status.OK]
+    The first rank to fail (``codes`` is in exit order) gives the status and the base record (else rank 0)."""
+    failed = [r for r, status in codes.items() if status != 0]
     base = failed[0] if failed else 0
     if base not in results:
         return CellResult(Record.for_cell(cell, status=Status.CRASHED, error=_why(base, codes.get(base))))

@@ -65,17 +65,18 @@ def memory_budget(budget_bytes: int) -> None:
             return
 
 
-def _die_with(zygote: int) -> None:
-    """Have the kernel SIGKILL this process when the zygote dies, even of a SIGKILL that runs no clean-up
-    (a Ray worker that exits kills its own children, the zygote, but not their children)."""
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` (the zygote, or a sharded cell's launcher) dies, even
+    of a SIGKILL that runs no clean-up (a Ray worker that exits kills its own children, the zygote, but not their
+    children)."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != zygote:  # it died before the prctl
+    if os.getppid() != parent:  # it died before the prctl
         os._exit(1)
 
 
 def _child(request: dict[str, Any], write_fd: int, zygote: int) -> None:
-    _die_with(zygote)
+    die_with(zygote)
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -46,3 +46,14 @@ class Sleep(SGD):
             self.marker.touch()
             time.sleep(self.seconds)
         return super().step(closure)
+
+
+class KillRankOne(SGD):
+    """In a sharded cell: rank 1 dies by SIGKILL in its first step, rank 0 goes on into the next collective."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().step(closure)

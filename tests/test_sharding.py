@@ -132,6 +132,30 @@ def test_plan_per_rank_from_the_command_line(capsys: pytest.CaptureFixture[str])
     assert sharded_plan["parts"]["all-gathered weights"]["bytes"] > 0
 
 
+def test_a_rank_killed_mid_cell_crashes_that_cell_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other rank would wait in its next collective until the timeout: the launcher stops it at once."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the zygote imports tests/faulty.py
+    path = tmp_path / "kill.toml"
+    path.write_text(SUITE.split("[grid]")[0] + """
+[grid]
+model = ["tiny-llama"]
+optimizer = ["kill_rank_one", "adamw_torch"]
+batch_size = [2]
+seq_len = [32]
+parallel = {strategy = "ddp", world_size = 2}
+
+[optimizers.kill_rank_one]
+optim = "faulty:KillRankOne"
+""")
+    assert run_cli("run", str(path), "--out", str(tmp_path / "out")) == 0
+    (run_dir,) = (tmp_path / "out").iterdir()
+    killed, ok = read_records(run_dir)
+    assert killed.status is Status.CRASHED and "rank 1 was killed by SIGKILL" in killed.error
+    assert killed.cell_wall_s is None or killed.cell_wall_s < 60
+    assert killed.harness_wall_s < 60
+    assert ok.status is Status.OK and len(ok.ranks) == 2
+
+
 def test_sharding_needs_a_strategy(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(SUITE.replace('{strategy = "ddp", world_size = 2}', '{world_size = 2}'))
