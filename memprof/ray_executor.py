@@ -1,7 +1,8 @@
 """Run a suite's cells as tasks on a Ray cluster (``memprof run SUITE --executor ray``).
 
-Each cell is one Ray task, never retried, asking for one GPU when the cluster has GPUs (and the cell may use
-one), else for ``CPUS_PER_CELL`` core. Inside the Ray worker the cell runs exactly as it does locally: in a
+Each cell is one Ray task, never retried, asking for one GPU per rank when the cluster has GPUs (and the cell
+may use them), and ``CPUS_PER_RANK`` core per rank (a cell has ``world_size`` ranks, one unless it is sharded).
+Inside the Ray worker the cell runs exactly as it does locally: in a
 process forked from a zygote (``memprof.executor.LocalExecutor``) that the worker starts for its first cell and
 keeps for the next ones, so the libraries are imported once per Ray worker. The Ray worker never touches CUDA
 itself (the zygote refuses to fork after that), which is why GPU tasks may reuse their worker (``max_calls=0``).
@@ -35,18 +36,18 @@ try:
 except ImportError:  # an optional extra: RayPool says how to install it
     ray = None  # type: ignore[assignment]
 
-# One core per cell on the CPU, and one thread in it: a node runs as many cells as it has cores and none
-# oversubscribes them (the records' concurrent_jobs says how many ran at once, as for --jobs).
-CPUS_PER_CELL = 1
+# One core and one torch thread per rank: on the CPU a node runs as many ranks as it has cores and none
+# oversubscribes them (the records' concurrent_jobs says how many cells ran at once, as for --jobs).
+CPUS_PER_RANK = 1
 LOG_TAIL_BYTES = 1 << 20
 
-_worker: tuple[tuple[str | None, float], LocalExecutor] | None = None
+_worker: tuple[tuple[str | None, int, float], LocalExecutor] | None = None
 
 
-def run_cell_task(cell_data: dict[str, Any], sample_interval_s: float) -> dict[str, Any]:
+def run_cell_task(cell_data: dict[str, Any], threads: int, sample_interval_s: float) -> dict[str, Any]:
     """A Ray task: one cell in a process forked from this worker's zygote; its result and the tail of its log."""
     cell = Cell.from_dict(cell_data)
-    executor = _worker_executor(sample_interval_s)
+    executor = _worker_executor(threads, sample_interval_s)
     log = executor.log_path(cell)
     try:
         result = executor.run(cell)
@@ -61,7 +62,7 @@ def run_cell_task(cell_data: dict[str, Any], sample_interval_s: float) -> dict[s
 def run_preflight_task(pairs: list[dict], sample_interval_s: float) -> list[dict[str, str]]:
     """A Ray task: the suite's model checks (``LocalExecutor.preflight``), by this worker's zygote."""
     try:
-        return _worker_executor(sample_interval_s).preflight(pairs)
+        return _worker_executor(CPUS_PER_RANK, sample_interval_s).preflight(pairs)
     except PreflightFailed:
         raise  # the zygote answered: it can take the cells
     except BaseException:
@@ -69,16 +70,16 @@ def run_preflight_task(pairs: list[dict], sample_interval_s: float) -> list[dict
         raise
 
 
-def _worker_executor(sample_interval_s: float) -> LocalExecutor:
-    """This Ray worker's zygote; a new one when Ray gave this task other GPUs than the zygote was started with."""
+def _worker_executor(threads: int, sample_interval_s: float) -> LocalExecutor:
+    """This Ray worker's zygote; a new one when this task has other GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` per
+    task) or cores than the zygote was started with."""
     global _worker
-    key = (os.environ.get("CUDA_VISIBLE_DEVICES"), sample_interval_s)
+    key = (os.environ.get("CUDA_VISIBLE_DEVICES"), threads, sample_interval_s)
     if _worker is not None and _worker[0] != key:
         _close_worker_executor()
     if _worker is None:
-        threads = str(CPUS_PER_CELL)
         executor = LocalExecutor(Path(tempfile.mkdtemp(prefix="memprof-ray-")), sample_interval_s,
-                                 env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+                                 env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         _worker = (key, executor)
     return _worker[1]
 
@@ -132,7 +133,7 @@ class RayPool:
                 raise UserError("--address", f"cannot connect to Ray at {address or 'a new local instance'}: "
                                 f"{' '.join(str(err).split())}") from None
         self._task = ray.remote(max_retries=0, max_calls=0)(run_cell_task)
-        self._check = ray.remote(max_retries=0, max_calls=0, num_cpus=CPUS_PER_CELL)(run_preflight_task)
+        self._check = ray.remote(max_retries=0, max_calls=0, num_cpus=CPUS_PER_RANK)(run_preflight_task)
 
     def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
         """The problems ``memprof.preflight.check_all`` finds, checked by a Ray worker (see the class).
@@ -178,11 +179,12 @@ class RayPool:
 
     def _submit(self, cell: Cell, resources: dict[str, float]) -> None:
         """One task for the cell; remembers how many such tasks the cluster runs at once."""
-        gpu = resources.get("GPU", 0) >= 1 and cell.device != "cpu"
-        concurrent = int(resources["GPU"]) if gpu else max(1, int(resources.get("CPU", 1)) // CPUS_PER_CELL)
-        ref = self._task.options(name=f"memprof cell {cell.index}", num_gpus=1 if gpu else 0,
-                                 num_cpus=CPUS_PER_CELL).remote(cell.to_dict(), self.sample_interval_s)
-        self._refs[ref] = (cell, concurrent)
+        gpus = cell.world_size if resources.get("GPU", 0) >= 1 and cell.device != "cpu" else 0
+        cpus = CPUS_PER_RANK * cell.world_size
+        concurrent = int(resources["GPU"] // gpus) if gpus else int(resources.get("CPU", cpus) // cpus)
+        ref = self._task.options(name=f"memprof cell {cell.index}", num_gpus=gpus, num_cpus=cpus).remote(
+            cell.to_dict(), cpus, self.sample_interval_s)
+        self._refs[ref] = (cell, max(1, concurrent))
 
     def _collect(self, ref: ray.ObjectRef, cell: Cell, stopping: bool) -> CellResult | None:
         """The task's result, or the Record of its failure; None for a task that ended because we stopped."""
