@@ -43,7 +43,6 @@ TEMPORARY_FEATURES = ("activation_bytes", "tokens*vocab", "constant")
 SHAPES_NEEDED = 5  # distinct model shapes: the per-token widths must vary independently to be told apart
 ASSUMED_CUDA_CONTEXT_BYTES = 512 << 20
 ASSUMED_CUDA_CONTEXT_SOURCE = "assumed (512 MiB), not measured"
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # fp16 keeps the same element sizes as bf16: its runs are not needed to plan it.
 PRECISION_FALLBACK = {"fp16": "bf16"}
 
@@ -208,6 +207,7 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
     source: dict[str, Any] = {"runs": [d.name for d in run_dirs]}
     shapes: dict[str, Shape] = {}
     adapted: dict[str, int] = {}
+    residual: dict[str, int] = {}
     for run_dir in run_dirs:
         records = read_records(run_dir)
         suite_path = run_dir / "suite.toml"
@@ -226,7 +226,9 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
                 shapes[key] = Shape.from_config(models.build_config(cell.model_spec))
             build = json.dumps([cell.model_spec, cell.adapter_spec, r.precision], sort_keys=True)
             if build not in adapted:
-                adapted[build] = adapted_numel(meta_model(cell.model_spec, cell.adapter_spec, r.precision))
+                model = meta_model(cell.model_spec, cell.adapter_spec, r.precision)
+                adapted[build] = adapted_numel(model)
+                residual[build] = model.get_input_embeddings().weight.element_size()  # fp32 under k-bit prep
             cuda = r.peak_reserved_bytes is not None
             devices.add("cuda" if cuda else "cpu")
             if cuda:
@@ -238,7 +240,7 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
                               adapted[build], r.activation_bytes, known,
                               r.peak_reserved_bytes + paged if cuda else r.peak_rss_delta_bytes,
                               r.non_pytorch_bytes if cuda else None, r.gradient_checkpointing != "off",
-                              DTYPE_BYTES[r.precision]))
+                              residual[build]))
     if len(devices) > 1:
         raise UserError(", ".join(map(str, run_dirs)), "runs from a CPU and a GPU cannot be fitted together")
     source["device"] = devices.pop() if devices else "?"

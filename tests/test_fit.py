@@ -36,7 +36,8 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize("argv,message", [
     (["--memory-budget", "0"], "--memory-budget: a memory budget must be positive"),
     ([], "--memory-budget: required on the CPU"),
-    (["--memory-budget", "1000000", "--gradient-checkpointing"], "--gradient-checkpointing:"),
+    (["--memory-budget", "1000000", "--world-size", "0"], "--world-size: must be positive"),
+    (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
     (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
 ])
 def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
