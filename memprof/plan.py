@@ -287,7 +287,7 @@ def _assemble(request: Request, exact: Exact, group: Group, calibration: Calibra
     act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
     act_how = f"fitted ({calibration.device} calibration)"
     if checkpointing:
-        act_how += ", derived for checkpointing"
+        act_how += ", checkpointed: each layer's input"
     if request.attn_implementation == "eager":
         act += eager_attention_bytes(request, exact)
         act_how += ", + eager attention's seq×seq matrices (derived)"
