@@ -25,6 +25,19 @@ seq_len = [32]
 """
 
 
+def short_suite(name: str) -> str:
+    """The [suite] table of a two-step CPU suite with one held-out batch, for tests that write their own grid."""
+    return f"""
+[suite]
+name = "{name}"
+device = "cpu"
+steps = 2
+warmup_steps = 1
+timeout_s = 300
+eval_batches = 1
+"""
+
+
 def write_suite(directory: Path, name: str = "tiny", steps: int = 3, adapters: str = '["lora"]',
                 optimizers: str = '["adamw_torch"]', batch_sizes: str = "[2]", extra: str = "") -> Path:
     """A small valid suite file; ``extra`` TOML is appended verbatim."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, short_suite
 from memprof import calibration, plan
 from memprof.record import Record, Status
 from memprof.results import read_records
@@ -16,15 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # LoRA as the shipped calibration fitted it (r16 on every linear layer) and a full fine-tune; three lengths;
 # checkpointing off, on (non-reentrant) and reentrant; sdpa and eager.
-SUITE = """
-[suite]
-name = "levers-check"
-device = "cpu"
-steps = 2
-warmup_steps = 1
-timeout_s = 300
-eval_batches = 1
-
+SUITE = short_suite("levers-check") + """
 [grid]
 model = ["tiny-llama"]
 adapter = ["lora16", "none"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, short_suite
 from memprof import plan, sharding
 from memprof.record import Status
 from memprof.results import read_records
@@ -17,15 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # An odd vocabulary (257 rows, 129 + 128 per rank) and an odd MLP width make FSDP2's padding show; 8-bit AdamW
 # (32-bit state below 4096 elements, blockwise 8-bit above) makes ZeRO-1's partition of whole tensors matter.
-SUITE = """
-[suite]
-name = "sharded"
-device = "cpu"
-steps = 2
-warmup_steps = 1
-timeout_s = 300
-eval_batches = 1
-
+SUITE = short_suite("sharded") + """
 [grid]
 model = ["odd"]
 adapter = ["lora", "none", "qlora"]
@@ -136,7 +128,7 @@ def test_a_rank_killed_mid_cell_crashes_that_cell_only(tmp_path: Path, monkeypat
     """The other rank would wait in its next collective until the timeout: the launcher stops it at once."""
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the zygote imports tests/faulty.py
     path = tmp_path / "kill.toml"
-    path.write_text(SUITE.split("[grid]")[0] + """
+    path.write_text(short_suite("kill") + """
 [grid]
 model = ["tiny-llama"]
 optimizer = ["kill_rank_one", "adamw_torch"]
