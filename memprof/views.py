@@ -68,7 +68,7 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
         parts.append(slopes_table(slopes))
     jobs = max((r.concurrent_jobs for r in records), default=1)
     if jobs > 1:
-        parts.append(Text(f"timings were taken with {jobs} cells running at once, sharing this machine",
+        parts.append(Text(f"timings were taken with {jobs} cells running at once on the machines they shared",
                           style="yellow"))
     failed = [r for r in records if r.status is not Status.OK and r.error]
     parts.extend(Text(f"{r.cell_key}: {r.error[:200]}", style="dim") for r in failed[:8])
