@@ -1,4 +1,4 @@
-"""`memprof run --jobs N`: the same cells and the same exact figures as a serial run."""
+"""`memprof run --jobs N`: the same cells of the quick suite and the same exact figures as a serial run."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ from conftest import run_cli, write_suite
 
 from memprof.record import Status
 from memprof.results import read_records
+from memprof.suite import load
+
+QUICK_CELLS = len(load("quick").cells)
 
 EXACT = ("optimizer_state_bytes", "trainable_weight_bytes", "frozen_weight_bytes", "gradient_bytes",
          "activation_bytes")
 
 
 def run(tmp_path: Path, name: str, *extra: str) -> dict:
-    suite = write_suite(tmp_path, optimizers='["adamw_torch", "adamw_bnb_8bit", "adafactor"]', steps=2)
-    assert run_cli("run", str(suite), "--out", str(tmp_path / name), *extra) == 0
+    """The shipped quick suite (the README's default run) into ``tmp_path/name``."""
+    assert run_cli("run", "quick", "--out", str(tmp_path / name), *extra) == 0
     (run_dir,) = (tmp_path / name).iterdir()
     return {r.cell_key: r for r in read_records(run_dir)}
 
@@ -23,7 +26,7 @@ def run(tmp_path: Path, name: str, *extra: str) -> dict:
 def test_two_jobs_run_the_same_cells_with_identical_exact_metrics(tmp_path: Path) -> None:
     serial = run(tmp_path, "serial")
     parallel = run(tmp_path, "parallel", "--jobs", "2")
-    assert serial.keys() == parallel.keys() and len(serial) == 3
+    assert serial.keys() == parallel.keys() and len(serial) == QUICK_CELLS
     for key, r in parallel.items():
         assert r.status is Status.OK and r.concurrent_jobs == 2 and serial[key].concurrent_jobs == 1
         for name in EXACT:

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import run_cli, write_suite
-from test_jobs import EXACT, run
+from test_jobs import EXACT, QUICK_CELLS, run
 
 from memprof.record import Record, Status
 from memprof.results import read_records
@@ -44,18 +44,18 @@ def records_of(root: Path) -> dict[str, Record]:
 
 def test_ray_runs_the_same_cells_with_identical_exact_metrics(tmp_path: Path, local_ray: str) -> None:
     serial = run(tmp_path, "serial")
-    # Its own driver process connecting by address, as on a cluster; the suite file is the one run() wrote.
-    subprocess.run([sys.executable, "-m", "memprof", "run", str(tmp_path / "tiny.toml"), "--out",
+    # Its own driver process connecting by address, as on a cluster.
+    subprocess.run([sys.executable, "-m", "memprof", "run", "quick", "--out",
                     str(tmp_path / "ray"), "--executor", "ray", "--address", local_ray], check=True,
                    capture_output=True)
     on_ray = records_of(tmp_path / "ray")
-    assert on_ray.keys() == serial.keys() and len(on_ray) == 3
+    assert on_ray.keys() == serial.keys() and len(on_ray) == QUICK_CELLS
     for key, r in on_ray.items():
         assert r.status is Status.OK and r.concurrent_jobs == 2 and r.host == serial[key].host
         for name in EXACT:
             assert getattr(r, name) == getattr(serial[key], name), (key, name)
     (run_dir,) = (tmp_path / "ray").iterdir()
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [f"cell-{i:04d}.log" for i in range(3)]
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [f"cell-{i:04d}.log" for i in range(QUICK_CELLS)]
 
 
 def when_training(index: int, act: Callable[[psutil.Process], None], seen: list[psutil.Process]) -> threading.Thread:
