@@ -81,8 +81,10 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
             signal.signal(s, handler)
     out.print(results_table(writer.records, title=f"{suite.name} — {run_dir}"))
     interrupted = stopping or any(r.status is Status.INTERRUPTED for r in writer.records)
-    console.print(f"results: {run_dir}" + (f" [yellow](interrupted; finish it with: memprof run --resume {run_dir})[/]"
-                                           if interrupted else ""), highlight=False, soft_wrap=True)
+    where = " --executor ray" + (f" --address {address}" if address else "") if executor == "ray" else \
+        f" --jobs {jobs}" if jobs > 1 else ""
+    console.print(f"results: {run_dir}" + (f" [yellow](interrupted; finish it with: memprof run --resume {run_dir}"
+                                           f"{where})[/]" if interrupted else ""), highlight=False, soft_wrap=True)
     if interrupted:
         return EXIT_INTERRUPTED
     return compare(run_dir) if compare is not None else 0

@@ -107,7 +107,8 @@ def test_a_killed_ray_worker_is_a_crashed_cell_and_the_suite_goes_on(tmp_path: P
     assert all_gone(seen), [p for p in seen if p.is_running()]
 
 
-def test_ctrl_c_cancels_the_ray_tasks_and_keeps_what_finished(tmp_path: Path, local_ray: str) -> None:
+def test_ctrl_c_cancels_the_ray_tasks_and_keeps_what_finished(tmp_path: Path, local_ray: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     suite = write_suite(tmp_path, optimizers=OPTIMIZERS, steps=2, extra=SLOW_CELL)
     seen: list[psutil.Process] = []
     stamp: list[float] = []
@@ -119,6 +120,8 @@ def test_ctrl_c_cancels_the_ray_tasks_and_keeps_what_finished(tmp_path: Path, lo
     watcher = when_training(1, ctrl_c, seen)
     assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--executor", "ray") == 130
     assert stamp and time.monotonic() - stamp[0] < 20, "the run did not stop soon after Ctrl-C"
+    (run_dir,) = (tmp_path / "r").iterdir()
+    assert f"memprof run --resume {run_dir} --executor ray" in " ".join(capsys.readouterr().err.split())
     watcher.join(timeout=1)
     records = records_of(tmp_path / "r")
     assert "adafactor" not in {r.optimizer for r in records.values()}
