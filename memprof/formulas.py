@@ -294,57 +294,52 @@ def _galore_projection(shape: tuple[int, ...], dtype: torch.dtype, rank: int,
     return kept, (m, r)
 
 
+def _low_rank(groups: list[Group], projected: Callable[[ParamSpec, Group], int],
+              plain: Callable[[ParamSpec, Group], int]) -> int:
+    """GaLore's and APOLLO's shared layout: params in a group with ``rank`` get the ``projected`` state, the rest
+    the ``plain`` one."""
+    return sum(projected(p, g) if "rank" in g.options else plain(p, g) for g in groups for p in g.trainable)
+
+
 def _galore_adamw(groups: list[Group]) -> int:
     """GaLore AdamW: params in a group with ``rank`` keep Adam moments of the projected gradient and the
     projector; the others plain exp_avg, exp_avg_sq. ``step`` is an int."""
-    total = 0
-    for g in groups:
-        for p in g.trainable:
-            if "rank" not in g.options:
-                total += 2 * p.nbytes
-                continue
-            kept, low = _galore_projection(p.shape, p.dtype, g.options["rank"], g.options.get("proj_type", "std"))
-            total += kept + 2 * math.prod(low) * p.itemsize
-    return total
+    def projected(p: ParamSpec, g: Group) -> int:
+        kept, low = _galore_projection(p.shape, p.dtype, g.options["rank"], g.options.get("proj_type", "std"))
+        return kept + 2 * math.prod(low) * p.itemsize
+
+    return _low_rank(groups, projected, lambda p, g: 2 * p.nbytes)
 
 
 def _galore_adafactor(groups: list[Group]) -> int:
     """GaLore Adafactor: fp16/bf16 gradients are upcast to fp32 before projection (so the projector is an SVD
     view), then Adafactor's factored moments of the projected gradient and the RMS of the upcast param; params
     outside the projected group as transformers' Adafactor."""
-    total = 0
-    for g in groups:
-        for p in g.trainable:
-            if "rank" not in g.options:
-                total += _adafactor_param(p, g.get("beta1"))
-                continue
-            grad = torch.float32 if p.dtype in HALF else p.dtype
-            kept, low = _galore_projection(p.shape, grad, g.options["rank"], g.options.get("proj_type", "std"))
-            first = math.prod(low) if g.get("beta1") is not None else 0
-            total += kept + (first + _factored_numel(low) + 1) * grad.itemsize
-    return total
+    def projected(p: ParamSpec, g: Group) -> int:
+        grad = torch.float32 if p.dtype in HALF else p.dtype
+        kept, low = _galore_projection(p.shape, grad, g.options["rank"], g.options.get("proj_type", "std"))
+        first = math.prod(low) if g.get("beta1") is not None else 0
+        return kept + (first + _factored_numel(low) + 1) * grad.itemsize
+
+    return _low_rank(groups, projected, lambda p, g: _adafactor_param(p, g.get("beta1")))
 
 
 def _apollo_adamw(groups: list[Group]) -> int:
     """APOLLO AdamW (random projection): a seeded Gaussian projector of exactly rank × side (not capped by the
     matrix), Adam moments of the projected gradient, and a 0-dim ``scaled_grad`` norm (unless disable_nl)."""
-    total = 0
-    for g in groups:
-        for p in g.trainable:
-            if "rank" not in g.options:
-                total += 2 * p.nbytes
-                continue
-            if g.options.get("proj", "random") != "random":
-                raise Unpredictable(f"APOLLO proj '{g.options.get('proj')}' is not covered (only 'random')")
-            m, n = p.shape
-            rank = g.options["rank"]
-            if _side(p.shape, g.options.get("proj_type", "std")) == "left":
-                proj, low = m * rank, rank * n
-            else:
-                proj, low = rank * n, m * rank
-            norm = 0 if g.get("disable_nl", False) else 1
-            total += (proj + 2 * low + norm) * p.itemsize
-    return total
+    def projected(p: ParamSpec, g: Group) -> int:
+        if g.options.get("proj", "random") != "random":
+            raise Unpredictable(f"APOLLO proj '{g.options.get('proj')}' is not covered (only 'random')")
+        m, n = p.shape
+        rank = g.options["rank"]
+        if _side(p.shape, g.options.get("proj_type", "std")) == "left":
+            proj, low = m * rank, rank * n
+        else:
+            proj, low = rank * n, m * rank
+        norm = 0 if g.get("disable_nl", False) else 1
+        return (proj + 2 * low + norm) * p.itemsize
+
+    return _low_rank(groups, projected, lambda p, g: 2 * p.nbytes)
 
 
 def _grokadamw(groups: list[Group]) -> int:
