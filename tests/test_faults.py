@@ -39,9 +39,12 @@ TESTS_DIR = Path(__file__).parent
 OOM_BUDGET = 512 << 20
 RUN_TIMEOUT_S = 300
 
-FAULT_SUITE = f"""
+
+def _suite_text(name: str, optimizers: list[str], extra: str = "") -> str:
+    """A tiny suite whose optimizer table may name the faulty ones."""
+    return f"""
 [suite]
-name = "faults"
+name = "{name}"
 device = "cpu"
 steps = 3
 warmup_steps = 1
@@ -53,11 +56,14 @@ source = "synthetic"
 [grid]
 model = ["tiny-llama"]
 adapter = ["lora"]
-# every fault comes before the healthy cell, which shows that the suite went on after each of them
-optimizer = ["hog", "kill", "raise", "sleep", "nan", "sgd"]
+optimizer = {json.dumps(optimizers)}
 batch_size = [2]
 seq_len = [32]
+""" + extra
 
+
+# every fault comes before the healthy cell, which shows that the suite went on after each of them
+FAULT_SUITE = _suite_text("faults", ["hog", "kill", "raise", "sleep", "nan", "sgd"], f"""
 [optimizers.hog]
 optim = "sgd"
 [optimizers.kill]
@@ -80,30 +86,12 @@ set = {{ timeout_s = 5 }}
 [[override]]   # weights of 1e30 after the first step: the second loss overflows
 match = {{ optimizer = "nan" }}
 set = {{ lr = 1e30, steps = 6 }}
-"""
+""")
 
 
 def _suite(directory: Path, name: str, optimizers: list[str], extra: str = "") -> Path:
-    """A tiny suite whose optimizer table may name the faulty ones."""
     path = directory / f"{name}.toml"
-    path.write_text(f"""
-[suite]
-name = "{name}"
-device = "cpu"
-steps = 3
-warmup_steps = 1
-timeout_s = 120
-
-[data]
-source = "synthetic"
-
-[grid]
-model = ["tiny-llama"]
-adapter = ["lora"]
-optimizer = {json.dumps(optimizers)}
-batch_size = [2]
-seq_len = [32]
-""" + extra)
+    path.write_text(_suite_text(name, optimizers, extra))
     return path
 
 
