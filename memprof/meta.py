@@ -63,6 +63,11 @@ def meta_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precisi
         raise UserError(str(where), text[:300]) from None
 
 
+def is_four_bit(p: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight (``Params4bit``), told apart without importing bitsandbytes."""
+    return type(p).__name__ == "Params4bit"
+
+
 def frozen_weight_bytes(model: nn.Module) -> int:
     """Frozen parameters: 4-bit ones (bitsandbytes ``Params4bit``) as quantised with their quant state, the rest
     as they are. ``model.parameters()`` yields a tied weight once, as storage counting does."""
@@ -70,7 +75,7 @@ def frozen_weight_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         if p.requires_grad:
             continue
-        if type(p).__name__ == "Params4bit":
+        if is_four_bit(p):
             total += four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
         else:
             total += p.numel() * p.element_size()

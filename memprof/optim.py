@@ -42,9 +42,9 @@ class OptimizerUnavailable(Exception):
 
 
 def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module, device: torch.device,
-                    construct: Construct = _plain) -> torch.optim.Optimizer:
+                    construct: Construct | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top, made by
-    ``construct(cls, params, **kwargs)``."""
+    ``construct(cls, params, **kwargs)`` (default: ``cls(params, **kwargs)``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if catalogue.is_custom(name):
         return _from_class_path(name, model, lr, kwargs, construct)
@@ -69,11 +69,11 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
                                  use_cpu=device.type == "cpu", **low_rank)
         cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
     params = defaults.pop("params", params)  # GaLore/APOLLO: transformers split projected and plain groups
-    return construct(cls, params, **{**defaults, **kwargs})
+    return (construct or _plain)(cls, params, **{**defaults, **kwargs})
 
 
 def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any],
-                     construct: Construct) -> torch.optim.Optimizer:
+                     construct: Construct | None) -> torch.optim.Optimizer:
     module_name, _, class_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -83,10 +83,10 @@ def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, A
         raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if next(iter(inspect.signature(cls).parameters), "") == "named_parameters":
-        if construct is not _plain:
+        if construct is not None:
             raise OptimizerUnavailable(f"{class_name} takes named parameters, which cannot be partitioned by rank")
         return cls(named, **{"lr": lr, **_head_layout(model), **kwargs})
-    return construct(cls, [p for _, p in named], **{"lr": lr, **kwargs})
+    return (construct or _plain)(cls, [p for _, p in named], **{"lr": lr, **kwargs})
 
 
 def _head_layout(model: nn.Module) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from memprof.calibration import Calibration, Group, Shape
 from memprof.cell import Cell, lever_label
 from memprof.errors import UserError
 from memprof.gpus import Gpu
-from memprof.meta import adapted_numel, frozen_weight_bytes, meta_model
+from memprof.meta import adapted_numel, frozen_weight_bytes, is_four_bit, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
 
@@ -46,7 +46,7 @@ class Request:
     gradient_checkpointing: bool = False
     optim_kwargs: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
-    strategy: str = "none"   # memprof.sharding.STRATEGIES
+    strategy: str = "none"   # none, ddp, zero1 or fsdp2 (memprof.sharding)
     world_size: int = 1
 
     @classmethod
@@ -234,15 +234,14 @@ def rank_parts(request: Request, model: nn.Module, state: StatePlan) -> tuple[Ra
     n, strategy = request.world_size, request.strategy
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    four_bit = frozen_weight_bytes(model) - sum(p.numel() * p.element_size() for p in frozen
-                                                if not sharding.is_four_bit(p))
+    four_bit = frozen_weight_bytes(model) - sum(p.numel() * p.element_size() for p in frozen if not is_four_bit(p))
 
     def held(params: list[nn.Parameter]) -> int:
         if strategy != "fsdp2":
             return sum(p.numel() * p.element_size() for p in params)
         return sum(sharding.padded_shard_numel(p.shape, n) * p.element_size() for p in params)
 
-    plain_frozen = held([p for p in frozen if not sharding.is_four_bit(p)])
+    plain_frozen = held([p for p in frozen if not is_four_bit(p)])
     states: list[int | None] = [state.bytes] * n
     if strategy == "zero1":
         parts = sharding.zero1_partition([[math.prod(p.shape) for p in g["params"]] for g in state.groups], n)
@@ -261,15 +260,12 @@ def gathered_bytes(request: Request, model: nn.Module) -> int:
     stays gathered through forward and backward, and a layer is gathered while the previous one computes."""
     if request.strategy != "fsdp2":
         return 0
-    from memprof import sharding
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    from memprof.sharding import decoder_layers
 
     def full(params: Iterable[nn.Parameter]) -> int:
-        return sum(p.numel() * p.element_size() for p in params if not sharding.is_four_bit(p))
+        return sum(p.numel() * p.element_size() for p in params if not is_four_bit(p))
 
-    layers = [full(m.parameters()) for m in model.modules() if type(m).__name__ in kinds]
+    layers = [full(layer.parameters()) for layer in decoder_layers(model)]
     return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
 
 

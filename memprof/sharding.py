@@ -1,6 +1,6 @@
 """Sharding strategies: wrap one rank's model and optimizer (ddp, zero1, fsdp2), and predict what each rank holds.
 
-Build side (inside a rank whose process group is up): ``build_sharded``. Plan side (no process group, meta
+Build side (inside a rank whose process group is up): ``shard``. Plan side (no process group, meta
 tensors): ``local_shapes`` and ``zero1_partition`` reproduce the two partition rules exactly — FSDP2 splits every
 parameter on dim 0 with ``torch.chunk`` (the last ranks may get fewer or no rows; the sharded parameter's storage
 is padded to the full chunk), ZeroRedundancyOptimizer hands whole parameters, largest first, to the rank with
@@ -15,31 +15,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memprof.meta import is_four_bit
+
 if TYPE_CHECKING:
     from torch import nn
 
-    from memprof.cell import Cell
+    from memprof.optim import Construct
 
-STRATEGIES = ("none", "ddp", "zero1", "fsdp2")
-# What each strategy divides between ranks (the rest every rank holds whole).
-SHARDS = {"none": (), "ddp": (), "zero1": ("optimizer state",),
-          "fsdp2": ("weights", "gradients", "optimizer state")}
-
-
-def build_sharded(cell: Cell, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """This rank's model and optimizer for ``cell.strategy``; the default process group must be initialised."""
-    from memprof import models, optim
-
-    model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device,
-                               cell.attn_implementation, cell.gradient_checkpointing)
-    if cell.strategy == "fsdp2":
+def shard(model: nn.Module, strategy: str, device: torch.device) -> tuple[nn.Module, Construct | None]:
+    """This rank's model for ``strategy`` (ddp, zero1 or fsdp2), and how its optimizer is to be made (None: as
+    without sharding); the default process group must be initialised."""
+    if strategy == "fsdp2":
         _fully_shard(model, device)
-        return model, optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, model, device)
+        return model, None
     from torch.nn.parallel import DistributedDataParallel
 
     model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    construct = _zero1 if cell.strategy == "zero1" else optim._plain
-    return model, optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, model, device, construct)
+    return model, _zero1 if strategy == "zero1" else None
 
 
 def _zero1(cls: type, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
@@ -61,17 +53,18 @@ def _fully_shard(model: nn.Module, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = set(getattr(base, "_no_split_modules", None) or ())
     four_bit = {p for p in model.parameters() if is_four_bit(p)} or None
-    for module in list(model.modules()):
-        if type(module).__name__ in layers:
-            fully_shard(module, mesh=mesh, ignored_params=four_bit)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, ignored_params=four_bit)
     fully_shard(model, mesh=mesh, ignored_params=four_bit)
 
 
-def is_four_bit(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "Params4bit"
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 makes units of: those transformers never splits (``_no_split_modules``, the decoder
+    layers), found under a peft wrapper too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in kinds]
 
 
 # --- plan side -------------------------------------------------------------------------------------------

@@ -68,14 +68,14 @@ class Training:
 
         cell, device = self.cell, self.device
         torch.manual_seed(cell.seed)
-        if cell.strategy == "none":
-            self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device,
-                                            cell.attn_implementation, cell.gradient_checkpointing)
-            self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device)
-        else:
+        self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device,
+                                        cell.attn_implementation, cell.gradient_checkpointing)
+        construct = None
+        if cell.strategy != "none":
             from memprof import sharding
 
-            self.model, self.optimizer = sharding.build_sharded(cell, device)
+            self.model, construct = sharding.shard(self.model, cell.strategy, device)
+        self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device, construct)
         self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps,
                                               cell.schedule_kwargs)
         if optim.is_schedule_free(self.optimizer):
