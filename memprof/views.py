@@ -137,7 +137,8 @@ def levers_markdown(records: Iterable[Record]) -> str:
     (``memprof levers RUN_DIR``, pasted into the README)."""
     header = ["model / adapter", "optimizer", "levers", "seq", "weights", "gradients", "optimizer state",
               "activations", "peak", "tokens/s"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
+    align = ["---"] * 4 + ["---:"] * (len(header) - 4)  # the four labels left, the figures right
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in records:
         if r.status is not Status.OK:
             lines.append(f"| {r.model} / {r.adapter} | {r.optimizer} | {r.levers or 'none'} | {r.seq_len} | "
