@@ -171,6 +171,15 @@ class Record:
             ValueError: a cell that is not a number where the field is one.
         """
         types = {f.name: str(f.type) for f in fields(cls)}
+
+        def parse(name: str, text: str) -> Any:
+            kind = types.get(name, "str").split(" ")[0]
+            if text == "" and "None" in types.get(name, ""):
+                return None
+            if kind in ("int", "float"):
+                return int(text) if kind == "int" else float(text)
+            return text
+
         values: dict[str, Any] = {}
         by_dtype: dict[str, int] = {}
         ranks: dict[int, dict[str, Any]] = {}
@@ -178,22 +187,14 @@ class Record:
             if key.startswith("optimizer_state_bytes."):
                 if text:
                     by_dtype[key.split(".", 1)[1]] = int(text)
-                continue
-            if key.startswith("rank") and "." in key:
+            elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
                 rank, name = key.split(".", 1)
-                if text:
-                    ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = float(text) if "." in text \
-                        else int(text)
-                continue
-            kind = types.get(key, "str").split(" ")[0]
-            if text == "" and "None" in types.get(key, ""):
-                values[key] = None
-            elif kind in ("int", "float"):
-                values[key] = int(text) if kind == "int" else float(text)
+                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse(name, text)
             else:
-                values[key] = text
-        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype,
-                              "ranks": [ranks[r] for r in sorted(ranks)]})
+                values[key] = parse(key, text)
+        # a CSV has the rank columns of its most sharded cell: the others' are empty
+        held = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
+        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype, "ranks": held})
 
 
 def smoothed_final(losses: list[float], window: int = 5) -> float:

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli, short_suite
 from memprof import plan, sharding
 from memprof.record import Status
-from memprof.results import read_records
+from memprof.results import read_csv_records, read_records, to_csv
 from memprof.suite import parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,6 +65,13 @@ def test_every_rank_is_measured_and_the_headline_is_the_fullest_rank(sharded: tu
         assert r.world_size == 2 and len(r.ranks) == 2
         for name in PARTS + ("activation_bytes", "peak_rss_delta_bytes"):
             assert getattr(r, name) == max(rank[name] for rank in r.ranks), (r.cell_key, name)
+
+
+def test_per_rank_figures_come_back_from_cells_csv(sharded: tuple[list, list], tmp_path: Path) -> None:
+    """`memprof compare` reads a cells.csv as well as records.jsonl: the rank columns round-trip."""
+    _, records = sharded
+    (tmp_path / "cells.csv").write_text(to_csv([r.to_row() for r in records]))
+    assert [r.ranks for r in read_csv_records(tmp_path / "cells.csv")] == [r.ranks for r in records]
 
 
 def test_zero1_and_fsdp2_state_per_rank_equals_the_plan_exactly(sharded: tuple[list, list]) -> None:
