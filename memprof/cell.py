@@ -107,6 +107,10 @@ class Cell:
         return "/".join(parts)
 
     @property
+    def levers(self) -> str:
+        return lever_label(self.gradient_checkpointing, self.attn_implementation, self.strategy, self.world_size)
+
+    @property
     def strategy(self) -> str:
         """How the ranks share the work: none, ddp, zero1 or fsdp2."""
         return str(self.parallel.get("strategy", "none"))

@@ -10,7 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from memprof.cell import Cell, lever_label
+from memprof.cell import Cell
 from memprof.record import Record, Status
 from memprof.slopes import Slope, activation_slopes
 
@@ -106,7 +106,7 @@ def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
 
 def cells_table(cells: Iterable[Cell], title: str) -> Table:
     cells = list(cells)
-    levers = [lever_label(c.gradient_checkpointing, c.attn_implementation, c.strategy, c.world_size) for c in cells]
+    levers = [c.levers for c in cells]
     table = Table(title=title, header_style="bold")
     for name in ("#", "model", "adapter", "optimizer", "batch", "seq", "accum", "precision", "lr", "schedule",
                  "seed") + (("levers",) if any(levers) else ()):
