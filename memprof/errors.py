@@ -15,3 +15,9 @@ class UserError(Exception):
         self.where = where
         self.what = what
         super().__init__(f"{where}: {what}" if where else what)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as a record's ``error``: its type and message on one line, at most 500 characters."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:500]

@@ -152,6 +152,11 @@ class LocalExecutor:
         self._log.close()
 
 
+def threads_env(threads: int) -> dict[str, str]:
+    """The environment that gives a zygote's cells ``threads`` OpenMP/MKL threads."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def cuda_device_count() -> int:
     """GPUs NVML can see (0 without NVML or a GPU); asks no CUDA runtime, so it is safe before forking."""
     try:
@@ -184,8 +189,7 @@ class LocalPool:
             return {}
         if gpus:
             return {"CUDA_VISIBLE_DEVICES": str(index)}
-        threads = str(max(1, (os.cpu_count() or 1) // self.jobs))
-        return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        return threads_env(max(1, (os.cpu_count() or 1) // self.jobs))
 
     def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
         return self.executors[0].preflight(pairs)

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from memprof.cell import Cell
-from memprof.errors import UserError
-from memprof.executor import LocalExecutor, PreflightFailed
+from memprof.errors import UserError, one_line
+from memprof.executor import LocalExecutor, PreflightFailed, threads_env
 from memprof.record import CellResult, Record, Status
 
 try:
@@ -79,7 +79,7 @@ def _worker_executor(threads: int, sample_interval_s: float) -> LocalExecutor:
         _close_worker_executor()
     if _worker is None:
         executor = LocalExecutor(Path(tempfile.mkdtemp(prefix="memprof-ray-")), sample_interval_s,
-                                 env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+                                 env=threads_env(threads))
         _worker = (key, executor)
     return _worker[1]
 
@@ -147,9 +147,9 @@ class RayPool:
         except ray.exceptions.RayTaskError as err:
             if isinstance(err.cause, PreflightFailed):
                 raise PreflightFailed(str(err.cause)) from None
-            raise PreflightFailed("the Ray task failed: " + _one_line(err.cause or err)) from None
+            raise PreflightFailed("the Ray task failed: " + one_line(err.cause or err)) from None
         except ray.exceptions.RayError as err:
-            raise PreflightFailed(_one_line(err)) from None
+            raise PreflightFailed(one_line(err)) from None
         finally:
             self._checking = None
 
@@ -217,10 +217,6 @@ class RayPool:
 def _failure(err: Exception) -> tuple[Status, str]:
     """The status and one-line error of a task that brought back no result."""
     if isinstance(err, ray.exceptions.RayTaskError):
-        return Status.CRASHED, "the Ray task failed: " + _one_line(err.cause or err)
+        return Status.CRASHED, "the Ray task failed: " + one_line(err.cause or err)
     status = Status.OOM if isinstance(err, ray.exceptions.OutOfMemoryError) else Status.CRASHED
-    return status, "the Ray worker running the cell died: " + _one_line(err)
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
+    return status, "the Ray worker running the cell died: " + one_line(err)

@@ -14,6 +14,7 @@ import torch
 
 from memprof.attribution import attribute
 from memprof.cell import Cell
+from memprof.errors import one_line
 from memprof.record import CellResult, Record, Status
 from memprof.trackers.host import rss_bytes
 
@@ -143,7 +144,7 @@ def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.
             status, values["error"] = Status.INTERRUPTED, "interrupted"
         except Exception as err:  # noqa: BLE001 - any library error is this cell's result
             status = Status.OOM if is_oom(err) else Status.CRASHED
-            values["error"] = _one_line(err)
+            values["error"] = one_line(err)
             if status is Status.CRASHED:
                 traceback.print_exc()  # into the cell's log, for the user who wants more than one line
         if status is not Status.OK and status is not Status.UNAVAILABLE and probe is not None:
@@ -170,8 +171,3 @@ def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.
     record = attribute(Record.for_cell(cell, status=status, **values))
     steps = [{"cell_key": cell.key, "repeat": cell.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}"[:500]
