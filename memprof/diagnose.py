@@ -87,8 +87,8 @@ def diagnose(losses: Sequence[float], evals: Sequence[tuple[int, float]], floor:
     start = statistics.fmean(losses[:START_STEPS])
     smoothed = trailing_mean(losses)
     if max(smoothed) > EXPLODE_FACTOR * start:
-        codes.append("exploded")
-    if oscillates(losses, start):
+        codes.append("exploded")  # one cause, one finding: a curve that blew up swings and spikes on its way
+    elif oscillates(losses, start):
         codes.append("oscillation")
     elif spike_steps(losses, start):
         codes.append("spikes")

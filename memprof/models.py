@@ -79,9 +79,21 @@ def build_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precis
     except ValueError as err:
         raise ModelLoadError(f"cannot load {model_spec.get('path') or 'the model'}: {err}") from err
     model.config.use_cache = False
+    keep_training_layout(model)
     if gradient_checkpointing != "off":
         enable_checkpointing(model, reentrant=gradient_checkpointing == "reentrant")
     return attach_adapter(model, adapter_spec)
+
+
+def keep_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit weight in the layout it trains in. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    ``Linear4bit``'s weight for its CPU inference kernel the first time the layer runs in eval mode without grad
+    (``support_avx512bf16_for_cpu``, set from ``has_avx512bf16()`` when the layer is made): the repack rewrites the
+    weight's storage, asserts ``out_features % 32 == 0`` and is never undone, so a cell's held-out evaluation would
+    crash it or change the bytes it trains and is measured with."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
