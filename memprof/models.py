@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprof.materialize import materialize
 from memprof.presets import PRESETS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,14 +67,12 @@ def build_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precis
                     trust_remote_code=model_spec.get("trust_remote_code", False))
             except OSError as err:
                 raise ModelLoadError(f"cannot load {model_spec['path']}: {err}") from err
-        elif qlora:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-            quantize_linears_4bit(model, adapter_spec)
-            model.to(device)
         else:
-            with device:
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                         attn_implementation=attn_implementation)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            if qlora:
+                quantize_linears_4bit(model, adapter_spec)
+            materialize(model, device)
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn_implementation}: {err}") from err
     except ValueError as err:
@@ -117,7 +116,7 @@ def _bnb_config(adapter_spec: dict[str, Any]):
 
 def quantize_linears_4bit(model: nn.Module, adapter_spec: dict[str, Any]) -> None:
     """Swap every ``nn.Linear`` but the output head for a bitsandbytes ``Linear4bit``, as transformers'
-    bitsandbytes loader does; weights are quantised when the module moves to its device."""
+    bitsandbytes loader does; on a meta model, ``memprof.materialize`` quantises each as it makes it real."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
