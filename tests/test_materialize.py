@@ -29,16 +29,17 @@ def adapter(kind: str, **settings: Any) -> dict[str, Any]:
     return AdapterSettings(kind=kind, r=16, alpha=32, target_modules="all-linear", **settings).model_dump()
 
 
-def host_build(preset: str, adapter_spec: dict[str, Any], precision: str) -> nn.Module:
+def host_build(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precision: str,
+               device: torch.device = CPU) -> nn.Module:
     """The model as memprof built it before memprof.materialize: whole on the host with transformers' init, then
     quantised on its move to the device."""
     from transformers import AutoModelForCausalLM
 
-    config = models.build_config({"preset": preset})
+    config = models.build_config(model_spec)
     model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision], attn_implementation="sdpa")
     if adapter_spec["kind"] == "qlora":
         models.quantize_linears_4bit(model, adapter_spec)
-    model.to(CPU)
+    model.to(device)
     model.config.use_cache = False
     models.keep_training_layout(model)
     return models.attach_adapter(model, adapter_spec)
@@ -70,7 +71,7 @@ CASES = ([(preset, adapter("qlora", **q), precision) for preset in PRESETS for q
                               if a["kind"] == "qlora" else f"{p}-{a['kind']}-{pr}" for p, a, pr in CASES])
 def test_the_same_model_to_the_byte_as_building_it_on_the_host(preset: str, adapter_spec: dict[str, Any],
                                                                precision: str) -> None:
-    before = host_build(preset, adapter_spec, precision)
+    before = host_build({"preset": preset}, adapter_spec, precision)
     after = models.build_model({"preset": preset}, adapter_spec, precision, CPU)
     assert weight_bytes(after) == weight_bytes(before)
     assert layout(after) == layout(before)
@@ -151,7 +152,7 @@ print(json.dumps({"growth": high - before, "bf16_bytes": bf16_bytes}))
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the RSS high-water mark from Linux's /proc")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads the RSS high-water mark from /proc")
 def test_a_4bit_build_never_holds_the_unquantised_model_on_the_host() -> None:
     # A process of its own, its high-water mark read from /proc: ru_maxrss would not do, as a process started by
     # subprocess inherits its parent's (the kernel carries the larger across exec), here pytest's after earlier tests.
@@ -160,3 +161,19 @@ def test_a_4bit_build_never_holds_the_unquantised_model_on_the_host() -> None:
     figures = json.loads(out.stdout.splitlines()[-1])
     # the 4-bit model with its 16-bit embeddings and fp32 LoRA weights is about a third of the bf16 model
     assert figures["growth"] < 0.5 * figures["bf16_bytes"], figures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_device_holds_one_unquantised_linear_at_a_time() -> None:
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    qlora = adapter("qlora", compute_dtype="bfloat16")
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = models.build_model(DEEP, qlora, "bf16", cuda)
+    peak, kept = torch.cuda.max_memory_allocated() - start, torch.cuda.memory_allocated() - start
+    largest = max(p.quant_state.shape.numel() * 2 for p in model.parameters()
+                  if getattr(p, "quant_state", None) is not None)
+    # the model kept, plus one linear's bf16 weight and bitsandbytes' packed output and absmax beside it
+    assert peak - kept < 2 * largest, (peak, kept, largest)
+    assert weight_bytes(model) == weight_bytes(host_build(DEEP, qlora, "bf16", cuda))
