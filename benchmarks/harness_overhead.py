@@ -17,15 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from memprof import env, suite
-from memprof.executor import LocalExecutor
+from memprof.results import env
+from memprof.suite import load as suite
+from memprof.run.executor import LocalExecutor
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 NAIVE = """
 import json, sys, time
 t0 = time.perf_counter()
-from memprof.cell import Cell
-from memprof.worker import run_cell
+from memprof.config.cell import Cell
+from memprof.run.worker import run_cell
 record = run_cell(Cell.from_dict(json.loads(sys.argv[1]))).record
 print(json.dumps({"train_s": record.train_s, "import_and_run_s": time.perf_counter() - t0}))
 """

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 import memprof
-from memprof import env, suite
-from memprof.data import batches, load_corpus
-from memprof.models import build_model
-from memprof.optim import build_optimizer
+from memprof.results import env
+from memprof.suite import load as suite
+from memprof.train.data import batches, load_corpus
+from memprof.train.models import build_model
+from memprof.train.optim import build_optimizer
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 TARGET_RATIO = 1.02

@@ -1,7 +1,7 @@
 """What memprof's trackers cost a training step: one cell's median step time with every tracker on against the
 same cell run bare.
 
-- on: ``memprof.worker.run_cell``, exactly as a suite runs a cell (``CellProbe``, the background ``Sampler``,
+- on: ``memprof.run.worker.run_cell``, exactly as a suite runs a cell (``CellProbe``, the background ``Sampler``,
   the saved-activation and gradient snapshots at the last warm-up step, exact accounting after training).
 - off: the same cell built the same way (``worker.Training``) and trained with a ``NullProbe``, no sampler.
 
@@ -30,9 +30,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from memprof import env, suite
-from memprof.cell import Cell
-from memprof.zygote import preload
+from memprof.results import env
+from memprof.suite import load as suite
+from memprof.config.cell import Cell
+from memprof.run.zygote import preload
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 TARGET_RATIO = 1.02
@@ -42,8 +43,8 @@ def run_arm(arm: str, cell: Cell) -> list[float]:
     """The measured (post-warm-up) step times of one run of ``arm``, in seconds."""
     import torch
 
-    from memprof.train import NullProbe
-    from memprof.worker import Training, run_cell
+    from memprof.train.loop import NullProbe
+    from memprof.run.worker import Training, run_cell
 
     if arm == "on":
         result = run_cell(cell)

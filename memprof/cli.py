@@ -15,8 +15,9 @@ from rich.markup import escape
 from memprof.errors import UserError
 
 if TYPE_CHECKING:
-    from memprof.compare import ResultSet, Rule
-    from memprof.plan import Request
+    from memprof.analysis.compare import ResultSet
+    from memprof.results.metrics import Rule
+    from memprof.plan.predict import Request
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from memprof import suite as suite_mod
+    from memprof.suite import load as suite_mod
 
     if args.resume is not None and not (args.resume / "manifest.json").is_file():
         raise UserError(str(args.resume), "not a memprof result folder (no manifest.json)")
@@ -99,15 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         cells = [replace(c, device=args.device) for c in cells]
     if args.dry_run:
-        from memprof.views import cells_table
+        from memprof.views.tables import cells_table
 
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
-    from memprof.runner import run_suite
+    from memprof.run.runner import run_suite
 
     compare_to = None
     if args.compare_to:
-        from memprof import compare
+        from memprof.analysis import compare
 
         baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
         _rules(args, ())
@@ -125,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from memprof import compare
+    from memprof.analysis import compare
 
     return _compare(compare.load(args.baseline), compare.load(args.current), args)
 
@@ -142,16 +143,17 @@ def _add_compare_options(p: argparse.ArgumentParser) -> None:
 def _rules(args: argparse.Namespace, suite_rules: tuple[tuple[str, str], ...],
            suite_path: str = "") -> dict[str, Rule]:
     """The default rules, then the current suite's [compare] table, then --rule flags."""
-    from memprof import compare
+    from memprof.results.metrics import resolve_rules, split_rule
 
-    rules = compare.resolve_rules(suite_rules, f"{suite_path}: compare")
-    return compare.resolve_rules([compare.split_rule(text) for text in args.rule], "--rule", rules)
+    rules = resolve_rules(suite_rules, f"{suite_path}: compare")
+    return resolve_rules([split_rule(text) for text in args.rule], "--rule", rules)
 
 
 def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) -> int:
     import json
 
-    from memprof import compare, compare_views
+    from memprof.analysis import compare
+    from memprof.views import compare as compare_views
 
     rules = _rules(args, current.suite_rules, str(current.suite_path))
     result = compare.compare(baseline, current, rules, args.allow_different_machines)
@@ -171,15 +173,15 @@ def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) 
 
 
 def cmd_crosscheck(args: argparse.Namespace) -> int:
-    from memprof import suite as suite_mod
+    from memprof.suite import load as suite_mod
 
     suite = suite_mod.load(args.suite)
     if not 0 <= args.cell < len(suite.cells):
         raise UserError(f"{suite.path}: --cell", f"{args.cell} is not a cell index (0..{len(suite.cells) - 1})")
     cell = suite.cells[args.cell]
-    from memprof.crosscheck import crosscheck, exit_code
-    from memprof.optim import OptimizerUnavailable
-    from memprof.views import crosscheck_table
+    from memprof.measure.crosscheck import crosscheck, exit_code
+    from memprof.train.optim import OptimizerUnavailable
+    from memprof.views.tables import crosscheck_table
 
     try:
         rows = crosscheck(cell)
@@ -192,9 +194,9 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
 def cmd_optimizers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from memprof.catalogue import ENTRIES
+    from memprof.config.catalogue import ENTRIES
 
-    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.formulas)", header_style="bold")
+    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.measure.formulas)", header_style="bold")
     for name in ("name", "library", "states kept", "bytes/param", "available"):
         table.add_column(name)
     for e in ENTRIES:
@@ -216,7 +218,7 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
                       "h100-80gb, h200) or sizes (24GB, 40GB, 48GB, 80GB, 141GB); default: the sizes")
     plan.add_argument("--budget-bytes", type=int, metavar="N", help="also plan against a budget of N bytes")
     plan.add_argument("--calibration", type=Path, metavar="FILE", help="coefficients to use (default: the shipped "
-                      "memprof/calibration.json, from CPU runs)")
+                      "memprof/plan/calibration.json, from CPU runs)")
     plan.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR",
                       help="refit the coefficients from these result folders and write them (then exit)")
     plan.add_argument("--calibration-out", type=Path, metavar="FILE",
@@ -266,7 +268,7 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
 
 
 def _request(args: argparse.Namespace) -> Request:
-    from memprof.plan import request_from_flags
+    from memprof.plan.predict import request_from_flags
 
     if not args.model:
         raise UserError("--model", "required (or give a suite file to plan)")
@@ -278,10 +280,10 @@ def _request(args: argparse.Namespace) -> Request:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from memprof import calibration as calibration_mod
-    from memprof import gpus as gpus_mod
-    from memprof import plan as plan_mod
-    from memprof import plan_views
+    from memprof.plan import calibration as calibration_mod
+    from memprof.plan import gpus as gpus_mod
+    from memprof.plan import predict as plan_mod
+    from memprof.views import plan as plan_views
 
     if args.calibrate:
         fitted = calibration_mod.fit(args.calibrate)
@@ -293,7 +295,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.budget_bytes is not None:
         gpus.append(gpus_mod.budget(f"{args.budget_bytes:,} B", args.budget_bytes))
     if args.suite:
-        from memprof import suite as suite_mod
+        from memprof.suite import load as suite_mod
 
         if args.model:
             raise UserError("--model", "give either a suite or --model, not both")
@@ -328,8 +330,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from memprof import fit as fit_mod
-    from memprof import plan_views
+    from memprof.plan import fit as fit_mod
+    from memprof.views import plan as plan_views
 
     request = _request(args)
     granularity = args.granularity or (1 if args.search == "batch_size" else 64)
@@ -361,8 +363,8 @@ def _add_levers_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_levers(args: argparse.Namespace) -> int:
-    from memprof.results import read_records
-    from memprof.views import levers_markdown
+    from memprof.results.store import read_records
+    from memprof.views.tables import levers_markdown
 
     print(levers_markdown(read_records(args.run_dir)))
     return 0
@@ -378,7 +380,8 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memprof import plots, report, report_views
+    from memprof.views import plots, report as report_views
+    from memprof.analysis import report
 
     run = report.load_run(args.run_dir)
     tables = report.tables(run)

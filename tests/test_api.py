@@ -9,14 +9,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import memprof
-from memprof import suite
-from memprof.data import batches, markov_corpus
-from memprof.integrations import MemprofCallback
-from memprof.models import build_model
-from memprof.optim import build_optimizer
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.worker import run_cell
+from memprof.suite import load as suite
+from memprof.train.data import batches, markov_corpus
+from memprof.api.trainer import MemprofCallback
+from memprof.train.models import build_model
+from memprof.train.optim import build_optimizer
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.run.worker import run_cell
 
 STEPS = 4
 

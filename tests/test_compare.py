@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_suite
 
-from memprof.compare import Rule, Verdict, config_key, parse_spec
-from memprof.record import Record, Status
-from memprof.results import read_records
-from memprof.stats import mann_whitney_p, smallest_p
+from memprof.analysis.compare import Verdict, config_key
+from memprof.results.metrics import Rule, parse_spec
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
+from memprof.analysis.stats import mann_whitney_p, smallest_p
 
 REPEATS = 14  # split into two interleaved halves of 7: the fewest that can reach the default p < 0.002
 OPTIMIZERS = '["adamw_torch", "adafactor"]'

@@ -12,11 +12,13 @@ import pytest
 import torch
 from conftest import run_cli, write_suite
 
-from memprof import data, models, optim, stats, suite
+from memprof.train import data, models, optim
+from memprof.analysis import stats
+from memprof.suite import load as suite
 from memprof.errors import UserError
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.train import NullProbe, StepLog, evaluate, train
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.train.loop import NullProbe, StepLog, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_suite
 
-from memprof.crosscheck import Comparison, crosscheck, exit_code
+from memprof.measure.crosscheck import Comparison, crosscheck, exit_code
 
 # Rank 16 on the attention projections of tiny-llama (hidden 256, k/v width 128, 2 layers): q and o have
 # A 16x256 + B 256x16, k and v have A 16x256 + B 128x16. Rank 16 brings the 4096-element matrices to
@@ -26,7 +26,7 @@ def suite_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _rows(suite_path: Path, optimizer: str) -> dict[str, Comparison]:
-    from memprof import suite
+    from memprof.suite import load as suite
 
     cell = suite.load(str(suite_path)).cells[OPTIMIZERS.index(optimizer)]
     assert cell.optimizer == optimizer

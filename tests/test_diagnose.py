@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memprof import diagnose, suite
-from memprof.record import Record, Status
-from memprof.worker import run_cell
+from memprof.analysis import diagnose
+from memprof.suite import load as suite
+from memprof.results.record import Record, Status
+from memprof.run.worker import run_cell
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -30,10 +30,10 @@ from conftest import run_cli, write_suite
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from memprof import suite as suite_mod
+from memprof.suite import load as suite_mod
 from memprof.errors import UserError
-from memprof.record import Record, Status
-from memprof.results import RunWriter, prepare_resume, read_records
+from memprof.results.record import Record, Status
+from memprof.results.store import RunWriter, prepare_resume, read_records
 
 TESTS_DIR = Path(__file__).parent
 OOM_BUDGET = 512 << 20
@@ -312,7 +312,7 @@ def test_resume_drops_a_torn_line_and_interrupted_records(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     writer = RunWriter(run_dir, suite.text, manifest, {})
-    from memprof.record import CellResult
+    from memprof.results.record import CellResult
 
     writer.append(CellResult(Record.for_cell(suite.cells[0]), [{"step": 0}], [{"t_s": 0.0}]))
     writer.append(CellResult(Record.for_cell(suite.cells[1], status=Status.INTERRUPTED), [{"step": 0}], []))
@@ -334,7 +334,7 @@ def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
                 "config_hashes": [c.config_hash for c in suite.cells]}
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results import RunWriter; "
+        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results.store import RunWriter; "
          "RunWriter(Path(sys.argv[1]), '', json.loads(sys.argv[2]), {}); print('held', flush=True); sys.stdin.read()",
          str(run_dir), json.dumps(manifest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -530,7 +530,7 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 
 
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
-    from memprof.preflight import check_all
+    from memprof.run.preflight import check_all
 
     path = _suite(tmp_path, "pre", ["sgd"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'

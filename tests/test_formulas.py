@@ -1,7 +1,7 @@
 """Every catalogue formula against the real optimizer: measured optimizer-state bytes == predicted, byte for byte.
 
 Each case builds a tiny Llama (LoRA or full fine-tune) with memprof's own builders, takes two real training
-steps and compares ``accounting.optimizer_state_bytes`` with ``memprof.formulas``.
+steps and compares ``accounting.optimizer_state_bytes`` with ``memprof.measure.formulas``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from memprof.catalogue import CATALOGUE
-from memprof.formulas import predict_for_optimizer, predict_state_bytes, why_unpredictable
-from memprof.models import build_model
-from memprof.optim import build_optimizer, is_schedule_free
-from memprof.suite import AdapterSettings
-from memprof.trackers.accounting import optimizer_state_bytes
+from memprof.config.catalogue import CATALOGUE
+from memprof.measure.formulas import predict_for_optimizer, predict_state_bytes, why_unpredictable
+from memprof.train.models import build_model
+from memprof.train.optim import build_optimizer, is_schedule_free
+from memprof.suite.load import AdapterSettings
+from memprof.measure.accounting import optimizer_state_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

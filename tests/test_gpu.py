@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import write_suite
 
-from memprof import suite
-from memprof.attribution import KNOWN_PARTS
-from memprof.record import Status
-from memprof.worker import run_cell
+from memprof.suite import load as suite
+from memprof.measure.attribution import KNOWN_PARTS
+from memprof.results.record import Status
+from memprof.run.worker import run_cell
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from conftest import run_cli, write_suite
 
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.suite import load
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.suite.load import load
 
 QUICK_CELLS = len(load("quick").cells)
 

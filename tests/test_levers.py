@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli, short_suite
-from memprof import calibration, plan
-from memprof.record import Record, Status
-from memprof.results import read_records
-from memprof.slopes import activation_slopes
-from memprof.suite import parse
+from memprof.plan import calibration, predict as plan
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
+from memprof.analysis.slopes import activation_slopes
+from memprof.suite.load import parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

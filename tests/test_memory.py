@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from conftest import write_suite
 
-from memprof import suite
-from memprof.attribution import KNOWN_PARTS
-from memprof.record import Status
-from memprof.worker import run_cell
+from memprof.suite import load as suite
+from memprof.measure.attribution import KNOWN_PARTS
+from memprof.results.record import Status
+from memprof.run.worker import run_cell
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_full_fine_tune_trains_every_parameter(tmp_path: Path) -> None:
 def _param_tensors(cell) -> int:
     import torch
 
-    from memprof.models import build_model
+    from memprof.train.models import build_model
 
     model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
     return sum(1 for p in model.parameters() if p.requires_grad)

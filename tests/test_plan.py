@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from conftest import run_cli
-from memprof import calibration, meta, plan
-from memprof.models import build_model
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.suite import AdapterSettings, ModelSettings, parse
-from memprof.trackers.accounting import weight_bytes
+from memprof.plan import calibration, predict as plan
+from memprof.train import meta
+from memprof.train.models import build_model
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.suite.load import AdapterSettings, ModelSettings, parse
+from memprof.measure.accounting import weight_bytes
 
 # QLoRA with paged 8-bit AdamW over five shapes and two batch sizes (enough to refit its activations), and a full
 # fine-tune with AdamW: 4-bit weights with quant state, 8-bit and 32-bit optimizer state. Seven cells.

@@ -8,10 +8,10 @@ import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
 
-from memprof import suite
-from memprof.models import build_model
-from memprof.trackers.accounting import weight_bytes
-from memprof.train import evaluate
+from memprof.suite import load as suite
+from memprof.train.models import build_model
+from memprof.measure.accounting import weight_bytes
+from memprof.train.loop import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import run_cli, write_suite
 from test_jobs import EXACT, QUICK_CELLS, run
 
-from memprof.record import Record, Status
-from memprof.results import read_records
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -137,7 +137,7 @@ def test_flags_that_do_not_go_with_the_executor_are_usage_errors(tmp_path: Path)
 
 
 def test_memprof_does_not_import_ray_and_says_how_to_install_it(tmp_path: Path) -> None:
-    check = "import sys, memprof, memprof.cli, memprof.runner; print('ray' in sys.modules)"
+    check = "import sys, memprof, memprof.cli, memprof.run.runner; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
     without_ray = ("import sys; sys.modules['ray'] = None; from memprof.cli import main; "

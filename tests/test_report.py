@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from memprof import diagnose, report, stats, suite
-from memprof.record import Status
+from memprof.analysis import diagnose, report, stats
+from memprof.suite import load as suite
+from memprof.results.record import Status
 
 SUITE = """
 [suite]

@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-from memprof import suite
-from memprof.models import build_model
-from memprof.record import Status
-from memprof.results import read_records
+from memprof.suite import load as suite
+from memprof.train.models import build_model
+from memprof.results.record import Status
+from memprof.results.store import read_records
 
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096

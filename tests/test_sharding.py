@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, short_suite
-from memprof import plan, sharding
-from memprof.record import Status
-from memprof.results import read_csv_records, read_records, to_csv
-from memprof.suite import parse
+from memprof.plan import predict as plan
+from memprof.train import sharding
+from memprof.results.record import Status
+from memprof.results.store import read_csv_records, read_records, to_csv
+from memprof.suite.load import parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_suite
 
-from memprof import suite
+from memprof.suite import load as suite
 from memprof.errors import UserError
 
 
