@@ -85,9 +85,9 @@ def row(r: Record) -> dict[str, object]:
         "✓" if r.predicted_state_bytes == r.optimizer_state_bytes else "✗")
     note = "" if ok else f"{r.status.value}: {r.error}"
     if ok and r.predicted_state_bytes is None:
-        note = f"no formula: {why_unpredictable(r.optim)}"
+        note = f"no formula: {why_unpredictable(r.config.optimizer.name)}"
     note = note.replace("|", "/")[:160]  # one markdown cell
-    return {"optimizer": r.optim, "library": CATALOGUE[r.optim].library, "status": r.status.value,
+    return {"optimizer": r.config.optimizer.name, "library": CATALOGUE[r.config.optimizer.name].library, "status": r.status.value,
             "trainable_params": r.trainable_params,
             "measured_state_bytes": r.optimizer_state_bytes if ok else None,
             "predicted_state_bytes": r.predicted_state_bytes,
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     args = parser.parse_args()
-    records = {r.optim: r for r in run_suite(args.device)}
+    records = {r.config.optimizer.name: r for r in run_suite(args.device)}
     rows = [row(records[e.name]) for e in ENTRIES if e.name in records]
 
     OUT.mkdir(parents=True, exist_ok=True)

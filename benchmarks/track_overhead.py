@@ -23,7 +23,7 @@ import torch
 
 import memprof
 from memprof.results import env
-from memprof.suite import load as suite
+from memprof import suite
 from memprof.train.data import batches, load_corpus
 from memprof.train.models import build_model
 from memprof.train.optim import build_optimizer
@@ -57,9 +57,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     cell = suite.load("quick").cells[0]
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
-    optimizer = build_optimizer(cell.optim, {}, cell.lr, model, torch.device("cpu"))
-    data = batches(load_corpus(cell.data_spec, 0).train, cell.batch_size, cell.seq_len, seed=0)
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
+    optimizer = build_optimizer(cell.optimizer.name, {}, cell.training.lr, model, torch.device("cpu"))
+    data = batches(load_corpus(cell.training.data).train, cell.shape.batch_size, cell.shape.seq_len, seed=0)
     load_before = os.getloadavg()
     block(model, optimizer, data, args.steps, tracked=False)  # first-step initialisations, for neither arm
     pairs = []

@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from memprof.analysis import diagnose
-from memprof.suite import load as suite
+from memprof import suite
 from memprof.results.record import Record, Status
-from memprof.run.worker import run_cell
+from memprof.run.launch import run_cell
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

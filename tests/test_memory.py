@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 from conftest import write_suite
 
-from memprof.suite import load as suite
+from memprof import suite
 from memprof.measure.attribution import KNOWN_PARTS
 from memprof.results.record import Status
-from memprof.run.worker import run_cell
+from memprof.run.launch import run_cell
 
 
 @pytest.fixture(scope="module")
 def records_by_batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     path = write_suite(tmp_path_factory.mktemp("suite"), steps=2, batch_sizes="[1, 2, 4]")
-    return {c.batch_size: run_cell(c).record for c in suite.load(str(path)).cells}
+    return {c.shape.batch_size: run_cell(c).record for c in suite.load(str(path)).cells}
 
 
 def test_saved_activations_grow_linearly_with_batch_size(records_by_batch: dict) -> None:
@@ -54,5 +54,5 @@ def _param_tensors(cell) -> int:
 
     from memprof.train.models import build_model
 
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
     return sum(1 for p in model.parameters() if p.requires_grad)

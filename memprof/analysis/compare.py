@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.analysis import stats
+from memprof.config.spec import LIMITS
 from memprof.errors import UserError
 from memprof.results.env import machine_label
 from memprof.results.metrics import METRICS, Metric, Rule
@@ -150,7 +151,7 @@ class Comparison:
         return 1 if any(c.verdict in FAILING for c in self.cells) else 0
 
     def counts(self) -> dict[str, int]:
-        out = {v.value: 0 for v in Verdict if v is not Verdict.NOT_COMPARABLE}
+        out = {v.value: 0 for v in Verdict}
         for c in self.cells:
             out[c.verdict.value] += 1
         return out
@@ -174,20 +175,22 @@ class Comparison:
         }
 
 
-def config_key(record: Record) -> str:
-    """The key a cell's repeats share: its ``cell_key`` with the seed of repeat 0 (a repeat only moves the seed)."""
-    head, sep, tail = record.cell_key.rpartition("/seed")
-    _, slash, levers = tail.partition("/")  # lever suffixes (/gc, /eager, /fsdp2x2) follow the seed
-    return f"{head}/seed{record.seed - record.repeat}{slash}{levers}" if sep else record.cell_key
-
-
 def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
             allow_different_machines: bool = False) -> Comparison:
-    """Match the two sides' cells by configuration and judge every metric by its rule."""
+    """Match the two sides' cells by configuration and judge every metric by its rule.
+
+    Raises:
+        UserError: nothing can be compared: the two sides share no cell (two different suites), or every cell they
+            share ran another configuration on each side.
+    """
     machines = (_label(baseline.env), _label(current.env))
     same_machine = baseline.env is not None and current.env is not None and machines[0] == machines[1]
     peaks_compared = same_machine or allow_different_machines
     base, cur = _by_config(baseline.records), _by_config(current.records)
+    if not set(base) & set(cur):
+        names = sorted({r.config.suite for r in (*baseline.records, *current.records)})
+        raise UserError(f"{baseline.path} vs {current.path}", "the two result sets share no configuration (suites "
+                        f"{', '.join(names)}): nothing to compare")
     cells = []
     for key in list(base) + [k for k in cur if k not in base]:
         if key not in cur:
@@ -196,6 +199,10 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
             cells.append(CellComparison(key, Verdict.NEW, None, _status(cur[key]), (0, len(cur[key]))))
         else:
             cells.append(_compare_cell(key, base[key], cur[key], rules, peaks_compared))
+    shared = [c for c in cells if c.verdict not in (Verdict.NEW, Verdict.MISSING)]
+    if all(c.verdict is Verdict.NOT_COMPARABLE for c in shared):
+        raise UserError(f"{baseline.path} vs {current.path}", f"no cell ran the same configuration on both sides "
+                        f"({len(shared)} shared keys; {shared[0].key}: {shared[0].note}): nothing to compare")
     return Comparison(baseline, current, rules, machines, peaks_compared,
                       tuple(environment_differences(baseline.env, current.env)), tuple(cells))
 
@@ -229,7 +236,7 @@ def _by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
     """Records grouped by configuration, one per repeat (the last one wins, as after a resumed run)."""
     groups: dict[str, dict[int, Record]] = {}
     for r in records:
-        groups.setdefault(config_key(r), {})[r.repeat] = r
+        groups.setdefault(r.config.repeat_key, {})[r.config.training.repeat] = r
     return {key: [by_repeat[i] for i in sorted(by_repeat)] for key, by_repeat in groups.items()}
 
 
@@ -250,10 +257,10 @@ def _compare_cell(key: str, base: list[Record], cur: list[Record], rules: dict[s
         verdict = Verdict.IMPROVED if c_status is Status.OK else Verdict.FAILED
         note = f"{b_status.value} → {c_status.value}" + (f": {error}" if error else "")
         return CellComparison(key, verdict, b_status, c_status, repeats, note=note)
-    notes = []
-    b_hash = {r.repeat: r.config_hash for r in base}
-    if any(b_hash.get(r.repeat, r.config_hash) != r.config_hash for r in cur):
-        notes.append("configuration changed (config_hash differs)")
+    changed = configuration_change(base, cur)
+    if changed:
+        return CellComparison(key, Verdict.NOT_COMPARABLE, b_status, c_status, repeats,
+                              note=f"configuration differs: {changed}")
     deltas = []
     for metric, rule in rules.items():
         delta = _compare_metric(metric, rule, base, cur, peaks_compared)
@@ -262,7 +269,33 @@ def _compare_cell(key: str, base: list[Record], cur: list[Record], rules: dict[s
     verdicts = {d.verdict for d in deltas}
     verdict = Verdict.REGRESSED if Verdict.REGRESSED in verdicts else \
         Verdict.IMPROVED if Verdict.IMPROVED in verdicts else Verdict.UNCHANGED
-    return CellComparison(key, verdict, b_status, c_status, repeats, tuple(deltas), "; ".join(notes))
+    return CellComparison(key, verdict, b_status, c_status, repeats, tuple(deltas))
+
+
+def configuration_change(base: Sequence[Record], cur: Sequence[Record]) -> str:
+    """What differs between the configurations of a cell's two sides ('' when nothing does), as
+    ``path: baseline → current`` for the first fields that differ. Schema-1 records hashed their configuration
+    another way and kept only part of it, so they are not judged."""
+    b = next((r.config for r in base if r.schema_version >= 2), None)
+    c = next((r.config for r in cur if r.schema_version >= 2), None)
+    if b is None or c is None or b.config_hash == c.config_hash:
+        return ""
+    flat_b, flat_c = _flatten(b.model_dump(mode="json")), _flatten(c.model_dump(mode="json"))
+    ignored = ("suite", "index", "training.seed", "training.repeat", *(f"budget.{name}" for name in LIMITS))
+    paths = [p for p in sorted(set(flat_b) | set(flat_c)) if p not in ignored and flat_b.get(p) != flat_c.get(p)]
+    shown = "; ".join(f"{p}: {flat_b.get(p, '–')} → {flat_c.get(p, '–')}" for p in paths[:2])
+    return shown + (f" (+{len(paths) - 2} more)" if len(paths) > 2 else "")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
 
 
 def _values(records: Sequence[Record], metric: str) -> dict[int, float]:
@@ -271,7 +304,7 @@ def _values(records: Sequence[Record], metric: str) -> dict[int, float]:
     for r in records:
         value = getattr(r, metric, None)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            out[r.seed] = float(value)
+            out[r.config.training.seed] = float(value)
     return out
 
 

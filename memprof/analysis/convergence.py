@@ -14,7 +14,7 @@ from memprof.analysis import diagnose
 from memprof.results.record import smoothed_final
 
 if TYPE_CHECKING:
-    from memprof.train.loop import StepLog
+    from memprof.results.record import StepLog
 
 # What went wrong, most severe first: the verdict is the first that applies.
 _VERDICTS = (("non_finite", "diverged"), ("exploded", "diverged"), ("never_drops", "not learning"), ("plateau", "stalled"),
@@ -67,7 +67,6 @@ def summarise(logs: Sequence[StepLog], floor: float | None, target: float | None
         "eval_perplexity": math.exp(final_eval) if final_eval is not None and final_eval < 700 else None,
         "entropy_floor_nats": floor,
         "floor_gap_nats": final - floor if floor is not None and math.isfinite(final) else None,
-        "target_loss": target,
         "steps_to_target": reached,
         "seconds_to_target": seconds_to_target([log.step_time_s for log in logs], reached),
         "loss_auc": loss_auc(losses),

@@ -15,21 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memprof.analysis import convergence, diagnose, stats
-from memprof.results.record import Record, Status
+from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
+from memprof.results.record import Record, Status, StepLog
 from memprof.results.store import read_records
 
 # The relative target: within 5% of the lowest final (smoothed) training loss reached by any cell of the run.
 RELATIVE_TARGET_MARGIN = 0.05
-
-
-@dataclass(frozen=True)
-class StepRow:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    step_time_s: float
-    eval_loss: float | None
 
 
 @dataclass(frozen=True)
@@ -38,7 +29,7 @@ class Run:
 
     run_dir: Path
     records: list[Record]
-    steps: dict[int, list[StepRow]]
+    steps: dict[int, list[StepLog]]
 
 
 @dataclass(frozen=True)
@@ -59,39 +50,37 @@ def load_run(run_dir: Path) -> Run:
         UserError: not a result folder, or records of another schema version.
     """
     records = read_records(run_dir)
-    steps = {r.cell_index: read_steps(run_dir / "cells" / f"{r.cell_index:04d}" / "steps.csv") for r in records}
+    steps = {r.config.index: read_steps(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv") for r in records}
     return Run(run_dir, records, steps)
 
 
-def read_steps(path: Path) -> list[StepRow]:
+def read_steps(path: Path) -> list[StepLog]:
     """A cell's steps.csv (none for a cell that never reached its first step)."""
     if not path.exists():
         return []
     with open(path, encoding="utf-8", newline="") as f:
-        return [StepRow(int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["grad_norm"]),
+        return [StepLog(int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["grad_norm"]),
                         float(row["step_time_s"]), float(row["eval_loss"]) if row.get("eval_loss") else None)
                 for row in csv.DictReader(f)]
 
 
-def config_of(r: Record) -> tuple:
-    """What repeats share: everything but the seed."""
-    return (r.model, r.adapter, r.optimizer, r.batch_size, r.seq_len, r.grad_accum, r.precision, r.lr, r.schedule,
-            r.levers)
-
-
-def group_of(r: Record) -> tuple:
-    """A plot group: the model and shape; its lines are the optimizers, LRs and schedules."""
-    return (r.model, r.adapter, r.batch_size, r.seq_len, r.precision)
+def group_title(r: Record) -> str:
+    """A plot's group: the model and shape; its lines are the optimizers, LRs, schedules and levers."""
+    c = r.config
+    return f"{c.model.name} / {c.adapter.name}  b{c.shape.batch_size}×s{c.shape.seq_len} {c.shape.precision}"
 
 
 def label_of(r: Record) -> str:
-    return f"{r.optimizer} lr={r.lr:g} {r.schedule}" + (f" {r.levers}" if r.levers else "")
+    c = r.config
+    return f"{c.optimizer.label} lr={c.training.lr:g} {c.training.schedule}" + \
+        (f" {c.levers_label}" if c.levers_label else "")
 
 
-def by_config(records: Iterable[Record]) -> dict[tuple, list[Record]]:
-    out: dict[tuple, list[Record]] = {}
+def by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by what their repeats share (``CellConfig.repeat_key``)."""
+    out: dict[str, list[Record]] = {}
     for r in records:
-        out.setdefault(config_of(r), []).append(r)
+        out.setdefault(r.config.repeat_key, []).append(r)
     return out
 
 
@@ -111,34 +100,23 @@ def mean_ci(values: Sequence[float | None], fmt: str) -> str:
     return format(mean, fmt) if math.isnan(half) else f"{format(mean, fmt)} ± {format(half, fmt)}"
 
 
-# The configuration axes a table can show, as (Record field, column name); only those that vary get a column.
-AXES = (("model", "model"), ("adapter", "adapter"), ("optimizer", "optimizer"), ("batch_size", "batch"),
-        ("seq_len", "seq"), ("grad_accum", "accum"), ("precision", "precision"), ("lr", "lr"),
-        ("schedule", "schedule"), ("levers", "levers"))
-
-
-def varying_axes(records: Sequence[Record]) -> list[tuple[str, str]]:
+def varying_axes(records: Sequence[Record]) -> list[Axis]:
     """The axes with more than one value in the run (always the optimizer, so a row says what it is)."""
-    return [(name, column) for name, column in AXES
-            if name == "optimizer" or len({getattr(r, name) for r in records}) > 1]
+    return varying([r.config for r in records], always=("optimizer",))
 
 
 def fixed_axes(records: Sequence[Record]) -> str:
-    """What every cell shares, for a table's title: ``tiny-llama, b16×s32, fp32, cosine``."""
+    """What every cell shares, for a table's title: ``tiny-llama, lora, b16, s32, fp32, lr0.001, cosine``."""
     if not records:
         return ""
-    shown = {name for name, _ in varying_axes(records)}
-    r = records[0]
-    parts = [r.model if "model" not in shown else "", r.adapter if "adapter" not in shown else "",
-             f"b{r.batch_size}" if "batch_size" not in shown else "", f"s{r.seq_len}" if "seq_len" not in shown else "",
-             f"ga{r.grad_accum}" if "grad_accum" not in shown and r.grad_accum > 1 else "",
-             r.precision if "precision" not in shown else "", f"lr {r.lr:g}" if "lr" not in shown else "",
-             r.schedule if "schedule" not in shown else ""]
-    return ", ".join(p for p in parts if p)
+    shown = {axis.name for axis in varying_axes(records)}
+    config = records[0].config
+    return ", ".join(axis.token(axis.get(config)) for axis in AXES
+                     if axis.name not in shown and not (axis.lever and axis.is_default(config)))
 
 
-def _axis_cells(r: Record, axes: Sequence[tuple[str, str]]) -> list[str]:
-    return [f"{r.lr:g}" if name == "lr" else str(getattr(r, name)) for name, _ in axes]
+def _axis_cells(r: Record, axes: Sequence[Axis]) -> list[str]:
+    return [axis.text(r.config) for axis in axes]
 
 
 def repeats_table(run: Run) -> TableData:
@@ -162,7 +140,7 @@ def repeats_table(run: Run) -> TableData:
              "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
              "AUC: area under the training-loss curve per step (lower: learned sooner)"]
     return TableData(f"Convergence and speed over repeats ({fixed_axes(run.records)})",
-                     [column for _, column in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
+                     [axis.title for axis in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
                                                        "AUC", "verdict"], rows, notes)
 
 
@@ -171,19 +149,20 @@ def target_table(run: Run) -> TableData:
     ok = [r for r in run.records if r.status is Status.OK and r.final_loss_smoothed is not None]
     best = min((r.final_loss_smoothed for r in ok), default=None)
     relative = best * (1 + RELATIVE_TARGET_MARGIN) if best is not None else None
-    suite_target = next((r.target_loss for r in run.records if r.target_loss is not None), None)
+    suite_target = next((r.config.training.target_loss for r in run.records
+                         if r.config.training.target_loss is not None), None)
     axes = varying_axes(run.records)
     rows = []
     for rs in by_config(run.records).values():
-        reached = [convergence.steps_to_target([s.loss for s in run.steps.get(r.cell_index, [])], relative)
+        reached = [convergence.steps_to_target([s.loss for s in run.steps.get(r.config.index, [])], relative)
                    if relative is not None and r.status is Status.OK else None for r in rs]
-        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.cell_index, [])], n)
+        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n)
                    for r, n in zip(rs, reached)]
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
             row += [_reached([r.steps_to_target for r in rs]), mean_ci([r.seconds_to_target for r in rs], ".2f")]
         rows.append(row + [_reached(reached), mean_ci(seconds, ".2f")])
-    columns = [column for _, column in axes]
+    columns = [axis.title for axis in axes]
     notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
              f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
              "steps: until the smoothed training loss first reaches the target, mean over the repeats that did "
@@ -204,32 +183,33 @@ def _reached(steps: Sequence[int | None]) -> str:
 
 def diagnosis_table(run: Run) -> TableData | None:
     """Each finding the curves showed: the cells that showed it, what it means and the usual remedy."""
-    axes = [a for a in varying_axes(run.records) if a[0] != "optimizer"] + [("optimizer", "optimizer")]
+    axes = [a for a in varying_axes(run.records) if a.name != "optimizer"] + [AXIS_BY_NAME["optimizer"]]
     cells: dict[str, list[str]] = {}
     for r in run.records:
         for code in filter(None, r.diagnosis.split(",")):
-            cells.setdefault(code, []).append(" ".join(_axis_cells(r, axes)) + f" seed {r.seed}")
+            cells.setdefault(code, []).append(" ".join(_axis_cells(r, axes)) + f" seed {r.config.training.seed}")
     if not cells:
         return None
     rows = [[code, diagnose.FINDINGS[code].meaning, diagnose.FINDINGS[code].remedy, "; ".join(names)]
             for code, names in sorted(cells.items(), key=lambda item: list(diagnose.FINDINGS).index(item[0]))]
     return TableData("Diagnoses and remedies", ["finding", "meaning", "usual remedy", "cells"], rows,
-                     [f"cells: {', '.join(column for _, column in axes)}, seed"])
+                     [f"cells: {', '.join(axis.title for axis in axes)}, seed"])
 
 
 def lr_rank_grid(run: Run) -> dict[tuple[str, int], list[tuple[float, float | None]]] | None:
     """For each (optimizer, LoRA rank): (LR, mean final loss over repeats) at each LR of the run, the loss None
     where a repeat failed or none ran. None unless the run varies both the rank and the LR."""
-    ranked = [r for r in run.records if r.adapter_r is not None]
-    ranks = sorted({r.adapter_r for r in ranked})
-    lrs = sorted({r.lr for r in ranked})
+    ranked = [r for r in run.records if r.config.adapter.rank is not None]
+    ranks = sorted({r.config.adapter.rank for r in ranked})
+    lrs = sorted({r.config.training.lr for r in ranked})
     if len(ranks) < 2 or len(lrs) < 2:
         return None
     grid = {}
-    for optimizer in sorted({r.optimizer for r in ranked}):
+    for optimizer in sorted({r.config.optimizer.label for r in ranked}):
         for rank in ranks:
-            cells = [r for r in ranked if r.optimizer == optimizer and r.adapter_r == rank]
-            grid[(optimizer, rank)] = [(lr, _mean([final_loss(r) for r in cells if r.lr == lr])) for lr in lrs]
+            cells = [r for r in ranked if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank]
+            grid[(optimizer, rank)] = [(lr, _mean([final_loss(r) for r in cells if r.config.training.lr == lr]))
+                                       for lr in lrs]
     return grid
 
 
@@ -244,7 +224,8 @@ def lr_rank_table(run: Run) -> TableData | None:
         row = [optimizer, str(rank)]
         for lr, loss in points:
             failed = {r.status.value for r in run.records
-                      if r.optimizer == optimizer and r.adapter_r == rank and r.lr == lr and r.status is not Status.OK}
+                      if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank
+                      and r.config.training.lr == lr and r.status is not Status.OK}
             row.append(f"{loss:.3f}" if loss is not None else ", ".join(sorted(failed)) or "–")
         present = [(lr, loss) for lr, loss in points if loss is not None]
         if present:

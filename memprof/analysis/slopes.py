@@ -26,8 +26,9 @@ class Slope:
 
 
 def group_label(r: Record) -> str:
-    levers = f" {r.levers}" if r.levers else ""
-    return f"{r.model}/{r.adapter}/{r.optimizer} b{r.batch_size} {r.precision}{levers}"
+    c = r.config
+    levers = f" {c.levers_label}" if c.levers_label else ""
+    return f"{c.model.name}/{c.adapter.name}/{c.optimizer.label} b{c.shape.batch_size} {c.shape.precision}{levers}"
 
 
 def activation_slopes(records: Iterable[Record]) -> list[Slope]:
@@ -35,12 +36,12 @@ def activation_slopes(records: Iterable[Record]) -> list[Slope]:
     groups: dict[str, dict[int, list[Record]]] = {}
     for r in records:
         if r.status is Status.OK and r.activation_bytes:
-            groups.setdefault(group_label(r), {}).setdefault(r.seq_len, []).append(r)
+            groups.setdefault(group_label(r), {}).setdefault(r.config.shape.seq_len, []).append(r)
     out = []
     for label, by_seq in groups.items():
         if len(by_seq) < 2:
             continue
-        points = [(r.batch_size * r.seq_len, r.activation_bytes) for rows in by_seq.values() for r in rows]
+        points = [(r.config.shape.tokens, r.activation_bytes) for rows in by_seq.values() for r in rows]
         n = len(points)
         mean_x = sum(x for x, _ in points) / n
         mean_y = sum(y for _, y in points) / n

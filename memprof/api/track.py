@@ -17,19 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.results import env as env_mod
-from memprof.measure.attribution import attribute
-from memprof.config.cell import Cell
-from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
-from memprof.results.record import CellResult, Record, Status
-from memprof.results.store import RunWriter, new_run_dir
+from memprof.api.describe import describe
+from memprof.config.spec import OptimizerSpec
 from memprof.measure.accounting import gradient_bytes
 from memprof.measure.activations import SavedActivations
+from memprof.measure.attribution import attribute
 from memprof.measure.host import rss_bytes
+from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
 from memprof.measure.sampler import Sampler
-from memprof.train.loop import StepLog
-
-PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+from memprof.results import env as env_mod
+from memprof.results.record import CellResult, Record, Status, StepLog
+from memprof.results.store import RunWriter, new_run_dir
 
 
 class Tracking:
@@ -46,16 +44,15 @@ class Tracking:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | None = None,
                  name: str = "track", batch_size: int = 0, seq_len: int = 0, warmup_steps: int = 1,
-                 sample_interval_s: float = 0.01) -> None:
+                 sample_interval_s: float = 0.01, optimizer_spec: OptimizerSpec | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.optimizer_spec = optimizer_spec
         self.out = Path(out) if out is not None else None
         self.name = name
         self.batch_size, self.seq_len, self.warmup_steps = batch_size, seq_len, warmup_steps
         self.snapshot_step = warmup_steps
-        first = next(model.parameters())
-        self.device = first.device
-        self.precision = PRECISION_NAMES.get(first.dtype, str(first.dtype))
+        self.device = next(model.parameters()).device
         self.logs: list[StepLog] = []
         self.record: Record | None = None
         self.run_dir: Path | None = None
@@ -113,20 +110,12 @@ class Tracking:
         status = Status.OK
         if exc_type is not None:
             status = Status.INTERRUPTED if issubclass(exc_type, KeyboardInterrupt) else Status.CRASHED
-        self.record = attribute(Record.for_cell(self._cell(), status=status, **self._values(exc)))
+        config = describe(self.model, self.optimizer, suite=self.name, batch_size=self.batch_size,
+                          seq_len=self.seq_len, steps=len(self.logs), warmup_steps=self.warmup_steps,
+                          optimizer_spec=self.optimizer_spec)
+        self.record = attribute(Record(config, status=status, **self._values(exc)))
         if self.out is not None:
             self._write()
-
-    def _cell(self) -> Cell:
-        peft_type = getattr(getattr(self.model, "peft_config", {}).get("default"), "peft_type", None)
-        opt = type(self.optimizer)
-        return Cell(suite=self.name, index=0, model=_model_name(self.model),
-                    adapter=str(getattr(peft_type, "value", "none")).lower(), optimizer=opt.__name__,
-                    batch_size=self.batch_size, seq_len=self.seq_len, grad_accum=1, precision=self.precision,
-                    lr=float(self.optimizer.defaults.get("lr", 0.0)), schedule="external",
-                    optim=f"{opt.__module__}:{opt.__qualname__}", steps=len(self.logs),
-                    warmup_steps=self.warmup_steps, lr_warmup_steps=0, seed=0, repeat=0, device=str(self.device),
-                    timeout_s=0.0, memory_budget_bytes=0, max_grad_norm=0.0)
 
     def _values(self, exc: BaseException | None) -> dict[str, Any]:
         values: dict[str, Any] = {"host": socket.gethostname(), "device": str(self.device),
@@ -151,15 +140,15 @@ class Tracking:
         self.run_dir = new_run_dir(self.out, self.name)
         suite_text = f'# written by memprof.track\n[suite]\nname = "{self.name}"\n'
         writer = RunWriter(self.run_dir, suite_text, {"suite": self.name, "suite_digest": "",
-                                                      "cell_keys": [self.record.cell_key]}, env_mod.capture())
-        steps = [{"cell_key": self.record.cell_key, "repeat": 0, **vars(log)} for log in self.logs]
-        timeline = [{"cell_key": self.record.cell_key, **row} for row in self._sampler.timeline]
+                                                      "cell_keys": [self.record.key]}, env_mod.capture())
+        steps = [{"cell_key": self.record.key, "repeat": 0, **vars(log)} for log in self.logs]
+        timeline = [{"cell_key": self.record.key, **row} for row in self._sampler.timeline]
         writer.append(CellResult(self.record, steps, timeline))
 
 
 def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | None = None, *,
           name: str = "track", batch_size: int = 0, seq_len: int = 0, warmup_steps: int = 1,
-          sample_interval_s: float = 0.01) -> Tracking:
+          sample_interval_s: float = 0.01, optimizer_spec: OptimizerSpec | None = None) -> Tracking:
     """Measure a training loop you already have.
 
     Args:
@@ -172,15 +161,12 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | 
             given ``tokens``.
         warmup_steps: steps left out of the timing; activations and gradients are counted at the step after.
         sample_interval_s: memory sampling interval.
+        optimizer_spec: what the optimizer was asked for, by name and settings (a Trainer's ``args.optim``);
+            without it the record names the optimizer by its class path and its defaults.
 
     Returns:
         A context manager; call ``.step(loss=..., tokens=...)`` after every optimizer step.
     """
     return Tracking(model, optimizer, out, name=name, batch_size=batch_size, seq_len=seq_len,
-                    warmup_steps=warmup_steps, sample_interval_s=sample_interval_s)
+                    warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
 
-
-def _model_name(model: nn.Module) -> str:
-    base = getattr(model, "get_base_model", lambda: model)()
-    config = getattr(base, "config", None)
-    return getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or type(base).__name__

@@ -9,7 +9,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from memprof.api.describe import optimizer_of, plain
 from memprof.api.track import Tracking, track
+from memprof.config.spec import OptimizerSpec
 from memprof.measure.accounting import optimizer_state_bytes
 
 
@@ -34,7 +36,8 @@ class MemprofCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         self.tracking = track(model, inner, self.out, name=self.name, batch_size=batch,
-                              warmup_steps=self.warmup_steps).__enter__()
+                              warmup_steps=self.warmup_steps,
+                              optimizer_spec=trainer_optimizer(args, model, inner)).__enter__()
         self._tokens_seen = state.num_input_tokens_seen or 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -60,3 +63,21 @@ class MemprofCallback(TrainerCallback):
         state.log_history.append({"step": state.global_step, "memprof/optimizer_state_bytes": r.optimizer_state_bytes,
                                   "memprof/peak_bytes": r.peak_bytes,
                                   "memprof/tokens_per_s": r.tokens_per_s})
+
+
+def trainer_optimizer(args: Any, model: Any, optimizer: Any) -> OptimizerSpec:
+    """The optimizer the Trainer was asked for: ``args.optim`` with the keyword arguments transformers' own factory
+    gives it (``optim_args``, betas, epsilon, weight decay...); an optimizer the user built and handed the Trainer
+    is named by its class path and defaults instead."""
+    from transformers import Trainer
+
+    name = str(getattr(args.optim, "value", args.optim))
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ValueError, ImportError, RuntimeError):  # a factory that cannot answer here: the name and its args
+        return OptimizerSpec(label=name, name=name, kwargs={"optim_args": args.optim_args} if args.optim_args
+                             else {})
+    if not isinstance(optimizer, cls):
+        return optimizer_of(optimizer)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "lr")}
+    return OptimizerSpec(label=name, name=name, kwargs=plain(kwargs))

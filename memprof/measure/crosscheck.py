@@ -39,17 +39,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.measure.accounting import count_bytes, gradient_bytes, optimizer_state_bytes, weight_bytes
 from memprof.measure.activations import SavedActivations
-from memprof.train.loop import NullProbe, StepLog
+from memprof.results.record import StepLog
+from memprof.train.loop import NullProbe
 
 GRADIENTS_READY = "memprof::gradients_ready"
 FORWARD_DONE = "memprof::forward_done"
 
 
 @dataclass(frozen=True)
-class Comparison:
+class CategoryCheck:
     """One category, as the profiler and memprof count it.
 
     Attributes:
@@ -81,7 +82,7 @@ class Comparison:
         return "DISAGREES" if self.required else "differs (info)"
 
 
-def exit_code(rows: list[Comparison]) -> int:
+def exit_code(rows: list[CategoryCheck]) -> int:
     """1 when a category that must agree does not."""
     return 1 if any(row.required and not row.agrees for row in rows) else 0
 
@@ -132,7 +133,7 @@ def _top_level_state(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]
         yield from (value for value in state.values() if isinstance(value, torch.Tensor))
 
 
-def crosscheck(cell: Cell) -> list[Comparison]:
+def crosscheck(cell: CellConfig) -> list[CategoryCheck]:
     """Train ``cell`` under PyTorch's profiler and compare its memory categories with memprof's accounting.
 
     Raises:
@@ -141,12 +142,12 @@ def crosscheck(cell: Cell) -> list[Comparison]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from memprof.run.worker import Training, resolve_device
+    from memprof.train.training import Training, resolve_device
 
-    device = resolve_device(cell.device)
+    device = resolve_device(cell.budget.device)
     training = Training(cell, device).build()
     model, optimizer = training.model, training.optimizer
-    witness = _Witness(model, optimizer, cell.steps - 1)
+    witness = _Witness(model, optimizer, cell.training.steps - 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         training.train(witness)
@@ -158,15 +159,15 @@ def crosscheck(cell: Cell) -> list[Comparison]:
     end = at.end()
     forward = [at.instant(t) for t in at.marks(FORWARD_DONE)]
     return [
-        Comparison("optimizer state", end.get("OPTIMIZER_STATE", 0), state, True, unseen,
+        CategoryCheck("optimizer state", end.get("OPTIMIZER_STATE", 0), state, True, unseen,
                    f"{unseen:,} B of state made after step 1 or nested: the profiler records state once"
                    if unseen else ""),
-        Comparison("gradients", at.instant(at.marks(GRADIENTS_READY)[-1]).get("GRADIENT", 0),
+        CategoryCheck("gradients", at.instant(at.marks(GRADIENTS_READY)[-1]).get("GRADIENT", 0),
                    witness.gradient_bytes, True),
-        Comparison("weights", end.get("PARAMETER", 0), weights.frozen.total + weights.trainable.total, False,
+        CategoryCheck("weights", end.get("PARAMETER", 0), weights.frozen.total + weights.trainable.total, False,
                    note="4-bit weights and quant states are not parameters to the profiler"
-                   if cell.adapter_spec.get("kind") == "qlora" else ""),
-        Comparison("activations", max((f.get("ACTIVATION", 0) for f in forward), default=0),
+                   if cell.adapter.kind == "qlora" else ""),
+        CategoryCheck("activations", max((f.get("ACTIVATION", 0) for f in forward), default=0),
                    witness.activation_bytes, False,
                    note="profiler: live forward outputs; memprof: what autograd saves"),
     ]

@@ -57,7 +57,7 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class Group:
+class ParamGroup:
     """A param group: its parameters, its own options, and the settings the optimizer was built with."""
 
     params: tuple[ParamSpec, ...]
@@ -79,7 +79,7 @@ class Group:
 class Formula:
     """How to predict one entry's state bytes; ``predict`` is None (with the reason) where memprof claims none."""
 
-    predict: Callable[[list[Group]], int] | None
+    predict: Callable[[list[ParamGroup]], int] | None
     reason: str = ""
 
 
@@ -112,7 +112,7 @@ def _adafactor_param(p: ParamSpec, beta1: float | None) -> int:
 # --- torch ------------------------------------------------------------------------------------------------
 
 
-def _torch_adam(groups: list[Group]) -> int:
+def _torch_adam(groups: list[ParamGroup]) -> int:
     """exp_avg, exp_avg_sq (+ max_exp_avg_sq with amsgrad) like the param, and a 0-dim ``step``: float32 on the
     param's device when fused, else the default scalar dtype (on the CPU, or the device when capturable)."""
     total = 0
@@ -123,17 +123,17 @@ def _torch_adam(groups: list[Group]) -> int:
     return total
 
 
-def _torch_sgd(groups: list[Group]) -> int:
+def _torch_sgd(groups: list[ParamGroup]) -> int:
     """A momentum buffer (a clone of the gradient) only when momentum != 0; nothing at all otherwise."""
     return sum(p.nbytes for g in groups if g.get("momentum", 0) != 0 for p in g.trainable)
 
 
-def _torch_adagrad(groups: list[Group]) -> int:
+def _torch_adagrad(groups: list[ParamGroup]) -> int:
     """``sum`` and ``step``, created in ``__init__`` for every parameter it is given, gradient or not."""
     return sum(p.nbytes + (4 if g.get("fused") else _scalar_bytes()) for g in groups for p in g.params)
 
 
-def _torch_rmsprop(groups: list[Group]) -> int:
+def _torch_rmsprop(groups: list[ParamGroup]) -> int:
     """square_avg, + momentum_buffer when momentum > 0, + grad_avg when centered, and ``step``."""
     total = 0
     for g in groups:
@@ -142,7 +142,7 @@ def _torch_rmsprop(groups: list[Group]) -> int:
     return total
 
 
-def _torch_adafactor(groups: list[Group]) -> int:
+def _torch_adafactor(groups: list[ParamGroup]) -> int:
     """torch.optim.Adafactor: row_var/col_var (>= 2-D) or variance (1-D) like the gradient, and ``step``."""
     return sum((_factored_numel(p.shape) if len(p.shape) > 1 else p.numel) * p.itemsize + _scalar_bytes()
                for g in groups for p in g.trainable)
@@ -151,20 +151,20 @@ def _torch_adafactor(groups: list[Group]) -> int:
 # --- transformers / schedule-free / small libraries ---------------------------------------------------------
 
 
-def _hf_adafactor(groups: list[Group]) -> int:
+def _hf_adafactor(groups: list[ParamGroup]) -> int:
     """transformers' Adafactor: ``step`` is an int; exp_avg only when beta1 is set (transformers leaves it None)."""
     return sum(_adafactor_param(p, g.get("beta1")) for g in groups for p in g.trainable)
 
 
-def _copies(n: int) -> Callable[[list[Group]], int]:
+def _copies(n: int) -> Callable[[list[ParamGroup]], int]:
     """``n`` tensors shaped like each param; counters (if any) are Python numbers in the group, not state."""
-    def formula(groups: list[Group]) -> int:
+    def formula(groups: list[ParamGroup]) -> int:
         return sum(n * p.nbytes for g in groups for p in g.trainable)
     formula.__doc__ = f"{n} param-sized tensor(s) per parameter."
     return formula
 
 
-def _came(groups: list[Group]) -> int:
+def _came(groups: list[ParamGroup]) -> int:
     """CAME: exp_avg, and for >= 2-D two factored pairs (second moment, residual) else one full exp_avg_sq, in
     the upcast dtype; ``RMS`` is taken of the param itself, so it has the param's dtype."""
     total = 0
@@ -175,7 +175,7 @@ def _came(groups: list[Group]) -> int:
     return total
 
 
-def _stable_adamw(groups: list[Group]) -> int:
+def _stable_adamw(groups: list[ParamGroup]) -> int:
     """optimi StableAdamW: exp_avg, exp_avg_sq and a 0-dim eps_sq like the param; a Kahan compensation buffer
     for fp16/bf16 params unless kahan_sum=False; Triton (CUDA) adds 1-element scratch tensors."""
     total = 0
@@ -191,7 +191,7 @@ def _stable_adamw(groups: list[Group]) -> int:
     return total
 
 
-def _adam_mini(groups: list[Group]) -> int:
+def _adam_mini(groups: list[ParamGroup]) -> int:
     """Adam-mini: one group per named param. ``m`` like the param; ``v`` full for biases, one value per head for
     q/k (``dim**2 / n_heads`` elements a head), one per row for embeddings, output, v, o and MLP, else one."""
     total = 0
@@ -217,12 +217,12 @@ def _adam_mini(groups: list[Group]) -> int:
 # --- bitsandbytes -------------------------------------------------------------------------------------------
 
 
-def _bnb(states: int, bits: int, ademamix: bool = False) -> Callable[[list[Group]], int]:
+def _bnb(states: int, bits: int, ademamix: bool = False) -> Callable[[list[ParamGroup]], int]:
     """bitsandbytes ``Optimizer1State``/``Optimizer2State``/AdEMAMix: ``states`` param-sized buffers (AdEMAMix
     keeps m1 and m2 in one (2, *shape) buffer, so 3), fp32 below ``min_8bit_size`` or at 32 bits regardless of
     the param's dtype; at 8 bits uint8 plus one fp32 absmax per 256-element block each, and the signed (and, with
     two moments, unsigned) qmap shared by every parameter. On the CPU paged variants get ordinary buffers."""
-    def formula(groups: list[Group]) -> int:
+    def formula(groups: list[ParamGroup]) -> int:
         total, quantised = 0, False
         for g in groups:
             eight = g.get("optim_bits", bits) == 8
@@ -243,11 +243,11 @@ def _bnb(states: int, bits: int, ademamix: bool = False) -> Callable[[list[Group
 # --- torchao ------------------------------------------------------------------------------------------------
 
 
-def _torchao(bits: int) -> Callable[[list[Group]], int]:
+def _torchao(bits: int) -> Callable[[list[ParamGroup]], int]:
     """torchao AdamW4bit/AdamW8bit: a 0-dim ``step`` (default dtype); each moment is a tensor subclass holding
     uint8 codes (4-bit: two per byte), one fp32 scale per block and its own qmap, but only for params with
     >= 4096 elements that split into whole blocks; other params keep moments like the param."""
-    def formula(groups: list[Group]) -> int:
+    def formula(groups: list[ParamGroup]) -> int:
         total = 0
         for g in groups:
             block = int(g.get("block_size", TORCHAO_BLOCK))
@@ -294,28 +294,28 @@ def _galore_projection(shape: tuple[int, ...], dtype: torch.dtype, rank: int,
     return kept, (m, r)
 
 
-def _low_rank(groups: list[Group], projected: Callable[[ParamSpec, Group], int],
-              plain: Callable[[ParamSpec, Group], int]) -> int:
+def _low_rank(groups: list[ParamGroup], projected: Callable[[ParamSpec, ParamGroup], int],
+              plain: Callable[[ParamSpec, ParamGroup], int]) -> int:
     """GaLore's and APOLLO's shared layout: params in a group with ``rank`` get the ``projected`` state, the rest
     the ``plain`` one."""
     return sum(projected(p, g) if "rank" in g.options else plain(p, g) for g in groups for p in g.trainable)
 
 
-def _galore_adamw(groups: list[Group]) -> int:
+def _galore_adamw(groups: list[ParamGroup]) -> int:
     """GaLore AdamW: params in a group with ``rank`` keep Adam moments of the projected gradient and the
     projector; the others plain exp_avg, exp_avg_sq. ``step`` is an int."""
-    def projected(p: ParamSpec, g: Group) -> int:
+    def projected(p: ParamSpec, g: ParamGroup) -> int:
         kept, low = _galore_projection(p.shape, p.dtype, g.options["rank"], g.options.get("proj_type", "std"))
         return kept + 2 * math.prod(low) * p.itemsize
 
     return _low_rank(groups, projected, lambda p, g: 2 * p.nbytes)
 
 
-def _galore_adafactor(groups: list[Group]) -> int:
+def _galore_adafactor(groups: list[ParamGroup]) -> int:
     """GaLore Adafactor: fp16/bf16 gradients are upcast to fp32 before projection (so the projector is an SVD
     view), then Adafactor's factored moments of the projected gradient and the RMS of the upcast param; params
     outside the projected group as transformers' Adafactor."""
-    def projected(p: ParamSpec, g: Group) -> int:
+    def projected(p: ParamSpec, g: ParamGroup) -> int:
         grad = torch.float32 if p.dtype in HALF else p.dtype
         kept, low = _galore_projection(p.shape, grad, g.options["rank"], g.options.get("proj_type", "std"))
         first = math.prod(low) if g.get("beta1") is not None else 0
@@ -324,10 +324,10 @@ def _galore_adafactor(groups: list[Group]) -> int:
     return _low_rank(groups, projected, lambda p, g: _adafactor_param(p, g.get("beta1")))
 
 
-def _apollo_adamw(groups: list[Group]) -> int:
+def _apollo_adamw(groups: list[ParamGroup]) -> int:
     """APOLLO AdamW (random projection): a seeded Gaussian projector of exactly rank × side (not capped by the
     matrix), Adam moments of the projected gradient, and a 0-dim ``scaled_grad`` norm (unless disable_nl)."""
-    def projected(p: ParamSpec, g: Group) -> int:
+    def projected(p: ParamSpec, g: ParamGroup) -> int:
         if g.options.get("proj", "random") != "random":
             raise Unpredictable(f"APOLLO proj '{g.options.get('proj')}' is not covered (only 'random')")
         m, n = p.shape
@@ -342,7 +342,7 @@ def _apollo_adamw(groups: list[Group]) -> int:
     return _low_rank(groups, projected, lambda p, g: 2 * p.nbytes)
 
 
-def _grokadamw(groups: list[Group]) -> int:
+def _grokadamw(groups: list[ParamGroup]) -> int:
     """GrokAdamW: exp_avg, exp_avg_sq and grok_ema like the param, kept on the CPU in ``param_groups[i]['state']``
     (not ``optimizer.state``) and moved to the device only inside ``step()``."""
     return sum(3 * p.nbytes for g in groups for p in g.trainable)
@@ -407,11 +407,11 @@ def _spec(item: Any) -> ParamSpec:
     return ParamSpec(tuple(int(d) for d in shape), dtype)
 
 
-def _groups(params_or_shapes: Iterable[Any], kwargs: Mapping[str, Any]) -> list[Group]:
+def _groups(params_or_shapes: Iterable[Any], kwargs: Mapping[str, Any]) -> list[ParamGroup]:
     items = list(params_or_shapes)
     if not items or not isinstance(items[0], Mapping):
         items = [{"params": items}]
-    return [Group(tuple(_spec(p) for p in g["params"]), {k: v for k, v in g.items() if k != "params"},
+    return [ParamGroup(tuple(_spec(p) for p in g["params"]), {k: v for k, v in g.items() if k != "params"},
                   dict(kwargs)) for g in items]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 from torch import nn
@@ -11,7 +11,7 @@ from memprof.measure.accounting import gradient_bytes
 from memprof.measure.activations import SavedActivations
 from memprof.measure.allocator import CudaAllocator
 from memprof.measure.sampler import Sampler
-from memprof.train.loop import StepLog
+from memprof.results.record import StepLog
 
 
 class CellProbe:
@@ -23,11 +23,12 @@ class CellProbe:
     """
 
     def __init__(self, model: nn.Module, sampler: Sampler, allocator: CudaAllocator | None,
-                 snapshot_step: int) -> None:
+                 snapshot_step: int, on_step: Callable[[int, float], None] | None = None) -> None:
         self.model = model
         self.sampler = sampler
         self.allocator = allocator
         self.snapshot_step = snapshot_step
+        self.on_step = on_step
         self.where: tuple[str, int] = ("setup", -1)
         self.logs: list[StepLog] = []
         self.activation_bytes: int | None = None
@@ -51,3 +52,5 @@ class CellProbe:
 
     def step_done(self, log: StepLog) -> None:
         self.logs.append(log)
+        if self.on_step is not None:
+            self.on_step(log.step, log.loss)

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.results.record import smoothed_final
+from memprof.results.record import StepLog, smoothed_final
 from memprof.measure import accounting
 from memprof.measure.allocator import CudaAllocator
 from memprof.measure.host import rss_bytes
 from memprof.measure.nvml import open_nvml
 from memprof.measure.sampler import Sampler
-from memprof.train.loop import StepLog
 
 
 @dataclass

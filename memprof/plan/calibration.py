@@ -197,10 +197,10 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
         UserError: for a folder that is not a memprof run, or runs measured on different kinds of device.
     """
     from memprof.results import env as env_mod
+    from memprof.results.store import read_records
+    from memprof.suite import parse
     from memprof.train import models
     from memprof.train.meta import adapted_numel, meta_model
-    from memprof.results.store import read_records
-    from memprof.suite.load import parse
 
     out: list[Sample] = []
     devices: set[str] = set()
@@ -218,15 +218,17 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
             raise UserError(str(run_dir), f"not a complete memprof result folder: {err}") from None
         source.update(host=env.get("host"), machine=env_mod.machine_label(env), versions=env.get("versions", {}))
         for r in records:
-            cell = cells.get(r.cell_key)
-            if r.status.value != "ok" or cell is None or r.activation_bytes is None or r.attn_implementation != "sdpa":
+            cell = cells.get(r.key)  # the suite's own cell: a schema-1 record kept only the names of its tables
+            if r.status.value != "ok" or cell is None or r.activation_bytes is None \
+                    or cell.levers.attn_implementation != "sdpa":
                 continue
-            key = json.dumps(cell.model_spec, sort_keys=True)
+            key = cell.model.model_dump_json()
             if key not in shapes:
-                shapes[key] = Shape.from_config(models.build_config(cell.model_spec))
-            build = json.dumps([cell.model_spec, cell.adapter_spec, r.precision], sort_keys=True)
+                shapes[key] = Shape.from_config(models.build_config(cell.model))
+            precision = cell.shape.precision
+            build = json.dumps([key, cell.adapter.model_dump_json(), precision])
             if build not in adapted:
-                model = meta_model(cell.model_spec, cell.adapter_spec, r.precision)
+                model = meta_model(cell.model, cell.adapter, precision)
                 adapted[build] = adapted_numel(model)
                 residual[build] = model.get_input_embeddings().weight.element_size()  # fp32 under k-bit prep
             cuda = r.peak_reserved_bytes is not None
@@ -236,10 +238,10 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
             known = (r.frozen_weight_bytes + r.trainable_weight_bytes + r.buffer_bytes + r.gradient_bytes
                      + r.optimizer_state_bytes)
             paged = r.optimizer_state_paged_bytes or 0
-            out.append(Sample(f"{r.precision}/{cell.adapter_spec['kind']}", shapes[key], r.batch_size * r.seq_len,
+            out.append(Sample(f"{precision}/{cell.adapter.kind}", shapes[key], cell.shape.tokens,
                               adapted[build], r.activation_bytes, known,
                               r.peak_reserved_bytes + paged if cuda else r.peak_rss_delta_bytes,
-                              r.non_pytorch_bytes if cuda else None, r.gradient_checkpointing != "off",
+                              r.non_pytorch_bytes if cuda else None, cell.levers.gradient_checkpointing != "off",
                               residual[build]))
     if len(devices) > 1:
         raise UserError(", ".join(map(str, run_dirs)), "runs from a CPU and a GPU cannot be fitted together")

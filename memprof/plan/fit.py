@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.errors import UserError
-from memprof.plan.predict import Request, largest
+from memprof.plan.predict import largest
 from memprof.results.record import Record, Status
 
 AXES = ("batch_size", "seq_len")
@@ -58,25 +58,17 @@ def measured_peak(record: Record) -> int | None:
     return record.peak_rss_delta_bytes
 
 
-def trial_cell(request: Request, axis: str, value: int, index: int, steps: int, device: str,
-               budget_bytes: int, timeout_s: float) -> Cell:
-    """The cell one trial runs: the request with ``axis`` set to ``value``."""
-    from memprof.suite.load import DataSettings
-
-    sizes = {"batch_size": request.batch_size, "seq_len": request.seq_len, axis: value}
-    return Cell(suite="fit", index=index, model=request.model, adapter=request.adapter,
-                optimizer=request.optimizer, grad_accum=request.grad_accum, precision=request.precision,
-                lr=1e-4, schedule="constant", optim=request.optim, steps=steps, warmup_steps=min(1, steps - 1),
-                lr_warmup_steps=0, seed=0, repeat=0, device=device, timeout_s=timeout_s,
-                memory_budget_bytes=budget_bytes, max_grad_norm=1.0, model_spec=request.model_spec,
-                adapter_spec=request.adapter_spec, optim_kwargs=request.optim_kwargs,
-                data_spec=DataSettings().model_dump(),
-                gradient_checkpointing="on" if request.gradient_checkpointing else "off",
-                attn_implementation=request.attn_implementation,
-                parallel={"strategy": request.strategy, "world_size": request.world_size}, **sizes)
+def trial_cell(request: CellConfig, axis: str, value: int, index: int, steps: int, device: str,
+               budget_bytes: int, timeout_s: float) -> CellConfig:
+    """The cell one trial runs: the request with ``axis`` (``batch_size`` or ``seq_len``) set to ``value``, for
+    ``steps`` steps (one of them warm-up)."""
+    return request.with_values({"suite": "fit", "index": index, f"shape.{axis}": value, "training.steps": steps,
+                                "training.warmup_steps": min(1, steps - 1), "training.lr": 1e-4,
+                                "budget.device": device, "budget.timeout_s": timeout_s,
+                                "budget.memory_budget_bytes": budget_bytes})
 
 
-def search(request: Request, axis: str, run: Callable[[Cell], Record], limit_bytes: int, margin: float,
+def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], limit_bytes: int, margin: float,
            steps: int, device: str, cap_address_space: bool, start: int = 1, maximum: int = 1 << 16,
            granularity: int = 1, timeout_s: float = 600.0,
            on_trial: Callable[[Trial], None] | None = None) -> Search:
@@ -108,7 +100,7 @@ def search(request: Request, axis: str, run: Callable[[Cell], Record], limit_byt
     return out
 
 
-def run_search(request: Request, axis: str, budget_bytes: int | None, margin: float, steps: int, device: str,
+def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin: float, steps: int, device: str,
                start: int, maximum: int, granularity: int, timeout_s: float,
                on_trial: Callable[[Trial], None] | None = None) -> Search:
     """``search`` with a local executor, the limit resolved for the device the trials run on.

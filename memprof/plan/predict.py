@@ -14,57 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from memprof.plan.calibration import Calibration, Group, Shape
-from memprof.config.cell import Cell, lever_label
+from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec, CellConfig, Levers, ModelSpec,
+                                 OptimizerSpec, ParallelSpec, ShapeSpec)
 from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
 from memprof.train.meta import adapted_numel, frozen_weight_bytes, is_four_bit, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
-
-
-@dataclass(frozen=True)
-class Request:
-    """One configuration to plan: what a cell fixes, minus what does not change memory (lr, schedule, seed)."""
-
-    model: str
-    model_spec: dict[str, Any]
-    adapter: str
-    adapter_spec: dict[str, Any]
-    optimizer: str
-    optim: str
-    batch_size: int
-    seq_len: int
-    precision: str = "bf16"
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-    optim_kwargs: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "sdpa"
-    strategy: str = "none"   # none, ddp, zero1 or fsdp2 (memprof.train.sharding)
-    world_size: int = 1
-
-    @classmethod
-    def from_cell(cls, cell: Cell) -> Request:
-        return cls(cell.model, cell.model_spec, cell.adapter, cell.adapter_spec, cell.optimizer, cell.optim,
-                   cell.batch_size, cell.seq_len, cell.precision, cell.grad_accum,
-                   cell.gradient_checkpointing != "off", cell.optim_kwargs, cell.attn_implementation,
-                   cell.strategy, cell.world_size)
-
-    @property
-    def levers(self) -> str:
-        return lever_label("on" if self.gradient_checkpointing else "off", self.attn_implementation, self.strategy,
-                           self.world_size)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens in one micro-batch: what activations scale with (gradient accumulation does not add any)."""
-        return self.batch_size * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -110,7 +73,7 @@ class Part:
 class Plan:
     """The predicted peak of one request on a GPU, part by part."""
 
-    request: Request
+    request: CellConfig
     exact: Exact
     parts: tuple[Part, ...]
     calibration: str
@@ -130,11 +93,8 @@ class Plan:
         return sum(p.bytes or 0 for p in self.parts)
 
     def to_dict(self) -> dict[str, Any]:
-        r = self.request
-        return {"model": r.model, "adapter": r.adapter, "optimizer": r.optimizer, "batch_size": r.batch_size,
-                "seq_len": r.seq_len, "precision": r.precision, "grad_accum": r.grad_accum,
-                "gradient_checkpointing": r.gradient_checkpointing, "attn_implementation": r.attn_implementation,
-                "strategy": r.strategy, "world_size": r.world_size, "total_params": self.exact.total_params,
+        axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
+        return {**axes, "config": self.request.model_dump(mode="json"), "total_params": self.exact.total_params,
                 "trainable_params": self.exact.trainable_params, "calibration": self.calibration,
                 "parts": {p.name: {"bytes": p.bytes, "how": p.how} for p in self.parts},
                 "ranks": [vars(rank) for rank in self.exact.ranks],
@@ -142,7 +102,7 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class GpuFit:
     """A plan against one GPU: does it fit, with what headroom, and the largest batch and length that would."""
 
     gpu: Gpu
@@ -203,17 +163,17 @@ def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) 
     return StatePlan(predicted, note, specs, settings)
 
 
-def exact_parts(request: Request, model: nn.Module | None = None) -> Exact:
+def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     """The exact parts of a request (``model``: its meta model, when the caller already built it); for a
     sharded request, each rank's and the fullest rank's."""
     from memprof.train import models
     from memprof.measure.accounting import weight_bytes
 
     if model is None:
-        model = meta_model(request.model_spec, request.adapter_spec, request.precision)
+        model = meta_model(request.model, request.adapter, request.shape.precision)
     weights = weight_bytes(model)
-    state = optimizer_state(model, request.optim, request.optim_kwargs)
-    shape = Shape.from_config(models.build_config(request.model_spec))
+    state = optimizer_state(model, request.optimizer.name, request.optimizer.kwargs)
+    shape = Shape.from_config(models.build_config(request.model))
     ranks = rank_parts(request, model, state)
     fullest = {name: max(getattr(r, name) for r in ranks) if all(getattr(r, name) is not None for r in ranks)
                else None for name in ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes",
@@ -222,18 +182,19 @@ def exact_parts(request: Request, model: nn.Module | None = None) -> Exact:
                  trainable_params=weights.trainable_params, buffer_bytes=weights.buffers.total,
                  optimizer_state_note=state.note, adapted_numel=adapted_numel(model),
                  residual_itemsize=model.get_input_embeddings().weight.element_size(),
-                 ranks=ranks if request.world_size > 1 else (), gathered_bytes=gathered_bytes(request, model),
+                 ranks=ranks if request.levers.parallel.world_size > 1 else (),
+                 gathered_bytes=gathered_bytes(request, model),
                  **fullest)
 
 
-def rank_parts(request: Request, model: nn.Module, state: StatePlan) -> tuple[RankParts, ...]:
+def rank_parts(request: CellConfig, model: nn.Module, state: StatePlan) -> tuple[RankParts, ...]:
     """What each rank holds: zero1 partitions the optimizer state by whole parameters; fsdp2 shards every
     parameter on dim 0, its storage padded to the full chunk, and its state sized on the unpadded local shard
     (QLoRA's 4-bit base weights stay whole, see ``memprof.train.sharding``)."""
     from memprof.measure import formulas
     from memprof.train import sharding
 
-    n, strategy = request.world_size, request.strategy
+    n, strategy = request.levers.parallel.world_size, request.levers.parallel.strategy
     frozen = [p for p in model.parameters() if not p.requires_grad]
     trainable = [p for p in model.parameters() if p.requires_grad]
     four_bit = frozen_weight_bytes(model) - sum(p.numel() * p.element_size() for p in frozen if not is_four_bit(p))
@@ -247,20 +208,20 @@ def rank_parts(request: Request, model: nn.Module, state: StatePlan) -> tuple[Ra
     states: list[int | None] = [state.bytes] * n
     if strategy == "zero1":
         parts = sharding.zero1_partition([[math.prod(p.shape) for p in g["params"]] for g in state.groups], n)
-        states = [formulas.predict_state_bytes(request.optim, [
+        states = [formulas.predict_state_bytes(request.optimizer.name, [
             {**g, "params": [g["params"][i] for i in owned[k]]} for k, g in enumerate(state.groups)],
             state.settings) for owned in parts]
     elif strategy == "fsdp2":
-        states = [formulas.predict_state_bytes(request.optim, [
+        states = [formulas.predict_state_bytes(request.optimizer.name, [
             {**g, "params": [replace(p, shape=sharding.local_shapes(p.shape, n)[rank]) for p in g["params"]]}
             for g in state.groups], state.settings) for rank in range(n)]
     return tuple(RankParts(four_bit + plain_frozen, held(trainable), held(trainable), s) for s in states)
 
 
-def gathered_bytes(request: Request, model: nn.Module) -> int:
+def gathered_bytes(request: CellConfig, model: nn.Module) -> int:
     """FSDP2 all-gathers a unit's weights to compute with them: the root unit (embeddings, final norm, head)
     stays gathered through forward and backward, and a layer is gathered while the previous one computes."""
-    if request.strategy != "fsdp2":
+    if request.levers.parallel.strategy != "fsdp2":
         return 0
     from memprof.train.sharding import decoder_layers
 
@@ -274,28 +235,29 @@ def gathered_bytes(request: Request, model: nn.Module) -> int:
 # --- predictions ----------------------------------------------------------------------------------------------
 
 
-def predict(request: Request, exact: Exact, calibration: Calibration) -> Plan:
+def predict(request: CellConfig, exact: Exact, calibration: Calibration) -> Plan:
     """The plan for ``request`` from its exact parts and the calibrated activations and temporaries."""
-    group = calibration.group(request.precision, request.adapter_spec["kind"])
+    group = calibration.group(request.shape.precision, request.adapter.kind)
     return _assemble(request, exact, group, calibration)
 
 
-def _assemble(request: Request, exact: Exact, group: Group, calibration: Calibration) -> Plan:
-    tokens, checkpointing = request.tokens, request.gradient_checkpointing
+def _assemble(request: CellConfig, exact: Exact, group: Group, calibration: Calibration) -> Plan:
+    tokens, checkpointing = request.shape.tokens, (request.levers.gradient_checkpointing != "off")
     act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
     act_how = f"fitted ({calibration.device} calibration)"
     if checkpointing:
         act_how += ", checkpointed: each layer's input"
-    if request.attn_implementation == "eager":
+    if request.levers.attn_implementation == "eager":
         act += eager_attention_bytes(request, exact)
         act_how += ", + eager attention's seq×seq matrices (derived)"
     temp = max(0, group.temporary_bytes(act, tokens, exact.shape.vocab))
     fitted = f"fitted ({calibration.device} calibration)"
-    quant = " (4-bit + quant state)" if request.adapter_spec["kind"] == "qlora" else ""
-    per_rank = f", per rank ({request.strategy} shards it)" if request.strategy in ("zero1", "fsdp2") else ""
+    quant = " (4-bit + quant state)" if request.adapter.kind == "qlora" else ""
+    strategy = request.levers.parallel.strategy
+    per_rank = f", per rank ({strategy} shards it)" if strategy in ("zero1", "fsdp2") else ""
     parts = [
         Part("frozen weights", exact.frozen_weight_bytes, "exact" + quant + _if_fsdp2(request, per_rank)),
-        Part("adapter weights" if request.adapter_spec["kind"] != "none" else "trainable weights",
+        Part("adapter weights" if request.adapter.kind != "none" else "trainable weights",
              exact.trainable_weight_bytes, "exact" + _if_fsdp2(request, per_rank)),
         Part("buffers", exact.buffer_bytes, "exact"),
         Part("gradients", exact.gradient_bytes, "exact" + _if_fsdp2(request, per_rank)),
@@ -304,28 +266,28 @@ def _assemble(request: Request, exact: Exact, group: Group, calibration: Calibra
     ]
     if checkpointing:
         recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
-        if request.attn_implementation == "eager":
+        if request.levers.attn_implementation == "eager":
             recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
         parts.append(Part("recomputed layer", recompute, "fitted: one layer's activations, alive again in backward"))
     parts.append(Part("temporaries", temp, fitted))
-    if request.strategy in ("ddp", "zero1"):
+    if request.levers.parallel.strategy in ("ddp", "zero1"):
         parts.append(Part("DDP gradient buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients"))
-    if request.strategy == "fsdp2":
+    if request.levers.parallel.strategy == "fsdp2":
         parts.append(Part("all-gathered weights", exact.gathered_bytes,
                           "derived: the root unit and two layers unsharded at once"))
     parts.append(Part("CUDA context", calibration.cuda_context_bytes, calibration.cuda_context_source))
     return Plan(request, exact, tuple(parts), calibration.path or calibration.device)
 
 
-def _if_fsdp2(request: Request, text: str) -> str:
-    return text if request.strategy == "fsdp2" else ""
+def _if_fsdp2(request: CellConfig, text: str) -> str:
+    return text if request.levers.parallel.strategy == "fsdp2" else ""
 
 
-def eager_attention_bytes(request: Request, exact: Exact) -> int:
+def eager_attention_bytes(request: CellConfig, exact: Exact) -> int:
     """What eager attention saves beyond sdpa's kernels: each layer's softmax output, one seq × seq matrix per
     head (with checkpointing only the additive causal mask, which every checkpointed layer keeps as an input)."""
-    square = request.batch_size * request.seq_len ** 2 * exact.residual_itemsize
-    if request.gradient_checkpointing:
+    square = request.shape.batch_size * request.shape.seq_len ** 2 * exact.residual_itemsize
+    if request.levers.gradient_checkpointing != "off":
         return square
     return exact.shape.layers * exact.shape.heads * square
 
@@ -354,52 +316,53 @@ def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH
     return good
 
 
-def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> Verdict:
+def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
     """``plan`` against ``gpu``, with the largest batch (same length) and length (same batch) predicted to fit."""
     request, exact = plan.request, plan.exact
-    group = calibration.group(request.precision, request.adapter_spec["kind"])
+    group = calibration.group(request.shape.precision, request.adapter.kind)
 
     def total(batch_size: int, seq_len: int) -> int:
-        return _assemble(replace(request, batch_size=batch_size, seq_len=seq_len), exact, group,
+        sized = request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len})
+        return _assemble(sized, exact, group,
                          calibration).total_bytes
 
-    max_batch = largest(lambda b: total(b, request.seq_len) <= gpu.capacity_bytes)
+    max_batch = largest(lambda b: total(b, request.shape.seq_len) <= gpu.capacity_bytes)
     cap = exact.shape.max_positions or MAX_SEARCH
-    max_seq = largest(lambda s: total(request.batch_size, s) <= gpu.capacity_bytes, limit=cap)
-    return Verdict(gpu, plan.total_bytes, max_batch, max_seq, max_seq == cap)
+    max_seq = largest(lambda s: total(request.shape.batch_size, s) <= gpu.capacity_bytes, limit=cap)
+    return GpuFit(gpu, plan.total_bytes, max_batch, max_seq, max_seq == cap)
 
 
-def plan_requests(requests: Iterable[Request], calibration: Calibration) -> list[Plan]:
+def plan_requests(requests: Iterable[CellConfig], calibration: Calibration) -> list[Plan]:
     """Plans for many requests, building each meta model (and each optimizer's state) once."""
     models: dict[str, nn.Module] = {}
     exacts: dict[str, Exact] = {}
     plans = []
     for request in requests:
-        model_key = repr((request.model_spec, request.adapter_spec, request.precision))
+        model_key = repr((request.model, request.adapter, request.shape.precision))
         if model_key not in models:
-            models[model_key] = meta_model(request.model_spec, request.adapter_spec, request.precision)
-        exact_key = model_key + repr((request.optim, request.optim_kwargs))
+            models[model_key] = meta_model(request.model, request.adapter, request.shape.precision)
+        exact_key = model_key + repr((request.optimizer.name, request.optimizer.kwargs))
         if exact_key not in exacts:
             exacts[exact_key] = exact_parts(request, models[model_key])
         plans.append(predict(request, exacts[exact_key], calibration))
     return plans
 
 
-def requests_from_cells(cells: Iterable[Cell]) -> list[Request]:
-    """One request per memory-distinct cell (repeats, learning rates, schedules and seeds collapse)."""
-    seen: dict[str, Request] = {}
+def requests_from_cells(cells: Iterable[CellConfig]) -> list[CellConfig]:
+    """One cell per memory-distinct configuration (repeats, learning rates, schedules and seeds collapse)."""
+    seen: dict[str, CellConfig] = {}
     for cell in cells:
-        request = Request.from_cell(cell)
-        seen.setdefault(repr(request), request)
+        key = repr((cell.model, cell.adapter, cell.optimizer.name, cell.optimizer.kwargs, cell.shape, cell.levers))
+        seen.setdefault(key, cell)
     return list(seen.values())
 
 
-def request_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_modules: str = "all-linear",
-                       optimizer: str = "adamw_torch", batch_size: int = 1, seq_len: int = 2048,
-                       precision: str = "bf16", grad_accum: int = 1, gradient_checkpointing: bool = False,
-                       attn_implementation: str = "sdpa", world_size: int = 1,
-                       strategy: str | None = None) -> Request:
-    """A request from command-line values: ``model`` is a preset name or a local config/checkpoint folder.
+def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_modules: str = "all-linear",
+                    optimizer: str = "adamw_torch", batch_size: int = 1, seq_len: int = 2048, precision: str = "bf16",
+                    grad_accum: int = 1, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                    world_size: int = 1, strategy: str | None = None) -> CellConfig:
+    """The cell that command-line values describe: ``model`` is a preset name or a local config/checkpoint folder;
+    a LoRA adapter of rank ``rank`` gets ``lora_alpha = 2 * rank``.
 
     Raises:
         UserError: naming the flag that is wrong.
@@ -408,17 +371,16 @@ def request_from_flags(model: str, adapter: str = "qlora", rank: int = 16, targe
 
     from memprof.config import catalogue
     from memprof.config.presets import PRESETS
-    from memprof.suite.load import AdapterSettings, ModelSettings
 
     if model in PRESETS:
-        model_spec = ModelSettings(preset=model).model_dump()
+        spec = ModelSpec(name=model, preset=model)
     elif (Path(model) / "config.json").is_file():
-        model_spec = ModelSettings(path=model).model_dump()
+        spec = ModelSpec(name=Path(model).name, path=model)
     else:
         raise UserError("--model", f"'{model}' is neither a preset ({', '.join(PRESETS)}) nor a folder with a "
                         "config.json")
-    if adapter not in ("none", "lora", "qlora", "dora"):
-        raise UserError("--adapter", f"must be none, lora, qlora or dora, not '{adapter}'")
+    if adapter not in ADAPTER_KINDS:
+        raise UserError("--adapter", f"must be {', '.join(ADAPTER_KINDS)}, not '{adapter}'")
     for flag, value in (("--rank", rank), ("--batch-size", batch_size), ("--seq-len", seq_len),
                         ("--grad-accum", grad_accum)):
         if value <= 0:
@@ -426,21 +388,22 @@ def request_from_flags(model: str, adapter: str = "qlora", rank: int = 16, targe
     targets: str | list[str] = target_modules
     if target_modules not in ("all-linear", "attention"):
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
-    adapter_spec = AdapterSettings(kind=adapter, r=rank, alpha=2.0 * rank, target_modules=targets).model_dump()
-    adapter_spec["target_modules"] = list(targets) if isinstance(targets, list) else targets
-    if not catalogue.is_custom(optimizer):
-        try:
-            catalogue.lookup(optimizer)
-        except KeyError as err:
-            raise UserError("--optimizer", err.args[0]) from None
-    name = Path(model).name if model not in PRESETS else model
-    return Request(name, model_spec, adapter, adapter_spec, optimizer, optimizer, batch_size, seq_len, precision,
-                   grad_accum, gradient_checkpointing, attn_implementation=attn_implementation,
-                   **sharding_flags(world_size, strategy))
+    error = catalogue.unknown(optimizer)
+    if error:
+        raise UserError("--optimizer", error)
+    lora = {**LORA_DEFAULTS, "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+    return CellConfig(model=spec, adapter=AdapterSpec(name=adapter, kind=adapter, lora=lora if adapter != "none"
+                                                      else {}),
+                      optimizer=OptimizerSpec(label=optimizer, name=optimizer),
+                      shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                                      precision=precision),
+                      levers=Levers(gradient_checkpointing="on" if gradient_checkpointing else "off",
+                                    attn_implementation=attn_implementation,
+                                    parallel=sharding_flags(world_size, strategy)))
 
 
-def sharding_flags(world_size: int, strategy: str | None) -> dict[str, Any]:
-    """``--world-size``/``--strategy`` as Request fields (a world size alone means ddp).
+def sharding_flags(world_size: int, strategy: str | None) -> ParallelSpec:
+    """``--world-size``/``--strategy`` as a cell's parallel lever (a world size alone means ddp).
 
     Raises:
         UserError: naming the flag that is wrong.
@@ -451,4 +414,4 @@ def sharding_flags(world_size: int, strategy: str | None) -> dict[str, Any]:
         strategy = "ddp" if world_size > 1 else "none"
     elif world_size == 1:
         raise UserError("--strategy", f"{strategy} needs --world-size > 1")
-    return {"strategy": strategy, "world_size": world_size}
+    return ParallelSpec(strategy=strategy, world_size=world_size)

@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from memprof.config.cell import Cell
 from memprof.errors import UserError
 from memprof.results.record import Record
 
@@ -74,9 +73,9 @@ METRICS: dict[str, Metric] = {
 
 def known_metrics() -> list[str]:
     """Metrics a rule may name: the table's, and any other numeric measurement of a Record."""
-    settings = {f.name for f in fields(Cell)} | {"cell_index", "schema_version", "fail_step", "exit_code"}
+    ignored = {"schema_version", "fail_step", "exit_code", "concurrent_jobs"}
     numeric = [f.name for f in fields(Record) if str(f.type).split(" ")[0] in ("int", "float")]
-    return list(METRICS) + [name for name in numeric if name not in METRICS and name not in settings]
+    return list(METRICS) + [name for name in numeric if name not in METRICS and name not in ignored]
 
 
 def parse_spec(spec: str, current: Rule) -> Rule:

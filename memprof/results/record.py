@@ -1,15 +1,17 @@
-"""The Record: one cell's outcome as plain, frozen data (bytes as integers, seconds as floats)."""
+"""The Record: one cell's outcome as plain, frozen data: the configuration it ran (``config``) and what it measured
+(bytes as integers, seconds as floats). Flattened only when written (``to_row``: one CSV row)."""
 
 from __future__ import annotations
 
 import enum
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from memprof.config.cell import Cell, lever_label
+from memprof.config.spec import AXES, CellConfig, Spec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the configuration nested in ``config`` (1: its fields flat beside the measurements)
 # The figures a sharded cell keeps for each of its ranks (the record's own fields hold the max over ranks).
 RANK_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
                "predicted_state_bytes", "activation_bytes", "peak_allocated_bytes", "peak_rss_delta_bytes",
@@ -30,26 +32,14 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Record:
-    """What one cell measured. Fields a device does not have (CUDA peaks on the CPU) stay None."""
+    """What one cell measured. Fields a device does not have (CUDA peaks on the CPU) stay None.
 
-    cell_key: str
-    config_hash: str
-    suite: str
-    cell_index: int
-    model: str
-    adapter: str
-    optimizer: str
-    optim: str
-    batch_size: int
-    seq_len: int
-    grad_accum: int
-    precision: str
-    lr: float
-    schedule: str
-    seed: int
-    repeat: int
-    steps: int
-    warmup_steps: int
+    ``schema_version`` is the version of what it was read from (a schema-1 record's ``config`` holds only the
+    names and values that record kept, see ``memprof.results.migrate``); records are always written in the
+    current one.
+    """
+
+    config: CellConfig
     status: Status = Status.OK
     schema_version: int = SCHEMA_VERSION
     error: str = ""
@@ -69,7 +59,7 @@ class Record:
     buffer_bytes: int | None = None
     gradient_bytes: int | None = None
     optimizer_state_bytes: int | None = None
-    predicted_state_bytes: int | None = None  # memprof.measure.formulas: what the catalogue formula says it should be
+    predicted_state_bytes: int | None = None  # memprof.measure.formulas: what the catalogue formula says
     optimizer_state_paged_bytes: int | None = None
     optimizer_state_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     activation_bytes: int | None = None
@@ -101,86 +91,84 @@ class Record:
     final_loss: float | None = None
     final_loss_smoothed: float | None = None
     # convergence (memprof.analysis.convergence, memprof.analysis.diagnose)
-    adapter_r: int | None = None
     final_eval_loss: float | None = None
     eval_perplexity: float | None = None
     entropy_floor_nats: float | None = None
     floor_gap_nats: float | None = None
-    target_loss: float | None = None
     steps_to_target: int | None = None
     seconds_to_target: float | None = None
     loss_auc: float | None = None
     diagnosis: str = ""  # comma-separated memprof.analysis.diagnose codes
     verdict: str = ""  # what went wrong with the training, when something did
-    # levers (the headline figures of a sharded cell are the max over its ranks, never a sum)
-    gradient_checkpointing: str = "off"
-    attn_implementation: str = "sdpa"
-    parallel_strategy: str = "none"
-    world_size: int = 1
+    # a sharded cell's headline figures are the max over its ranks, never a sum
     ranks: list[dict[str, Any]] = field(default_factory=list)  # one dict of RANK_FIELDS per rank
+
+    @property
+    def key(self) -> str:
+        return self.config.key
 
     @property
     def peak_bytes(self) -> int | None:
         """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
 
-    @property
-    def levers(self) -> str:
-        """The memory levers this cell pulled away from the defaults ('' for none)."""
-        return lever_label(self.gradient_checkpointing, self.attn_implementation, self.parallel_strategy,
-                           self.world_size)
-
-    @classmethod
-    def for_cell(cls, cell: Cell, **values: Any) -> Record:
-        return cls(
-            cell_key=cell.key, config_hash=cell.config_hash, suite=cell.suite, cell_index=cell.index,
-            model=cell.model, adapter=cell.adapter, optimizer=cell.optimizer, optim=cell.optim,
-            batch_size=cell.batch_size, seq_len=cell.seq_len, grad_accum=cell.grad_accum,
-            precision=cell.precision, lr=cell.lr, schedule=cell.schedule, seed=cell.seed, repeat=cell.repeat,
-            steps=cell.steps, warmup_steps=cell.warmup_steps, gradient_checkpointing=cell.gradient_checkpointing,
-            attn_implementation=cell.attn_implementation, parallel_strategy=cell.strategy,
-            world_size=cell.world_size, **values)
-
     def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready data, in the current schema (its key and hash beside, for readers)."""
         data = asdict(self)
-        data["status"] = self.status.value
-        return data
+        data.update(schema_version=SCHEMA_VERSION, status=self.status.value,
+                    config=self.config.model_dump(mode="json"))
+        return {"cell_key": self.key, "config_hash": self.config.config_hash, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
+        """A record from ``to_dict``'s data (``memprof.results.migrate.read_record`` reads older schemas too).
+
+        Raises:
+            ValueError: another schema, or a configuration that does not validate.
+        """
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        values["config"] = CellConfig.model_validate(data["config"], strict=False)
         values["status"] = Status(values.get("status", "ok"))
         return cls(**values)
 
     def to_row(self) -> dict[str, Any]:
-        """One flat CSV row: nested dicts become dotted columns (``optimizer_state_bytes.uint8``)."""
-        row = self.to_dict()
-        for dtype, nbytes in row.pop("optimizer_state_bytes_by_dtype").items():
-            row[f"optimizer_state_bytes.{dtype}"] = nbytes
-        for rank, figures in enumerate(row.pop("ranks")):
-            for name, value in figures.items():
-                row[f"rank{rank}.{name}"] = value
-        return row
+        """One flat CSV row: the key, each axis as its own column (a spec-valued axis by its fields), the whole
+        configuration as JSON, then the measurements; nested figures become dotted columns
+        (``optimizer_state_bytes.uint8``, ``rank0.gradient_bytes``)."""
+        row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "cell_key": self.key,
+                               "config_hash": self.config.config_hash, "suite": self.config.suite,
+                               "cell_index": self.config.index}
+        for axis in AXES:
+            value = axis.get(self.config)
+            if isinstance(value, Spec) and not axis.named:
+                row.update({f"{axis.name}.{k}": v for k, v in value.model_dump(mode="json").items()})
+            else:
+                row[axis.name] = axis.display(value)
+        row.update(seed=self.config.training.seed, repeat=self.config.training.repeat,
+                   config=json.dumps(self.config.model_dump(mode="json"), sort_keys=True))
+        data = asdict(self)
+        for name in ("config", "schema_version"):
+            data.pop(name)
+        data["status"] = self.status.value
+        for dtype, nbytes in data.pop("optimizer_state_bytes_by_dtype").items():
+            data[f"optimizer_state_bytes.{dtype}"] = nbytes
+        for rank, figures in enumerate(data.pop("ranks")):
+            data.update({f"rank{rank}.{name}": value for name, value in figures.items()})
+        return {**row, **data}
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> Record:
         """The inverse of ``to_row`` for a row read back from CSV text (an empty cell is None).
 
         Raises:
-            ValueError: a cell that is not a number where the field is one.
+            ValueError: a cell that is not a number where the field is one, or a configuration that does not
+                validate.
         """
         types = {f.name: str(f.type) for f in fields(cls)}
-
-        def parse(name: str, text: str) -> Any:
-            kind = types.get(name, "str").split(" ")[0]
-            if text == "" and "None" in types.get(name, ""):
-                return None
-            if kind in ("int", "float"):
-                return int(text) if kind == "int" else float(text)
-            return text
-
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
         by_dtype: dict[str, int] = {}
         ranks: dict[int, dict[str, Any]] = {}
         for key, text in row.items():
@@ -189,12 +177,42 @@ class Record:
                     by_dtype[key.split(".", 1)[1]] = int(text)
             elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
                 rank, name = key.split(".", 1)
-                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse(name, text)
-            else:
-                values[key] = parse(key, text)
+                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
+                                                                                       text)
+            elif key in types and key not in ("config", "schema_version"):
+                values[key] = parse_cell(types[key], text)
+        values["config"] = CellConfig.model_validate_json(row["config"], strict=False)
+        values["status"] = Status(values.get("status") or "ok")
         # a CSV has the rank columns of its most sharded cell: the others' are empty
-        held = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
-        return cls.from_dict({**values, "optimizer_state_bytes_by_dtype": by_dtype, "ranks": held})
+        values["ranks"] = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
+        values["optimizer_state_bytes_by_dtype"] = by_dtype
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step as the training loop logs it: a row of a cell's steps.csv."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float  # before clipping
+    step_time_s: float  # evaluation excluded
+    eval_loss: float | None = None  # on steps with an evaluation
+
+
+def parse_cell(type_text: str, text: str) -> Any:
+    """A CSV cell's text as the field's type (``int | None``...): '' is None where None is allowed.
+
+    Raises:
+        ValueError: text that is not a number where the type is one.
+    """
+    kind = type_text.split(" ")[0]
+    if text == "" and "None" in type_text:
+        return None
+    if kind in ("int", "float"):
+        return int(text) if kind == "int" else float(text)
+    return text
 
 
 def smoothed_final(losses: list[float], window: int = 5) -> float:

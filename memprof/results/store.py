@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memprof.errors import UserError
+from memprof.errors import UserError, one_line_text
+from memprof.results.migrate import read_record, read_row
 from memprof.results.record import SCHEMA_VERSION, CellResult, Record, Status
 
 
@@ -73,7 +74,7 @@ class RunWriter:
 
     def append(self, result: CellResult) -> None:
         record = result.record
-        cell_dir = self.run_dir / "cells" / f"{record.cell_index:04d}"
+        cell_dir = self.run_dir / "cells" / f"{record.config.index:04d}"
         cell_dir.mkdir(exist_ok=True)
         for name, rows in (("steps.csv", result.steps), ("timeline.csv", result.timeline)):
             if rows:
@@ -131,6 +132,8 @@ def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
     except (OSError, ValueError) as err:
         raise UserError(str(path), f"cannot read: {err}") from None
     for key in RESUME_KEYS:
+        if key == "config_hashes" and recorded.get("schema_version") == 1:
+            continue  # schema 1 hashed configurations another way; its cell keys still name the same cells
         if recorded.get(key) != manifest.get(key):
             what = {"suite_digest": f"the run's suite hash is {recorded.get(key)}, this suite's is {manifest.get(key)}",
                     "suite": f"the run is of suite '{recorded.get(key)}', not '{manifest.get(key)}'"}.get(
@@ -154,7 +157,7 @@ def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
         write_atomic(run_dir / "cells.csv", to_csv([r.to_row() for r in records]))
     else:
         (run_dir / "cells.csv").unlink(missing_ok=True)
-    finished = {r.cell_index for r in records}
+    finished = {r.config.index for r in records}
     for cell_dir in (run_dir / "cells").glob("*"):
         if cell_dir.is_dir() and cell_dir.name.isdigit() and int(cell_dir.name) not in finished:
             shutil.rmtree(cell_dir)
@@ -162,10 +165,10 @@ def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
 
 
 def read_records(run_dir: Path) -> list[Record]:
-    """The records of a run folder; a torn last line (the writer was killed mid-write) is skipped.
+    """The records of a run folder (schema 1 or 2); a torn last line (the writer was killed mid-write) is skipped.
 
     Raises:
-        UserError: when the folder is not a result folder, or has a record of another schema version.
+        UserError: when the folder is not a result folder, or has a record this memprof cannot read.
     """
     path = run_dir / "records.jsonl"
     if not path.exists() and (run_dir / "manifest.json").exists():
@@ -181,10 +184,10 @@ def read_records(run_dir: Path) -> list[Record]:
             if n == len(lines):
                 break
             raise UserError(str(path), f"line {n}: not valid JSON") from None
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(str(path), f"line {n}: schema_version {data.get('schema_version')} "
-                            f"(this memprof reads {SCHEMA_VERSION})")
-        records.append(Record.from_dict(data))
+        try:
+            records.append(read_record(data))
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
     return records
 
 
@@ -208,11 +211,8 @@ def read_csv_records(path: Path) -> list[Record]:
         raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
     records = []
     for n, row in enumerate(rows, 2):
-        if row["schema_version"] != str(SCHEMA_VERSION):
-            raise UserError(str(path), f"line {n}: schema_version {row['schema_version'] or None} "
-                            f"(this memprof reads {SCHEMA_VERSION})")
         try:
-            records.append(Record.from_row(row))
-        except (ValueError, TypeError) as err:
-            raise UserError(str(path), f"line {n}: {err}") from None
+            records.append(read_row(row))
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
     return records

@@ -1,8 +1,8 @@
-"""Executors: submit a cell, get back its CellResult. The local one runs each cell in a fresh forked process."""
+"""Executors: submit a cell, get back its CellResult. The local one runs each cell in a fresh process forked by a
+zygote (``memprof.run.zygote``), speaking ``memprof.run.messages`` with it."""
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -16,27 +16,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.errors import UserError
 from memprof.results.record import CellResult
+from memprof.run.messages import CellDone, CheckModels, Hello, Message, ModelsChecked, Problem, RunCell, StepDone, \
+    decode, encode
 
-
-class Executor(Protocol):
-    def run(self, cell: Cell) -> CellResult: ...
-
-    def interrupt(self) -> None: ...
-
-    def close(self) -> None: ...
+OnStep = Callable[[StepDone], None]
 
 
 class Pool(Protocol):
     """What the runner drives: local processes (``LocalPool``) or a Ray cluster (``memprof.run.ray_pool``)."""
 
-    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]: ...
+    def preflight(self, cells: list[CellConfig]) -> list[Problem]: ...
 
     def log_to(self, log_dir: Path) -> None: ...
 
-    def run_all(self, cells: list[Cell], stopping: Callable[[], bool]) -> Iterator[CellResult]: ...
+    def run_all(self, cells: list[CellConfig], stopping: Callable[[], bool],
+                on_step: OnStep | None = None) -> Iterator[CellResult]: ...
 
     def interrupt(self) -> None: ...
 
@@ -75,7 +72,7 @@ class LocalExecutor:
         self._ready = False
         self.has_cuda: bool | None = None
 
-    def _read(self) -> dict:
+    def _read(self) -> Message:
         # Blocks in read(2) until the zygote answers: the parent takes no CPU while a cell trains.
         line = self._proc.stdout.readline()
         if not line:
@@ -83,7 +80,7 @@ class LocalExecutor:
             self._log.seek(0)
             tail = " | ".join(self._log.read().decode("utf-8", "replace").strip().splitlines()[-5:])
             raise ZygoteDied(f"the worker zygote exited (code {code}): {tail}")
-        return json.loads(line)
+        return decode(line)
 
     def log_to(self, log_dir: Path) -> None:
         """Write the cells' logs into ``log_dir`` (created) from now on."""
@@ -93,11 +90,13 @@ class LocalExecutor:
     def wait_ready(self) -> None:
         if not self._ready:
             hello = self._read()
-            self.has_cuda = bool(hello.get("cuda"))
+            if not isinstance(hello, Hello):
+                raise ZygoteDied(f"the worker zygote said {type(hello).__name__} before Hello")
+            self.has_cuda = hello.cuda
             self._ready = True
 
-    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
-        """The problems ``memprof.run.preflight.check_all`` finds in these (model, adapter) pairs.
+    def preflight(self, cells: list[CellConfig]) -> list[Problem]:
+        """The problems ``memprof.run.preflight.check_all`` finds in these cells' models and adapters.
 
         Raises:
             PreflightFailed: the checking process died or hung (the reason is the message).
@@ -106,30 +105,42 @@ class LocalExecutor:
         fd, log = tempfile.mkstemp(prefix="memprof-preflight-", suffix=".log")
         os.close(fd)
         try:
-            answer = self._ask({"preflight": pairs, "log": log})
+            self._send(CheckModels(cells, log))
+            answer = self._read()
         finally:
             os.unlink(log)
-        if "failed" in answer:
-            raise PreflightFailed(answer["failed"])
-        return answer["problems"]
+        if not isinstance(answer, ModelsChecked):
+            raise ZygoteDied(f"the worker zygote answered the model checks with {type(answer).__name__}")
+        if answer.failed:
+            raise PreflightFailed(answer.failed)
+        return answer.problems
 
-    def _ask(self, request: dict) -> dict:
-        self._proc.stdin.write(json.dumps(request) + "\n")
+    def _send(self, message: Message) -> None:
+        self._proc.stdin.write(encode(message) + "\n")
         self._proc.stdin.flush()
-        return self._read()
 
-    def log_path(self, cell: Cell) -> Path:
+    def log_path(self, cell: CellConfig) -> Path:
         """Where ``run`` writes the cell's log."""
         if self.log_dir is None:
             raise RuntimeError("LocalExecutor.run before log_to: the cell's log has nowhere to go")
         return self.log_dir / f"cell-{cell.index:04d}.log"
 
-    def run(self, cell: Cell) -> CellResult:
+    def run(self, cell: CellConfig, on_step: OnStep | None = None) -> CellResult:
+        """The cell's result; ``on_step`` hears of each optimizer step as the cell finishes it."""
         log = self.log_path(cell)
         self.wait_ready()
         t0 = time.perf_counter()
-        request = {"cell": cell.to_dict(), "log": str(log.resolve()), "sample_interval_s": self.sample_interval_s}
-        result = CellResult.from_dict(self._ask(request))
+        self._send(RunCell(cell, str(log.resolve()), self.sample_interval_s))
+        while True:
+            answer = self._read()
+            if isinstance(answer, StepDone):
+                if on_step is not None:
+                    on_step(answer)
+            elif isinstance(answer, CellDone):
+                break
+            else:
+                raise ZygoteDied(f"the worker zygote answered a cell with {type(answer).__name__}")
+        result = answer.result
         result.record = replace(result.record, harness_wall_s=time.perf_counter() - t0)
         return result
 
@@ -191,20 +202,22 @@ class LocalPool:
             return {"CUDA_VISIBLE_DEVICES": str(index)}
         return threads_env(max(1, (os.cpu_count() or 1) // self.jobs))
 
-    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
-        return self.executors[0].preflight(pairs)
+    def preflight(self, cells: list[CellConfig]) -> list[Problem]:
+        return self.executors[0].preflight(cells)
 
     def log_to(self, log_dir: Path) -> None:
         for executor in self.executors:
             executor.log_to(log_dir)
 
-    def run_all(self, cells: list[Cell], stopping: Callable[[], bool]) -> Iterator[CellResult]:
-        """Results in the order cells finish. A job takes no new cell once ``stopping()`` is true.
+    def run_all(self, cells: list[CellConfig], stopping: Callable[[], bool],
+                on_step: OnStep | None = None) -> Iterator[CellResult]:
+        """Results in the order cells finish. A job takes no new cell once ``stopping()`` is true; ``on_step``
+        hears of every cell's steps (from the jobs' threads).
 
         Raises:
             ZygoteDied: a job's zygote died (the harness, not a cell, failed).
         """
-        todo: queue.SimpleQueue[Cell] = queue.SimpleQueue()
+        todo: queue.SimpleQueue[CellConfig] = queue.SimpleQueue()
         for cell in cells:
             todo.put(cell)
         done: queue.SimpleQueue[CellResult | BaseException | None] = queue.SimpleQueue()
@@ -216,7 +229,7 @@ class LocalPool:
                         cell = todo.get_nowait()
                     except queue.Empty:
                         break
-                    result = executor.run(cell)
+                    result = executor.run(cell, on_step)
                     result.record = replace(result.record, concurrent_jobs=self.jobs,
                                             visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""))
                     done.put(result)

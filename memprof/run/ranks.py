@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -21,26 +21,31 @@ from typing import Any
 
 import torch
 
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.results.record import RANK_FIELDS, CellResult, Record, Status
-from memprof.run.zygote import die_with
+from memprof.run import processes
+from memprof.run.worker import measure_cell
+
+EXIT_CELL_FAILED = 3  # a rank whose cell did not end ok: the others would wait in a collective until the timeout
 
 
-def run_ranks(cell: Cell, sample_interval_s: float) -> CellResult:
-    """Run ``cell`` on ``cell.world_size`` ranks and merge their records; a rank that dies takes the others down
-    and makes the cell ``crashed``."""
+def run_ranks(cell: CellConfig, sample_interval_s: float,
+              on_step: Callable[[int, float], None] | None = None) -> CellResult:
+    """Run ``cell`` on ``world_size`` ranks and merge their records; a rank that dies takes the others down and
+    makes the cell ``crashed``. Rank 0 reports its steps to ``on_step``."""
+    world_size = cell.levers.parallel.world_size
     with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
         rendezvous = Path(tmp) / "rendezvous"
-        pids, launcher = {}, os.getpid()
-        for rank in range(cell.world_size):
-            pid = os.fork()
-            if pid == 0:
-                die_with(launcher)  # a rank outliving its cell would wait in a collective until the timeout
-                _rank_child(cell, rank, rendezvous, Path(tmp) / f"rank{rank}.json", sample_interval_s)
+        pids = {}
+        for rank in range(world_size):
+            out = Path(tmp) / f"rank{rank}.json"
+            report = on_step if rank == 0 else None
+            pid = processes.fork(lambda rank=rank, out=out, report=report:
+                                 _rank(cell, rank, rendezvous, out, sample_interval_s, report))
             pids[pid] = rank
         codes = _join(pids)
         results: dict[int, CellResult] = {}
-        for rank in range(cell.world_size):
+        for rank in range(world_size):
             path = Path(tmp) / f"rank{rank}.json"
             if path.exists():
                 results[rank] = CellResult.from_dict(json.loads(path.read_text()))
@@ -49,7 +54,7 @@ def run_ranks(cell: Cell, sample_interval_s: float) -> CellResult:
 
 def _join(pids: dict[int, int]) -> dict[int, int]:
     """Wait for every rank (blocking). When one exits abnormally the rest could only hang in a collective, so
-    they are killed. Returns each rank's wait status, in the order the ranks exited."""
+    they are killed. Returns each rank's exit code (negative: a signal), in the order the ranks exited."""
     codes: dict[int, int] = {}
     while len(codes) < len(pids):
         try:
@@ -58,59 +63,43 @@ def _join(pids: dict[int, int]) -> dict[int, int]:
             continue
         if pid not in pids:
             continue
-        codes[pids[pid]] = status
+        codes[pids[pid]] = os.waitstatus_to_exitcode(status)
         if status != 0:
             for other, rank in pids.items():
                 if rank not in codes:
-                    _kill(other)
+                    processes.kill(other)
     return codes
 
 
-def _kill(pid: int) -> None:
+def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_interval_s: float,
+          on_step: Callable[[int, float], None] | None) -> int:
+    import torch.distributed as dist
+
+    world_size = cell.levers.parallel.world_size
+    cuda = cell.budget.device != "cpu" and torch.cuda.device_count() > 0
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if not cuda:  # the ranks share the cell's cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=cell.budget.timeout_s))
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _rank_child(cell: Cell, rank: int, rendezvous: Path, out: Path, sample_interval_s: float) -> None:
-    code = 0
-    try:
-        import torch.distributed as dist
-
-        from memprof.run.worker import measure_cell
-
-        cuda = cell.device != "cpu" and torch.cuda.device_count() > 0
-        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        if not cuda:  # the ranks share the cell's cores
-            torch.set_num_threads(max(1, torch.get_num_threads() // cell.world_size))
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
-                                world_size=cell.world_size, timeout=timedelta(seconds=cell.timeout_s))
-        try:
-            result = measure_cell(cell, device, sample_interval_s)
-        finally:
-            dist.destroy_process_group()
-        out.write_text(json.dumps(result.to_dict(), default=str))
-        if result.record.status is not Status.OK:
-            code = 3  # the others would wait in a collective until the timeout: the launcher stops them
-    except BaseException:  # noqa: BLE001 - the launcher records a crash from our exit code
-        import traceback
-
-        traceback.print_exc()
-        code = 70
+        result = measure_cell(cell, device, sample_interval_s, on_step)
     finally:
-        os._exit(code)
+        dist.destroy_process_group()
+    out.write_text(json.dumps(result.to_dict(), default=str))
+    return 0 if result.record.status is Status.OK else EXIT_CELL_FAILED
 
 
-def merge(cell: Cell, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
+def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
     """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``.
     The first rank to fail (``codes`` is in exit order) gives the status and the base record (else rank 0)."""
-    failed = [r for r, status in codes.items() if status != 0]
+    failed = [r for r, code in codes.items() if code != 0]
     base = failed[0] if failed else 0
     if base not in results:
-        return CellResult(Record.for_cell(cell, status=Status.CRASHED, error=_why(base, codes.get(base))))
+        return CellResult(Record(cell, status=Status.CRASHED, error=_why(base, codes.get(base))))
+    world_size = cell.levers.parallel.world_size
     ranks = [{name: getattr(results[r].record, name) for name in RANK_FIELDS} if r in results else {}
-             for r in range(cell.world_size)]
+             for r in range(world_size)]
     values: dict[str, Any] = {}
     for name in RANK_FIELDS:
         figures = [f[name] for f in ranks if f.get(name) is not None]
@@ -122,9 +111,9 @@ def merge(cell: Cell, results: dict[int, CellResult], codes: dict[int, int]) -> 
     return CellResult(record, results[base].steps, results[base].timeline)
 
 
-def _why(rank: int, status: int | None) -> str:
-    if status is None:
+def _why(rank: int, code: int | None) -> str:
+    if code is None:
         return f"rank {rank} left no result"
-    if os.WIFSIGNALED(status):
-        return f"rank {rank} was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"rank {rank} exited with code {os.WEXITSTATUS(status)} (its traceback is in the cell's log)"
+    if code == processes.EXIT_EXCEPTION:
+        return f"rank {rank} {processes.describe_exit(code)} (its traceback is in the cell's log)"
+    return f"rank {rank} {processes.describe_exit(code)}"

@@ -24,12 +24,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.errors import UserError, one_line
-from memprof.run.executor import LocalExecutor, PreflightFailed, threads_env
 from memprof.results.record import CellResult, Record, Status
+from memprof.run.executor import LocalExecutor, OnStep, PreflightFailed, threads_env
+from memprof.run.messages import CellDone, Problem
 
 try:
     import ray
@@ -44,9 +44,8 @@ LOG_TAIL_BYTES = 1 << 20
 _worker: tuple[tuple[str | None, int, float], LocalExecutor] | None = None
 
 
-def run_cell_task(cell_data: dict[str, Any], threads: int, sample_interval_s: float) -> dict[str, Any]:
+def run_cell_task(cell: CellConfig, threads: int, sample_interval_s: float) -> CellDone:
     """A Ray task: one cell in a process forked from this worker's zygote; its result and the tail of its log."""
-    cell = Cell.from_dict(cell_data)
     executor = _worker_executor(threads, sample_interval_s)
     log = executor.log_path(cell)
     try:
@@ -56,13 +55,13 @@ def run_cell_task(cell_data: dict[str, Any], threads: int, sample_interval_s: fl
         raise
     result.record = replace(result.record, host=socket.gethostname(),
                             visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    return {"result": result.to_dict(), "log_name": log.name, "log": _take_tail(log)}
+    return CellDone(result, log.name, _take_tail(log))
 
 
-def run_preflight_task(pairs: list[dict], sample_interval_s: float) -> list[dict[str, str]]:
+def run_preflight_task(cells: list[CellConfig], sample_interval_s: float) -> list[Problem]:
     """A Ray task: the suite's model checks (``LocalExecutor.preflight``), by this worker's zygote."""
     try:
-        return _worker_executor(CPUS_PER_RANK, sample_interval_s).preflight(pairs)
+        return _worker_executor(CPUS_PER_RANK, sample_interval_s).preflight(cells)
     except PreflightFailed:
         raise  # the zygote answered: it can take the cells
     except BaseException:
@@ -123,7 +122,7 @@ class RayPool:
             raise UserError("--executor", 'ray is not installed: pip install "memprof[ray]"')
         self.sample_interval_s = sample_interval_s
         self.log_dir: Path | None = None
-        self._refs: dict[ray.ObjectRef, tuple[Cell, int]] = {}
+        self._refs: dict[ray.ObjectRef, tuple[CellConfig, int]] = {}
         self._checking: ray.ObjectRef | None = None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -135,13 +134,13 @@ class RayPool:
         self._task = ray.remote(max_retries=0, max_calls=0)(run_cell_task)
         self._check = ray.remote(max_retries=0, max_calls=0, num_cpus=CPUS_PER_RANK)(run_preflight_task)
 
-    def preflight(self, pairs: list[dict]) -> list[dict[str, str]]:
+    def preflight(self, cells: list[CellConfig]) -> list[Problem]:
         """The problems ``memprof.run.preflight.check_all`` finds, checked by a Ray worker (see the class).
 
         Raises:
             PreflightFailed: the checking process died or hung, or ``interrupt`` cancelled the checks.
         """
-        self._checking = self._check.options(name="memprof preflight").remote(pairs, self.sample_interval_s)
+        self._checking = self._check.options(name="memprof preflight").remote(cells, self.sample_interval_s)
         try:
             return ray.get(self._checking)
         except ray.exceptions.RayTaskError as err:
@@ -158,8 +157,10 @@ class RayPool:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
 
-    def run_all(self, cells: list[Cell], stopping: Callable[[], bool]) -> Iterator[CellResult]:
+    def run_all(self, cells: list[CellConfig], stopping: Callable[[], bool],
+                on_step: OnStep | None = None) -> Iterator[CellResult]:
         """Results in the order the tasks end. Every cell is submitted at once: Ray queues what it cannot start.
+        Ray brings a cell back whole, so ``on_step`` hears nothing.
 
         A task whose worker died is a ``crashed`` record (``oom`` if Ray's memory monitor killed it); once
         ``stopping()`` is true, cancelled cells are not recorded (``--resume`` runs them).
@@ -177,16 +178,17 @@ class RayPool:
                 result.record = replace(result.record, concurrent_jobs=concurrent)
                 yield result
 
-    def _submit(self, cell: Cell, resources: dict[str, float]) -> None:
+    def _submit(self, cell: CellConfig, resources: dict[str, float]) -> None:
         """One task for the cell; remembers how many such tasks the cluster runs at once."""
-        gpus = cell.world_size if resources.get("GPU", 0) >= 1 and cell.device != "cpu" else 0
-        cpus = CPUS_PER_RANK * cell.world_size
+        ranks = cell.levers.parallel.world_size
+        gpus = ranks if resources.get("GPU", 0) >= 1 and cell.budget.device != "cpu" else 0
+        cpus = CPUS_PER_RANK * ranks
         concurrent = int(resources["GPU"] // gpus) if gpus else int(resources.get("CPU", cpus) // cpus)
         ref = self._task.options(name=f"memprof cell {cell.index}", num_gpus=gpus, num_cpus=cpus).remote(
-            cell.to_dict(), cpus, self.sample_interval_s)
+            cell, cpus, self.sample_interval_s)
         self._refs[ref] = (cell, max(1, concurrent))
 
-    def _collect(self, ref: ray.ObjectRef, cell: Cell, stopping: bool) -> CellResult | None:
+    def _collect(self, ref: ray.ObjectRef, cell: CellConfig, stopping: bool) -> CellResult | None:
         """The task's result, or the Record of its failure; None for a task that ended because we stopped."""
         try:
             answer = ray.get(ref)
@@ -194,10 +196,10 @@ class RayPool:
             if stopping:
                 return None
             status, error = _failure(err)
-            return CellResult(Record.for_cell(cell, status=status, error=error))
+            return CellResult(Record(cell, status=status, error=error))
         if self.log_dir is not None:
-            (self.log_dir / answer["log_name"]).write_text(answer["log"], encoding="utf-8")
-        return CellResult.from_dict(answer["result"])
+            (self.log_dir / answer.log_name).write_text(answer.log, encoding="utf-8")
+        return answer.result
 
     def interrupt(self) -> None:
         """Ctrl-C: cancel the model checks and every task not collected yet. A running task is cancelled by

@@ -1,39 +1,61 @@
-"""Run a suite's cells through an executor, writing each result as it arrives, with a progress bar."""
+"""Run a suite's cells through a pool of executors, writing each result as it arrives. Enters: a validated
+``Suite`` and its cells; leaves: the results folder and a ``RunOutcome``. What a person sees meanwhile is the
+``Observer``'s business (``memprof.views.progress``): this module prints nothing."""
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from memprof.results import env as env_mod
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.errors import UserError
-from memprof.run.executor import LocalPool, Pool, PreflightFailed
-from memprof.results.record import Status
+from memprof.results import env as env_mod
+from memprof.results.record import CellResult, Record, Status
 from memprof.results.store import RunWriter, new_run_dir, prepare_resume
-from memprof.suite.load import Suite
-from memprof.views.tables import results_table
+from memprof.run.executor import LocalPool, Pool, PreflightFailed
+from memprof.run.messages import StepDone
+from memprof.suite import Suite
 
-EXIT_INTERRUPTED = 130
+
+class Observer(Protocol):
+    """What a run tells whoever watches it, in order: ``checking`` (a block while the workers start and the models
+    are checked), ``start``, then ``step`` and ``done`` as they happen (``step`` from the pool's threads)."""
+
+    def checking(self) -> AbstractContextManager[None]: ...
+
+    def start(self, cells: list[CellConfig], finished: list[Record]) -> None: ...
+
+    def step(self, message: StepDone) -> None: ...
+
+    def done(self, result: CellResult) -> None: ...
 
 
-def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s: float, console: Console,
-              out: Console, compare: Callable[[Path], int] | None = None, resume: Path | None = None,
-              jobs: int = 1, executor: str = "local", address: str | None = None) -> int:
-    """Run every cell; return the process exit code (0, or 130 when interrupted).
+@dataclass(frozen=True)
+class RunOutcome:
+    """Where the results went (None: interrupted before anything was written), every record of the folder, and
+    whether the run was interrupted (``memprof run --resume run_dir`` finishes it)."""
 
-    Faults inside cells are results and do not change the exit code. Ctrl-C or SIGTERM interrupts the running
-    cell (recorded as ``interrupted``), keeps every finished cell, and stops. ``compare``, called with the run
-    folder after a run that was not interrupted, gives the exit code instead (``--compare-to``). ``resume``, an
-    earlier run folder of the same suite and cells, gets only the cells it lacks (interrupted ones run again).
+    run_dir: Path | None
+    records: list[Record]
+    interrupted: bool
 
-    No results folder is created before the suite's models passed the checks that need the libraries
-    (``memprof.run.preflight``); a failure there is a UserError. ``executor`` is ``local`` (``jobs`` processes) or
-    ``ray`` (tasks on the Ray cluster at ``address``, see ``memprof.run.ray_pool``).
+
+def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_interval_s: float, observer: Observer,
+              resume: Path | None = None, jobs: int = 1, executor: str = "local",
+              address: str | None = None) -> RunOutcome:
+    """Run every cell (``resume``: an earlier run folder of the same suite and cells, which gets only the cells it
+    lacks; interrupted ones run again).
+
+    Faults inside cells are results. Ctrl-C or SIGTERM interrupts the running cell (recorded as ``interrupted``),
+    keeps every finished cell, and stops. No results folder is created before the suite's models passed the checks
+    that need the libraries (``memprof.run.preflight``). ``executor`` is ``local`` (``jobs`` processes) or ``ray``
+    (tasks on the Ray cluster at ``address``, see ``memprof.run.ray_pool``).
+
+    Raises:
+        UserError: a model or adapter the checks refuse, or a folder that cannot be resumed.
     """
     manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in cells],
                 "config_hashes": [c.config_hash for c in cells]}
@@ -49,45 +71,33 @@ def run_suite(suite: Suite, cells: list[Cell], out_root: Path, sample_interval_s
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        problems: list[dict[str, str]] = []
-        with console.status(f"{suite.name}: starting workers and checking the models"):
+        with observer.checking():
             try:
                 problems = pool.preflight(suite.preflight_pairs())
             except PreflightFailed as err:
                 if not stopping:
                     raise UserError(str(suite.path), f"checking the models failed: {err}") from None
+                problems = []
         if stopping:
-            console.print("interrupted before any cell ran; nothing was written")
-            return EXIT_INTERRUPTED
+            return RunOutcome(None, [], True)
         if problems:
-            raise suite.preflight_error(problems[0])
+            p = problems[0]
+            raise suite.preflight_error(p.model, p.adapter, p.field, p.error)
         run_dir = resume or new_run_dir(out_root, suite.name)
         pool.log_to(run_dir / "logs")
         writer = RunWriter(run_dir, suite.text, manifest, env_mod.capture())
-        finished = {r.cell_index for r in writer.records}
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console,
-                      transient=False) as progress:
-            jobs_note = " (Ray)" if executor == "ray" else f" ({jobs} jobs)" if jobs > 1 else ""
-            task = progress.add_task(suite.name + jobs_note, total=len(cells), completed=len(finished), last="")
-            pending = [c for c in cells if c.index not in finished]
-            for result in pool.run_all(pending, lambda: stopping):
-                writer.append(result)
-                r = result.record
-                progress.update(task, advance=1, last=f"last: {r.optimizer} {r.status.value}")
+        finished = {r.config.index for r in writer.records}
+        observer.start(cells, list(writer.records))
+        pending = [c for c in cells if c.index not in finished]
+        for result in pool.run_all(pending, lambda: stopping, observer.step):
+            writer.append(result)
+            observer.done(result)
     finally:
         pool.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    out.print(results_table(writer.records, title=f"{suite.name} — {run_dir}"))
     interrupted = stopping or any(r.status is Status.INTERRUPTED for r in writer.records)
-    where = " --executor ray" + (f" --address {address}" if address else "") if executor == "ray" else \
-        f" --jobs {jobs}" if jobs > 1 else ""
-    console.print(f"results: {run_dir}" + (f" [yellow](interrupted; finish it with: memprof run --resume {run_dir}"
-                                           f"{where})[/]" if interrupted else ""), highlight=False, soft_wrap=True)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    return compare(run_dir) if compare is not None else 0
+    return RunOutcome(run_dir, writer.records, interrupted)
 
 
 def make_pool(executor: str, jobs: int, address: str | None, sample_interval_s: float) -> Pool:
@@ -97,3 +107,4 @@ def make_pool(executor: str, jobs: int, address: str | None, sample_interval_s: 
 
         return RayPool(address, sample_interval_s=sample_interval_s)
     return LocalPool(jobs, sample_interval_s=sample_interval_s)
+

@@ -1,36 +1,23 @@
-"""Run one cell: build → warm up → measured steps → Record. Every fault becomes a field of the Record."""
+"""Measure one cell on one device: build → warm up → measured steps → Record. Every fault becomes a field of the
+Record. Enters: a ``CellConfig`` and a device; leaves: a ``CellResult`` (record, per-step rows, memory timeline)."""
 
 from __future__ import annotations
 
 import socket
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from memprof.measure.attribution import attribute
-from memprof.config.cell import Cell
+from memprof.config.spec import CellConfig
 from memprof.errors import one_line
-from memprof.results.record import CellResult, Record, Status
+from memprof.measure.attribution import attribute
 from memprof.measure.host import rss_bytes
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from memprof.train.loop import Probe, StepLog
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
+from memprof.results.record import CellResult, Record, Status
+from memprof.train.training import Training
 
 
 def is_oom(err: BaseException) -> bool:
@@ -40,84 +27,20 @@ def is_oom(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-_DATA_STRIDE = 1_000_003  # ranks of a sharded cell draw disjoint batch streams: seed + stride * rank
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-@dataclass
-class Training:
-    """A cell's model, optimizer, schedule and data, built the one way every caller builds them (``run_cell``,
-    ``memprof crosscheck``, the tracker-overhead benchmark). Fields fill in as they are built, so after a fault
-    part-way what was built can still be measured."""
-
-    cell: Cell
-    device: torch.device
-    model: nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
-    batches: Iterator[torch.Tensor] | None = None
-    held_out: Sequence[torch.Tensor] = ()
-    entropy_floor_nats: float | None = None
-
-    def build(self) -> Training:
-        from memprof.train import data, models, optim
-
-        cell, device = self.cell, self.device
-        torch.manual_seed(cell.seed)
-        self.model = models.build_model(cell.model_spec, cell.adapter_spec, cell.precision, device,
-                                        cell.attn_implementation, cell.gradient_checkpointing)
-        construct = None
-        if cell.strategy != "none":
-            from memprof.train import sharding
-
-            self.model, construct = sharding.shard(self.model, cell.strategy, device)
-        self.optimizer = optim.build_optimizer(cell.optim, cell.optim_kwargs, cell.lr, self.model, device, construct)
-        self.scheduler = optim.build_schedule(cell.schedule, self.optimizer, cell.lr_warmup_steps, cell.steps,
-                                              cell.schedule_kwargs)
-        if optim.is_schedule_free(self.optimizer):
-            self.optimizer.train()
-        corpus = data.load_corpus(cell.data_spec, cell.data_spec.get("seed", 0))
-        self.entropy_floor_nats = corpus.entropy_floor_nats
-        self.batches = data.batches(corpus.train, cell.batch_size, cell.seq_len, cell.seed + _DATA_STRIDE * _rank())
-        self.held_out = data.eval_batches(corpus.eval, cell.batch_size, cell.seq_len, cell.eval_batches)
-        return self
-
-    def train(self, probe: Probe) -> list[StepLog]:
-        """The cell's steps (and held-out evaluation) with ``probe`` observing; raises what ``train`` raises."""
-        from memprof.train.loop import train
-
-        cell = self.cell
-        return train(self.model, self.optimizer, self.scheduler, self.batches, cell.steps, cell.grad_accum,
-                     cell.max_grad_norm, self.device, probe, self.held_out, cell.eval_every)
-
-
-def run_cell(cell: Cell, sample_interval_s: float = 0.01) -> CellResult:
-    """Build the cell's model and optimizer, train it, and measure everything on the way; a sharded cell on
-    each of its ranks (``memprof.run.ranks``, which forks them before anything here computes).
+def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: float = 0.01,
+                 on_step: Callable[[int, float], None] | None = None) -> CellResult:
+    """Build the cell's model and optimizer on ``device``, train it, and measure everything on the way: the
+    whole cell, or one of a sharded cell's ranks (``memprof.run.launch`` decides).
 
     Never raises for a fault inside the cell (OOM, divergence, a library error, Ctrl-C): those are the
-    Record's ``status``.
+    Record's ``status``. ``on_step(step, loss)`` hears of every finished optimizer step.
     """
-    if cell.strategy != "none":
-        from memprof.run.ranks import run_ranks
-
-        return run_ranks(cell, sample_interval_s)
-    return measure_cell(cell, resolve_device(cell.device), sample_interval_s)
-
-
-def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.01) -> CellResult:
-    """``run_cell`` on one device: the only rank, or one of a sharded cell's ranks."""
     from memprof.analysis import convergence
     from memprof.measure import formulas
-    from memprof.train import models, optim
-    from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
     from memprof.measure.probe import CellProbe
+    from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
     from memprof.measure.sampler import Sampler
+    from memprof.train import models, optim
     from memprof.train.loop import Diverged
 
     t_start = time.perf_counter()
@@ -134,7 +57,8 @@ def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.
             stack.enter_context(allocator)
         try:
             built.build()
-            probe = CellProbe(built.model, sampler, allocator, snapshot_step=max(cell.warmup_steps - 1, 0))
+            probe = CellProbe(built.model, sampler, allocator,
+                              snapshot_step=max(cell.training.warmup_steps - 1, 0), on_step=on_step)
             values["setup_s"] = time.perf_counter() - t_start
             built.train(probe)
         except Diverged as err:
@@ -160,16 +84,15 @@ def measure_cell(cell: Cell, device: torch.device, sample_interval_s: float = 0.
         built.model.reshard()  # FSDP2 keeps the root unit gathered after a forward: count the rank's shards
     values.update(exact_values(built.model, built.optimizer))
     if built.optimizer is not None:
-        values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optim, built.optimizer)
+        values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optimizer.name, built.optimizer)
     values.update(peak_values(sampler, allocator, baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)
-    values.update(step_summary(logs, cell.warmup_steps, cell.tokens_per_step))
+    values.update(step_summary(logs, cell.training.warmup_steps, cell.tokens_per_step))
     if status in (Status.OK, Status.DIVERGED):  # a curve cut short by a crash or OOM says nothing about learning
-        values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.target_loss))
-    values["adapter_r"] = cell.adapter_spec.get("r") if cell.adapter_spec.get("kind", "none") != "none" else None
+        values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.training.target_loss))
     values["cell_wall_s"] = time.perf_counter() - t_start
-    record = attribute(Record.for_cell(cell, status=status, **values))
-    steps = [{"cell_key": cell.key, "repeat": cell.repeat, **vars(log)} for log in logs]
+    record = attribute(Record(cell, status=status, **values))
+    steps = [{"cell_key": cell.key, "repeat": cell.training.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])

@@ -1,43 +1,40 @@
-"""The zygote: a process that imports the heavy libraries once, then forks one fresh worker per cell.
+"""The zygote: a process that imports the heavy libraries once, then forks one fresh process per cell.
 
-Protocol (JSON lines): the executor writes ``{"cell": {...}, "log": path, "sample_interval_s": s}`` on stdin;
-the zygote answers one ``CellResult`` dict per request on its protocol stream. It imports and never computes
-(libgomp is not fork-safe once a parallel op ran), and on a CUDA host it preloads only CUDA-clean modules and
-refuses to fork once CUDA was initialised (a forked child could not use the GPU).
+It speaks ``memprof.run.messages`` as JSON lines: ``Hello`` once its imports are done, then for each ``RunCell``
+the cell's ``StepDone`` lines as they come and one ``CellDone``, for each ``CheckModels`` one ``ModelsChecked``. It
+imports and never computes (libgomp is not fork-safe once a parallel op ran), and on a CUDA host it preloads only
+CUDA-clean modules and refuses to fork once CUDA was initialised (a forked child could not use the GPU).
 
-A worker that dies (signal, ``os._exit``) or runs past its timeout leaves no result; the zygote writes its
+A cell's process that dies (signal, ``os._exit``) or runs past its timeout leaves no result; the zygote writes its
 Record (``crashed`` with the exit status and stderr tail, ``timeout``, or ``interrupted`` when it died of the
-Ctrl-C it was sent) instead. ``{"preflight": [...]}`` asks for the suite's model checks (``memprof.run.preflight``),
-run in a forked process like a cell; the answer is ``{"problems": [...]}`` or ``{"failed": reason}``. When the
-executor goes away (its end of stdin closes, even mid-cell after a ``kill -9``), the zygote kills the running
-worker and exits, and a worker whose zygote dies is killed by the kernel (``PR_SET_PDEATHSIG``): nothing keeps
-computing for a run nobody records.
+Ctrl-C it was sent) instead. When the executor goes away (its end of stdin closes, even mid-cell after a
+``kill -9``), the zygote kills the running cell and exits, and a cell whose zygote dies is killed by the kernel
+(``memprof.run.processes.die_with``): nothing keeps computing for a run nobody records.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import resource
 import select
 import signal
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from memprof.run import processes
+from memprof.run.messages import (CellDone, CheckModels, Hello, Message, ModelsChecked, RunCell, StepDone, decode,
+                                  encode)
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-STDERR_TAIL_BYTES = 2000
 PREFLIGHT_TIMEOUT_S = 600.0
 _child_pid = 0
 _interrupted = False
 
 
 def preload() -> bool:
-    """Import what every worker needs; return whether this host has a CUDA device."""
+    """Import what every cell needs; return whether this host has a CUDA device."""
     import torch
 
     has_cuda = torch.cuda.device_count() > 0  # asks NVML: does not initialise CUDA
@@ -50,72 +47,50 @@ def preload() -> bool:
         import peft  # noqa: F401
         from transformers import Trainer  # noqa: F401
 
-        import memprof.run.worker  # noqa: F401
+        import memprof.run.launch  # noqa: F401
     return has_cuda
 
 
-def memory_budget(budget_bytes: int) -> None:
-    """Cap this process's address space at its current size plus ``budget_bytes`` (a CPU memory budget)."""
-    if budget_bytes <= 0:
-        return
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            current = int(line.split()[1]) * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (current + budget_bytes, resource.RLIM_INFINITY))
-            return
-
-
-def die_with(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` (the zygote, or a sharded cell's launcher) dies, even
-    of a SIGKILL that runs no clean-up (a Ray worker that exits kills its own children, the zygote, but not their
-    children)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the prctl
-        os._exit(1)
-
-
-def _child(request: dict[str, Any], write_fd: int, zygote: int) -> None:
-    die_with(zygote)
+def _child_io(log: str) -> None:
+    """A forked process's own process group (Ctrl-C reaches it only through the zygote), default signal
+    handling, and its stdout and stderr in its log."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    code = 0
-    try:
-        if "preflight" in request:
-            from memprof.run.preflight import check_all
-
-            answer: dict[str, Any] = {"problems": check_all(request["preflight"])}
-        else:
-            from memprof.config.cell import Cell
-            from memprof.run.worker import run_cell
-
-            cell = Cell.from_dict(request["cell"])
-            memory_budget(cell.memory_budget_bytes)
-            answer = run_cell(cell, request.get("sample_interval_s", 0.01)).to_dict()
-        payload = json.dumps(answer, default=str).encode()
-        with os.fdopen(write_fd, "wb") as out:
-            out.write(payload)
-    except BaseException:  # noqa: BLE001 - the parent records a crash from our exit code
-        import traceback
-
-        traceback.print_exc()
-        code = 70
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
 
 
-def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int, bool]:
-    """Fork a worker for the request and wait for it (blocking, never spinning).
+def _run_cell(request: RunCell, pipe: Any) -> int:
+    from memprof.run.launch import run_cell
+
+    cell = request.cell
+
+    def step_done(step: int, loss: float) -> None:
+        pipe.write(encode(StepDone(cell.index, step, cell.training.steps, loss)) + "\n")
+
+    processes.cap_address_space(cell.budget.memory_budget_bytes)
+    result = run_cell(cell, request.sample_interval_s, step_done)
+    pipe.write(encode(CellDone(result)) + "\n")
+    return 0
+
+
+def _check_models(request: CheckModels, pipe: Any) -> int:
+    from memprof.run.preflight import check_all
+
+    pipe.write(encode(ModelsChecked(check_all(request.cells))) + "\n")
+    return 0
+
+
+def _fork(request: RunCell | CheckModels, timeout_s: float,
+          forward: Callable[[StepDone], None]) -> tuple[Message | None, int, bool]:
+    """Fork a process for the request and wait for it (blocking, never spinning), forwarding its ``StepDone``
+    lines as they arrive.
 
     Returns:
-        The worker's answer (None unless it exited cleanly with one), its exit code (negative: a signal), and
-        whether it ran past ``timeout_s`` and was killed.
+        Its answer (None unless it exited cleanly with one), its exit code (negative: a signal), and whether it ran
+        past ``timeout_s`` and was killed.
     """
     global _child_pid, _interrupted
     import torch
@@ -123,19 +98,22 @@ def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int,
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised in the zygote; refusing to fork")
     read_fd, write_fd = os.pipe()
-    zygote = os.getpid()
-    pid = os.fork()
-    if pid == 0:
+    work = _run_cell if isinstance(request, RunCell) else _check_models
+
+    def child() -> int:
         os.close(read_fd)
-        _child(request, write_fd, zygote)
+        _child_io(request.log)
+        with os.fdopen(write_fd, "w", buffering=1) as pipe:
+            return work(request, pipe)
+
+    pid = processes.fork(child)
     os.close(write_fd)
     _child_pid, _interrupted = pid, False
     deadline = time.monotonic() + timeout_s
-    chunks: list[bytes] = []
-    timed_out = False
+    pending, answer, timed_out = b"", None, False
     poller = select.poll()
     poller.register(read_fd, select.POLLIN)
-    # The executor writes nothing while a worker runs, so its end of stdin can only hang up: it went away.
+    # The executor writes nothing while a cell runs, so its end of stdin can only hang up: it went away.
     poller.register(sys.stdin.fileno(), 0)
     while True:
         left = deadline - time.monotonic()
@@ -144,7 +122,7 @@ def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int,
             break
         events = dict(poller.poll(left * 1000))
         if events.get(sys.stdin.fileno(), 0) & (select.POLLHUP | select.POLLERR):
-            _kill_group(pid)
+            processes.kill(pid, group=True)
             os.waitpid(pid, 0)
             sys.exit(0)
         if read_fd not in events:
@@ -152,69 +130,51 @@ def _fork(request: dict[str, Any], timeout_s: float) -> tuple[bytes | None, int,
         chunk = os.read(read_fd, 1 << 20)
         if not chunk:
             break
-        chunks.append(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            message = decode(line.decode())
+            if isinstance(message, StepDone):
+                forward(message)
+            else:
+                answer = message
     if timed_out:
-        _kill_group(pid)
+        processes.kill(pid, group=True)
     os.close(read_fd)
     _, wait_status = os.waitpid(pid, 0)
     _child_pid = 0
     code = os.waitstatus_to_exitcode(wait_status)
-    return (b"".join(chunks) if chunks and code == 0 else None), code, timed_out
+    return (answer if code == 0 else None), code, timed_out
 
 
-def run_request(request: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell in a forked worker and return its result dict, or a fault Record the worker could not write."""
-    timeout_s = float(request["cell"]["timeout_s"])
-    answer, code, timed_out = _fork(request, timeout_s)
+def run_request(request: RunCell, forward: Callable[[StepDone], None]) -> CellDone:
+    """Run one cell in a forked process; its result, or a fault Record for what it could not write itself."""
+    from memprof.results.record import CellResult, Record, Status
+
+    cell = request.cell
+    answer, code, timed_out = _fork(request, cell.budget.timeout_s, forward)
     if timed_out:
-        return _fault(request, "timeout", f"ran past timeout_s = {timeout_s:g} and was killed", None)
-    if answer is not None:
-        return json.loads(answer)
-    tail = _tail(request["log"])
-    how = _how(code) + (f"; stderr: {tail}" if tail else "")
-    if _interrupted:
-        return _fault(request, "interrupted", f"interrupted; worker {how}", code)
-    return _fault(request, "crashed", f"worker {how}", code)
+        status, error = Status.TIMEOUT, f"ran past timeout_s = {cell.budget.timeout_s:g} and was killed"
+    elif isinstance(answer, CellDone):
+        return answer
+    else:
+        tail = processes.log_tail(request.log)
+        how = processes.describe_exit(code) + (f"; stderr: {tail}" if tail else "")
+        status, error = (Status.INTERRUPTED, f"interrupted; worker {how}") if _interrupted else \
+            (Status.CRASHED, f"worker {how}")
+    exit_code = None if timed_out else code
+    return CellDone(CellResult(Record(cell, status=status, error=error, exit_code=exit_code)))
 
 
-def run_preflight(request: dict[str, Any]) -> dict[str, Any]:
+def check_models(request: CheckModels) -> ModelsChecked:
     """Run the suite's model checks in a forked process (see ``memprof.run.preflight``)."""
-    answer, code, timed_out = _fork(request, PREFLIGHT_TIMEOUT_S)
-    if answer is not None:
-        return json.loads(answer)
+    answer, code, timed_out = _fork(request, PREFLIGHT_TIMEOUT_S, lambda message: None)
+    if isinstance(answer, ModelsChecked):
+        return answer
     if timed_out:
-        return {"failed": f"the model checks ran past {PREFLIGHT_TIMEOUT_S:g} s"}
-    tail = _tail(request["log"])
-    return {"failed": f"the model checks' process {_how(code)}" + (f"; stderr: {tail}" if tail else "")}
-
-
-def _how(code: int) -> str:
-    return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _fault(request: dict[str, Any], status: str, error: str, exit_code: int | None) -> dict[str, Any]:
-    from memprof.config.cell import Cell
-    from memprof.results.record import Record, Status
-
-    cell = Cell.from_dict(request["cell"])
-    record = Record.for_cell(cell, status=Status(status), error=error, exit_code=exit_code)
-    return {"record": record.to_dict(), "steps": [], "timeline": []}
-
-
-def _tail(path: str) -> str:
-    try:
-        data = Path(path).read_bytes()[-STDERR_TAIL_BYTES:]
-    except OSError:
-        return ""
-    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
-    return " | ".join(lines[-5:])
+        return ModelsChecked(failed=f"the model checks ran past {PREFLIGHT_TIMEOUT_S:g} s")
+    tail = processes.log_tail(request.log)
+    return ModelsChecked(failed=f"the model checks' process {processes.describe_exit(code)}"
+                         + (f"; stderr: {tail}" if tail else ""))
 
 
 def _forward_interrupt(signum: int, frame: Any) -> None:
@@ -234,14 +194,21 @@ def main() -> None:
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, _forward_interrupt)
     signal.signal(signal.SIGTERM, _forward_interrupt)
-    has_cuda = preload()
-    protocol.write(json.dumps({"ready": True, "cuda": has_cuda}) + "\n")
+
+    def send(message: Message) -> None:
+        protocol.write(encode(message) + "\n")
+
+    send(Hello(preload()))
     for line in sys.stdin:
         if not line.strip():
             continue
-        request = json.loads(line)
-        result = run_preflight(request) if "preflight" in request else run_request(request)
-        protocol.write(json.dumps(result, default=str) + "\n")
+        request = decode(line)
+        if isinstance(request, CheckModels):
+            send(check_models(request))
+        elif isinstance(request, RunCell):
+            send(run_request(request, send))
+        else:
+            raise ValueError(f"the zygote takes RunCell and CheckModels, not {type(request).__name__}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from memprof.config.spec import DataSpec
 
 STDLIB_BYTES = 4 << 20
 SYNTHETIC_TOKENS = 1 << 18
@@ -38,11 +39,10 @@ class Corpus:
     entropy_floor_nats: float | None = None
 
 
-def load_corpus(data_spec: dict[str, Any], seed: int) -> Corpus:
-    source = data_spec["source"]
-    if source == "synthetic":
-        return markov_corpus(seed)
-    raw = stdlib_bytes() if source == "stdlib" else file_bytes(Path(data_spec["path"]))
+def load_corpus(spec: DataSpec) -> Corpus:
+    if spec.source == "synthetic":
+        return markov_corpus(spec.seed)
+    raw = stdlib_bytes() if spec.source == "stdlib" else file_bytes(Path(spec.path))
     return _split(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
 
 

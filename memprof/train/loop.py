@@ -6,23 +6,13 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from memprof.results.record import StepLog
 from memprof.train.optim import Scheduler, is_schedule_free, steps_on_metric
-
-
-@dataclass(frozen=True)
-class StepLog:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float  # before clipping
-    step_time_s: float  # evaluation excluded
-    eval_loss: float | None = None  # on steps with an evaluation
 
 
 class Probe(Protocol):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
-
 import torch
 from torch import nn
 
+from memprof.config.spec import AdapterSpec, ModelSpec
 from memprof.errors import UserError
 
 FOUR_BIT_CODE_BYTES = 16 * 4      # the NF4/FP4 code book: 16 fp32 values, one copy per quantised weight
@@ -33,7 +32,7 @@ def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -
     return packed + blocks + 4 + 4 * math.ceil(blocks / NESTED_BLOCK) + NESTED_CODE_BYTES + FOUR_BIT_CODE_BYTES
 
 
-def meta_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precision: str) -> nn.Module:
+def meta_model(spec: ModelSpec, adapter: AdapterSpec, precision: str) -> nn.Module:
     """What ``memprof.train.models.build_model`` builds, with meta tensors: 4-bit layers stay unquantised (their bytes
     come from ``four_bit_bytes``), peft wraps the model exactly as it wraps a real one.
 
@@ -45,18 +44,18 @@ def meta_model(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precisi
     from memprof.train import models
 
     try:
-        config = models.build_config(model_spec)
+        config = models.build_config(spec)
         # peft's k-bit preparation warns about transformers' deprecations: noise for someone planning
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision],
-                                                     trust_remote_code=model_spec.get("trust_remote_code", False))
-            if adapter_spec["kind"] == "qlora":
-                models.quantize_linears_4bit(model, adapter_spec)
+                                                     trust_remote_code=spec.trust_remote_code)
+            if adapter.kind == "qlora":
+                models.quantize_linears_4bit(model, adapter.quant)
             model.config.use_cache = False
-            return models.attach_adapter(model, adapter_spec)
+            return models.attach_adapter(model, adapter)
     except (models.ModelLoadError, ValueError, KeyError) as err:
-        where = model_spec.get("path") or model_spec.get("preset") or "model"
+        where = spec.path or spec.preset or spec.name or "model"
         text = " ".join(str(err).split())
         if "Unrecognized configuration class" in text:  # transformers then lists every causal-LM config class
             text = text.split(" Model type should be")[0] + " (not a causal language model)"

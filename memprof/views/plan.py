@@ -13,14 +13,15 @@ if TYPE_CHECKING:
     from memprof.plan.calibration import Calibration
     from memprof.plan.fit import Search
     from memprof.plan.gpus import Gpu
-    from memprof.plan.predict import Plan, Verdict
+    from memprof.plan.predict import Plan, GpuFit
 
 
 def describe(plan: Plan) -> str:
     r, e = plan.request, plan.exact
-    extra = (" grad-accum " + str(r.grad_accum) if r.grad_accum > 1 else "") + \
-        (f" {r.levers}" if r.levers else "") + (", per rank" if r.world_size > 1 else "")
-    return (f"{r.model} / {r.adapter} / {r.optimizer}  b{r.batch_size}×s{r.seq_len} {r.precision}{extra}  "
+    extra = (" grad-accum " + str(r.shape.grad_accum) if r.shape.grad_accum > 1 else "") + \
+        (f" {r.levers_label}" if r.levers_label else "") + (", per rank" if r.levers.parallel.world_size > 1 else "")
+    return (f"{r.model.name} / {r.adapter.name} / {r.optimizer.label}  b{r.shape.batch_size}×s{r.shape.seq_len} "
+            f"{r.shape.precision}{extra}  "
             f"({e.total_params / 1e9:.2f} B params, {e.trainable_params / 1e6:.1f} M trainable)")
 
 
@@ -41,11 +42,11 @@ def parts_table(plan: Plan) -> Table:
     return table
 
 
-def verdict_table(plan: Plan, verdicts: Sequence[Verdict]) -> Table:
+def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     r = plan.request
     table = Table(title="fits?", title_justify="left", header_style="bold")
-    for name in ("GPU", "capacity", "total", "headroom", "of card", "fits", f"max batch @ s{r.seq_len}",
-                 f"max seq @ b{r.batch_size}"):
+    for name in ("GPU", "capacity", "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
+                 f"max seq @ b{r.shape.batch_size}"):
         table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
     for v in verdicts:
         fits = "[green]yes[/]" if v.fits else "[bold red]no[/]"
@@ -59,20 +60,20 @@ def verdict_table(plan: Plan, verdicts: Sequence[Verdict]) -> Table:
 
 
 def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
-                 verdicts: dict[int, list[Verdict]]) -> list[Table]:
+                 verdicts: dict[int, list[GpuFit]]) -> list[Table]:
     """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
     entry is the predicted total and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
-        groups.setdefault((r.seq_len, r.precision, r.grad_accum, r.levers), []).append(i)
+        groups.setdefault((r.shape.seq_len, r.shape.precision, r.shape.grad_accum, r.levers_label), []).append(i)
     tables = []
     for (seq, precision, accum, levers), members in groups.items():
-        batches = sorted({plans[i].request.batch_size for i in members})
+        batches = sorted({plans[i].request.shape.batch_size for i in members})
         rows: dict[tuple[str, str, str], dict[int, int]] = {}
         for i in members:
             r = plans[i].request
-            rows.setdefault((r.model, r.adapter, r.optimizer), {})[r.batch_size] = i
+            rows.setdefault((r.model.name, r.adapter.name, r.optimizer.label), {})[r.shape.batch_size] = i
         title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
                  + (f" {levers}" if levers else ""))
         table = Table(title=title, title_justify="left", header_style="bold",

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
-from memprof.results.record import Record  # noqa: E402
-from memprof.analysis.report import Run, StepRow, by_config, group_of, label_of, lr_rank_grid  # noqa: E402
+from memprof.results.record import Record, StepLog  # noqa: E402
+from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid  # noqa: E402
 
 DPI = 100
 COLOURS = plt.get_cmap("tab10").colors
@@ -31,24 +31,22 @@ class Figure:
 
 def figures(run: Run) -> list[Figure]:
     """One loss figure per model/shape group, then the LR x rank sweep when the run is one."""
-    groups: dict[tuple, list[Record]] = {}
+    groups: dict[str, list[Record]] = {}
     for r in run.records:
-        groups.setdefault(group_of(r), []).append(r)
+        groups.setdefault(group_title(r), []).append(r)
     out = [group_figure(i, key, records, run) for i, (key, records) in enumerate(groups.items())]
     sweep = lr_sweep_figure(run)
     return out + ([sweep] if sweep else [])
 
 
-def group_figure(index: int, key: tuple, records: list[Record], run: Run) -> Figure:
+def group_figure(index: int, title: str, records: list[Record], run: Run) -> Figure:
     """Training (lines) and eval (markers) loss against step and against training seconds, and the LR per step.
     Repeats of a configuration share its colour."""
-    model, adapter, batch, seq, precision = key
-    title = f"{model} / {adapter}  b{batch}×s{seq} {precision}"
     fig, (by_step, by_time, lr_axis) = plt.subplots(1, 3, figsize=(16, 5.4), dpi=DPI)
     finite: list[float] = []
     for colour, rs in zip(itertools.cycle(COLOURS), by_config(records).values()):
         for n, r in enumerate(rs):
-            rows = run.steps.get(r.cell_index, [])
+            rows = run.steps.get(r.config.index, [])
             if not rows:
                 continue
             label = label_of(r) if n == 0 else None
@@ -72,7 +70,7 @@ def group_figure(index: int, key: tuple, records: list[Record], run: Run) -> Fig
     lr_axis.set_title("LR applied at each step")
     lr_axis.grid(alpha=0.3)
     handles, labels = by_step.get_legend_handles_labels()
-    columns = min(len(labels), 4)
+    columns = max(1, min(len(labels), 4))  # a folder without per-step rows has no line to label
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
     fig.suptitle(title)
     rows = math.ceil(len(labels) / columns) if labels else 0
@@ -80,7 +78,7 @@ def group_figure(index: int, key: tuple, records: list[Record], run: Run) -> Fig
     return Figure(f"loss-{index:02d}", title, _png(fig))
 
 
-def _curves(by_step: Axes, by_time: Axes, rows: list[StepRow], colour: tuple, label: str | None,
+def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], colour: tuple, label: str | None,
             alpha: float) -> None:
     seconds = list(itertools.accumulate(s.step_time_s for s in rows))
     losses = [s.loss for s in rows]

@@ -45,7 +45,7 @@ def rich_tables(tables: list[TableData]) -> Group:
 
 def html_page(run: Run, tables: list[TableData], figures: list) -> str:
     """The whole report as one HTML document."""
-    suite = run.records[0].suite if run.records else run.run_dir.name
+    suite = run.records[0].config.suite if run.records else run.run_dir.name
     body = [f"<h1>memprof report: {html.escape(suite)}</h1>",
             f"<p class='note'>{html.escape(str(run.run_dir))} — {len(run.records)} cells{_env_line(run)}</p>"]
     for t in tables:

@@ -10,15 +10,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from memprof.config.cell import Cell
-from memprof.results.record import Record, Status
 from memprof.analysis.slopes import Slope, activation_slopes
+from memprof.config.spec import AXIS_BY_NAME, CellConfig, varying
+from memprof.results.record import Record, Status
 
 if TYPE_CHECKING:
-    from memprof.measure.crosscheck import Comparison
+    from memprof.measure.crosscheck import CategoryCheck
 
 BASELINE_OPTIMIZER = "adamw_torch"
-_STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
+STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
                  Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
 
 
@@ -38,29 +38,34 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def results_table(records: Iterable[Record], title: str = "memprof results") -> Group:
-    """One table per model/adapter/shape group, comparing optimizers against AdamW in the same group."""
+    """One table per model/adapter/shape group, comparing its cells (against AdamW's state in the same group). A
+    row is named by every axis that varies inside its group (always the optimizer), and names are never cut: the
+    figures give way first."""
     records = list(records)
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault((r.model, r.adapter, r.batch_size, r.seq_len, r.precision), []).append(r)
+        groups.setdefault(_group_key(r), []).append(r)
     show_paged = any(r.optimizer_state_paged_bytes for r in records)
-    show_levers = any(r.levers for r in records)
-    columns = ["optimizer"] + (["levers"] if show_levers else []) + ["status", "state", "vs AdamW"] + \
-        (["paged"] if show_paged else []) + ["peak", "tokens/s", "step p50", "loss"]
     parts: list = [Text(title, style="bold")]
-    for (model, adapter, batch, seq, precision), rows in groups.items():
+    for rows in groups.values():
+        head = rows[0].config
         trainable = next((r.trainable_params for r in rows if r.trainable_params), None)
-        table = Table(title=f"[bold cyan]{model} / {adapter}[/]  b{batch}×s{seq} {precision}, "
-                            f"{_num(trainable, ',')} trainable params", title_justify="left", header_style="bold")
-        for name in columns:
-            table.add_column(name, justify="left" if name in ("optimizer", "levers", "status") else "right")
-        base = {r.levers: r.optimizer_state_bytes for r in reversed(rows)
-                if r.optim == BASELINE_OPTIMIZER and r.optimizer_state_bytes}
-        for r in rows:
-            cells = _row(r, base.get(r.levers), show_paged)
-            table.add_row(*(cells[:1] + [r.levers or "–"] + cells[1:] if show_levers else cells))
+        table = Table(title=f"[bold cyan]{head.model.name} / {head.adapter.name}[/]  b{head.shape.batch_size}×"
+                            f"s{head.shape.seq_len} {head.shape.precision}, {_num(trainable, ',')} trainable params",
+                      title_justify="left", header_style="bold")
+        axes = [a for a in varying([r.config for r in rows], always=("optimizer",)) if a.name not in GROUP_AXES]
+        names = [[a.text(r.config) for a in axes] for r in rows]
+        for i, axis in enumerate(axes):
+            table.add_column(axis.title, no_wrap=True, min_width=max(len(n[i]) for n in names))
+        for name in ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
+                ["peak", "tokens/s", "step p50", "loss"]:
+            table.add_column(name, justify="left" if name == "status" else "right", overflow="fold")
+        base = {r.config.levers_label: r.optimizer_state_bytes for r in reversed(rows)
+                if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes}
+        for r, label in zip(rows, names):
+            table.add_row(*label, *_row(r, base.get(r.config.levers_label), show_paged))
         parts.append(table)
-    if any(r.world_size > 1 for r in records):
+    if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
                           style="dim"))
     slopes = activation_slopes(records)
@@ -71,8 +76,16 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
         parts.append(Text(f"timings were taken with {jobs} cells running at once on the machines they shared",
                           style="yellow"))
     failed = [r for r in records if r.status is not Status.OK and r.error]
-    parts.extend(Text(f"{r.cell_key}: {r.error[:200]}", style="dim") for r in failed[:8])
+    parts.extend(Text(f"{r.key}: {r.error[:200]}", style="dim") for r in failed[:8])
     return Group(*parts)
+
+
+# What a results table is one of: these axes are in its title, the others that vary are its rows' names.
+GROUP_AXES = ("model", "adapter", "batch_size", "seq_len", "precision")
+
+
+def _group_key(r: Record) -> tuple:
+    return tuple(repr(AXIS_BY_NAME[name].get(r.config)) for name in GROUP_AXES)
 
 
 def slopes_table(slopes: Iterable[Slope]) -> Table:
@@ -89,36 +102,37 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
 
 
 def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
+    """The figures of one results row (its names come from the varying axes)."""
     ratio = f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None else "–"
-    status = f"[{_STATUS_STYLE[r.status]}]{r.status.value}[/]"
+    status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
     if r.status is not Status.OK and r.fail_phase:
         status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
     loss = _num(r.final_loss_smoothed, ".3f")
     if r.first_loss is not None and r.status is Status.OK:
         loss = f"{_num(r.first_loss, '.2f')}→{loss}"
     step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
-    cells = [r.optimizer, status, human_bytes(r.optimizer_state_bytes), ratio]
+    cells = [status, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
     return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f"),
                     _num(step_ms, ".1f") + (" ms" if step_ms is not None else ""), loss]
 
 
-def cells_table(cells: Iterable[Cell], title: str) -> Table:
+def cells_table(cells: Iterable[CellConfig], title: str) -> Table:
+    """A suite's cells before they run (``--dry-run``): the index and every axis that varies."""
     cells = list(cells)
-    levers = [c.levers for c in cells]
+    axes = varying(cells, always=("model", "adapter", "optimizer"))
     table = Table(title=title, header_style="bold")
-    for name in ("#", "model", "adapter", "optimizer", "batch", "seq", "accum", "precision", "lr", "schedule",
-                 "seed") + (("levers",) if any(levers) else ()):
-        table.add_column(name)
-    for c, label in zip(cells, levers):
-        table.add_row(str(c.index), c.model, c.adapter, c.optimizer, str(c.batch_size), str(c.seq_len),
-                      str(c.grad_accum), c.precision, f"{c.lr:g}", c.schedule, str(c.seed),
-                      *((label or "–",) if any(levers) else ()))
+    table.add_column("#")
+    for axis in axes:
+        table.add_column(axis.title, no_wrap=True)
+    table.add_column("seed")
+    for c in cells:
+        table.add_row(str(c.index), *(a.text(c) for a in axes), str(c.training.seed))
     return table
 
 
-def crosscheck_table(rows: Iterable[Comparison], title: str) -> Group:
+def crosscheck_table(rows: Iterable[CategoryCheck], title: str) -> Group:
     """PyTorch's profiler beside memprof, one category a row, with each row's notes below the table."""
     rows = list(rows)
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -140,14 +154,15 @@ def levers_markdown(records: Iterable[Record]) -> str:
     align = ["---"] * 4 + ["---:"] * (len(header) - 4)  # the four labels left, the figures right
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     for r in records:
+        c = r.config
+        names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
+                f"{c.shape.seq_len} |"
         if r.status is not Status.OK:
-            lines.append(f"| {r.model} / {r.adapter} | {r.optimizer} | {r.levers or 'none'} | {r.seq_len} | "
-                         f"{r.status.value}: {r.error[:60]} | | | | | |")
+            lines.append(f"{names} {r.status.value}: {r.error[:60]} | | | | | |")
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
-        lines.append("| " + " | ".join([
-            f"{r.model} / {r.adapter}", r.optimizer, r.levers or "none", str(r.seq_len), human_bytes(weights),
-            human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes), human_bytes(r.activation_bytes),
-            human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f")]) + " |")
+        figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
+                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f")]
+        lines.append(f"{names} {' | '.join(figures)} |")
     return "\n".join(lines)
 
