@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -46,6 +47,51 @@ def test_trainer_callback_state_bytes_equal_memprof_run(tmp_path: Path, optimize
     assert any("memprof/optimizer_state_bytes" in entry for entry in trainer.state.log_history)
     (written,) = read_records(callback.tracking.run_dir)
     assert written.optimizer_state_bytes == expected
+    assert written.config.optimizer.label == optimizer and written.config.adapter.lora["r"] == 16
+
+
+def _trainer_run(tmp_path: Path, optim: str, name: str) -> Path:
+    cell = quick_lora_cell("adamw_torch")
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
+    data = [{"input_ids": x, "labels": x} for x in (next(batches(markov_corpus(0).train, 1, 32, i))[0]
+                                                    for i in range(4))]
+    callback = MemprofCallback(out=tmp_path / "results", name=name)
+    args = TrainingArguments(output_dir=str(tmp_path / name), optim=optim, max_steps=2,
+                             per_device_train_batch_size=2, report_to="none", use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    return callback.tracking.run_dir
+
+
+def test_trainer_runs_of_different_optimizers_never_share_a_key_or_a_hash(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """lion_8bit and lion_32bit are one class (bitsandbytes' Lion) with other settings; adamw_torch and
+    adamw_bnb_8bit are both AdamW: each record names the optimizer the Trainer was asked for, with its settings."""
+    runs = {optim: _trainer_run(tmp_path, optim, "hf") for optim in ("lion_8bit", "lion_32bit", "adamw_torch",
+                                                                     "adamw_bnb_8bit")}
+    records = {optim: read_records(run)[0] for optim, run in runs.items()}
+    assert len({r.key for r in records.values()}) == 4
+    assert len({r.config.config_hash for r in records.values()}) == 4
+    assert records["lion_8bit"].config.optimizer.kwargs["optim_bits"] == 8
+    assert records["lion_32bit"].config.optimizer.kwargs["optim_bits"] == 32
+    capsys.readouterr()
+    assert run_cli("compare", str(runs["lion_32bit"]), str(runs["lion_8bit"])) == 2  # nothing the same to compare
+    assert "share no configuration" in capsys.readouterr().err
+
+
+def test_an_optimizer_built_by_hand_is_named_by_its_class_and_settings(tmp_path: Path) -> None:
+    cell = quick_lora_cell("adamw_torch")
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    with memprof.track(model, optimizer, tmp_path, batch_size=2, seq_len=32) as t:
+        x = next(batches(markov_corpus(0).train, 2, 32, 0))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        t.step(loss=loss)
+    spec = t.record.config.optimizer
+    assert (spec.label, spec.name) == ("SGD", "torch.optim.sgd:SGD") and spec.kwargs["momentum"] == 0.9
+    assert t.record.config.adapter.kind == "lora" and t.record.config.model.config["hidden_size"] == 256
 
 
 def test_track_measures_a_plain_pytorch_loop_and_writes_a_run_folder(tmp_path: Path) -> None:
