@@ -1,4 +1,4 @@
-"""Optimizer-state bytes per trainable parameter, measured by memprof and predicted by ``memprof.formulas``.
+"""Optimizer-state bytes per trainable parameter, measured by memprof and predicted by ``memprof.measure.formulas``.
 
 Runs one suite through ``memprof run`` (every cell in its own forked worker, exact accounting after real
 training steps): every catalogue optimizer on a LoRA (r=16, all linear layers) of a 2-layer Llama of hidden 1024,
@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memprof import env
-from memprof.catalogue import CATALOGUE, ENTRIES
-from memprof.formulas import why_unpredictable
-from memprof.record import Record, Status
-from memprof.results import read_records
+from memprof.results import env
+from memprof.config.catalogue import CATALOGUE, ENTRIES
+from memprof.measure.formulas import why_unpredictable
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "schedulefree", "torchao", "galore-torch",
@@ -85,9 +85,9 @@ def row(r: Record) -> dict[str, object]:
         "✓" if r.predicted_state_bytes == r.optimizer_state_bytes else "✗")
     note = "" if ok else f"{r.status.value}: {r.error}"
     if ok and r.predicted_state_bytes is None:
-        note = f"no formula: {why_unpredictable(r.optim)}"
+        note = f"no formula: {why_unpredictable(r.config.optimizer.name)}"
     note = note.replace("|", "/")[:160]  # one markdown cell
-    return {"optimizer": r.optim, "library": CATALOGUE[r.optim].library, "status": r.status.value,
+    return {"optimizer": r.config.optimizer.name, "library": CATALOGUE[r.config.optimizer.name].library, "status": r.status.value,
             "trainable_params": r.trainable_params,
             "measured_state_bytes": r.optimizer_state_bytes if ok else None,
             "predicted_state_bytes": r.predicted_state_bytes,
@@ -100,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     args = parser.parse_args()
-    records = {r.optim: r for r in run_suite(args.device)}
+    records = {r.config.optimizer.name: r for r in run_suite(args.device)}
     rows = [row(records[e.name]) for e in ENTRIES if e.name in records]
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def main() -> None:
         f"LoRA r=16 on every linear layer of a 2-layer Llama (hidden {MODEL['hidden_size']}, intermediate "
         f"{MODEL['intermediate_size']}, byte vocabulary): {trainable:,} trainable fp32 parameters. Measured: "
         "`memprof run` (exact unique-storage accounting of the optimizer's state after 2 real training steps, "
-        f"{args.device}). Predicted: `memprof.formulas`. {sum(r['match'] == '✓' for r in checked)} of "
+        f"{args.device}). Predicted: `memprof.measure.formulas`. {sum(r['match'] == '✓' for r in checked)} of "
         f"{len(checked)} measured optimizers match to the byte.",
         "",
         "| optimizer | library | measured bytes / param | predicted bytes / param | match | note |",

@@ -17,16 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from memprof import env, suite
-from memprof.executor import LocalExecutor
+from memprof.results import env
+from memprof import suite
+from memprof.run.executor import LocalExecutor
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 NAIVE = """
 import json, sys, time
 t0 = time.perf_counter()
-from memprof.cell import Cell
-from memprof.worker import run_cell
-record = run_cell(Cell.from_dict(json.loads(sys.argv[1]))).record
+from memprof.config.spec import CellConfig
+from memprof.run.launch import run_cell
+record = run_cell(CellConfig.model_validate_json(sys.argv[1])).record
 print(json.dumps({"train_s": record.train_s, "import_and_run_s": time.perf_counter() - t0}))
 """
 
@@ -52,7 +53,7 @@ def main() -> None:
     naive = []
     for cell in cells[: args.naive_cells]:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", NAIVE, json.dumps(cell.to_dict())], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", NAIVE, cell.model_dump_json()], capture_output=True,
                               text=True, check=True)
         wall = time.perf_counter() - t0
         train_s = json.loads(proc.stdout.strip().splitlines()[-1])["train_s"]

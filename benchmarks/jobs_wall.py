@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memprof import env
+from memprof.results import env
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 

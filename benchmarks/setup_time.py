@@ -2,14 +2,14 @@
 
 Cases, on the CPU:
 - Llama-3.2-1B LoRA and QLoRA as the reference suite builds them (bf16, r=16 all-linear, adamw_torch): setup is
-  ``memprof.worker.Training.build``, what a record's ``setup_s`` covers (model, adapter, optimizer, data);
+  ``memprof.train.training.Training.build``, what a record's ``setup_s`` covers (model, adapter, optimizer, data);
 - Llama-3.1-8B QLoRA, batch 1 x 64 (benchmarks/setup_time_8b.toml), built and trained 2 steps through
-  ``memprof.worker.run_cell``, to show it fits this host;
+  ``memprof.run.launch.run_cell``, to show it fits this host;
 - transformers' own loader (``from_pretrained`` with a ``BitsAndBytesConfig``, memprof's route for a local
   checkpoint) on a saved small-llama checkpoint, beside memprof's build of the same model.
 
 Each case runs as ``python benchmarks/setup_time.py --worker CASE`` with PYTHONPATH set to the memprof tree
-measured, after the imports a worker forked from memprof's zygote already has (``memprof.zygote.preload``);
+measured, after the imports a worker forked from memprof's zygote already has (``memprof.run.zygote.preload``);
 ``--before REV`` measures a git revision too (exported with ``git archive``), the same way. Peak RSS is the
 kernel's high-water mark (``ru_maxrss``, and ``VmHWM``, which unlike ``ru_maxrss`` does not inherit a spawning
 parent's). Writes results/benchmarks/setup_time.{json,md}.
@@ -43,16 +43,15 @@ CHECKPOINTS = ("small-llama", "llama-3.2-1b")
 # ---- worker side: one case in this process ----
 
 def _reference_cell(adapter: str) -> Any:
-    from dataclasses import replace
-
     from memprof import suite
 
-    cell = next(c for c in suite.load("reference").cells if c.adapter == adapter and c.optim == "adamw_torch")
-    return replace(cell, device="cpu")
+    cell = next(c for c in suite.load("reference").cells
+                if c.adapter.kind == adapter and c.optimizer.label == "adamw_torch")
+    return cell.with_values({"budget.device": "cpu"})
 
 
 def _bytes(model: Any) -> dict[str, int]:
-    from memprof.trackers.accounting import weight_bytes
+    from memprof.measure.accounting import weight_bytes
 
     w = weight_bytes(model)
     return {"frozen_bytes": w.frozen.total, "trainable_bytes": w.trainable.total, "buffer_bytes": w.buffers.total}
@@ -69,9 +68,9 @@ def work(case: str, arg: str) -> dict[str, Any]:
     high-water mark also counts file pages mapped in (a safetensors checkpoint), which the kernel can drop."""
     import resource
 
-    from memprof.trackers.host import rss_bytes
-    from memprof.trackers.sampler import Sampler
-    from memprof.zygote import preload
+    from memprof.measure.host import rss_bytes
+    from memprof.measure.sampler import Sampler
+    from memprof.run.zygote import preload
 
     preload()
     out: dict[str, Any] = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
@@ -91,7 +90,7 @@ def _build(adapter: str) -> dict[str, Any]:
     """A reference-suite cell's ``Training.build`` on the CPU."""
     import torch
 
-    from memprof.worker import Training
+    from memprof.train.training import Training
 
     t0 = time.perf_counter()
     built = Training(_reference_cell(adapter), torch.device("cpu")).build()
@@ -101,7 +100,7 @@ def _build(adapter: str) -> dict[str, Any]:
 def _run(suite_file: str) -> dict[str, Any]:
     """A suite's only cell through ``run_cell``, as memprof's worker runs it."""
     from memprof import suite
-    from memprof.worker import run_cell
+    from memprof.run.launch import run_cell
 
     result = run_cell(suite.load(suite_file).cells[0])
     r = result.record
@@ -116,15 +115,17 @@ def _run(suite_file: str) -> dict[str, Any]:
 
 
 def _load_4bit(checkpoint: str, pretrained: bool) -> dict[str, Any]:
-    """A saved checkpoint through transformers' 4-bit loader, or its architecture through memprof.materialize."""
+    """A saved checkpoint through transformers' 4-bit loader, or its architecture through memprof.train.materialize."""
     import torch
 
-    from memprof import models
-    from memprof.suite import AdapterSettings
+    from memprof.config.spec import ModelSpec
+    from memprof.suite.schema import AdapterTable
+    from memprof.train import models
 
-    qlora = AdapterSettings(kind="qlora", r=16, alpha=32, target_modules="all-linear",
-                            compute_dtype="bfloat16").model_dump()
-    spec = {"path": checkpoint} if pretrained else json.loads(Path(checkpoint, "spec.json").read_text())
+    qlora = AdapterTable(kind="qlora", r=16, alpha=32, target_modules="all-linear",
+                         compute_dtype="bfloat16").to_spec("qlora")
+    spec = (ModelSpec(name="checkpoint", path=checkpoint) if pretrained
+            else ModelSpec.model_validate_json(Path(checkpoint, "spec.json").read_text()))
     t0 = time.perf_counter()
     model = models.build_model(spec, qlora, "bf16", torch.device("cpu"))
     return {"setup_s": time.perf_counter() - t0, **_bytes(model)}
@@ -134,26 +135,28 @@ def _save(checkpoint: str) -> dict[str, Any]:
     """The model of ``checkpoint``/spec.json, saved there as a bf16 checkpoint."""
     import torch
 
-    from memprof import models
-    from memprof.suite import AdapterSettings
+    from memprof.config.spec import ModelSpec
+    from memprof.suite.schema import AdapterTable
+    from memprof.train import models
 
-    spec = json.loads(Path(checkpoint, "spec.json").read_text())
-    model = models.build_model(spec, AdapterSettings(kind="none").model_dump(), "bf16", torch.device("cpu"))
+    spec = ModelSpec.model_validate_json(Path(checkpoint, "spec.json").read_text())
+    model = models.build_model(spec, AdapterTable(kind="none").to_spec("none"), "bf16", torch.device("cpu"))
     model.save_pretrained(checkpoint)
     return {"bf16_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
 def _quantize_cost(preset: str) -> dict[str, Any]:
-    """What a QLoRA build spends on each of the preset's 4-bit linears, one at a time as memprof.materialize
+    """What a QLoRA build spends on each of the preset's 4-bit linears, one at a time as memprof.train.materialize
     does: drawing its bf16 weight (normal_) and bitsandbytes' quantize_4bit (NF4, double quantisation)."""
     import bitsandbytes.functional as bnb_f
     import torch
     from transformers import AutoModelForCausalLM
 
-    from memprof import models
+    from memprof.config.spec import ModelSpec
+    from memprof.train import models
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(models.build_config({"preset": preset}))
+        model = AutoModelForCausalLM.from_config(models.build_config(ModelSpec(name=preset, preset=preset)))
     head = model.get_output_embeddings()
     shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
     init_s = quantize_s = 0.0
@@ -198,7 +201,7 @@ def checkpoint_cases(source: Path, preset: str) -> dict[str, dict[str, Any]]:
     """A bf16 checkpoint of ``preset`` saved by one process, loaded 4-bit by transformers' loader in another and
     built 4-bit by memprof in a third."""
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "spec.json").write_text(json.dumps({"preset": preset}))
+        Path(tmp, "spec.json").write_text(json.dumps({"name": preset, "preset": preset}))
         saved = run_case(source, "save", tmp)
         return {"save": saved, "from_pretrained 4-bit": run_case(source, "pretrained", tmp),
                 "memprof materialize 4-bit": run_case(source, "materialized", tmp)}
@@ -221,7 +224,7 @@ def main() -> None:
         print(json.dumps(work(*args.worker)))
         return
 
-    from memprof import env
+    from memprof.results import env
 
     machine = env.capture()
     result: dict[str, Any] = {
@@ -274,7 +277,7 @@ def markdown(result: dict[str, Any]) -> str:
          f"{m['loadavg_start'][0]}, at end {m['loadavg_end'][0]}: the host is shared with other work, so times are "
          "upper bounds."),
         "",
-        ("Setup = `memprof.worker.Training.build` (model, adapter, optimizer, data) in a fresh process, after the "
+        ("Setup = `memprof.train.training.Training.build` (model, adapter, optimizer, data) in a fresh process, after the "
          "imports a zygote worker already has; for the 8B cell, the record's `setup_s` and the setup phase's peak "
          "of memprof's 10 ms RSS samples. Peak RSS is the process's high-water mark (VmHWM), imports included; "
          "peak anon is the sampled peak of anonymous RSS (no file pages)."),
@@ -283,7 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
          "before / after | targets |"),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
-    builds = [("after (memprof.materialize)", result["after"])]
+    builds = [("after (memprof.train.materialize)", result["after"])]
     if "before" in result:
         builds.insert(0, (f"before ({result['before']['revision']}, built on the host)",
                           {k: v for k, v in result["before"].items() if k != "revision"}))
@@ -306,7 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
                        f"pure-torch default kernel) {q['quantize_s']:.1f} s, "
                        f"{q['quantize_s'] / q['params'] * 1e9:.0f} ns a parameter.")]
     lines += ["", ("A local checkpoint (bf16, saved with save_pretrained) built 4-bit on the CPU with a QLoRA "
-                   "adapter: transformers' loader (memprof's route for a `path` model) beside memprof.materialize "
+                   "adapter: transformers' loader (memprof's route for a `path` model) beside memprof.train.materialize "
                    "for the same architecture (random weights, not the checkpoint's):"), "",
               "| checkpoint | loader | time | peak RSS | peak anon | RSS after imports | frozen + trainable |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

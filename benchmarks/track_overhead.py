@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 import memprof
-from memprof import env, suite
-from memprof.data import batches, load_corpus
-from memprof.models import build_model
-from memprof.optim import build_optimizer
+from memprof.results import env
+from memprof import suite
+from memprof.train.data import batches, load_corpus
+from memprof.train.models import build_model
+from memprof.train.optim import build_optimizer
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 TARGET_RATIO = 1.02
@@ -56,9 +57,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     cell = suite.load("quick").cells[0]
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
-    optimizer = build_optimizer(cell.optim, {}, cell.lr, model, torch.device("cpu"))
-    data = batches(load_corpus(cell.data_spec, 0).train, cell.batch_size, cell.seq_len, seed=0)
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
+    optimizer = build_optimizer(cell.optimizer.name, {}, cell.training.lr, model, torch.device("cpu"))
+    data = batches(load_corpus(cell.training.data).train, cell.shape.batch_size, cell.shape.seq_len, seed=0)
     load_before = os.getloadavg()
     block(model, optimizer, data, args.steps, tracked=False)  # first-step initialisations, for neither arm
     pairs = []

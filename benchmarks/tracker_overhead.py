@@ -1,9 +1,9 @@
 """What memprof's trackers cost a training step: one cell's median step time with every tracker on against the
 same cell run bare.
 
-- on: ``memprof.worker.run_cell``, exactly as a suite runs a cell (``CellProbe``, the background ``Sampler``,
+- on: ``memprof.run.launch.run_cell``, exactly as a suite runs a cell (``CellProbe``, the background ``Sampler``,
   the saved-activation and gradient snapshots at the last warm-up step, exact accounting after training).
-- off: the same cell built the same way (``worker.Training``) and trained with a ``NullProbe``, no sampler.
+- off: the same cell built the same way (``memprof.train.training.Training``) and trained with a ``NullProbe``, no sampler.
 
 Runs alternate off, on, off, on, ... so slow drifts of a shared machine fall on both arms alike. Each run is a
 child forked from this process after it imported the libraries and computed nothing, as memprof's zygote forks
@@ -26,24 +26,25 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from memprof import env, suite
-from memprof.cell import Cell
-from memprof.zygote import preload
+from memprof.results import env
+from memprof import suite
+from memprof.config.spec import CellConfig
+from memprof.run.zygote import preload
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
 TARGET_RATIO = 1.02
 
 
-def run_arm(arm: str, cell: Cell) -> list[float]:
+def run_arm(arm: str, cell: CellConfig) -> list[float]:
     """The measured (post-warm-up) step times of one run of ``arm``, in seconds."""
     import torch
 
-    from memprof.train import NullProbe
-    from memprof.worker import Training, run_cell
+    from memprof.run.launch import run_cell
+    from memprof.train.loop import NullProbe
+    from memprof.train.training import Training
 
     if arm == "on":
         result = run_cell(cell)
@@ -51,8 +52,8 @@ def run_arm(arm: str, cell: Cell) -> list[float]:
             raise RuntimeError(f"the cell did not run: {result.record.error}")
         times = [row["step_time_s"] for row in result.steps]
     else:
-        times = [log.step_time_s for log in Training(cell, torch.device(cell.device)).build().train(NullProbe())]
-    return times[cell.warmup_steps:]
+        times = [log.step_time_s for log in Training(cell, torch.device(cell.budget.device)).build().train(NullProbe())]
+    return times[cell.training.warmup_steps:]
 
 
 def cpu_stall_us() -> int | None:
@@ -64,7 +65,7 @@ def cpu_stall_us() -> int | None:
     return int(line.rsplit("total=", 1)[1])
 
 
-def forked(arm: str, cell: Cell, log: Path) -> list[float]:
+def forked(arm: str, cell: CellConfig, log: Path) -> list[float]:
     """``run_arm`` in a child forked from this (import-only) process."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -104,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     if preload():
         raise SystemExit("on a CUDA host the libraries cannot be preloaded before forking; run this on a CPU host")
-    cell = replace(suite.load(args.suite).cells[args.cell], device="cpu", steps=args.steps)
+    cell = suite.load(args.suite).cells[args.cell].with_values({"budget.device": "cpu", "training.steps": args.steps})
 
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
@@ -133,8 +134,8 @@ def main() -> None:
         "machine": {k: machine[k] for k in ("host", "platform", "cpu", "cpu_count", "memory_bytes", "gpus",
                                             "versions", "git_revision", "git_dirty")},
         "cell": cell.key,
-        "steps": cell.steps,
-        "warmup_steps": cell.warmup_steps,
+        "steps": cell.training.steps,
+        "warmup_steps": cell.training.warmup_steps,
         "pairs": args.pairs,
         "load_average_before": load_before,
         "load_average_after": load_after,
@@ -155,8 +156,8 @@ def main() -> None:
         f"# Tracker overhead per training step ({machine['cpu']}, {machine['cpu_count']} cores, host "
         f"{machine['host']}, torch {machine['versions']['torch']})",
         "",
-        f"Cell `{cell.key}` ({args.suite} suite, cell {args.cell}, on the CPU), {cell.steps} steps per run, the "
-        f"first {cell.warmup_steps} left out; {args.pairs} pairs of runs alternating off, on, each run in a child "
+        f"Cell `{cell.key}` ({args.suite} suite, cell {args.cell}, on the CPU), {cell.training.steps} steps per run, the "
+        f"first {cell.training.warmup_steps} left out; {args.pairs} pairs of runs alternating off, on, each run in a child "
         "forked from an import-only parent (as memprof's zygote runs cells).",
         "",
         "- **on**: `run_cell`: CellProbe, background Sampler (host RSS every 10 ms), snapshots, exact accounting.",

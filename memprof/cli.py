@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +13,15 @@ from rich.markup import escape
 from memprof.errors import UserError
 
 if TYPE_CHECKING:
-    from memprof.compare import ResultSet, Rule
-    from memprof.plan import Request
+    from memprof.analysis.compare import ResultSet
+    from memprof.results.metrics import Rule
+    from memprof.config.spec import CellConfig
+
+# Exit codes (README "Exit codes"): a crashed or timed-out cell is the harness failing, not an answer the user asked
+# for; an OOM, a divergence or an optimizer unavailable here are answers, and never change the code.
+EXIT_CELLS_FAILED = 3
+EXIT_INTERRUPTED = 130
+HARNESS_FAILURES = ("crashed", "timeout")
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
@@ -59,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="finish an interrupted run in its own folder: run only the cells it lacks")
     run.add_argument("--compare-to", type=Path, metavar="BASELINE",
                      help="then compare the run to this result folder; exit with the comparison's code")
+    run.add_argument("--allow-failures", action="store_true",
+                     help=f"exit 0 even when cells crashed or timed out (default: exit {EXIT_CELLS_FAILED})")
     _add_compare_options(run)
     run.set_defaults(func=cmd_run)
 
@@ -97,35 +104,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = suite_mod.load(args.suite or "quick")
     cells = suite.cells
     if args.device:
-        cells = [replace(c, device=args.device) for c in cells]
+        cells = [c.with_values({"budget.device": args.device}) for c in cells]
     if args.dry_run:
-        from memprof.views import cells_table
+        from memprof.views.tables import cells_table
 
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
-    from memprof.runner import run_suite
-
-    compare_to = None
+    baseline = None
     if args.compare_to:
-        from memprof import compare
+        from memprof.analysis import compare
 
         baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
         _rules(args, ())
-
-        def compare_to(run_dir: Path) -> int:
-            return _compare(baseline, compare.load(run_dir), args)
     if args.jobs < 1:
         raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
     if args.executor == "ray" and args.jobs != 1:
         raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
     if args.address is not None and args.executor != "ray":
         raise UserError("--address", "needs --executor ray")
-    return run_suite(suite, cells, args.out, args.sample_interval, console, out, compare=compare_to,
-                     resume=args.resume, jobs=args.jobs, executor=args.executor, address=args.address)
+    from memprof.run.runner import run_suite
+    from memprof.views.progress import ProgressView
+    from memprof.views.tables import results_table
+
+    where = " (Ray)" if args.executor == "ray" else f" ({args.jobs} jobs)" if args.jobs > 1 else ""
+    progress = ProgressView(console, suite.name + where)
+    try:
+        outcome = run_suite(suite, cells, args.out, args.sample_interval, progress, resume=args.resume,
+                            jobs=args.jobs, executor=args.executor, address=args.address)
+    finally:
+        progress.close()
+    if outcome.run_dir is None:
+        console.print("interrupted before any cell ran; nothing was written")
+        return EXIT_INTERRUPTED
+    out.print(results_table(outcome.records, title=f"{suite.name} — {outcome.run_dir}"))
+    hint = ""
+    if outcome.interrupted:
+        again = " --executor ray" + (f" --address {args.address}" if args.address else "") \
+            if args.executor == "ray" else f" --jobs {args.jobs}" if args.jobs > 1 else ""
+        hint = f" [yellow](interrupted; finish it with: memprof run --resume {outcome.run_dir}{again})[/]"
+    console.print(f"results: {outcome.run_dir}{hint}", highlight=False, soft_wrap=True)
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    failed = [r for r in outcome.records if r.status in HARNESS_FAILURES]
+    if failed and not args.allow_failures:
+        console.print(f"[red]{len(failed)} of {len(outcome.records)} cells "
+                      f"{' or '.join(sorted({r.status.value for r in failed}))}[/]: exit {EXIT_CELLS_FAILED} "
+                      "(--allow-failures exits 0; OOM and divergence are results and never change the code)",
+                      highlight=False, soft_wrap=True)
+    code = _compare(baseline, compare.load(outcome.run_dir), args) if baseline is not None else 0
+    return EXIT_CELLS_FAILED if failed and not args.allow_failures else code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from memprof import compare
+    from memprof.analysis import compare
 
     return _compare(compare.load(args.baseline), compare.load(args.current), args)
 
@@ -142,16 +173,17 @@ def _add_compare_options(p: argparse.ArgumentParser) -> None:
 def _rules(args: argparse.Namespace, suite_rules: tuple[tuple[str, str], ...],
            suite_path: str = "") -> dict[str, Rule]:
     """The default rules, then the current suite's [compare] table, then --rule flags."""
-    from memprof import compare
+    from memprof.results.metrics import resolve_rules, split_rule
 
-    rules = compare.resolve_rules(suite_rules, f"{suite_path}: compare")
-    return compare.resolve_rules([compare.split_rule(text) for text in args.rule], "--rule", rules)
+    rules = resolve_rules(suite_rules, f"{suite_path}: compare")
+    return resolve_rules([split_rule(text) for text in args.rule], "--rule", rules)
 
 
 def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) -> int:
     import json
 
-    from memprof import compare, compare_views
+    from memprof.analysis import compare
+    from memprof.views import compare as compare_views
 
     rules = _rules(args, current.suite_rules, str(current.suite_path))
     result = compare.compare(baseline, current, rules, args.allow_different_machines)
@@ -177,9 +209,9 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     if not 0 <= args.cell < len(suite.cells):
         raise UserError(f"{suite.path}: --cell", f"{args.cell} is not a cell index (0..{len(suite.cells) - 1})")
     cell = suite.cells[args.cell]
-    from memprof.crosscheck import crosscheck, exit_code
-    from memprof.optim import OptimizerUnavailable
-    from memprof.views import crosscheck_table
+    from memprof.measure.crosscheck import crosscheck, exit_code
+    from memprof.train.optim import OptimizerUnavailable
+    from memprof.views.tables import crosscheck_table
 
     try:
         rows = crosscheck(cell)
@@ -192,9 +224,9 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
 def cmd_optimizers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from memprof.catalogue import ENTRIES
+    from memprof.config.catalogue import ENTRIES
 
-    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.formulas)", header_style="bold")
+    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.measure.formulas)", header_style="bold")
     for name in ("name", "library", "states kept", "bytes/param", "available"):
         table.add_column(name)
     for e in ENTRIES:
@@ -216,7 +248,7 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
                       "h100-80gb, h200) or sizes (24GB, 40GB, 48GB, 80GB, 141GB); default: the sizes")
     plan.add_argument("--budget-bytes", type=int, metavar="N", help="also plan against a budget of N bytes")
     plan.add_argument("--calibration", type=Path, metavar="FILE", help="coefficients to use (default: the shipped "
-                      "memprof/calibration.json, from CPU runs)")
+                      "memprof/plan/calibration.json, from CPU runs)")
     plan.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR",
                       help="refit the coefficients from these result folders and write them (then exit)")
     plan.add_argument("--calibration-out", type=Path, metavar="FILE",
@@ -265,12 +297,12 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
                    help="what the ranks shard: ddp nothing, zero1 the optimizer state, fsdp2 everything")
 
 
-def _request(args: argparse.Namespace) -> Request:
-    from memprof.plan import request_from_flags
+def _request(args: argparse.Namespace) -> CellConfig:
+    from memprof.plan.predict import cell_from_flags
 
     if not args.model:
         raise UserError("--model", "required (or give a suite file to plan)")
-    return request_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
+    return cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
                               args.batch_size, args.seq_len, args.precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy)
 
@@ -278,10 +310,10 @@ def _request(args: argparse.Namespace) -> Request:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from memprof import calibration as calibration_mod
-    from memprof import gpus as gpus_mod
-    from memprof import plan as plan_mod
-    from memprof import plan_views
+    from memprof.plan import calibration as calibration_mod
+    from memprof.plan import gpus as gpus_mod
+    from memprof.plan import predict as plan_mod
+    from memprof.views import plan as plan_views
 
     if args.calibrate:
         fitted = calibration_mod.fit(args.calibrate)
@@ -298,13 +330,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.model:
             raise UserError("--model", "give either a suite or --model, not both")
         requests = plan_mod.requests_from_cells(suite_mod.load(args.suite).cells)
+        levers: dict[str, object] = {}
         if args.gradient_checkpointing:
-            requests = [replace(r, gradient_checkpointing=True) for r in requests]
+            levers["levers.gradient_checkpointing"] = "on"
         if args.attn != "sdpa":
-            requests = [replace(r, attn_implementation=args.attn) for r in requests]
+            levers["levers.attn_implementation"] = args.attn
         if args.strategy or args.world_size != 1:
-            levers = plan_mod.sharding_flags(args.world_size, args.strategy)
-            requests = [replace(r, **levers) for r in requests]
+            levers["levers.parallel"] = plan_mod.sharding_flags(args.world_size, args.strategy)
+        requests = [r.with_values(levers) for r in requests]
     else:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
@@ -328,8 +361,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from memprof import fit as fit_mod
-    from memprof import plan_views
+    from memprof.plan import fit as fit_mod
+    from memprof.views import plan as plan_views
 
     request = _request(args)
     granularity = args.granularity or (1 if args.search == "batch_size" else 64)
@@ -361,8 +394,8 @@ def _add_levers_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_levers(args: argparse.Namespace) -> int:
-    from memprof.results import read_records
-    from memprof.views import levers_markdown
+    from memprof.results.store import read_records
+    from memprof.views.tables import levers_markdown
 
     print(levers_markdown(read_records(args.run_dir)))
     return 0
@@ -378,7 +411,8 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memprof import plots, report, report_views
+    from memprof.views import plots, report as report_views
+    from memprof.analysis import report
 
     run = report.load_run(args.run_dir)
     tables = report.tables(run)

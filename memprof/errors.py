@@ -19,5 +19,9 @@ class UserError(Exception):
 
 def one_line(err: BaseException) -> str:
     """An exception as a record's ``error``: its type and message on one line, at most 500 characters."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}"[:500]
+    return f"{type(err).__name__}: {one_line_text(err)}"[:500]
+
+
+def one_line_text(err: BaseException) -> str:
+    """An exception's message with its line breaks and runs of spaces folded: one line of a user error."""
+    return " ".join(str(err).split())

@@ -9,8 +9,8 @@ import torch
 from conftest import run_cli, write_suite
 from transformers.training_args import OptimizerNames
 
-from memprof.catalogue import CATALOGUE, ENTRIES, NOT_SUPPORTED
-from memprof.formulas import FORMULAS, predict_state_bytes
+from memprof.config.catalogue import CATALOGUE, ENTRIES, NOT_SUPPORTED
+from memprof.measure.formulas import FORMULAS, predict_state_bytes
 
 
 def test_every_transformers_name_is_catalogued_or_left_out_on_purpose() -> None:

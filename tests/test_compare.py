@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_suite
 
-from memprof.compare import Rule, Verdict, config_key, parse_spec
-from memprof.record import Record, Status
-from memprof.results import read_records
-from memprof.stats import mann_whitney_p, smallest_p
+from memprof.results.metrics import Rule, parse_spec
+from memprof.results.record import SCHEMA_VERSION, Record, Status
+from memprof.results.store import read_records
+from memprof.analysis.stats import mann_whitney_p, smallest_p
 
 REPEATS = 14  # split into two interleaved halves of 7: the fewest that can reach the default p < 0.002
 OPTIMIZERS = '["adamw_torch", "adafactor"]'
@@ -70,8 +70,8 @@ def metric(cell: dict, name: str) -> dict:
 def split_halves(run_dir: Path, tmp: Path) -> tuple[Path, Path]:
     """Even and odd repeats as two result folders: interleaved in time, so both halves saw the same load."""
     records = read_records(run_dir)
-    return (write_records(tmp / "even", [r for r in records if r.repeat % 2 == 0], like=run_dir),
-            write_records(tmp / "odd", [r for r in records if r.repeat % 2 == 1], like=run_dir))
+    return (write_records(tmp / "even", [r for r in records if r.config.training.repeat % 2 == 0], like=run_dir),
+            write_records(tmp / "odd", [r for r in records if r.config.training.repeat % 2 == 1], like=run_dir))
 
 
 def write_records(folder: Path, records: list[Record], like: Path) -> Path:
@@ -86,18 +86,20 @@ def write_records(folder: Path, records: list[Record], like: Path) -> Path:
 def test_the_runs_behind_the_comparisons_ran(runs: dict[str, tuple[Path, int]]) -> None:
     base = read_records(runs["base"][0])
     assert runs["base"][1] == 0 and [r.status for r in base] == [Status.OK, Status.OK]
-    changed = {r.optimizer: r for r in read_records(runs["changed"][0])}
+    changed = {r.config.optimizer.label: r for r in read_records(runs["changed"][0])}
     assert changed["adamw_torch"].status is Status.OK
     assert changed["adafactor"].status is Status.OOM, changed["adafactor"].error
     repeats = read_records(runs["repeats"][0])
-    assert [r.repeat for r in repeats] == list(range(REPEATS)) and {config_key(r) for r in repeats} == {
-        repeats[0].cell_key}
+    assert [r.config.training.repeat for r in repeats] == list(range(REPEATS))
+    assert {r.config.repeat_key for r in repeats} == {repeats[0].key}
 
 
 def test_repeats_share_a_key_and_levers_keep_theirs(runs: dict[str, tuple[Path, int]]) -> None:
     (first, *_) = read_records(runs["repeats"][0])
-    second = replace(first, cell_key=first.cell_key.replace("/seed0", "/seed1") + "/gc/zero1x2", seed=1, repeat=1)
-    assert config_key(second) == first.cell_key + "/gc/zero1x2" != config_key(first)
+    second = first.config.with_values({"training.seed": 1, "training.repeat": 1, "levers.gradient_checkpointing": "on",
+                                       "levers.parallel": {"strategy": "zero1", "world_size": 2}})
+    assert second.key == first.key.replace("/seed0", "/seed1") + "/gc/zero1x2"
+    assert second.repeat_key == first.key + "/gc/zero1x2" != first.config.repeat_key
 
 
 def test_a_pure_rerun_is_unchanged_and_run_compare_to_exits_0(
@@ -127,47 +129,59 @@ def test_a_tenfold_slowdown_with_one_repeat_is_still_not_a_verdict(
     assert {metric(c, "tokens_per_s")["verdict"] for c in result["cells"]} == {"unchanged"}
 
 
-def test_a_lora_rank_change_regresses_exact_bytes_and_an_oom_fails(
+def test_a_changed_configuration_is_refused_with_its_reason_and_an_oom_fails(
         runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
+    """The changed suite gives its `lora` adapter rank 16 (the key stays: same adapter name) and adafactor a memory
+    budget it cannot fit (a limit, not a configuration change)."""
     assert runs["changed"][1] == 1  # `run --compare-to` exits with the comparison's code
     code, result = compare_json(capsys, str(runs["base"][0]), str(runs["changed"][0]))
-    assert code == 1 and result["counts"]["regressed"] == 1 and result["counts"]["failed"] == 1
+    assert code == 1 and result["counts"]["not comparable"] == 1 and result["counts"]["failed"] == 1
     cells = cells_by_optimizer(result)
     adamw = cells["adamw_torch"]
-    assert adamw["verdict"] == "regressed" and "configuration changed" in adamw["note"]
-    trainable = metric(adamw, "trainable_weight_bytes")
-    assert trainable["verdict"] == "regressed" and trainable["current"] == 2 * trainable["baseline"]  # r 8 → 16
-    state = metric(adamw, "optimizer_state_bytes")
-    assert state["verdict"] == "regressed" and state["current"] > state["baseline"]
-    assert metric(adamw, "frozen_weight_bytes")["verdict"] == "unchanged"
+    assert adamw["verdict"] == "not comparable" and adamw["metrics"] == []
+    assert adamw["note"] == "configuration differs: adapter.lora.r: 8 → 16"
     oom = cells["adafactor"]
     assert (oom["verdict"], oom["baseline_status"], oom["current_status"]) == ("failed", "ok", "oom")
     markdown = (runs["changed"][0].parent.parent / "changed.md").read_text()
-    assert markdown.startswith("### memprof compare: regression (1 regressed, 1 failed)")
-    assert "| `adamw_torch` | **regressed** | optimizer_state_bytes |" in markdown
+    assert markdown.startswith("### memprof compare: regression (1 failed, 1 not comparable)")
+    assert "| `adamw_torch` | **not comparable** |" in markdown and "adapter.lora.r: 8 → 16" in markdown
 
 
+@pytest.mark.parametrize("delta", [+4, -4], ids=["more", "fewer"])
 def test_an_exact_change_is_a_regression_in_either_direction(
-        runs: dict[str, tuple[Path, int]], capsys: pytest.CaptureFixture) -> None:
-    code, result = compare_json(capsys, str(runs["changed"][0]), str(runs["base"][0]))
-    assert code == 1
-    cells = cells_by_optimizer(result)
-    assert cells["adamw_torch"]["verdict"] == "regressed"  # fewer bytes, but not the baseline's bytes
-    assert cells["adafactor"]["verdict"] == "improved"  # oom → ok
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture, delta: int) -> None:
+    base = runs["base"][0]
+    moved = [replace(r, optimizer_state_bytes=r.optimizer_state_bytes + delta) for r in read_records(base)]
+    write_records(tmp_path / "moved", moved, like=base)
+    code, result = compare_json(capsys, str(base), str(tmp_path / "moved"))
+    assert code == 1 and result["counts"]["regressed"] == 2  # fewer bytes are not the baseline's bytes either
+    state = metric(cells_by_optimizer(result)["adamw_torch"], "optimizer_state_bytes")
+    assert state["verdict"] == "regressed" and state["current"] - state["baseline"] == delta
+
+
+def test_runs_that_share_no_configuration_are_an_input_error(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = runs["base"][0]
+    other_seed = [replace(r, config=r.config.with_values({"training.seed": 5})) for r in read_records(base)]
+    write_records(tmp_path / "seed5", other_seed, like=base)
+    capsys.readouterr()
+    assert run_cli("compare", str(base), str(tmp_path / "seed5")) == 2
+    err = capsys.readouterr().err
+    assert "share no configuration" in err and "nothing to compare" in err and len(err.strip().splitlines()) == 1
 
 
 def test_rules_on_the_command_line_and_in_the_suite(
         runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    base, changed = str(runs["base"][0]), str(runs["changed"][0])
-    moved = ("optimizer_state_bytes", "predicted_state_bytes", "trainable_weight_bytes", "gradient_bytes",
-             "activation_bytes", "peak_rss_delta_bytes", "final_loss_smoothed")
-    code, result = compare_json(capsys, base, changed, *(a for name in moved for a in ("--rule", f"{name}:off")))
+    base = str(runs["base"][0])
+    moved = ("optimizer_state_bytes", "trainable_weight_bytes")
+    records = [replace(r, optimizer_state_bytes=r.optimizer_state_bytes + 4,
+                       trainable_weight_bytes=r.trainable_weight_bytes + 4) for r in read_records(runs["base"][0])]
+    folder = write_records(tmp_path / "moved", records, like=runs["base"][0])
+    code, result = compare_json(capsys, base, str(folder), *(a for name in moved for a in ("--rule", f"{name}:off")))
     adamw = cells_by_optimizer(result)["adamw_torch"]
     assert adamw["verdict"] == "unchanged" and not set(moved) & {m["metric"] for m in adamw["metrics"]}
-    assert code == 1  # the OOM still fails
+    assert code == 0
     # the same rules from the current run's suite: its [compare] table
-    folder = tmp_path / "changed"
-    shutil.copytree(runs["changed"][0], folder)
     with open(folder / "suite.toml", "a") as f:
         f.write("\n[compare]\n" + "".join(f'{name} = "off"\n' for name in moved))
     code, result = compare_json(capsys, base, str(folder))
@@ -259,7 +273,7 @@ def test_different_machines_do_not_compare_peaks(
 def test_table_csv_input_and_missing_and_new_cells(
         runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = runs["base"][0]
-    one = [r for r in read_records(base) if r.optimizer == "adamw_torch"]
+    one = [r for r in read_records(base) if r.config.optimizer.label == "adamw_torch"]
     write_records(tmp_path / "one", one, like=base)
     code, result = compare_json(capsys, str(base / "cells.csv"), str(tmp_path / "one" / "records.jsonl"))
     assert code == 0
@@ -270,7 +284,7 @@ def test_table_csv_input_and_missing_and_new_cells(
     capsys.readouterr()
     assert run_cli("compare", str(base), str(runs["changed"][0])) == 1
     shown = capsys.readouterr().out
-    assert "regressed" in shown and "failed" in shown and "→ regression" in shown
+    assert "not comparable" in shown and "failed" in shown and "→ regression" in shown
 
 
 @pytest.mark.parametrize("case", ["missing folder", "not a result", "other schema", "empty csv", "bad rule",
@@ -283,7 +297,7 @@ def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_
     elif case == "not a result":
         argv, where = ["compare", base, str(tmp_path)], str(tmp_path)
     elif case == "other schema":
-        lines = (runs["base"][0] / "records.jsonl").read_text().replace('"schema_version": 1', '"schema_version": 99')
+        lines = (runs["base"][0] / "records.jsonl").read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99')
         write_records(tmp_path / "v99", [], like=runs["base"][0])
         (tmp_path / "v99" / "records.jsonl").write_text(lines)
         argv, where = ["compare", base, str(tmp_path / "v99")], "schema_version 99"

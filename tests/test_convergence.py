@@ -12,11 +12,15 @@ import pytest
 import torch
 from conftest import run_cli, write_suite
 
-from memprof import data, models, optim, stats, suite
+from memprof import suite
+from memprof.analysis import stats
+from memprof.config.spec import LORA_DEFAULTS, METRIC_SCHEDULES, SCHEDULES, AdapterSpec, ModelSpec
 from memprof.errors import UserError
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.train import NullProbe, StepLog, evaluate, train
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.train import data, models, optim
+from memprof.results.record import StepLog
+from memprof.train.loop import NullProbe, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,7 +45,7 @@ def steps_csv(run_dir: Path, index: int) -> list[dict[str, str]]:
 
 
 def test_adamw_gets_within_10_percent_of_the_entropy_floor(convergence_run: Path) -> None:
-    records = {r.optimizer: r for r in read_records(convergence_run)}
+    records = {r.config.optimizer.label: r for r in read_records(convergence_run)}
     assert set(records) == {"adamw_torch", "adamw_bnb_8bit", "schedule_free_adamw"}
     floor = data.markov_corpus(0).entropy_floor_nats
     for r in records.values():
@@ -57,13 +61,13 @@ def test_adamw_gets_within_10_percent_of_the_entropy_floor(convergence_run: Path
 
 def test_convergence_fields_agree_with_the_per_step_rows(convergence_run: Path) -> None:
     for r in read_records(convergence_run):
-        rows = steps_csv(convergence_run, r.cell_index)
+        rows = steps_csv(convergence_run, r.config.index)
         losses = [float(row["loss"]) for row in rows]
         evals = {int(row["step"]): float(row["eval_loss"]) for row in rows if row["eval_loss"]}
         assert sorted(evals) == [19, 39, 59, 79]  # eval_every = 20, and always after the last step
         assert r.final_eval_loss == evals[79]
         assert r.loss_auc == pytest.approx(sum(losses) / len(losses))
-        assert r.target_loss == 2.1 and r.steps_to_target is not None
+        assert r.config.training.target_loss == 2.1 and r.steps_to_target is not None
         smoothed = [sum(losses[max(0, i - 4):i + 1]) / len(losses[max(0, i - 4):i + 1]) for i in range(len(losses))]
         assert smoothed[r.steps_to_target - 1] <= 2.1 < min(smoothed[:r.steps_to_target - 1])
         times = [float(row["step_time_s"]) for row in rows]
@@ -77,7 +81,7 @@ def test_repeats_use_the_same_task_and_fixed_eval_batches() -> None:
     assert len(a) == 3 and all(x.shape == (4, 16) for x in a)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     s = suite.parse(_REPEATS, Path("repeats.toml"))
-    assert [c.seed for c in s.cells] == [0, 1, 2] and {c.data_spec["seed"] for c in s.cells} == {0}
+    assert [c.training.seed for c in s.cells] == [0, 1, 2] and {c.training.data.seed for c in s.cells} == {0}
 
 
 _REPEATS = """
@@ -95,8 +99,9 @@ optimizer = ["adamw_torch"]
 
 def _tiny(adapter: str = "none") -> torch.nn.Module:
     torch.manual_seed(0)
-    adapter_spec = suite.AdapterSettings(kind=adapter, r=4, alpha=8).model_dump()
-    return models.build_model({"preset": "tiny-llama"}, adapter_spec, "fp32", CPU)
+    lora = {**LORA_DEFAULTS, "r": 4, "lora_alpha": 8}
+    return models.build_model(ModelSpec(name="tiny-llama", preset="tiny-llama"),
+                              AdapterSpec(name=adapter, kind=adapter, lora=lora), "fp32", CPU)
 
 
 def _batches(seed: int = 0) -> Iterator[torch.Tensor]:
@@ -151,28 +156,29 @@ def test_reduce_on_plateau_steps_on_the_eval_loss() -> None:
     assert [log.lr for log in logs] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
-@pytest.mark.parametrize("name", suite.SCHEDULES)
+@pytest.mark.parametrize("name", SCHEDULES)
 def test_every_transformers_schedule_builds_and_runs(tmp_path: Path, name: str) -> None:
     kwargs = {"cosine_with_min_lr": "min_lr_rate = 0.1", "cosine_warmup_with_min_lr": "min_lr_rate = 0.1",
               "warmup_stable_decay": "num_decay_steps = 2"}
     path = write_suite(tmp_path, steps=6, extra=f'schedule = ["{name}"]\n\n[schedules.{name}]\n{kwargs.get(name, "")}\n')
     text = path.read_text().replace("timeout_s = 120", "timeout_s = 120\neval_every = 2\nlr_warmup_ratio = 0.3")
     (cell,) = suite.parse(text, path).cells
-    assert cell.lr_warmup_steps == 2  # ceil(0.3 * 6), as transformers rounds warmup_ratio
+    assert cell.training.lr_warmup_steps == 2  # ceil(0.3 * 6), as transformers rounds warmup_ratio
     model = _tiny("lora")
     opt = optim.build_optimizer("adamw_torch", {}, 1e-3, model, CPU)
-    schedule = optim.build_schedule(cell.schedule, opt, cell.lr_warmup_steps, cell.steps, cell.schedule_kwargs)
+    t = cell.training
+    schedule = optim.build_schedule(t.schedule, opt, t.lr_warmup_steps, t.steps, t.schedule_kwargs)
     held_out = data.eval_batches(data.markov_corpus(0).eval, 2, 16, 1)
-    logs = train(model, opt, schedule, _batches(), cell.steps, 1, 1.0, CPU, NullProbe(), held_out, cell.eval_every)
+    logs = train(model, opt, schedule, _batches(), t.steps, 1, 1.0, CPU, NullProbe(), held_out, t.eval_every)
     assert len(logs) == 6 and all(0 <= log.lr <= 1e-3 * 1.0001 for log in logs)
-    if name not in suite.METRIC_SCHEDULES and name != "constant":
+    if name not in METRIC_SCHEDULES and name != "constant":
         assert logs[0].lr < max(log.lr for log in logs) == pytest.approx(1e-3)  # warm-up, then the peak
 
 
 def test_the_schedule_list_is_every_transformers_scheduler_type() -> None:
     from transformers import SchedulerType
 
-    assert set(suite.SCHEDULES) == {s.value for s in SchedulerType}
+    assert set(SCHEDULES) == {s.value for s in SchedulerType}
 
 
 @pytest.mark.parametrize(("settings", "grid", "tables", "message"), [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_suite
 
-from memprof.crosscheck import Comparison, crosscheck, exit_code
+from memprof.measure.crosscheck import CategoryCheck, crosscheck, exit_code
 
 # Rank 16 on the attention projections of tiny-llama (hidden 256, k/v width 128, 2 layers): q and o have
 # A 16x256 + B 256x16, k and v have A 16x256 + B 128x16. Rank 16 brings the 4096-element matrices to
@@ -25,11 +25,11 @@ def suite_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        optimizers=optimizers, extra=ADAPTER)
 
 
-def _rows(suite_path: Path, optimizer: str) -> dict[str, Comparison]:
+def _rows(suite_path: Path, optimizer: str) -> dict[str, CategoryCheck]:
     from memprof import suite
 
     cell = suite.load(str(suite_path)).cells[OPTIMIZERS.index(optimizer)]
-    assert cell.optimizer == optimizer
+    assert cell.optimizer.label == optimizer
     return {row.category: row for row in crosscheck(cell)}
 
 
@@ -66,9 +66,9 @@ def test_adafactor_agrees_once_its_replaced_rms_scalars_are_set_aside(suite_path
 
 
 def test_disagreement_exits_1_and_information_rows_never_do() -> None:
-    assert exit_code([Comparison("gradients", 10, 12, required=True)]) == 1
-    assert exit_code([Comparison("optimizer state", 10, 14, required=True, unseen_bytes=4)]) == 0
-    assert exit_code([Comparison("activations", 10, 12, required=False)]) == 0
+    assert exit_code([CategoryCheck("gradients", 10, 12, required=True)]) == 1
+    assert exit_code([CategoryCheck("optimizer state", 10, 14, required=True, unseen_bytes=4)]) == 0
+    assert exit_code([CategoryCheck("activations", 10, 12, required=False)]) == 0
 
 
 def test_a_cell_index_out_of_range_is_a_user_error(suite_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

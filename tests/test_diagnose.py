@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from memprof import diagnose, suite
-from memprof.record import Record, Status
-from memprof.worker import run_cell
+from memprof.analysis import diagnose
+from memprof import suite
+from memprof.results.record import Record, Status
+from memprof.run.launch import run_cell
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

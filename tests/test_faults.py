@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from memprof import suite as suite_mod
 from memprof.errors import UserError
-from memprof.record import Record, Status
-from memprof.results import RunWriter, prepare_resume, read_records
+from memprof.results.record import Record, Status
+from memprof.results.store import RunWriter, prepare_resume, read_records
 
 TESTS_DIR = Path(__file__).parent
 OOM_BUDGET = 512 << 20
@@ -131,12 +131,12 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     code = run_cli("run", str(path), "--out", str(out))
     (run_dir,) = out.iterdir()
     records = read_records(run_dir)
-    return {"code": code, "run_dir": run_dir, "records": records, "by": {r.optimizer: r for r in records}}
+    return {"code": code, "run_dir": run_dir, "records": records, "by": {r.config.optimizer.label: r for r in records}}
 
 
 def test_faults_are_statuses_and_the_suite_goes_on(fault_run: dict[str, Any]) -> None:
-    assert fault_run["code"] == 0  # faults inside cells are results, not a failed run
-    statuses = [(r.optimizer, r.status) for r in fault_run["records"]]
+    assert fault_run["code"] == 3  # cells crashed and timed out: the suite went on, the exit code says so
+    statuses = [(r.config.optimizer.label, r.status) for r in fault_run["records"]]
     assert statuses == [("hog", Status.OOM), ("kill", Status.CRASHED), ("raise", Status.CRASHED),
                         ("sleep", Status.TIMEOUT), ("nan", Status.DIVERGED), ("sgd", Status.OK)]
     cells = pd.read_csv(fault_run["run_dir"] / "cells.csv")
@@ -145,7 +145,7 @@ def test_faults_are_statuses_and_the_suite_goes_on(fault_run: dict[str, Any]) ->
 
 def test_oom_under_a_memory_budget_records_where_and_the_peak_reached(fault_run: dict[str, Any]) -> None:
     r = fault_run["by"]["hog"]
-    assert r.batch_size == 8192
+    assert r.config.shape.batch_size == 8192
     assert "DefaultCPUAllocator: can't allocate memory" in r.error and "\n" not in r.error
     assert (r.fail_phase, r.fail_step) == ("forward", 0)
     # RLIMIT_AS caps the address space at the fork's size plus the budget, and resident memory is part of it
@@ -164,7 +164,7 @@ def test_a_library_exception_is_crashed_with_a_one_line_error(fault_run: dict[st
     r = fault_run["by"]["raise"]
     assert r.error == "RuntimeError: faulty: Raise failed in step() second line of the message"
     assert (r.fail_phase, r.fail_step) == ("optimizer", 0)
-    log = (fault_run["run_dir"] / "logs" / f"cell-{r.cell_index:04d}.log").read_text()
+    log = (fault_run["run_dir"] / "logs" / f"cell-{r.config.index:04d}.log").read_text()
     assert "Traceback" in log and "faulty.py" in log  # the whole story is in the cell's log
 
 
@@ -178,7 +178,7 @@ def test_a_diverging_loss_stops_the_cell_at_that_step(fault_run: dict[str, Any])
     r = fault_run["by"]["nan"]
     assert (r.status, r.fail_step, r.fail_phase) == (Status.DIVERGED, 1, "forward")
     assert r.error == "loss is nan at step 1"
-    steps = pd.read_csv(fault_run["run_dir"] / "cells" / f"{r.cell_index:04d}" / "steps.csv")
+    steps = pd.read_csv(fault_run["run_dir"] / "cells" / f"{r.config.index:04d}" / "steps.csv")
     assert list(steps["step"]) == [0, 1]  # of 6: stopped early
     assert math.isfinite(steps["loss"][0]) and not math.isfinite(steps["loss"][1])
 
@@ -199,7 +199,7 @@ def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Pat
     (run_dir,) = out.iterdir()
     assert f"memprof run --resume {run_dir}" in stderr
     first = read_records(run_dir)
-    assert [(r.cell_index, r.status) for r in first] == [(0, Status.OK), (1, Status.INTERRUPTED)]
+    assert [(r.config.index, r.status) for r in first] == [(0, Status.OK), (1, Status.INTERRUPTED)]
     assert first[1].error == "interrupted"
     assert len(pd.read_csv(run_dir / "cells.csv")) == 2
 
@@ -208,7 +208,7 @@ def test_sigint_keeps_finished_cells_and_resume_runs_only_the_rest(tmp_path: Pat
     assert resumed.returncode == 0, stderr[-2000:]
     assert list(out.iterdir()) == [run_dir]  # appended to the same folder
     records = read_records(run_dir)
-    assert [(r.cell_index, r.status) for r in records] == [(0, Status.OK), (1, Status.OK), (2, Status.OK)]
+    assert [(r.config.index, r.status) for r in records] == [(0, Status.OK), (1, Status.OK), (2, Status.OK)]
     assert records[0] == first[0]  # the finished cell was not run again
     cells = pd.read_csv(run_dir / "cells.csv")
     assert list(cells["cell_index"]) == [0, 1, 2] and set(cells["status"]) == {"ok"}
@@ -225,7 +225,7 @@ def test_sigterm_interrupts_too_and_resume_refuses_a_changed_suite(tmp_path: Pat
     _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 130, stderr[-2000:]
     (run_dir,) = out.iterdir()
-    assert [(r.cell_index, r.status) for r in read_records(run_dir)] == [(0, Status.INTERRUPTED)]
+    assert [(r.config.index, r.status) for r in read_records(run_dir)] == [(0, Status.INTERRUPTED)]
 
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
     changed = _suite(tmp_path, "term", ["sleepy", "sgd"], extra + "\n# one more line\n")
@@ -252,7 +252,7 @@ def _assert_readable(run_dir: Path) -> list[Record]:
     if (run_dir / "cells.csv").exists():
         rows = pd.read_csv(run_dir / "cells.csv")
         # cells.csv is rewritten just after each record is appended: at most that one is missing
-        assert list(rows["cell_index"]) in ([r.cell_index for r in records], [r.cell_index for r in records][:-1])
+        assert list(rows["cell_index"]) in ([r.config.index for r in records], [r.config.index for r in records][:-1])
     for name in ("manifest.json", "env.json"):
         if (run_dir / name).exists():
             json.loads((run_dir / name).read_text())
@@ -262,7 +262,7 @@ def _assert_readable(run_dir: Path) -> list[Record]:
         assert len(pd.read_csv(csv_path)) > 0
     for r in records:
         if r.status is Status.OK:
-            assert len(pd.read_csv(run_dir / "cells" / f"{r.cell_index:04d}" / "steps.csv")) == r.steps
+            assert len(pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv")) == r.config.training.steps
     return records
 
 
@@ -299,7 +299,7 @@ def test_kill_9_of_the_run_at_random_moments_loses_no_finished_cell(tmp_path: Pa
     _, stderr = resumed.communicate(timeout=RUN_TIMEOUT_S)
     assert resumed.returncode == 0, stderr[-2000:]
     records = _assert_readable(run_dir)
-    assert sorted(r.cell_index for r in records) == [0, 1, 2, 3]
+    assert sorted(r.config.index for r in records) == [0, 1, 2, 3]
     assert all(r.status is Status.OK for r in records)
     assert records[:len(finished)] == finished  # what had finished was kept, not run again
     assert (run_dir / "records.jsonl").read_text().endswith("}\n")
@@ -312,15 +312,15 @@ def test_resume_drops_a_torn_line_and_interrupted_records(tmp_path: Path) -> Non
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     writer = RunWriter(run_dir, suite.text, manifest, {})
-    from memprof.record import CellResult
+    from memprof.results.record import CellResult
 
-    writer.append(CellResult(Record.for_cell(suite.cells[0]), [{"step": 0}], [{"t_s": 0.0}]))
-    writer.append(CellResult(Record.for_cell(suite.cells[1], status=Status.INTERRUPTED), [{"step": 0}], []))
+    writer.append(CellResult(Record(suite.cells[0]), [{"step": 0}], [{"t_s": 0.0}]))
+    writer.append(CellResult(Record(suite.cells[1], status=Status.INTERRUPTED), [{"step": 0}], []))
     with open(run_dir / "records.jsonl", "a") as f:
         f.write('{"cell_key": "x", "sta')
-    assert [r.cell_index for r in read_records(run_dir)] == [0, 1]
+    assert [r.config.index for r in read_records(run_dir)] == [0, 1]
     # a torn line anywhere but last is corruption, not a kill: it is said, not skipped
-    assert prepare_resume(run_dir, manifest) == [Record.for_cell(suite.cells[0])]
+    assert prepare_resume(run_dir, manifest) == [Record(suite.cells[0])]
     assert (run_dir / "records.jsonl").read_text().count("\n") == 1
     assert not (run_dir / "cells" / "0001").exists()  # the interrupted attempt's rows are gone
     assert len(pd.read_csv(run_dir / "cells.csv")) == 1
@@ -334,7 +334,7 @@ def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
                 "config_hashes": [c.config_hash for c in suite.cells]}
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results import RunWriter; "
+        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results.store import RunWriter; "
          "RunWriter(Path(sys.argv[1]), '', json.loads(sys.argv[2]), {}); print('held', flush=True); sys.stdin.read()",
          str(run_dir), json.dumps(manifest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -377,9 +377,10 @@ VALID = {
     "override": [{"match": {"optimizer": "fast"}, "set": {"steps": 4}}],
 }
 # Where a number <= 0 is impossible, and a wrong value for each kind of leaf.
+# An adapter table is peft's LoraConfig: peft refuses r <= 0 but takes any lora_alpha (a scaling of 0 trains nothing,
+# which is a result, not a malformed suite).
 POSITIVE = [("suite", "steps"), ("suite", "repeats"), ("suite", "timeout_s"), ("grid", "batch_size", 0),
-            ("grid", "seq_len", 0), ("grid", "lr", 0), ("adapters", "mylora", "r"), ("adapters", "mylora", "alpha"),
-            ("override", 0, "set", "steps")]
+            ("grid", "seq_len", 0), ("grid", "lr", 0), ("adapters", "mylora", "r"), ("override", 0, "set", "steps")]
 
 
 def _toml(value: Any) -> str:
@@ -530,7 +531,7 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 
 
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
-    from memprof.preflight import check_all
+    from memprof.run.preflight import check_all
 
     path = _suite(tmp_path, "pre", ["sgd"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
@@ -539,14 +540,15 @@ def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does
                     .replace('adapter = ["lora"]', 'adapter = ["wide", "none_here", "none"]'))
     suite = suite_mod.load(str(path))
     problems = check_all(suite.preflight_pairs())
-    assert [(p["model"], p["adapter"], p["field"]) for p in problems] == [("mine", "wide", "model"),
-                                                                          ("tiny-qwen2", "none_here", "adapter")]
-    assert "/nonexistent/model-dir" in problems[0]["error"]
-    assert str(suite.preflight_error(problems[0])).startswith(f"{path}: models.mine: model 'mine' does not build: ")
-    assert str(suite.preflight_error(problems[1])).startswith(
+    assert [(p.model, p.adapter, p.field) for p in problems] == [("mine", "wide", "model"),
+                                                                 ("tiny-qwen2", "none_here", "target_modules")]
+    assert "/nonexistent/model-dir" in problems[0].error
+    errors = [str(suite.preflight_error(p.model, p.adapter, p.field, p.error)) for p in problems]
+    assert errors[0].startswith(f"{path}: models.mine: model 'mine' does not build: ")
+    assert errors[1].startswith(
         f"{path}: adapters.none_here.target_modules: adapter 'none_here' does not fit model 'tiny-qwen2': ")
 
 
 def test_trust_remote_code_is_off_unless_the_suite_sets_it(tmp_path: Path) -> None:
     cell = suite_mod.load(str(write_suite(tmp_path))).cells[0]
-    assert cell.model_spec["trust_remote_code"] is False
+    assert cell.model.trust_remote_code is False

@@ -1,7 +1,7 @@
 """Every catalogue formula against the real optimizer: measured optimizer-state bytes == predicted, byte for byte.
 
 Each case builds a tiny Llama (LoRA or full fine-tune) with memprof's own builders, takes two real training
-steps and compares ``accounting.optimizer_state_bytes`` with ``memprof.formulas``.
+steps and compares ``accounting.optimizer_state_bytes`` with ``memprof.measure.formulas``.
 """
 
 from __future__ import annotations
@@ -14,25 +14,27 @@ import pytest
 import torch
 from torch import nn
 
-from memprof.catalogue import CATALOGUE
-from memprof.formulas import predict_for_optimizer, predict_state_bytes, why_unpredictable
-from memprof.models import build_model
-from memprof.optim import build_optimizer, is_schedule_free
-from memprof.suite import AdapterSettings
-from memprof.trackers.accounting import optimizer_state_bytes
+from memprof.config.catalogue import CATALOGUE
+from memprof.measure.formulas import predict_for_optimizer, predict_state_bytes, why_unpredictable
+from memprof.train.models import build_model
+from memprof.train.optim import build_optimizer, is_schedule_free
+from memprof.config.spec import AdapterSpec, ModelSpec
+from memprof.suite.schema import AdapterTable
+from memprof.measure.accounting import optimizer_state_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CPU = torch.device("cpu")
 # intermediate 700: LoRA matrices of 11200 elements, which fill no whole number of 256-element blocks
-MODEL = {"preset": "tiny-llama", "overrides": {"intermediate_size": 700}}
-ADAPTERS = {"lora": AdapterSettings(kind="lora", r=16, target_modules="all-linear").model_dump(),
-            "full": AdapterSettings(kind="none").model_dump()}
+MODEL = ModelSpec(name="tiny-llama-700", preset="tiny-llama", overrides={"intermediate_size": 700})
+ADAPTERS = {"lora": AdapterTable(kind="lora", r=16, target_modules="all-linear").to_spec("lora"),
+            "full": AdapterTable(kind="none").to_spec("full")}
 # torchao compiles its update once per parameter shape: on the CPU that is seconds a shape, so its cases use
 # few shapes that still reach every branch (quantised, < 4096 elements, >= 4096 but not whole blocks).
 TORCHAO_MODELS = {"lora": MODEL,
-                  "full": {"preset": "tiny-llama", "overrides": {"intermediate_size": 256, "num_key_value_heads": 4}}}
-TORCHAO_ADAPTERS = {"lora": AdapterSettings(kind="lora", r=16, target_modules=["q_proj", "up_proj"]).model_dump(),
+                  "full": ModelSpec(name="tiny-llama-256", preset="tiny-llama",
+                                    overrides={"intermediate_size": 256, "num_key_value_heads": 4})}
+TORCHAO_ADAPTERS = {"lora": AdapterTable(kind="lora", r=16, target_modules=["q_proj", "up_proj"]).to_spec("lora"),
                     "full": ADAPTERS["full"]}
 # Optimizers whose formula needs the param groups (projected groups, per-name groups), not just shapes.
 GROUPED = {"galore_adamw", "galore_adafactor", "apollo_adamw", "adam_mini"}
@@ -48,7 +50,7 @@ LIBRARY_LIMITS = {
 
 
 def train(name: str, adapter: str, kwargs: dict[str, Any] | None = None, precision: str = "fp32",
-          model_spec: dict[str, Any] = MODEL, adapter_spec: dict[str, Any] | None = None,
+          model_spec: ModelSpec = MODEL, adapter_spec: AdapterSpec | None = None,
           steps: int = 2) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A tiny model and its optimizer after ``steps`` real training steps."""
     torch.manual_seed(0)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_suite
 
 from memprof import suite
-from memprof.attribution import KNOWN_PARTS
-from memprof.record import Status
-from memprof.worker import run_cell
+from memprof.measure.attribution import KNOWN_PARTS
+from memprof.results.record import Status
+from memprof.run.launch import run_cell
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,7 +23,7 @@ def cuda_records(tmp_path_factory: pytest.TempPathFactory) -> dict:
                        extra="[models.wide]\npreset = \"small-llama\"\n")
     text = path.read_text().replace('device = "cpu"', 'device = "cuda"').replace('["tiny-llama"]', '["wide"]')
     path.write_text(text.replace("seq_len = [32]", "seq_len = [256]"))
-    return {c.optimizer: run_cell(c).record for c in suite.load(str(path)).cells}
+    return {c.optimizer.label: run_cell(c).record for c in suite.load(str(path)).cells}
 
 
 def test_cuda_cells_report_allocator_and_nvml_peaks(cuda_records: dict) -> None:

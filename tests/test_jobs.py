@@ -6,9 +6,9 @@ from pathlib import Path
 
 from conftest import run_cli, write_suite
 
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.suite import load
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.suite.load import load
 
 QUICK_CELLS = len(load("quick").cells)
 
@@ -20,7 +20,7 @@ def run(tmp_path: Path, name: str, *extra: str) -> dict:
     """The shipped quick suite (the README's default run) into ``tmp_path/name``."""
     assert run_cli("run", "quick", "--out", str(tmp_path / name), *extra) == 0
     (run_dir,) = (tmp_path / name).iterdir()
-    return {r.cell_key: r for r in read_records(run_dir)}
+    return {r.key: r for r in read_records(run_dir)}
 
 
 def test_two_jobs_run_the_same_cells_with_identical_exact_metrics(tmp_path: Path) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli, short_suite
-from memprof import calibration, plan
-from memprof.record import Record, Status
-from memprof.results import read_records
-from memprof.slopes import activation_slopes
-from memprof.suite import parse
+from memprof.plan import calibration, predict as plan
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
+from memprof.analysis.slopes import activation_slopes
+from memprof.suite.load import parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,12 +46,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, dict[str, Reco
     assert run_cli("run", str(path), "--out", str(root / "out")) == 0
     (run_dir,) = (root / "out").iterdir()
     records = read_records(run_dir)
-    assert all(r.status is Status.OK for r in records), [(r.cell_key, r.error) for r in records]
-    return parse(SUITE, path).cells, {r.cell_key: r for r in records}
+    assert all(r.status is Status.OK for r in records), [(r.key, r.error) for r in records]
+    return parse(SUITE, path).cells, {r.key: r for r in records}
 
 
 def _find(records: dict[str, Record], **want: object) -> Record:
-    (match,) = [r for r in records.values() if all(getattr(r, k) == v for k, v in want.items())]
+    (match,) = [r for r in records.values() if all(r.config.axis_values()[k] == v for k, v in want.items())]
     return match
 
 
@@ -95,9 +95,9 @@ def test_plan_follows_checkpointing_attention_and_context(runs: tuple) -> None:
     derived seq x seq term: within 5% for sdpa, 10% for eager, on every cell."""
     cells, records = runs
     fitted = calibration.load()
-    for cell, predicted in zip(cells, plan.plan_requests([plan.Request.from_cell(c) for c in cells], fitted)):
+    for cell, predicted in zip(cells, plan.plan_requests(cells, fitted)):
         measured = records[cell.key].activation_bytes
         act = next(p.bytes for p in predicted.parts if p.name == "activations")
-        tolerance = 0.10 if cell.attn_implementation == "eager" else 0.05
+        tolerance = 0.10 if cell.levers.attn_implementation == "eager" else 0.05
         assert act == pytest.approx(measured, rel=tolerance), cell.key
-        assert any(p.name == "recomputed layer" for p in predicted.parts) == (cell.gradient_checkpointing != "off")
+        assert any(p.name == "recomputed layer" for p in predicted.parts) == (cell.levers.gradient_checkpointing != "off")

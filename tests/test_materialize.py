@@ -1,4 +1,4 @@
-"""Models built on the meta device and materialised on their device (memprof.materialize): the same model, to the
+"""Models built on the meta device and materialised on their device (memprof.train.materialize): the same model, to the
 byte, as building it whole on the host; real buffers; a seeded, trainable model; and no unquantised model on the
 host on the way to a 4-bit one."""
 
@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from memprof import models
-from memprof.suite import AdapterSettings
-from memprof.trackers.accounting import weight_bytes
+from memprof.config.spec import AdapterSpec, ModelSpec
+from memprof.measure.accounting import weight_bytes
+from memprof.suite.schema import AdapterTable
+from memprof.train import models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,20 +26,24 @@ CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def adapter(kind: str, **settings: Any) -> dict[str, Any]:
-    return AdapterSettings(kind=kind, r=16, alpha=32, target_modules="all-linear", **settings).model_dump()
+def adapter(kind: str, **settings: Any) -> AdapterSpec:
+    return AdapterTable(kind=kind, r=16, alpha=32, target_modules="all-linear", **settings).to_spec(kind)
 
 
-def host_build(model_spec: dict[str, Any], adapter_spec: dict[str, Any], precision: str,
+def preset(name: str, **overrides: Any) -> ModelSpec:
+    return ModelSpec(name=name, preset=name, overrides=overrides)
+
+
+def host_build(model_spec: ModelSpec, adapter_spec: AdapterSpec, precision: str,
                device: torch.device = CPU) -> nn.Module:
-    """The model as memprof built it before memprof.materialize: whole on the host with transformers' init, then
-    quantised on its move to the device."""
+    """The model as memprof built it before memprof.train.materialize: whole on the host with transformers' init,
+    then quantised on its move to the device."""
     from transformers import AutoModelForCausalLM
 
     config = models.build_config(model_spec)
     model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision], attn_implementation="sdpa")
-    if adapter_spec["kind"] == "qlora":
-        models.quantize_linears_4bit(model, adapter_spec)
+    if adapter_spec.kind == "qlora":
+        models.quantize_linears_4bit(model, adapter_spec.quant)
     model.to(device)
     model.config.use_cache = False
     models.keep_training_layout(model)
@@ -60,23 +65,24 @@ def layout(model: nn.Module) -> list[tuple]:
 QUANT_VARIANTS = [{}, {"quant_type": "fp4"}, {"double_quant": False}, {"compute_dtype": "bfloat16"},
                   {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"}]
 PRESETS = ("tiny-llama", "tiny-qwen2", "small-llama")
-CASES = ([(preset, adapter("qlora", **q), precision) for preset in PRESETS for q in QUANT_VARIANTS
-          for precision in ("bf16", "fp32") if preset != "small-llama" or not q]  # quantising small-llama is slow
-         + [(preset, adapter(kind), precision) for preset in PRESETS for kind in ("lora", "dora", "none")
+CASES = ([(name, adapter("qlora", **q), precision) for name in PRESETS for q in QUANT_VARIANTS
+          for precision in ("bf16", "fp32") if name != "small-llama" or not q]  # quantising small-llama is slow
+         + [(name, adapter(kind), precision) for name in PRESETS for kind in ("lora", "dora", "none")
             for precision in ("bf16", "fp32")])
 
 
-@pytest.mark.parametrize(("preset", "adapter_spec", "precision"), CASES,
-                         ids=[f"{p}-{a['kind']}-{a['quant_type']}-dq{int(a['double_quant'])}-{a['compute_dtype']}-{pr}"
-                              if a["kind"] == "qlora" else f"{p}-{a['kind']}-{pr}" for p, a, pr in CASES])
-def test_the_same_model_to_the_byte_as_building_it_on_the_host(preset: str, adapter_spec: dict[str, Any],
+@pytest.mark.parametrize(("name", "adapter_spec", "precision"), CASES,
+                         ids=[f"{p}-{a.kind}-{q.quant_type}-dq{int(q.double_quant)}-{q.compute_dtype}-{pr}"
+                              if a.kind == "qlora" else f"{p}-{a.kind}-{pr}" for p, a, pr in CASES
+                              for q in [a.quant]])
+def test_the_same_model_to_the_byte_as_building_it_on_the_host(name: str, adapter_spec: AdapterSpec,
                                                                precision: str) -> None:
-    before = host_build({"preset": preset}, adapter_spec, precision)
-    after = models.build_model({"preset": preset}, adapter_spec, precision, CPU)
+    before = host_build(preset(name), adapter_spec, precision)
+    after = models.build_model(preset(name), adapter_spec, precision, CPU)
     assert weight_bytes(after) == weight_bytes(before)
     assert layout(after) == layout(before)
     assert str(after) == str(before)  # the module tree, 4-bit layers and adapters included
-    assert is_tied(after) == is_tied(before) == (preset == "tiny-qwen2")
+    assert is_tied(after) == is_tied(before) == (name == "tiny-qwen2")
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -85,23 +91,23 @@ def is_tied(model: nn.Module) -> bool:
     return base.get_output_embeddings().weight is base.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
-def test_non_persistent_buffers_are_computed_not_left_uninitialised(preset: str, kind: str) -> None:
+def test_non_persistent_buffers_are_computed_not_left_uninitialised(name: str, kind: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    fresh = AutoModelForCausalLM.from_config(models.build_config({"preset": preset}), dtype=torch.bfloat16)
-    model = models.build_model({"preset": preset}, adapter(kind), "bf16", CPU).get_base_model()
+    fresh = AutoModelForCausalLM.from_config(models.build_config(preset(name)), dtype=torch.bfloat16)
+    model = models.build_model(preset(name), adapter(kind), "bf16", CPU).get_base_model()
     expected = dict(fresh.named_buffers())
     assert {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} <= expected.keys()
-    for name, buffer in model.named_buffers():
-        assert torch.equal(buffer, expected[name]), name
+    for key, buffer in model.named_buffers():
+        assert torch.equal(buffer, expected[key]), key
 
 
 def first_losses(kind: str, seed: int, steps: int) -> list[float]:
     """Losses of a seeded tiny-llama cell's first steps, on one fixed batch."""
-    torch.manual_seed(seed)  # as memprof.worker.Training.build seeds a cell
-    model = models.build_model({"preset": "tiny-llama"}, adapter(kind, compute_dtype="bfloat16"), "bf16", CPU)
+    torch.manual_seed(seed)  # as memprof.train.training.Training.build seeds a cell
+    model = models.build_model(preset("tiny-llama"), adapter(kind, compute_dtype="bfloat16"), "bf16", CPU)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     losses = []
@@ -131,15 +137,17 @@ def test_the_materialised_model_trains(kind: str) -> None:
 
 # small-llama's widths, 24 layers deep: enough weight (140 MB in bf16) that the build's own bytes stand out of a
 # Python process's noise, small enough to quantise on a CPU in seconds
-DEEP = {"preset": "small-llama", "overrides": {"num_hidden_layers": 24}}
+DEEP = preset("small-llama", num_hidden_layers=24)
 RSS_PROBE = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-from memprof import models
-from memprof.suite import AdapterSettings
-from memprof.trackers.host import rss_bytes
-spec, qlora = json.loads(sys.argv[1]), AdapterSettings(kind="qlora", target_modules="all-linear").model_dump()
-models.build_model({"preset": "tiny-llama"}, qlora, "bf16", torch.device("cpu"))  # the imports, out of the figure
+from memprof.config.spec import ModelSpec
+from memprof.measure.host import rss_bytes
+from memprof.suite.schema import AdapterTable
+from memprof.train import models
+spec = ModelSpec.model_validate_json(sys.argv[1])
+qlora = AdapterTable(kind="qlora", target_modules="all-linear").to_spec("qlora")
+models.build_model(ModelSpec(preset="tiny-llama"), qlora, "bf16", torch.device("cpu"))  # the imports, out of the figure
 with torch.device("meta"):
     model = AutoModelForCausalLM.from_config(models.build_config(spec), dtype=torch.bfloat16)
 bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -156,7 +164,7 @@ print(json.dumps({"growth": high - before, "bf16_bytes": bf16_bytes}))
 def test_a_4bit_build_never_holds_the_unquantised_model_on_the_host() -> None:
     # A process of its own, its high-water mark read from /proc: ru_maxrss would not do, as a process started by
     # subprocess inherits its parent's (the kernel carries the larger across exec), here pytest's after earlier tests.
-    out = subprocess.run([sys.executable, "-c", RSS_PROBE, json.dumps(DEEP)], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, DEEP.model_dump_json()], cwd=REPO, capture_output=True,
                          text=True, timeout=300, check=True)
     figures = json.loads(out.stdout.splitlines()[-1])
     # the 4-bit model with its 16-bit embeddings and fp32 LoRA weights is about a third of the bf16 model

@@ -8,15 +8,15 @@ import pytest
 from conftest import write_suite
 
 from memprof import suite
-from memprof.attribution import KNOWN_PARTS
-from memprof.record import Status
-from memprof.worker import run_cell
+from memprof.measure.attribution import KNOWN_PARTS
+from memprof.results.record import Status
+from memprof.run.launch import run_cell
 
 
 @pytest.fixture(scope="module")
 def records_by_batch(tmp_path_factory: pytest.TempPathFactory) -> dict:
     path = write_suite(tmp_path_factory.mktemp("suite"), steps=2, batch_sizes="[1, 2, 4]")
-    return {c.batch_size: run_cell(c).record for c in suite.load(str(path)).cells}
+    return {c.shape.batch_size: run_cell(c).record for c in suite.load(str(path)).cells}
 
 
 def test_saved_activations_grow_linearly_with_batch_size(records_by_batch: dict) -> None:
@@ -52,7 +52,7 @@ def test_full_fine_tune_trains_every_parameter(tmp_path: Path) -> None:
 def _param_tensors(cell) -> int:
     import torch
 
-    from memprof.models import build_model
+    from memprof.train.models import build_model
 
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
     return sum(1 for p in model.parameters() if p.requires_grad)

@@ -8,19 +8,21 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import run_cli
-from memprof import calibration, meta, plan
-from memprof.models import build_model
-from memprof.record import Status
-from memprof.results import read_records
-from memprof.suite import AdapterSettings, ModelSettings, parse
-from memprof.trackers.accounting import weight_bytes
+from memprof.plan import calibration, predict as plan
+from memprof.train import meta
+from memprof.train.models import build_model
+from memprof.results.record import Status
+from memprof.results.store import read_records
+from memprof.config.spec import AdapterSpec, ModelSpec
+from memprof.suite import parse
+from memprof.suite.schema import AdapterTable
+from memprof.measure.accounting import weight_bytes
 
 # QLoRA with paged 8-bit AdamW over five shapes and two batch sizes (enough to refit its activations), and a full
 # fine-tune with AdamW: 4-bit weights with quant state, 8-bit and 32-bit optimizer state. Seven cells.
@@ -67,9 +69,8 @@ EXACT_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "buffer_bytes",
                 "optimizer_state_bytes")
 
 
-def _adapter(kind: str, **changes: object) -> dict:
-    spec = AdapterSettings(kind=kind, r=16, target_modules="all-linear", **changes).model_dump()
-    return {**spec, "target_modules": "all-linear"}
+def _adapter(kind: str, **changes: object) -> AdapterSpec:
+    return AdapterTable(kind=kind, r=16, target_modules="all-linear", **changes).to_spec(kind)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_meta_model_weights_equal_a_real_build(precision: str, kind: str, changes: dict) -> None:
     """Frozen (4-bit: packed weight, absmax, nested absmax, offset and maps), trainable and buffer bytes of the
     meta model equal those of the model quantised for real on the CPU, byte for byte."""
-    model_spec = ModelSettings(preset="tiny-llama").model_dump()
+    model_spec = ModelSpec(name="tiny-llama", preset="tiny-llama")
     adapter_spec = _adapter(kind, **changes)
     real = weight_bytes(build_model(model_spec, adapter_spec, precision, torch.device("cpu")))
     model = meta.meta_model(model_spec, adapter_spec, precision)
@@ -112,9 +113,9 @@ def test_plan_matches_measured_cells_byte_for_byte(measured: Path) -> None:
     cal = calibration.load()
     errors = []
     for r in records:
-        request = plan.Request.from_cell(cells[r.cell_key])
+        request = cells[r.key]
         exact = plan.exact_parts(request)
-        assert {f: getattr(exact, f) for f in EXACT_FIELDS} == {f: getattr(r, f) for f in EXACT_FIELDS}, r.cell_key
+        assert {f: getattr(exact, f) for f in EXACT_FIELDS} == {f: getattr(r, f) for f in EXACT_FIELDS}, r.key
         predicted = plan.predict(request, exact, cal)
         errors.append((predicted.training_bytes - r.peak_rss_delta_bytes) / r.peak_rss_delta_bytes)
     worst = max(errors, key=abs)
@@ -189,12 +190,12 @@ def test_plan_suite_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_more_tokens_never_plan_less() -> None:
-    request = plan.request_from_flags("tiny-llama", "lora", batch_size=1, seq_len=64, precision="fp32")
+    request = plan.cell_from_flags("tiny-llama", "lora", batch_size=1, seq_len=64, precision="fp32")
     cal = calibration.load()
     exact = plan.exact_parts(request)
-    totals = [plan.predict(replace(request, batch_size=b), exact, cal).total_bytes for b in (1, 2, 4, 8)]
+    totals = [plan.predict(request.with_values({"shape.batch_size": b}), exact, cal).total_bytes for b in (1, 2, 4, 8)]
     assert totals == sorted(totals) and totals[0] < totals[-1]
-    checkpointed = replace(request, batch_size=8, gradient_checkpointing=True)
+    checkpointed = request.with_values({"shape.batch_size": 8, "levers.gradient_checkpointing": "on"})
     assert plan.predict(checkpointed, exact, cal).total_bytes < totals[-1]
 
 

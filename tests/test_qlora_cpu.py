@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from memprof import suite
-from memprof.models import build_model
-from memprof.trackers.accounting import weight_bytes
-from memprof.train import evaluate
+from memprof.train.models import build_model
+from memprof.measure.accounting import weight_bytes
+from memprof.train.loop import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,9 +21,9 @@ def test_qlora_trains_evaluates_and_trains_on_with_the_weights_it_started_with(
         monkeypatch: pytest.MonkeyPatch, avx512bf16: bool) -> None:
     # bitsandbytes reads the CPU flag when a Linear4bit is made: force the branch this CPU would not take
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: avx512bf16)
-    cell = next(c for c in suite.load("quick").cells if c.adapter == "qlora")
+    cell = next(c for c in suite.load("quick").cells if c.adapter.kind == "qlora")
     torch.manual_seed(0)
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     # tiny-llama's MLP has 688 outputs: the CPU kernel's repack would assert out_features % 32 == 0
     assert any(m.out_features % 32 for m in layers)

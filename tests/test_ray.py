@@ -18,8 +18,8 @@ import pytest
 from conftest import run_cli, write_suite
 from test_jobs import EXACT, QUICK_CELLS, run
 
-from memprof.record import Record, Status
-from memprof.results import read_records
+from memprof.results.record import Record, Status
+from memprof.results.store import read_records
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,7 +39,7 @@ def local_ray() -> Iterator[str]:
 
 def records_of(root: Path) -> dict[str, Record]:
     (run_dir,) = root.iterdir()
-    return {r.cell_key: r for r in read_records(run_dir)}
+    return {r.key: r for r in read_records(run_dir)}
 
 
 def test_ray_runs_the_same_cells_with_identical_exact_metrics(tmp_path: Path, local_ray: str) -> None:
@@ -96,10 +96,10 @@ def test_a_killed_ray_worker_is_a_crashed_cell_and_the_suite_goes_on(tmp_path: P
     suite = write_suite(tmp_path, optimizers=OPTIMIZERS, steps=2, extra=SLOW_CELL)
     seen: list[psutil.Process] = []
     watcher = when_training(1, lambda worker: worker.send_signal(signal.SIGKILL), seen)
-    assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--executor", "ray") == 0
+    assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--executor", "ray") == 3  # a crashed cell
     watcher.join(timeout=1)
     assert len(seen) >= 3, "never saw cell 1 training"
-    records = {r.optimizer: r for r in records_of(tmp_path / "r").values()}
+    records = {r.config.optimizer.label: r for r in records_of(tmp_path / "r").values()}
     assert records.keys() == {"adamw_torch", "adafactor", "sgd"}
     crashed = records.pop("adafactor")
     assert crashed.status is Status.CRASHED and "Ray worker" in crashed.error and "died" in crashed.error
@@ -124,7 +124,7 @@ def test_ctrl_c_cancels_the_ray_tasks_and_keeps_what_finished(tmp_path: Path, lo
     assert f"memprof run --resume {run_dir} --executor ray" in " ".join(capsys.readouterr().err.split())
     watcher.join(timeout=1)
     records = records_of(tmp_path / "r")
-    assert "adafactor" not in {r.optimizer for r in records.values()}
+    assert "adafactor" not in {r.config.optimizer.label for r in records.values()}
     assert all(r.status is Status.OK for r in records.values())
     assert all_gone(seen), [p for p in seen if p.is_running()]
 
@@ -137,7 +137,7 @@ def test_flags_that_do_not_go_with_the_executor_are_usage_errors(tmp_path: Path)
 
 
 def test_memprof_does_not_import_ray_and_says_how_to_install_it(tmp_path: Path) -> None:
-    check = "import sys, memprof, memprof.cli, memprof.runner; print('ray' in sys.modules)"
+    check = "import sys, memprof, memprof.cli, memprof.run.runner; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
     without_ray = ("import sys; sys.modules['ray'] = None; from memprof.cli import main; "

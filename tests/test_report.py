@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from memprof import diagnose, report, stats, suite
-from memprof.record import Status
+from memprof.analysis import diagnose, report, stats
+from memprof import suite
+from memprof.results.record import Status
 
 SUITE = """
 [suite]
@@ -79,7 +80,7 @@ def test_the_page_embeds_every_figure_and_the_pngs_are_written(run_dir: Path) ->
 
 def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -> None:
     run = report.load_run(run_dir)
-    assert len(run.records) == 12 and {r.repeat for r in run.records} == {0, 1}
+    assert len(run.records) == 12 and {r.config.training.repeat for r in run.records} == {0, 1}
     table = report.repeats_table(run)
     assert table.columns[:3] == ["adapter", "optimizer", "lr"]  # the axes that vary (and the optimizer)
     assert "tiny-llama" in table.title and "linear" in table.title  # the ones that do not
@@ -87,8 +88,9 @@ def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -
     column = {name: i for i, name in enumerate(table.columns)}
     page = (run_dir / "report" / "report.html").read_text()
     for rs in report.by_config(run.records).values():
-        row = next(row for row in table.rows if row[:3] == [rs[0].adapter, "adamw_torch", f"{rs[0].lr:g}"])
-        if rs[0].lr == 1e5:
+        c = rs[0].config
+        row = next(row for row in table.rows if row[:3] == [c.adapter.name, "adamw_torch", f"{c.training.lr:g}"])
+        if c.training.lr == 1e5:
             assert row[column["ok"]] == "0/2 (diverged)" and row[column["final loss"]] == "–"
             assert row[column["verdict"]] == "diverged"
             continue
@@ -106,7 +108,7 @@ def test_best_lr_per_rank_is_the_lowest_mean_eval_loss_and_never_a_diverged_one(
     table = report.lr_rank_table(run)
     assert table is not None and [row[1] for row in table.rows] == ["4", "8"]
     for row, rank in zip(table.rows, (4, 8)):
-        means = {lr: sum(r.final_eval_loss for r in run.records if r.adapter_r == rank and r.lr == lr) / 2
+        means = {lr: sum(r.final_eval_loss for r in run.records if r.config.adapter.rank == rank and r.config.training.lr == lr) / 2
                  for lr in (1e-3, 8e-3)}
         best = min(means, key=means.__getitem__)
         assert row[5] == f"{best:g}"
@@ -117,7 +119,7 @@ def test_best_lr_per_rank_is_the_lowest_mean_eval_loss_and_never_a_diverged_one(
 
 def test_diagnoses_come_with_their_remedies(run_dir: Path) -> None:
     run = report.load_run(run_dir)
-    diverged = [r for r in run.records if r.lr == 1e5]
+    diverged = [r for r in run.records if r.config.training.lr == 1e5]
     assert all(r.status is Status.DIVERGED and r.diagnosis == "non_finite" for r in diverged)
     table = report.diagnosis_table(run)
     assert table is not None
@@ -132,7 +134,8 @@ def test_time_to_target_has_the_suite_target_and_the_relative_one(run_dir: Path)
     table = report.target_table(run)
     assert "steps to 5" in table.columns and "steps to relative" in table.columns
     best = min((r for r in run.records if r.status is Status.OK), key=lambda r: r.final_loss_smoothed)
-    row = next(row for row in table.rows if row[:3] == [best.adapter, "adamw_torch", f"{best.lr:g}"])
+    c = best.config
+    row = next(row for row in table.rows if row[:3] == [c.adapter.name, "adamw_torch", f"{c.training.lr:g}"])
     assert not row[-2].startswith("never")  # the best cell reaches a target 5% above its own final loss
 
 
@@ -142,6 +145,6 @@ def test_report_of_a_folder_without_records_is_a_user_error(tmp_path: Path) -> N
 
 def test_the_lr_rank_suite_sweeps_lr_by_rank_on_the_cpu() -> None:
     s = suite.load("lr-rank")
-    assert {c.device for c in s.cells} == {"cpu"} and {c.data_spec["source"] for c in s.cells} == {"synthetic"}
-    assert sorted({c.adapter_spec["r"] for c in s.cells}) == [4, 8, 16, 32]
-    assert len({c.lr for c in s.cells}) == 5 and len(s.cells) == 20
+    assert {c.budget.device for c in s.cells} == {"cpu"} and {c.training.data.source for c in s.cells} == {"synthetic"}
+    assert sorted({c.adapter.rank for c in s.cells}) == [4, 8, 16, 32]
+    assert len({c.training.lr for c in s.cells}) == 5 and len(s.cells) == 20

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from memprof import suite
-from memprof.models import build_model
-from memprof.record import Status
-from memprof.results import read_records
+from memprof.train.models import build_model
+from memprof.results.record import Status
+from memprof.results.store import read_records
 
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
@@ -33,21 +33,21 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lora_shapes() -> list[torch.Size]:
-    cell = next(c for c in suite.load("quick").cells if c.adapter == "lora")
-    model = build_model(cell.model_spec, cell.adapter_spec, cell.precision, torch.device("cpu"))
+    cell = next(c for c in suite.load("quick").cells if c.adapter.kind == "lora")
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
     return [p.shape for p in model.parameters() if p.requires_grad]
 
 
 def by_optimizer(run_dir: Path, adapter: str) -> dict:
-    return {r.optimizer: r for r in read_records(run_dir) if r.adapter == adapter}
+    return {r.config.optimizer.label: r for r in read_records(run_dir) if r.config.adapter.name == adapter}
 
 
 def test_every_cell_of_the_quick_suite_ran_and_learned(quick_run: Path) -> None:
     records = read_records(quick_run)
     assert len(records) == 12
     for r in records:
-        assert r.status is Status.OK, (r.cell_key, r.error)
-        assert r.final_loss_smoothed < r.first_loss - 0.5, r.cell_key
+        assert r.status is Status.OK, (r.key, r.error)
+        assert r.final_loss_smoothed < r.first_loss - 0.5, r.key
         assert r.tokens_per_s > 0 and r.step_time_median_s > 0 and r.step_time_p95_s >= r.step_time_median_s
         assert r.peak_rss_delta_bytes > 0 and r.device == "cpu" and r.peak_allocated_bytes is None
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, short_suite
-from memprof import plan, sharding
-from memprof.record import Status
-from memprof.results import read_csv_records, read_records, to_csv
-from memprof.suite import parse
+from memprof.plan import predict as plan
+from memprof.train import sharding
+from memprof.results.record import Status
+from memprof.results.store import read_csv_records, read_records, to_csv
+from memprof.suite.load import parse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,10 +62,10 @@ def test_every_rank_is_measured_and_the_headline_is_the_fullest_rank(sharded: tu
     cells, records = sharded
     assert len(records) == len(cells) == 11
     for r in records:
-        assert r.status is Status.OK, (r.cell_key, r.error)
-        assert r.world_size == 2 and len(r.ranks) == 2
+        assert r.status is Status.OK, (r.key, r.error)
+        assert r.config.levers.parallel.world_size == 2 and len(r.ranks) == 2
         for name in PARTS + ("activation_bytes", "peak_rss_delta_bytes"):
-            assert getattr(r, name) == max(rank[name] for rank in r.ranks), (r.cell_key, name)
+            assert getattr(r, name) == max(rank[name] for rank in r.ranks), (r.key, name)
 
 
 def test_per_rank_figures_come_back_from_cells_csv(sharded: tuple[list, list], tmp_path: Path) -> None:
@@ -76,9 +77,9 @@ def test_per_rank_figures_come_back_from_cells_csv(sharded: tuple[list, list], t
 
 def test_zero1_and_fsdp2_state_per_rank_equals_the_plan_exactly(sharded: tuple[list, list]) -> None:
     cells, records = sharded
-    by_key = {r.cell_key: r for r in records}
+    by_key = {r.key: r for r in records}
     for cell in cells:
-        predicted = plan.exact_parts(plan.Request.from_cell(cell)).ranks
+        predicted = plan.exact_parts(cell).ranks
         measured = by_key[cell.key].ranks
         for name in PARTS:
             assert [getattr(rank, name) for rank in predicted] == [rank[name] for rank in measured], \
@@ -89,7 +90,7 @@ def test_what_each_strategy_divides(sharded: tuple[list, list]) -> None:
     """The measurements themselves: ddp replicates, zero1 splits the state unevenly by whole tensors (never
     more than the largest tensor's state apart), fsdp2 splits weights, gradients and state by rows."""
     _, records = sharded
-    runs = {(r.adapter, r.optimizer, r.parallel_strategy): r for r in records}
+    runs = {(r.config.adapter.name, r.config.optimizer.label, r.config.levers.parallel.strategy): r for r in records}
     for (adapter, optimizer, strategy), r in runs.items():
         ddp = runs[(adapter, optimizer, "ddp")]
         state = [rank["optimizer_state_bytes"] for rank in r.ranks]
@@ -146,10 +147,10 @@ parallel = {strategy = "ddp", world_size = 2}
 [optimizers.kill_rank_one]
 optim = "faulty:KillRankOne"
 """)
-    assert run_cli("run", str(path), "--out", str(tmp_path / "out")) == 0
+    assert run_cli("run", str(path), "--out", str(tmp_path / "out")) == 3  # a crashed cell: the exit code says so
     (run_dir,) = (tmp_path / "out").iterdir()
     killed, ok = read_records(run_dir)
-    assert killed.status is Status.CRASHED and "rank 1 was killed by SIGKILL" in killed.error
+    assert killed.status is Status.CRASHED and "rank 1 killed by signal SIGKILL" in killed.error
     assert killed.cell_wall_s is None or killed.cell_wall_s < 60
     assert killed.harness_wall_s < 60
     assert ok.status is Status.OK and len(ok.ranks) == 2

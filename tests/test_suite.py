@@ -13,9 +13,9 @@ from memprof.errors import UserError
 
 def test_quick_suite_covers_the_required_grid() -> None:
     s = suite.load("quick")
-    assert {c.optimizer for c in s.cells} >= {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor",
+    assert {c.optimizer.label for c in s.cells} >= {"adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "adafactor",
                                                 "lion_8bit", "schedule_free_adamw"}
-    assert {c.adapter_spec["kind"] for c in s.cells} == {"lora", "qlora"}
+    assert {c.adapter.kind for c in s.cells} == {"lora", "qlora"}
     assert len(s.cells) == 12
     assert len({c.key for c in s.cells}) == 12
 
@@ -37,10 +37,10 @@ set = { lr = 0.01, steps = 5 }
 """)
     cells = suite.load(str(path)).cells
     assert len(cells) == 2 * 2 * 2 - 2
-    assert not [c for c in cells if c.adapter == "qlora" and c.optimizer == "adafactor"]
-    adafactor = [c for c in cells if c.optimizer == "adafactor"]
-    assert {c.lr for c in adafactor} == {0.01} and {c.steps for c in adafactor} == {5}
-    assert {c.lr for c in cells if c.optimizer == "adamw_torch"} == {1e-3}
+    assert not [c for c in cells if c.adapter.name == "qlora" and c.optimizer.label == "adafactor"]
+    adafactor = [c for c in cells if c.optimizer.label == "adafactor"]
+    assert {c.training.lr for c in adafactor} == {0.01} and {c.training.steps for c in adafactor} == {5}
+    assert {c.training.lr for c in cells if c.optimizer.label == "adamw_torch"} == {1e-3}
 
 
 def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     text = path.read_text().replace('device = "cpu"', 'device = "cpu"\nrepeats = 3\nseed = 7')
     path.write_text(text)
     cells = suite.load(str(path)).cells
-    assert [(c.repeat, c.seed) for c in cells] == [(0, 7), (1, 8), (2, 9)]
+    assert [(c.training.repeat, c.training.seed) for c in cells] == [(0, 7), (1, 8), (2, 9)]
 
 
 @pytest.mark.parametrize(("mutation", "expected"), [
@@ -56,7 +56,7 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('steps = 3', 'steps = "3"'), "suite.steps: Input should be a valid integer"),
     (('device = "cpu"', 'device = "tpu"'), "suite.device: Input should be 'auto', 'cpu' or 'cuda'"),
     (('seq_len = [32]', 'seq_len = [32]\ncolour = "red"'), "grid.colour: unknown key"),
-    (('batch_size = [2]', 'batch_size = [2, -1]'), "grid.batch_size[1]: Input should be greater than 0"),
+    (('batch_size = [2]', 'batch_size = [2, -1]'), "grid.batch_size[1]: Input should be greater than or equal to 1"),
     (('optimizer = ["adamw_torch"]', 'optimizer = ["adamw_torh"]'),
      "grid.optimizer[0]: unknown optimizer 'adamw_torh' (did you mean 'adamw_torch'?)"),
     (('model = ["tiny-llama"]', 'model = ["gpt-9"]'), "grid.model[0]: unknown model 'gpt-9'"),
@@ -91,9 +91,12 @@ def test_dry_run_lists_cells_without_running(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "results").exists()
 
 
-def test_a_scalar_where_a_list_belongs_is_a_type_error(tmp_path: Path) -> None:
+def test_a_grid_axis_takes_one_value_or_a_list_and_names_a_wrong_type(tmp_path: Path) -> None:
     path = write_suite(tmp_path)
     path.write_text(path.read_text().replace("seq_len = [32]", "seq_len = [32]\nlr = false"))
     with pytest.raises(UserError) as err:
         suite.load(str(path))
-    assert "grid.lr: Input should be a valid list" in str(err.value)
+    assert str(err.value) == f"{path}: grid.lr: Input should be a valid number"
+    path.write_text(path.read_text().replace("lr = false", "lr = 0.01").replace("batch_size = [2]", "batch_size = 4"))
+    (cell,) = suite.load(str(path)).cells
+    assert (cell.training.lr, cell.shape.batch_size) == (0.01, 4)

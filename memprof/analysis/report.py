@@ -1,0 +1,271 @@
+"""`memprof report`: the tables and curves of a finished run, rebuilt from its records and per-step CSVs.
+
+Every per-cell figure comes from the Records (the worker measured it). What is computed here is across cells:
+means and 95% confidence intervals over repeats (``memprof.analysis.stats``), the target relative to the best cell of the
+run (as AlgoPerf sets its targets from the best baseline), and the best LR per LoRA rank. Rendering lives in
+``memprof.views.report`` (tables) and ``memprof.views.plots`` (figures).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memprof.analysis import convergence, diagnose, stats
+from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
+from memprof.results.record import Record, Status, StepLog
+from memprof.results.store import read_records
+
+# The relative target: within 5% of the lowest final (smoothed) training loss reached by any cell of the run.
+RELATIVE_TARGET_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Run:
+    """A result folder as the report reads it: records, and each cell's per-step rows by cell index."""
+
+    run_dir: Path
+    records: list[Record]
+    steps: dict[int, list[StepLog]]
+
+
+@dataclass(frozen=True)
+class TableData:
+    """A table as strings, ready for any renderer; ``best`` marks (row, column) cells to emphasise."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    best: set[tuple[int, int]] = field(default_factory=set)
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a result folder.
+
+    Raises:
+        UserError: not a result folder, or records of another schema version.
+    """
+    records = read_records(run_dir)
+    steps = {r.config.index: read_steps(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv") for r in records}
+    return Run(run_dir, records, steps)
+
+
+def read_steps(path: Path) -> list[StepLog]:
+    """A cell's steps.csv (none for a cell that never reached its first step)."""
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        return [StepLog(int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["grad_norm"]),
+                        float(row["step_time_s"]), float(row["eval_loss"]) if row.get("eval_loss") else None)
+                for row in csv.DictReader(f)]
+
+
+def group_title(r: Record) -> str:
+    """A plot's group: the model and shape; its lines are the optimizers, LRs, schedules and levers."""
+    c = r.config
+    return f"{c.model.name} / {c.adapter.name}  b{c.shape.batch_size}×s{c.shape.seq_len} {c.shape.precision}"
+
+
+def label_of(r: Record) -> str:
+    c = r.config
+    return f"{c.optimizer.label} lr={c.training.lr:g} {c.training.schedule}" + \
+        (f" {c.levers_label}" if c.levers_label else "")
+
+
+def by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by what their repeats share (``CellConfig.repeat_key``)."""
+    out: dict[str, list[Record]] = {}
+    for r in records:
+        out.setdefault(r.config.repeat_key, []).append(r)
+    return out
+
+
+def final_loss(r: Record) -> float | None:
+    """The loss a cell ended at: its final eval loss, else its smoothed training loss; None when it failed."""
+    if r.status is not Status.OK:
+        return None
+    return r.final_eval_loss if r.final_eval_loss is not None else r.final_loss_smoothed
+
+
+def mean_ci(values: Sequence[float | None], fmt: str) -> str:
+    """``mean ± half-width`` of the 95% t interval over the values there are (just the value when there is one)."""
+    present = [v for v in values if v is not None and math.isfinite(v)]
+    if not present:
+        return "–"
+    mean, half = stats.t_interval(present)
+    return format(mean, fmt) if math.isnan(half) else f"{format(mean, fmt)} ± {format(half, fmt)}"
+
+
+def varying_axes(records: Sequence[Record]) -> list[Axis]:
+    """The axes with more than one value in the run (always the optimizer, so a row says what it is)."""
+    return varying([r.config for r in records], always=("optimizer",))
+
+
+def fixed_axes(records: Sequence[Record]) -> str:
+    """What every cell shares, for a table's title: ``tiny-llama, lora, b16, s32, fp32, lr0.001, cosine``."""
+    if not records:
+        return ""
+    shown = {axis.name for axis in varying_axes(records)}
+    config = records[0].config
+    return ", ".join(axis.token(axis.get(config)) for axis in AXES
+                     if axis.name not in shown and not (axis.lever and axis.is_default(config)))
+
+
+def _axis_cells(r: Record, axes: Sequence[Axis]) -> list[str]:
+    return [axis.text(r.config) for axis in axes]
+
+
+def repeats_table(run: Run) -> TableData:
+    """One row per configuration: mean ± 95% CI over its repeats."""
+    axes = varying_axes(run.records)
+    rows = []
+    for rs in by_config(run.records).values():
+        ok = [r for r in rs if r.status is Status.OK]
+        statuses = sorted({r.status.value for r in rs if r.status is not Status.OK})
+        step_ms = [r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None for r in ok]
+        gaps = [r.floor_gap_nats for r in ok]
+        rows.append(_axis_cells(rs[0], axes) + [
+                     f"{len(ok)}/{len(rs)}" + (f" ({', '.join(statuses)})" if statuses else ""),
+                     mean_ci([r.final_loss_smoothed for r in ok], ".3f"),
+                     mean_ci([r.final_eval_loss for r in ok], ".3f"),
+                     mean_ci(gaps, ".3f") if any(g is not None for g in gaps) else "–",
+                     mean_ci([r.tokens_per_s for r in ok], ",.0f"), mean_ci(step_ms, ".1f"),
+                     mean_ci([r.loss_auc for r in ok], ".3f"),
+                     ", ".join(sorted({r.verdict for r in rs if r.verdict})) or "–"])
+    notes = ["mean ± half-width of the 95% Student t interval over the repeats (seeds); one repeat: the value alone",
+             "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
+             "AUC: area under the training-loss curve per step (lower: learned sooner)"]
+    return TableData(f"Convergence and speed over repeats ({fixed_axes(run.records)})",
+                     [axis.title for axis in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
+                                                       "AUC", "verdict"], rows, notes)
+
+
+def target_table(run: Run) -> TableData:
+    """Steps and seconds to a target loss: the suite's own (from the records) and one relative to the best cell."""
+    ok = [r for r in run.records if r.status is Status.OK and r.final_loss_smoothed is not None]
+    best = min((r.final_loss_smoothed for r in ok), default=None)
+    relative = best * (1 + RELATIVE_TARGET_MARGIN) if best is not None else None
+    suite_target = next((r.config.training.target_loss for r in run.records
+                         if r.config.training.target_loss is not None), None)
+    axes = varying_axes(run.records)
+    rows = []
+    for rs in by_config(run.records).values():
+        reached = [convergence.steps_to_target([s.loss for s in run.steps.get(r.config.index, [])], relative)
+                   if relative is not None and r.status is Status.OK else None for r in rs]
+        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n)
+                   for r, n in zip(rs, reached)]
+        row = _axis_cells(rs[0], axes)
+        if suite_target is not None:
+            row += [_reached([r.steps_to_target for r in rs]), mean_ci([r.seconds_to_target for r in rs], ".2f")]
+        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f")])
+    columns = [axis.title for axis in axes]
+    notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
+             f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
+             "steps: until the smoothed training loss first reaches the target, mean over the repeats that did "
+             "(k/n reached); seconds: training time of those steps, evaluation excluded"]
+    if suite_target is not None:
+        columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
+        notes.insert(0, f"suite target_loss: {suite_target:g}")
+    return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"], rows, notes)
+
+
+def _reached(steps: Sequence[int | None]) -> str:
+    hit = [s for s in steps if s is not None]
+    if not hit:
+        return f"never (0/{len(steps)})"
+    mean = sum(hit) / len(hit)
+    return f"{mean:.0f}" + (f" ({len(hit)}/{len(steps)})" if len(hit) < len(steps) else "")
+
+
+def diagnosis_table(run: Run) -> TableData | None:
+    """Each finding the curves showed: the cells that showed it, what it means and the usual remedy."""
+    axes = [a for a in varying_axes(run.records) if a.name != "optimizer"] + [AXIS_BY_NAME["optimizer"]]
+    cells: dict[str, list[str]] = {}
+    for r in run.records:
+        for code in filter(None, r.diagnosis.split(",")):
+            cells.setdefault(code, []).append(" ".join(_axis_cells(r, axes)) + f" seed {r.config.training.seed}")
+    if not cells:
+        return None
+    rows = [[code, diagnose.FINDINGS[code].meaning, diagnose.FINDINGS[code].remedy, "; ".join(names)]
+            for code, names in sorted(cells.items(), key=lambda item: list(diagnose.FINDINGS).index(item[0]))]
+    return TableData("Diagnoses and remedies", ["finding", "meaning", "usual remedy", "cells"], rows,
+                     [f"cells: {', '.join(axis.title for axis in axes)}, seed"])
+
+
+def lr_rank_grid(run: Run) -> dict[tuple[str, int], list[tuple[float, float | None]]] | None:
+    """For each (optimizer, LoRA rank): (LR, mean final loss over repeats) at each LR of the run, the loss None
+    where a repeat failed or none ran. None unless the run varies both the rank and the LR."""
+    ranked = [r for r in run.records if r.config.adapter.rank is not None]
+    ranks = sorted({r.config.adapter.rank for r in ranked})
+    lrs = sorted({r.config.training.lr for r in ranked})
+    if len(ranks) < 2 or len(lrs) < 2:
+        return None
+    grid = {}
+    for optimizer in sorted({r.config.optimizer.label for r in ranked}):
+        for rank in ranks:
+            cells = [r for r in ranked if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank]
+            grid[(optimizer, rank)] = [(lr, _mean([final_loss(r) for r in cells if r.config.training.lr == lr]))
+                                       for lr in lrs]
+    return grid
+
+
+def lr_rank_table(run: Run) -> TableData | None:
+    """Loss for each LoRA rank × LR, the best LR per rank, and how the best LR scales with the rank."""
+    grid = lr_rank_grid(run)
+    if grid is None:
+        return None
+    lrs = [lr for lr, _ in next(iter(grid.values()))]
+    rows, best_cells, best_lr = [], set(), {}
+    for (optimizer, rank), points in grid.items():
+        row = [optimizer, str(rank)]
+        for lr, loss in points:
+            failed = {r.status.value for r in run.records
+                      if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank
+                      and r.config.training.lr == lr and r.status is not Status.OK}
+            row.append(f"{loss:.3f}" if loss is not None else ", ".join(sorted(failed)) or "–")
+        present = [(lr, loss) for lr, loss in points if loss is not None]
+        if present:
+            lr_star = min(present, key=lambda p: p[1])[0]
+            best_lr[(optimizer, rank)] = lr_star
+            best_cells.add((len(rows), 2 + lrs.index(lr_star)))
+            base = next(best_lr[k] for k in best_lr if k[0] == optimizer)
+            row += [f"{lr_star:g}", f"{lr_star / base:.2g}×"]
+        else:
+            row += ["–", "–"]
+        rows.append(row)
+    notes = ["cells: final eval loss (else smoothed training loss), mean over repeats; the lowest per rank (marked) "
+             "is its best LR, found on this grid only", "best LR vs r_min: over the best LR of the smallest rank"]
+    for optimizer in sorted({o for o, _ in best_lr}):
+        points = [(rank, lr) for (o, rank), lr in best_lr.items() if o == optimizer]
+        slope = _log_slope(points)
+        if slope is not None:
+            notes.append(f"{optimizer}: best LR ∝ r^{slope:.2f} (least squares on log-log over {len(points)} ranks; "
+                         "0: the LR transfers across ranks, 1: it must scale with r)")
+    return TableData("Best LR per LoRA rank", ["optimizer", "rank"] + [f"lr {lr:g}" for lr in lrs]
+                     + ["best LR", "best LR vs r_min"], rows, notes, best_cells)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean over repeats, None if any repeat failed (a config that diverged once is not a best LR)."""
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def _log_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(x) for x, _ in points], [math.log(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+
+
+def tables(run: Run) -> list[TableData]:
+    builders: list[Callable[[Run], TableData | None]] = [repeats_table, target_table, lr_rank_table,
+                                                         diagnosis_table]
+    return [t for t in (build(run) for build in builders) if t is not None]

@@ -1,0 +1,83 @@
+"""memprof in Hugging Face training: a ``transformers.Trainer`` callback (and so every Trainer subclass, TRL's
+``SFTTrainer`` included) that runs :func:`memprof.track` around the Trainer's own loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from memprof.api.describe import optimizer_of, plain
+from memprof.api.track import Tracking, track
+from memprof.config.spec import OptimizerSpec
+from memprof.measure.accounting import optimizer_state_bytes
+
+
+class MemprofCallback(TrainerCallback):
+    """Measures a Trainer run with the same trackers as ``memprof run`` and writes the same results folder.
+
+    Key figures (optimizer-state bytes, peak memory) are added to the Trainer's own logs under ``memprof/``.
+
+    Args:
+        out: results root; the run goes to ``out/<name>-<timestamp>/``. None writes nothing.
+        name: the run's name in the results.
+        warmup_steps: steps left out of timing; activations and gradients are counted at the step after.
+    """
+
+    def __init__(self, out: str | Path | None = "results", name: str = "trainer", warmup_steps: int = 1) -> None:
+        self.out, self.name, self.warmup_steps = out, name, warmup_steps
+        self.tracking: Tracking | None = None
+        self._tokens_seen = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.tracking = track(model, inner, self.out, name=self.name, batch_size=batch,
+                              warmup_steps=self.warmup_steps,
+                              optimizer_spec=trainer_optimizer(args, model, inner)).__enter__()
+        self._tokens_seen = state.num_input_tokens_seen or 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracking is None:
+            return
+        seen = state.num_input_tokens_seen or 0
+        tokens, self._tokens_seen = (seen - self._tokens_seen) or None, seen
+        self.tracking.step(loss=math.nan, tokens=tokens)  # the Trainer logs the loss afterwards: see on_log
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if self.tracking is None or logs is None:
+            return
+        if "loss" in logs:
+            self.tracking.set_last_loss(logs["loss"])
+        logs["memprof/optimizer_state_bytes"] = optimizer_state_bytes(self.tracking.optimizer).total
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracking is None:
+            return
+        self.tracking.__exit__(None, None, None)
+        r = self.tracking.record
+        state.log_history.append({"step": state.global_step, "memprof/optimizer_state_bytes": r.optimizer_state_bytes,
+                                  "memprof/peak_bytes": r.peak_bytes,
+                                  "memprof/tokens_per_s": r.tokens_per_s})
+
+
+def trainer_optimizer(args: Any, model: Any, optimizer: Any) -> OptimizerSpec:
+    """The optimizer the Trainer was asked for: ``args.optim`` with the keyword arguments transformers' own factory
+    gives it (``optim_args``, betas, epsilon, weight decay...); an optimizer the user built and handed the Trainer
+    is named by its class path and defaults instead."""
+    from transformers import Trainer
+
+    name = str(getattr(args.optim, "value", args.optim))
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    except (ValueError, ImportError, RuntimeError):  # a factory that cannot answer here: the name and its args
+        return OptimizerSpec(label=name, name=name, kwargs={"optim_args": args.optim_args} if args.optim_args
+                             else {})
+    if not isinstance(optimizer, cls):
+        return optimizer_of(optimizer)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "lr")}
+    return OptimizerSpec(label=name, name=name, kwargs=plain(kwargs))

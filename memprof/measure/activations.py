@@ -1,0 +1,77 @@
+"""Saved activations: the unique storages autograd keeps from forward for backward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.measure.accounting import storage_key
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves during the forward passes run inside the block.
+
+    Parameters and buffers that autograd saves are not activations and are left out, FSDP2's all-gathered
+    (unsharded) parameters too; every other storage is counted once, however many ops save it. Under gradient
+    checkpointing the inputs each checkpointed layer keeps for its recomputation count as well: non-reentrant
+    checkpointing holds them outside autograd's saved tensors.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._exclude = {storage_key(t) for t in [*model.parameters(), *model.buffers()]
+                         if t.device.type != "meta"}
+        self._saved: dict[tuple[str, int], tuple[int, int]] = {}  # storage key -> (StorageImpl, bytes)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._patched: list[tuple[nn.Module, Any]] = []  # (layer, its own checkpoint function)
+        self.bytes = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self._count(t)
+        return t
+
+    def _count(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta" or isinstance(t, nn.Parameter):
+            return
+        key = storage_key(t)
+        if key not in self._saved and key not in self._exclude:
+            storage = t.untyped_storage()
+            self._saved[key] = (storage._cdata, storage.nbytes())
+
+    def _counting(self, checkpoint: Any) -> Any:
+        def wrapped(function: Any, *args: Any, **kwargs: Any) -> Any:
+            for value in [*args, *getattr(function, "keywords", {}).values()]:
+                if isinstance(value, torch.Tensor):
+                    self._count(value)
+            return checkpoint(function, *args, **kwargs)
+        return wrapped
+
+    def __enter__(self) -> SavedActivations:
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) and "_gradient_checkpointing_func" in vars(module):
+                self._patched.append((module, module._gradient_checkpointing_func))
+                module._gradient_checkpointing_func = self._counting(module._gradient_checkpointing_func)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._hooks.__exit__(exc_type, exc, tb)
+        for module, checkpoint in self._patched:
+            module._gradient_checkpointing_func = checkpoint
+        gathered = {p.untyped_storage()._cdata for p in _fsdp_unsharded_params(self.model)}
+        self.bytes = sum(nbytes for impl, nbytes in self._saved.values() if impl not in gathered)
+
+
+def _fsdp_unsharded_params(model: nn.Module) -> Iterator[torch.Tensor]:
+    """FSDP2's unsharded parameters (views of its all-gather buffers); none for a model it does not shard."""
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)
+        group = getattr(state(), "_fsdp_param_group", None) if callable(state) else None
+        for fsdp_param in getattr(group, "fsdp_params", ()):
+            if hasattr(fsdp_param, "_unsharded_param"):
+                yield fsdp_param._unsharded_param

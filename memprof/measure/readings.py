@@ -1,0 +1,98 @@
+"""The measurements a cell and a user's own loop share: which sources to sample, and how the trackers' readings
+become Record fields. ``memprof.run.worker`` (suites) and ``memprof.track`` (the Python API) both use these, so there is
+one copy of the measurement."""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.results.record import StepLog, smoothed_final
+from memprof.measure import accounting
+from memprof.measure.allocator import CudaAllocator
+from memprof.measure.host import rss_bytes
+from memprof.measure.nvml import open_nvml
+from memprof.measure.sampler import Sampler
+
+
+@dataclass
+class MemorySources:
+    """What to sample on a device, and the allocator tracker on CUDA."""
+
+    device_name: str
+    sources: dict[str, Callable[[], int | None]] = field(default_factory=dict)
+    allocator: CudaAllocator | None = None
+
+
+def memory_sources(device: torch.device) -> MemorySources:
+    """Host RSS everywhere; on CUDA also the allocator's current figures and NVML's (when NVML answers)."""
+    if device.type != "cuda":
+        return MemorySources("cpu", {"rss_bytes": rss_bytes})
+    out = MemorySources(torch.cuda.get_device_name(device), {"rss_bytes": rss_bytes}, CudaAllocator(device))
+    out.sources["allocated_bytes"] = lambda: torch.cuda.memory_allocated(device)
+    out.sources["reserved_bytes"] = lambda: torch.cuda.memory_reserved(device)
+    nvml = open_nvml(device.index or 0)
+    if nvml is not None:
+        out.sources["nvml_device_used_bytes"], out.sources["nvml_process_used_bytes"], _ = nvml
+    return out
+
+
+def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Exact weight and optimizer-state bytes (whatever of the two exists)."""
+    values: dict[str, Any] = {}
+    if model is not None:
+        weights = accounting.weight_bytes(model)
+        values.update(total_params=weights.frozen_params + weights.trainable_params,
+                      trainable_params=weights.trainable_params, frozen_weight_bytes=weights.frozen.total,
+                      trainable_weight_bytes=weights.trainable.total, buffer_bytes=weights.buffers.total)
+    if optimizer is not None:
+        state = accounting.optimizer_state_bytes(optimizer)
+        values.update(optimizer_state_bytes=state.total, optimizer_state_paged_bytes=state.paged,
+                      optimizer_state_bytes_by_dtype=state.by_dtype)
+    return values
+
+
+def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline: int) -> dict[str, Any]:
+    """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark)."""
+    values: dict[str, Any] = {}
+    if allocator is not None:
+        peaks = allocator.peaks
+        values.update(peak_allocated_bytes=peaks.peak_allocated_bytes, peak_reserved_bytes=peaks.peak_reserved_bytes,
+                      num_alloc_retries=peaks.num_alloc_retries, num_ooms=peaks.num_ooms)
+    values["nvml_peak_device_used_bytes"] = sampler.peaks.get("nvml_device_used_bytes")
+    values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
+    peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    values.update(rss_baseline_bytes=rss_baseline, peak_rss_bytes=peak_rss, peak_rss_delta_bytes=peak_rss - rss_baseline)
+    return values
+
+
+def step_summary(logs: Sequence[StepLog], warmup_steps: int, tokens_per_step: int | None) -> dict[str, Any]:
+    """Loss and timing figures from the per-step logs; timing leaves out the warm-up steps."""
+    out: dict[str, Any] = {}
+    if logs:
+        out["first_loss"] = logs[0].loss
+        out["final_loss"] = logs[-1].loss
+        out["final_loss_smoothed"] = smoothed_final([log.loss for log in logs])
+        out["train_s"] = sum(log.step_time_s for log in logs)
+    measured = [log.step_time_s for log in logs[warmup_steps:]]
+    if measured:
+        median = statistics.median(measured)
+        out["step_time_median_s"] = median
+        out["step_time_p95_s"] = percentile(measured, 0.95)
+        if tokens_per_step:
+            out["tokens_per_s"] = tokens_per_step / median if median > 0 else math.nan
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

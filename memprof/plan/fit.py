@@ -1,0 +1,137 @@
+"""`memprof fit`: the largest batch size (or sequence length) that really trains on this device.
+
+Each trial is a cell run in a fresh process by the local executor, so one trial's allocations never help or hurt
+the next. The search doubles until a trial fails, then bisects between the last success and the first failure
+(``memprof.plan.predict.largest``): ``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit. A trial fits
+when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit. On the CPU the limit is
+``--memory-budget``, which also caps the worker's address space (an allocation beyond it is a real OOM); on CUDA
+it is the budget or the card's memory, and the peak is NVML's figure for the process (else the allocator's
+reserved bytes).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memprof.config.spec import CellConfig
+from memprof.errors import UserError
+from memprof.plan.predict import largest
+from memprof.results.record import Record, Status
+
+AXES = ("batch_size", "seq_len")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measured attempt."""
+
+    value: int
+    status: str
+    peak_bytes: int | None
+    fits: bool
+    wall_s: float
+    error: str = ""
+
+
+@dataclass
+class Search:
+    """The trials of one search and its answer (0 when even the smallest value failed)."""
+
+    axis: str
+    limit_bytes: int
+    margin: float
+    trials: list[Trial] = field(default_factory=list)
+    best: int = 0
+    wall_s: float = 0.0
+
+
+def measured_peak(record: Record) -> int | None:
+    """The peak to hold against the limit: the process's device memory on CUDA, RSS growth on the CPU."""
+    if record.peak_reserved_bytes is not None:
+        return record.nvml_peak_process_used_bytes or record.peak_reserved_bytes
+    return record.peak_rss_delta_bytes
+
+
+def trial_cell(request: CellConfig, axis: str, value: int, index: int, steps: int, device: str,
+               budget_bytes: int, timeout_s: float) -> CellConfig:
+    """The cell one trial runs: the request with ``axis`` (``batch_size`` or ``seq_len``) set to ``value``, for
+    ``steps`` steps (one of them warm-up)."""
+    return request.with_values({"suite": "fit", "index": index, f"shape.{axis}": value, "training.steps": steps,
+                                "training.warmup_steps": min(1, steps - 1), "training.lr": 1e-4,
+                                "budget.device": device, "budget.timeout_s": timeout_s,
+                                "budget.memory_budget_bytes": budget_bytes})
+
+
+def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], limit_bytes: int, margin: float,
+           steps: int, device: str, cap_address_space: bool, start: int = 1, maximum: int = 1 << 16,
+           granularity: int = 1, timeout_s: float = 600.0,
+           on_trial: Callable[[Trial], None] | None = None) -> Search:
+    """Find the largest ``axis`` value (a multiple of ``granularity``, from ``start``) whose trial fits.
+
+    Args:
+        run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
+        cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
+    """
+    out = Search(axis, limit_bytes, margin)
+    t0 = time.perf_counter()
+
+    def fits(n: int) -> bool:
+        value = n * granularity
+        cell = trial_cell(request, axis, value, len(out.trials), steps, device,
+                          limit_bytes if cap_address_space else 0, timeout_s)
+        t = time.perf_counter()
+        record = run(cell)
+        peak = measured_peak(record)
+        ok = record.status is Status.OK and peak is not None and peak <= (1 - margin) * limit_bytes
+        trial = Trial(value, record.status.value, peak, ok, time.perf_counter() - t, record.error)
+        out.trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+        return ok
+
+    out.best = largest(fits, max(1, start // granularity), max(1, maximum // granularity)) * granularity
+    out.wall_s = time.perf_counter() - t0
+    return out
+
+
+def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin: float, steps: int, device: str,
+               start: int, maximum: int, granularity: int, timeout_s: float,
+               on_trial: Callable[[Trial], None] | None = None) -> Search:
+    """``search`` with a local executor, the limit resolved for the device the trials run on.
+
+    Raises:
+        UserError: for bad limits, or no memory budget on the CPU (the search would run until the host swaps).
+    """
+    from memprof.results import env as env_mod
+    from memprof.run.executor import LocalExecutor
+
+    if axis not in AXES:
+        raise UserError("--search", f"must be one of {', '.join(AXES)}")
+    if not 0 <= margin < 1:
+        raise UserError("--margin", f"must be in [0, 1), got {margin}")
+    if steps < 1:
+        raise UserError("--steps", f"must be at least 1, got {steps}")
+    if budget_bytes is not None and budget_bytes <= 0:
+        raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
+    limit = budget_bytes
+    if limit is None and cuda:
+        gpus = env_mod.capture()["gpus"]
+        limit = gpus[0]["memory_bytes"] if gpus else None
+    if limit is None:
+        raise UserError("--memory-budget", "required on the CPU: trials are capped at this many bytes of address "
+                        "space (without it the search would run until the host swaps)")
+    with tempfile.TemporaryDirectory(prefix="memprof-fit-") as logs:
+        executor = LocalExecutor(Path(logs))
+        try:
+            return search(request, axis, lambda cell: executor.run(cell).record, limit, margin, steps,
+                          "cuda" if cuda else "cpu", cap_address_space=not cuda, start=start, maximum=maximum,
+                          granularity=granularity, timeout_s=timeout_s, on_trial=on_trial)
+        finally:
+            executor.close()

@@ -1,0 +1,418 @@
+"""Capacity planning: a fine-tuning run's peak memory, predicted without weights, a download or a GPU.
+
+The exact parts come from the model built on the meta device (shapes and dtypes, no memory):
+- frozen weights, 4-bit ones with their bitsandbytes quant state (``memprof.train.meta.four_bit_bytes``);
+- adapter (trainable) weights and buffers, after peft wrapped the meta model as a cell would be wrapped;
+- gradients: one per trainable parameter, in its dtype;
+- optimizer state: ``memprof.measure.formulas`` over the optimizer that transformers' factory builds on the meta model.
+Saved activations and temporaries come from the coefficients fitted to measured runs (``memprof.plan.calibration``);
+on a GPU the CUDA context is added. ``tests/test_plan.py`` checks the exact parts against measured cells byte for
+byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.plan.calibration import Calibration, Group, Shape
+from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec, CellConfig, Levers, ModelSpec,
+                                 OptimizerSpec, ParallelSpec, ShapeSpec)
+from memprof.errors import UserError
+from memprof.plan.gpus import Gpu
+from memprof.train.fourbit import is_four_bit
+from memprof.train.meta import adapted_numel, frozen_weight_bytes, meta_model
+
+MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
+
+
+@dataclass(frozen=True)
+class RankParts:
+    """What one rank holds of the exact parts (every rank holds everything when nothing is sharded)."""
+
+    frozen_weight_bytes: int
+    trainable_weight_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Exact:
+    """The parts of the peak that are known exactly from shapes and formulas; for a sharded request, the
+    fullest rank's (``ranks`` has each rank's)."""
+
+    shape: Shape
+    total_params: int
+    trainable_params: int
+    frozen_weight_bytes: int
+    trainable_weight_bytes: int
+    buffer_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int | None
+    optimizer_state_note: str
+    adapted_numel: int       # base weight elements under an adapter
+    residual_itemsize: int   # element size of the hidden states between layers (what checkpointing keeps)
+    ranks: tuple[RankParts, ...] = ()
+    gathered_bytes: int = 0  # FSDP2: the root unit and two layers all-gathered at once (one computing, one next)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One line of a plan: its bytes (None when no formula covers it) and how they were obtained."""
+
+    name: str
+    bytes: int | None
+    how: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted peak of one request on a GPU, part by part."""
+
+    request: CellConfig
+    exact: Exact
+    parts: tuple[Part, ...]
+    calibration: str
+
+    @property
+    def complete(self) -> bool:
+        """False when a part is unknown: the total is then a lower bound."""
+        return all(p.bytes is not None for p in self.parts)
+
+    @property
+    def training_bytes(self) -> int:
+        """Everything but the CUDA context: what a CPU run's RSS growth measures."""
+        return sum(p.bytes or 0 for p in self.parts if p.name != "CUDA context")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.bytes or 0 for p in self.parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
+        return {**axes, "config": self.request.model_dump(mode="json"), "total_params": self.exact.total_params,
+                "trainable_params": self.exact.trainable_params, "calibration": self.calibration,
+                "parts": {p.name: {"bytes": p.bytes, "how": p.how} for p in self.parts},
+                "ranks": [vars(rank) for rank in self.exact.ranks],
+                "total_bytes": self.total_bytes, "complete": self.complete}
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    """A plan against one GPU: does it fit, with what headroom, and the largest batch and length that would."""
+
+    gpu: Gpu
+    total_bytes: int
+    max_batch_size: int      # at the request's sequence length; 0 when not even one sequence fits
+    max_seq_len: int         # at the request's batch size; 0 when nothing fits
+    seq_len_capped: bool     # max_seq_len stopped at the model's max_position_embeddings
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.gpu.capacity_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.gpu.capacity_bytes - self.total_bytes
+
+    @property
+    def headroom_fraction(self) -> float:
+        return self.headroom_bytes / self.gpu.capacity_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu.name, "capacity_bytes": self.gpu.capacity_bytes, "fits": self.fits,
+                "headroom_bytes": self.headroom_bytes, "headroom_fraction": self.headroom_fraction,
+                "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+                "seq_len_capped": self.seq_len_capped}
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """Predicted optimizer state: its bytes (None without a formula), how, and the param groups and settings
+    it was sized from (what a sharded plan re-partitions)."""
+
+    bytes: int | None
+    note: str
+    groups: list[dict[str, Any]]
+    settings: dict[str, Any]
+
+
+def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) -> StatePlan:
+    """Predicted optimizer-state bytes and how: the optimizer is built on the meta model by transformers'
+    factory (so param groups, GaLore's projected groups and Adam-mini's names are the real ones), then
+    ``memprof.measure.formulas`` sizes its state. A library that is not installed still gets its formula."""
+    from memprof.measure import formulas
+    from memprof.train import optim as optim_mod
+
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    settings = dict(optim_kwargs)
+    try:
+        built = optim_mod.build_optimizer(optim, optim_kwargs, 1e-3, model, torch.device("cpu"))
+        groups, settings = built.param_groups, formulas.optimizer_settings(built)
+    except optim_mod.OptimizerUnavailable:
+        pass
+    specs = [{**g, "params": [formulas.ParamSpec(tuple(p.shape), p.dtype, p.requires_grad) for p in g["params"]]}
+             for g in groups]
+    predicted = formulas.predict_state_bytes(optim, specs, settings)
+    note = "exact (memprof.measure.formulas)" if predicted is not None else \
+        formulas.why_unpredictable(optim) or "no formula covers this configuration"
+    return StatePlan(predicted, note, specs, settings)
+
+
+def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
+    """The exact parts of a request (``model``: its meta model, when the caller already built it); for a
+    sharded request, each rank's and the fullest rank's."""
+    from memprof.train import models
+    from memprof.measure.accounting import weight_bytes
+
+    if model is None:
+        model = meta_model(request.model, request.adapter, request.shape.precision)
+    weights = weight_bytes(model)
+    state = optimizer_state(model, request.optimizer.name, request.optimizer.kwargs)
+    shape = Shape.from_config(models.build_config(request.model))
+    ranks = rank_parts(request, model, state)
+    fullest = {name: max(getattr(r, name) for r in ranks) if all(getattr(r, name) is not None for r in ranks)
+               else None for name in ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes",
+                                      "optimizer_state_bytes")}
+    return Exact(shape=shape, total_params=weights.frozen_params + weights.trainable_params,
+                 trainable_params=weights.trainable_params, buffer_bytes=weights.buffers.total,
+                 optimizer_state_note=state.note, adapted_numel=adapted_numel(model),
+                 residual_itemsize=model.get_input_embeddings().weight.element_size(),
+                 ranks=ranks if request.levers.parallel.world_size > 1 else (),
+                 gathered_bytes=gathered_bytes(request, model),
+                 **fullest)
+
+
+def rank_parts(request: CellConfig, model: nn.Module, state: StatePlan) -> tuple[RankParts, ...]:
+    """What each rank holds: zero1 partitions the optimizer state by whole parameters; fsdp2 shards every
+    parameter on dim 0, its storage padded to the full chunk, and its state sized on the unpadded local shard
+    (QLoRA's 4-bit base weights stay whole, see ``memprof.train.sharding``)."""
+    from memprof.measure import formulas
+    from memprof.train import sharding
+
+    n, strategy = request.levers.parallel.world_size, request.levers.parallel.strategy
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    four_bit = frozen_weight_bytes(model) - sum(p.numel() * p.element_size() for p in frozen if not is_four_bit(p))
+
+    def held(params: list[nn.Parameter]) -> int:
+        if strategy != "fsdp2":
+            return sum(p.numel() * p.element_size() for p in params)
+        return sum(sharding.padded_shard_numel(p.shape, n) * p.element_size() for p in params)
+
+    plain_frozen = held([p for p in frozen if not is_four_bit(p)])
+    states: list[int | None] = [state.bytes] * n
+    if strategy == "zero1":
+        parts = sharding.zero1_partition([[math.prod(p.shape) for p in g["params"]] for g in state.groups], n)
+        states = [formulas.predict_state_bytes(request.optimizer.name, [
+            {**g, "params": [g["params"][i] for i in owned[k]]} for k, g in enumerate(state.groups)],
+            state.settings) for owned in parts]
+    elif strategy == "fsdp2":
+        states = [formulas.predict_state_bytes(request.optimizer.name, [
+            {**g, "params": [replace(p, shape=sharding.local_shapes(p.shape, n)[rank]) for p in g["params"]]}
+            for g in state.groups], state.settings) for rank in range(n)]
+    return tuple(RankParts(four_bit + plain_frozen, held(trainable), held(trainable), s) for s in states)
+
+
+def gathered_bytes(request: CellConfig, model: nn.Module) -> int:
+    """FSDP2 all-gathers a unit's weights to compute with them: the root unit (embeddings, final norm, head)
+    stays gathered through forward and backward, and a layer is gathered while the previous one computes."""
+    if request.levers.parallel.strategy != "fsdp2":
+        return 0
+    from memprof.train.sharding import decoder_layers
+
+    def full(params: Iterable[nn.Parameter]) -> int:
+        return sum(p.numel() * p.element_size() for p in params if not is_four_bit(p))
+
+    layers = [full(layer.parameters()) for layer in decoder_layers(model)]
+    return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
+
+
+# --- predictions ----------------------------------------------------------------------------------------------
+
+
+def predict(request: CellConfig, exact: Exact, calibration: Calibration) -> Plan:
+    """The plan for ``request`` from its exact parts and the calibrated activations and temporaries."""
+    group = calibration.group(request.shape.precision, request.adapter.kind)
+    return _assemble(request, exact, group, calibration)
+
+
+def _assemble(request: CellConfig, exact: Exact, group: Group, calibration: Calibration) -> Plan:
+    tokens, checkpointing = request.shape.tokens, (request.levers.gradient_checkpointing != "off")
+    act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
+    act_how = f"fitted ({calibration.device} calibration)"
+    if checkpointing:
+        act_how += ", checkpointed: each layer's input"
+    if request.levers.attn_implementation == "eager":
+        act += eager_attention_bytes(request, exact)
+        act_how += ", + eager attention's seq×seq matrices (derived)"
+    temp = max(0, group.temporary_bytes(act, tokens, exact.shape.vocab))
+    fitted = f"fitted ({calibration.device} calibration)"
+    quant = " (4-bit + quant state)" if request.adapter.kind == "qlora" else ""
+    strategy = request.levers.parallel.strategy
+    per_rank = f", per rank ({strategy} shards it)" if strategy in ("zero1", "fsdp2") else ""
+    parts = [
+        Part("frozen weights", exact.frozen_weight_bytes, "exact" + quant + _if_fsdp2(request, per_rank)),
+        Part("adapter weights" if request.adapter.kind != "none" else "trainable weights",
+             exact.trainable_weight_bytes, "exact" + _if_fsdp2(request, per_rank)),
+        Part("buffers", exact.buffer_bytes, "exact"),
+        Part("gradients", exact.gradient_bytes, "exact" + _if_fsdp2(request, per_rank)),
+        Part("optimizer state", exact.optimizer_state_bytes, exact.optimizer_state_note + per_rank),
+        Part("activations", act, act_how),
+    ]
+    if checkpointing:
+        recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
+        if request.levers.attn_implementation == "eager":
+            recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
+        parts.append(Part("recomputed layer", recompute, "fitted: one layer's activations, alive again in backward"))
+    parts.append(Part("temporaries", temp, fitted))
+    if request.levers.parallel.strategy in ("ddp", "zero1"):
+        parts.append(Part("DDP gradient buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients"))
+    if request.levers.parallel.strategy == "fsdp2":
+        parts.append(Part("all-gathered weights", exact.gathered_bytes,
+                          "derived: the root unit and two layers unsharded at once"))
+    parts.append(Part("CUDA context", calibration.cuda_context_bytes, calibration.cuda_context_source))
+    return Plan(request, exact, tuple(parts), calibration.path or calibration.device)
+
+
+def _if_fsdp2(request: CellConfig, text: str) -> str:
+    return text if request.levers.parallel.strategy == "fsdp2" else ""
+
+
+def eager_attention_bytes(request: CellConfig, exact: Exact) -> int:
+    """What eager attention saves beyond sdpa's kernels: each layer's softmax output, one seq × seq matrix per
+    head (with checkpointing only the additive causal mask, which every checkpointed layer keeps as an input)."""
+    square = request.shape.batch_size * request.shape.seq_len ** 2 * exact.residual_itemsize
+    if request.levers.gradient_checkpointing != "off":
+        return square
+    return exact.shape.layers * exact.shape.heads * square
+
+
+def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH) -> int:
+    """The largest n in [start, limit] with ``fits(n)`` (0 when not even ``start`` fits), for a monotone
+    ``fits``: doubling, then bisection."""
+    if not fits(start):
+        return 0
+    good = start
+    bad = None
+    while bad is None:
+        nxt = min(good * 2, limit)
+        if nxt == good:
+            return good
+        if fits(nxt):
+            good = nxt
+        else:
+            bad = nxt
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
+    """``plan`` against ``gpu``, with the largest batch (same length) and length (same batch) predicted to fit."""
+    request, exact = plan.request, plan.exact
+    group = calibration.group(request.shape.precision, request.adapter.kind)
+
+    def total(batch_size: int, seq_len: int) -> int:
+        sized = request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len})
+        return _assemble(sized, exact, group,
+                         calibration).total_bytes
+
+    max_batch = largest(lambda b: total(b, request.shape.seq_len) <= gpu.capacity_bytes)
+    cap = exact.shape.max_positions or MAX_SEARCH
+    max_seq = largest(lambda s: total(request.shape.batch_size, s) <= gpu.capacity_bytes, limit=cap)
+    return GpuFit(gpu, plan.total_bytes, max_batch, max_seq, max_seq == cap)
+
+
+def plan_requests(requests: Iterable[CellConfig], calibration: Calibration) -> list[Plan]:
+    """Plans for many requests, building each meta model (and each optimizer's state) once."""
+    models: dict[str, nn.Module] = {}
+    exacts: dict[str, Exact] = {}
+    plans = []
+    for request in requests:
+        model_key = repr((request.model, request.adapter, request.shape.precision))
+        if model_key not in models:
+            models[model_key] = meta_model(request.model, request.adapter, request.shape.precision)
+        exact_key = model_key + repr((request.optimizer.name, request.optimizer.kwargs))
+        if exact_key not in exacts:
+            exacts[exact_key] = exact_parts(request, models[model_key])
+        plans.append(predict(request, exacts[exact_key], calibration))
+    return plans
+
+
+def requests_from_cells(cells: Iterable[CellConfig]) -> list[CellConfig]:
+    """One cell per memory-distinct configuration (repeats, learning rates, schedules and seeds collapse)."""
+    seen: dict[str, CellConfig] = {}
+    for cell in cells:
+        key = repr((cell.model, cell.adapter, cell.optimizer.name, cell.optimizer.kwargs, cell.shape, cell.levers))
+        seen.setdefault(key, cell)
+    return list(seen.values())
+
+
+def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_modules: str = "all-linear",
+                    optimizer: str = "adamw_torch", batch_size: int = 1, seq_len: int = 2048, precision: str = "bf16",
+                    grad_accum: int = 1, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                    world_size: int = 1, strategy: str | None = None) -> CellConfig:
+    """The cell that command-line values describe: ``model`` is a preset name or a local config/checkpoint folder;
+    a LoRA adapter of rank ``rank`` gets ``lora_alpha = 2 * rank``.
+
+    Raises:
+        UserError: naming the flag that is wrong.
+    """
+    from pathlib import Path
+
+    from memprof.config import catalogue
+    from memprof.config.presets import PRESETS
+
+    if model in PRESETS:
+        spec = ModelSpec(name=model, preset=model)
+    elif (Path(model) / "config.json").is_file():
+        spec = ModelSpec(name=Path(model).name, path=model)
+    else:
+        raise UserError("--model", f"'{model}' is neither a preset ({', '.join(PRESETS)}) nor a folder with a "
+                        "config.json")
+    if adapter not in ADAPTER_KINDS:
+        raise UserError("--adapter", f"must be {', '.join(ADAPTER_KINDS)}, not '{adapter}'")
+    for flag, value in (("--rank", rank), ("--batch-size", batch_size), ("--seq-len", seq_len),
+                        ("--grad-accum", grad_accum)):
+        if value <= 0:
+            raise UserError(flag, f"must be positive, got {value}")
+    targets: str | list[str] = target_modules
+    if target_modules not in ("all-linear", "attention"):
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    error = catalogue.unknown(optimizer)
+    if error:
+        raise UserError("--optimizer", error)
+    lora = {**LORA_DEFAULTS, "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+    return CellConfig(model=spec, adapter=AdapterSpec(name=adapter, kind=adapter, lora=lora if adapter != "none"
+                                                      else {}),
+                      optimizer=OptimizerSpec(label=optimizer, name=optimizer),
+                      shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                                      precision=precision),
+                      levers=Levers(gradient_checkpointing="on" if gradient_checkpointing else "off",
+                                    attn_implementation=attn_implementation,
+                                    parallel=sharding_flags(world_size, strategy)))
+
+
+def sharding_flags(world_size: int, strategy: str | None) -> ParallelSpec:
+    """``--world-size``/``--strategy`` as a cell's parallel lever (a world size alone means ddp).
+
+    Raises:
+        UserError: naming the flag that is wrong.
+    """
+    if world_size < 1:
+        raise UserError("--world-size", f"must be positive, got {world_size}")
+    if strategy is None:
+        strategy = "ddp" if world_size > 1 else "none"
+    elif world_size == 1:
+        raise UserError("--strategy", f"{strategy} needs --world-size > 1")
+    return ParallelSpec(strategy=strategy, world_size=world_size)

@@ -1,0 +1,237 @@
+"""The Record: one cell's outcome as plain, frozen data: the configuration it ran (``config``) and what it measured
+(bytes as integers, seconds as floats). Flattened only when written (``to_row``: one CSV row)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from memprof.config.spec import AXES, CellConfig, Spec
+
+SCHEMA_VERSION = 2  # 2: the configuration nested in ``config`` (1: its fields flat beside the measurements)
+# The figures a sharded cell keeps for each of its ranks (the record's own fields hold the max over ranks).
+RANK_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
+               "predicted_state_bytes", "activation_bytes", "peak_allocated_bytes", "peak_rss_delta_bytes",
+               "step_time_median_s")
+
+
+class Status(str, enum.Enum):
+    """How a cell ended. Every fault is its own value; none of them ends the suite."""
+
+    OK = "ok"
+    OOM = "oom"                    # out of memory (CUDA OOM, host allocator failure, memory budget)
+    DIVERGED = "diverged"          # loss became NaN/inf; the cell stopped at that step
+    CRASHED = "crashed"            # an exception from a library, a signal (segfault, SIGKILL), a bad exit
+    TIMEOUT = "timeout"            # ran past the suite's timeout_s and was killed
+    INTERRUPTED = "interrupted"    # Ctrl-C / SIGTERM while it ran
+    UNAVAILABLE = "unavailable"    # its optimizer's library is not installed, or it needs CUDA
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one cell measured. Fields a device does not have (CUDA peaks on the CPU) stay None.
+
+    ``schema_version`` is the version of what it was read from (a schema-1 record's ``config`` holds only the
+    names and values that record kept, see ``memprof.results.migrate``); records are always written in the
+    current one.
+    """
+
+    config: CellConfig
+    status: Status = Status.OK
+    schema_version: int = SCHEMA_VERSION
+    error: str = ""
+    fail_phase: str = ""
+    fail_step: int | None = None
+    exit_code: int | None = None
+    host: str = ""
+    concurrent_jobs: int = 1
+    visible_devices: str = ""  # CUDA_VISIBLE_DEVICES of the job that ran it ("" = not pinned)
+    device: str = ""
+    device_name: str = ""
+    # exact accounting
+    total_params: int | None = None
+    trainable_params: int | None = None
+    frozen_weight_bytes: int | None = None
+    trainable_weight_bytes: int | None = None
+    buffer_bytes: int | None = None
+    gradient_bytes: int | None = None
+    optimizer_state_bytes: int | None = None
+    predicted_state_bytes: int | None = None  # memprof.measure.formulas: what the catalogue formula says
+    optimizer_state_paged_bytes: int | None = None
+    optimizer_state_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    activation_bytes: int | None = None
+    # CUDA caching allocator
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    num_alloc_retries: int | None = None
+    num_ooms: int | None = None
+    # NVML
+    nvml_peak_device_used_bytes: int | None = None
+    nvml_peak_process_used_bytes: int | None = None
+    # attribution at the peak (memprof.measure.attribution)
+    attributed_other_bytes: int | None = None
+    allocator_cache_bytes: int | None = None
+    non_pytorch_bytes: int | None = None
+    # host
+    rss_baseline_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    peak_rss_delta_bytes: int | None = None
+    # time and loss
+    step_time_median_s: float | None = None
+    step_time_p95_s: float | None = None
+    tokens_per_s: float | None = None
+    train_s: float | None = None
+    setup_s: float | None = None
+    cell_wall_s: float | None = None
+    harness_wall_s: float | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    final_loss_smoothed: float | None = None
+    # convergence (memprof.analysis.convergence, memprof.analysis.diagnose)
+    final_eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    entropy_floor_nats: float | None = None
+    floor_gap_nats: float | None = None
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
+    loss_auc: float | None = None
+    diagnosis: str = ""  # comma-separated memprof.analysis.diagnose codes
+    verdict: str = ""  # what went wrong with the training, when something did
+    # a sharded cell's headline figures are the max over its ranks, never a sum
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # one dict of RANK_FIELDS per rank
+
+    @property
+    def key(self) -> str:
+        return self.config.key
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
+        return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready data, in the current schema (its key and hash beside, for readers)."""
+        data = asdict(self)
+        data.update(schema_version=SCHEMA_VERSION, status=self.status.value,
+                    config=self.config.model_dump(mode="json"))
+        return {"cell_key": self.key, "config_hash": self.config.config_hash, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        """A record from ``to_dict``'s data (``memprof.results.migrate.read_record`` reads older schemas too).
+
+        Raises:
+            ValueError: another schema, or a configuration that does not validate.
+        """
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["config"] = CellConfig.model_validate(data["config"], strict=False)
+        values["status"] = Status(values.get("status", "ok"))
+        return cls(**values)
+
+    def to_row(self) -> dict[str, Any]:
+        """One flat CSV row: the key, each axis as its own column (a spec-valued axis by its fields), the whole
+        configuration as JSON, then the measurements; nested figures become dotted columns
+        (``optimizer_state_bytes.uint8``, ``rank0.gradient_bytes``)."""
+        row: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "cell_key": self.key,
+                               "config_hash": self.config.config_hash, "suite": self.config.suite,
+                               "cell_index": self.config.index}
+        for axis in AXES:
+            value = axis.get(self.config)
+            if isinstance(value, Spec) and not axis.named:
+                row.update({f"{axis.name}.{k}": v for k, v in value.model_dump(mode="json").items()})
+            else:
+                row[axis.name] = axis.display(value)
+        row.update(seed=self.config.training.seed, repeat=self.config.training.repeat,
+                   config=json.dumps(self.config.model_dump(mode="json"), sort_keys=True))
+        data = asdict(self)
+        for name in ("config", "schema_version"):
+            data.pop(name)
+        data["status"] = self.status.value
+        for dtype, nbytes in data.pop("optimizer_state_bytes_by_dtype").items():
+            data[f"optimizer_state_bytes.{dtype}"] = nbytes
+        for rank, figures in enumerate(data.pop("ranks")):
+            data.update({f"rank{rank}.{name}": value for name, value in figures.items()})
+        return {**row, **data}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str]) -> Record:
+        """The inverse of ``to_row`` for a row read back from CSV text (an empty cell is None).
+
+        Raises:
+            ValueError: a cell that is not a number where the field is one, or a configuration that does not
+                validate.
+        """
+        types = {f.name: str(f.type) for f in fields(cls)}
+        values: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        by_dtype: dict[str, int] = {}
+        ranks: dict[int, dict[str, Any]] = {}
+        for key, text in row.items():
+            if key.startswith("optimizer_state_bytes."):
+                if text:
+                    by_dtype[key.split(".", 1)[1]] = int(text)
+            elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
+                rank, name = key.split(".", 1)
+                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
+                                                                                       text)
+            elif key in types and key not in ("config", "schema_version"):
+                values[key] = parse_cell(types[key], text)
+        values["config"] = CellConfig.model_validate_json(row["config"], strict=False)
+        values["status"] = Status(values.get("status") or "ok")
+        # a CSV has the rank columns of its most sharded cell: the others' are empty
+        values["ranks"] = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
+        values["optimizer_state_bytes_by_dtype"] = by_dtype
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step as the training loop logs it: a row of a cell's steps.csv."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float  # before clipping
+    step_time_s: float  # evaluation excluded
+    eval_loss: float | None = None  # on steps with an evaluation
+
+
+def parse_cell(type_text: str, text: str) -> Any:
+    """A CSV cell's text as the field's type (``int | None``...): '' is None where None is allowed.
+
+    Raises:
+        ValueError: text that is not a number where the type is one.
+    """
+    kind = type_text.split(" ")[0]
+    if text == "" and "None" in type_text:
+        return None
+    if kind in ("int", "float"):
+        return int(text) if kind == "int" else float(text)
+    return text
+
+
+def smoothed_final(losses: list[float], window: int = 5) -> float:
+    """Mean of the last ``window`` finite losses (NaN when there are none)."""
+    tail = [x for x in losses[-window:] if math.isfinite(x)]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+@dataclass
+class CellResult:
+    """A Record and the per-step and timeline rows that go beside it."""
+
+    record: Record
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"record": self.record.to_dict(), "steps": self.steps, "timeline": self.timeline}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellResult:
+        return cls(Record.from_dict(data["record"]), data.get("steps", []), data.get("timeline", []))

@@ -1,0 +1,218 @@
+"""Result folders: written cell by cell so that a kill at any moment loses no finished cell.
+
+Layout of ``results/<suite>-<timestamp>/``:
+- ``records.jsonl``: one Record per line, appended with one ``write`` each (the source of truth);
+- ``cells.csv``: the same records as a flat table, rewritten atomically after every cell;
+- ``cells/<index>/steps.csv`` and ``timeline.csv``: per-step and sampled rows, written atomically;
+- ``env.json``, ``suite.toml``, ``manifest.json`` (suite name and hash, the cell keys), ``logs/``.
+Paths come from cell indices, never from names in the suite, so nothing is written outside the folder.
+A folder is written by one process at a time (a lock on the folder); ``prepare_resume`` readies an unfinished
+one for ``memprof run --resume``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from memprof.errors import UserError, one_line_text
+from memprof.results.migrate import read_record, read_row
+from memprof.results.record import SCHEMA_VERSION, CellResult, Record, Status
+
+
+def new_run_dir(root: Path, suite_name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = root / f"{suite_name}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{suite_name}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+class RunWriter:
+    """Appends cell results to a run folder as they arrive."""
+
+    def __init__(self, run_dir: Path, suite_text: str, manifest: dict[str, Any], env: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        (run_dir / "cells").mkdir(parents=True, exist_ok=True)
+        _lock(run_dir)
+        write_atomic(run_dir / "suite.toml", suite_text)
+        if not (run_dir / "env.json").exists():  # a resumed run keeps the environment it started in
+            write_atomic(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+        write_atomic(run_dir / "manifest.json", json.dumps({"schema_version": SCHEMA_VERSION, **manifest},
+                                                           indent=2) + "\n")
+        self.records = read_records(run_dir) if (run_dir / "records.jsonl").exists() else []
+
+    def append(self, result: CellResult) -> None:
+        record = result.record
+        cell_dir = self.run_dir / "cells" / f"{record.config.index:04d}"
+        cell_dir.mkdir(exist_ok=True)
+        for name, rows in (("steps.csv", result.steps), ("timeline.csv", result.timeline)):
+            if rows:
+                write_atomic(cell_dir / name, to_csv(rows))
+            else:  # left by an earlier, interrupted attempt at this cell
+                (cell_dir / name).unlink(missing_ok=True)
+        line = (json.dumps(record.to_dict(), default=str) + "\n").encode()
+        fd = os.open(self.run_dir / "records.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.records.append(record)
+        write_atomic(self.run_dir / "cells.csv", to_csv([r.to_row() for r in self.records]))
+
+
+_held_locks: dict[Path, int] = {}
+
+
+def _lock(run_dir: Path) -> None:
+    """Hold an exclusive lock on the folder for this process's lifetime (the kernel drops it at exit, even
+    after ``kill -9``), so that a resume cannot touch a run that is still being written."""
+    key = run_dir.resolve()
+    if key in _held_locks:
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(str(run_dir), "another memprof process is writing this folder") from None
+    _held_locks[key] = fd
+
+
+RESUME_KEYS = ("suite", "suite_digest", "cell_keys", "config_hashes")
+
+
+def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
+    """Check that ``run_dir`` was started with this manifest (same suite and cells), then ready it to append.
+
+    The torn last line of ``records.jsonl`` (its writer was killed mid-write) and the records of interrupted cells
+    (they run again) are dropped, as are the ``cells/<index>`` folders of cells without a record.
+
+    Returns:
+        The records of the finished cells.
+    Raises:
+        UserError: not a result folder, another suite or other cells, or records this memprof cannot read.
+    """
+    path = run_dir / "manifest.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(str(run_dir), "not a memprof result folder (no manifest.json)") from None
+    except (OSError, ValueError) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    for key in RESUME_KEYS:
+        if key == "config_hashes" and recorded.get("schema_version") == 1:
+            continue  # schema 1 hashed configurations another way; its cell keys still name the same cells
+        if recorded.get(key) != manifest.get(key):
+            what = {"suite_digest": f"the run's suite hash is {recorded.get(key)}, this suite's is {manifest.get(key)}",
+                    "suite": f"the run is of suite '{recorded.get(key)}', not '{manifest.get(key)}'"}.get(
+                key, f"the run's {key} differ from this suite's (was --device given differently?)")
+            raise UserError(str(path), f"{what}: --resume needs the suite the run started with")
+    _lock(run_dir)
+    records_path = run_dir / "records.jsonl"
+    if records_path.exists():
+        read_records(run_dir)  # raises on a corrupt line other than the last
+        kept = []
+        for line in records_path.read_text(encoding="utf-8").splitlines():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the torn last line
+            if data.get("status") != Status.INTERRUPTED.value:
+                kept.append(line + "\n")
+        write_atomic(records_path, "".join(kept))
+    records = read_records(run_dir)
+    if records:
+        write_atomic(run_dir / "cells.csv", to_csv([r.to_row() for r in records]))
+    else:
+        (run_dir / "cells.csv").unlink(missing_ok=True)
+    finished = {r.config.index for r in records}
+    for cell_dir in (run_dir / "cells").glob("*"):
+        if cell_dir.is_dir() and cell_dir.name.isdigit() and int(cell_dir.name) not in finished:
+            shutil.rmtree(cell_dir)
+    return records
+
+
+def read_records(run_dir: Path) -> list[Record]:
+    """The records of a run folder (schema 1 or 2); a torn last line (the writer was killed mid-write) is skipped.
+
+    Raises:
+        UserError: when the folder is not a result folder, or has a record this memprof cannot read.
+    """
+    path = run_dir / "records.jsonl"
+    if not path.exists() and (run_dir / "manifest.json").exists():
+        return []  # started, and stopped before its first cell finished
+    if not path.exists():
+        raise UserError(str(run_dir), "not a memprof result folder (no records.jsonl)")
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UserError(str(path), f"line {n}: not valid JSON") from None
+        try:
+            records.append(read_record(data))
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+    return records
+
+
+def read_csv_records(path: Path) -> list[Record]:
+    """The records of a ``cells.csv`` (the flat copy of records.jsonl); an empty file gives none.
+
+    Raises:
+        UserError: when the file cannot be read, lacks the key columns, or holds another schema version.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    if not rows:
+        return []
+    missing = [c for c in ("cell_key", "schema_version") if c not in columns]
+    if missing:
+        raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
+    records = []
+    for n, row in enumerate(rows, 2):
+        try:
+            records.append(read_row(row))
+        except (ValueError, TypeError, KeyError) as err:
+            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+    return records

@@ -1,0 +1,286 @@
+"""Suite files: TOML validated into typed tables (``memprof.suite.schema``), then expanded into the grid of cells.
+
+A suite is data, never code: it is parsed with ``tomllib`` and checked field by field; every error names the
+file and the key path. Nothing heavy is imported here, so ``--dry-run`` and validation are instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from memprof.config import catalogue
+from memprof.config.presets import PRESETS
+from memprof.config.spec import AXES, AXIS_BY_NAME, METRIC_SCHEDULES, SCHEDULES, CellConfig, OptimizerSpec
+from memprof.errors import UserError
+from memprof.suite.schema import (BUILTIN_ADAPTERS, OVERRIDABLE, GridSettings, ModelTable, SuiteFile,
+                                  SuiteSettings)
+
+PACKAGED_SUITES = Path(__file__).parent.parent / "suites"
+# Schedules transformers cannot build without one of these keys in their [schedules.<name>] table.
+SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
+                  "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
+                  "warmup_stable_decay": ("num_decay_steps",)}
+
+
+class Suite:
+    """A validated suite: its source file, its tables and the cells it expands to."""
+
+    def __init__(self, path: Path, text: str, spec: SuiteFile) -> None:
+        self.path = path
+        self.text = text
+        self.spec = spec
+        self.cells = _expand(path, spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.suite.name
+
+    @property
+    def digest(self) -> str:
+        """Hash of the suite text, used to check that a resumed run is the same suite."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    def preflight_pairs(self) -> list[CellConfig]:
+        """One cell for each distinct (model, adapter) pair, for the checks that need the libraries
+        (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match)."""
+        pairs: dict[tuple[str, str], CellConfig] = {}
+        for c in self.cells:
+            pairs.setdefault((c.model.name, c.adapter.name), c)
+        return list(pairs.values())
+
+    def preflight_error(self, model: str, adapter: str, field: str, error: str) -> UserError:
+        """A problem ``memprof.run.preflight`` found in ``model`` or ``adapter`` (``field``: ``model``,
+        ``adapter``, or the adapter's key at fault), as a UserError naming the key that defines the culprit."""
+        if field == "model":
+            return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
+                                             f"{error}")
+        where = self._defined_at("adapter", adapter)
+        table = self.spec.adapters.get(adapter)
+        if table is not None and field != "adapter":
+            written = {"lora_alpha": "alpha", "lora_dropout": "dropout"}.get(field, field)
+            where += f".{written if written in (table.model_extra or {}) else field}"
+        if field == "target_modules":
+            error = f"adapter '{adapter}' does not fit model '{model}': {error}"
+        return UserError(str(self.path), f"{where}: {error}")
+
+    def _defined_at(self, axis: str, name: str) -> str:
+        tables = self.spec.models if axis == "model" else self.spec.adapters
+        if name in tables:
+            return f"{axis}s.{name}"
+        names = getattr(self.spec.grid, axis)
+        return f"grid.{axis}[{names.index(name)}]" if name in names else f"grid.{axis}"
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A path to a suite file, or the name of a suite shipped in the package (``quick``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    packaged = PACKAGED_SUITES / f"{name_or_path.removesuffix('.toml')}.toml"
+    if packaged.exists():
+        return packaged
+    raise UserError(str(path), "no such suite file (shipped suites: "
+                    + ", ".join(p.stem for p in sorted(PACKAGED_SUITES.glob("*.toml"))) + ")")
+
+
+def load(name_or_path: str) -> Suite:
+    """Read, validate and expand a suite.
+
+    Raises:
+        UserError: naming the file and the key path of the first problem.
+    """
+    path = resolve_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Suite:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(str(path), f"malformed TOML: {err}") from None
+    try:
+        spec = SuiteFile.model_validate(raw)
+    except ValidationError as err:
+        raise _first(path, err, "", raw) from None
+    return Suite(path, text, spec)
+
+
+def _first(path: Path, err: ValidationError, where: str, raw: Any = None) -> UserError:
+    """The first problem pydantic found, as one line naming its key path (below ``where``; an index only where
+    the file has a list: a grid axis given one value is named without one)."""
+    first = err.errors()[0]
+    loc, node = [], raw
+    for part in first["loc"]:
+        if isinstance(part, int) and raw is not None and not isinstance(node, list):
+            continue
+        loc.append(part)
+        node = node.get(part) if isinstance(node, dict) else node[part] if isinstance(node, list) else None
+    loc = _loc(tuple(loc))
+    key = f"{where}.{loc}" if where and loc else where or loc or "(top level)"
+    return UserError(str(path), f"{key}: {_message(first)}")
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part).startswith(("function-", "literal[")):
+            continue  # the branch of a union pydantic tried, not a key
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return msg
+
+
+def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
+    _check_names(path, spec)
+    _check_schedules(path, spec)
+    for i, rule in enumerate(spec.exclude):
+        _check_axes(path, f"exclude[{i}]", rule)
+    for i, rule in enumerate(spec.override):
+        _check_axes(path, f"override[{i}].match", rule.match)
+        _check_overridable(path, f"override[{i}].set", rule.set, spec)
+    grid = {axis.name: getattr(spec.grid, axis.name) for axis in AXES}
+    cells: list[CellConfig] = []
+    s = spec.suite
+    for combo in itertools.product(*grid.values()):
+        axes = dict(zip(grid, combo))
+        if any(_matches(axes, rule) for rule in spec.exclude):
+            continue
+        settings = {"steps": s.steps, "warmup_steps": s.warmup_steps, "timeout_s": s.timeout_s,
+                    "memory_budget_bytes": s.memory_budget_bytes, "max_grad_norm": s.max_grad_norm}
+        for rule in spec.override:
+            if _matches(axes, rule.match):
+                for key, value in rule.set.items():
+                    (axes if key in AXIS_BY_NAME else settings)[key] = value
+        settings["lr_warmup_steps"] = settings.get("lr_warmup_steps", s.lr_warmup_steps
+                                                   or math.ceil(s.lr_warmup_ratio * settings["steps"]))
+        for repeat in range(s.repeats):
+            values = {axis.path: _value(spec, axis.name, axes[axis.name]) for axis in AXES}
+            values.update({OVERRIDABLE[name]: value for name, value in settings.items()})
+            values.update({"training.seed": s.seed + repeat, "training.repeat": repeat,
+                           "training.eval_every": s.eval_every, "training.eval_batches": s.eval_batches,
+                           "training.target_loss": s.target_loss, "training.data": spec.data.model_dump(),
+                           "training.schedule_kwargs": dict(spec.schedules.get(axes["schedule"], {})),
+                           "budget.device": s.device})
+            cells.append(_cell(path, s.name, len(cells), values))
+    if not cells:
+        raise UserError(str(path), "exclude: every cell of the grid is excluded; nothing to run")
+    return cells
+
+
+def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellConfig:
+    data: dict[str, Any] = {"suite": suite, "index": index}
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value.model_dump() if isinstance(value, BaseModel) else value
+    try:
+        return CellConfig.model_validate(data, strict=False)
+    except ValidationError as err:  # an override's values together with the rest (e.g. warmup vs steps)
+        raise _first(path, err, "override") from None
+
+
+def _value(spec: SuiteFile, axis: str, value: Any) -> Any:
+    """An axis value as the field it sets: a named model, adapter or optimizer as its spec."""
+    if axis == "model":
+        table = spec.models.get(value) or ModelTable(preset=value)
+        return table.to_spec(value)
+    if axis == "adapter":
+        return (spec.adapters.get(value) or BUILTIN_ADAPTERS[value]).to_spec(value)
+    if axis == "optimizer":
+        table = spec.optimizers.get(value)
+        return OptimizerSpec(label=value, name=table.optim if table else value,
+                             kwargs=dict(table.kwargs) if table else {})
+    return value
+
+
+def _check_names(path: Path, spec: SuiteFile) -> None:
+    for axis in (a.name for a in AXES if a.named):
+        for i, name in enumerate(getattr(spec.grid, axis)):
+            error = _name_error(spec, axis, name)
+            if error:
+                raise UserError(str(path), f"grid.{axis}[{i}]: {error}")
+
+
+def _name_error(spec: SuiteFile, axis: str, name: str) -> str:
+    """Why ``name`` is not a model, adapter or optimizer of this suite ('' when it is one)."""
+    if axis == "model" and name not in spec.models and name not in PRESETS:
+        return f"unknown model '{name}' (not a [models] table nor a preset; presets: {', '.join(PRESETS)})"
+    if axis == "adapter" and name not in spec.adapters and name not in BUILTIN_ADAPTERS:
+        return f"unknown adapter '{name}' (not an [adapters] table nor one of {', '.join(BUILTIN_ADAPTERS)})"
+    if axis == "optimizer" and name not in spec.optimizers:
+        return catalogue.unknown(name)
+    return ""
+
+
+def _check_schedules(path: Path, spec: SuiteFile) -> None:
+    for name in spec.schedules:
+        if name not in SCHEDULES:
+            raise UserError(str(path), f"schedules.{name}: unknown schedule; known: {', '.join(SCHEDULES)}")
+    for i, name in enumerate(spec.grid.schedule):
+        needs = SCHEDULE_NEEDS.get(name, ())
+        if needs and not any(key in spec.schedules.get(name, {}) for key in needs):
+            raise UserError(str(path), f"grid.schedule[{i}]: '{name}' needs {' or '.join(needs)} in a "
+                            f"[schedules.{name}] table")
+        if name in METRIC_SCHEDULES and not (spec.suite.eval_every and spec.suite.eval_batches):
+            raise UserError(str(path), f"grid.schedule[{i}]: '{name}' steps on the eval loss; set suite.eval_every")
+
+
+def _check_axes(path: Path, where: str, rule: dict[str, Any]) -> None:
+    for key in rule:
+        if key not in AXIS_BY_NAME:
+            raise UserError(str(path), f"{where}.{key}: not a grid axis (axes: {', '.join(AXIS_BY_NAME)})")
+
+
+def _check_overridable(path: Path, where: str, values: dict[str, Any], spec: SuiteFile) -> None:
+    """An override's values pass the same checks as the grid and [suite] values they replace."""
+    for key, value in values.items():
+        if key not in AXIS_BY_NAME and key not in OVERRIDABLE:
+            raise UserError(str(path), f"{where}.{key}: cannot be overridden (allowed: "
+                            f"{', '.join([*AXIS_BY_NAME, *OVERRIDABLE])})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str, dict)):
+            raise UserError(str(path), f"{where}.{key}: must be a number, a string or a table")
+        error = _name_error(spec, key, value) if key in AXIS_BY_NAME and AXIS_BY_NAME[key].named else ""
+        if error:
+            raise UserError(str(path), f"{where}.{key}: {error}")
+    axes = {k: [v] for k, v in values.items() if k in AXIS_BY_NAME}
+    settings = {k: v for k, v in values.items() if k not in AXIS_BY_NAME}
+    try:
+        GridSettings.model_validate({"model": ["-"], "optimizer": ["-"], **axes})
+        SuiteSettings.model_validate({**spec.suite.model_dump(), **settings})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = first["loc"][0] if first["loc"] and first["loc"][0] in values else ""
+        raise UserError(str(path), f"{where}{'.' + key if key else ''}: {_message(first)}") from None
+
+
+def _matches(axes: dict[str, Any], rule: dict[str, Any]) -> bool:
+    return all(_plain(axes.get(k)) == v for k, v in rule.items())
+
+
+def _plain(value: Any) -> Any:
+    """A grid value as a rule names it: a parallel table as its dict."""
+    return value.model_dump() if isinstance(value, BaseModel) else value

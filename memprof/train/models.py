@@ -1,0 +1,207 @@
+"""Build the model and its adapter for a cell: transformers for the model, peft for the adapter,
+bitsandbytes for 4-bit (QLoRA) base weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from memprof.config.presets import PRESETS
+from memprof.config.spec import AdapterSpec, Levers, ModelSpec, QuantSpec
+from memprof.train.materialize import materialize
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BYTE_VOCAB = 256
+
+
+class ModelLoadError(Exception):
+    """The model named by a cell could not be built (bad path, unknown architecture, too small a vocabulary)."""
+
+
+class LeverUnavailable(Exception):
+    """A lever this machine cannot pull (flash_attention_2 without CUDA or the flash-attn package)."""
+
+
+def build_config(spec: ModelSpec):
+    """The transformers config of a model spec (preset, inline config or local path), with its overrides."""
+    from transformers import AutoConfig
+
+    if not spec.known:
+        raise ModelLoadError(f"model '{spec.name}' was read back from a schema-1 record, which kept only its name")
+    try:
+        if spec.path:
+            config = AutoConfig.from_pretrained(spec.path, local_files_only=True,
+                                                trust_remote_code=spec.trust_remote_code)
+            for key, value in spec.overrides.items():
+                setattr(config, key, value)
+        else:
+            values = dict(PRESETS[spec.preset] if spec.preset else spec.config)
+            values.update(spec.overrides)
+            config = AutoConfig.for_model(values.pop("model_type"), **values)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"cannot build the model config: {err}") from err
+    if getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
+        raise ModelLoadError(f"vocab_size {config.vocab_size} < 256: memprof's corpora are byte-level")
+    return config
+
+
+def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: torch.device,
+                levers: Levers = Levers()) -> nn.Module:
+    """The model on ``device``, quantised and wrapped in its peft adapter as ``adapter`` says, with the attention
+    kernel and gradient checkpointing (``off``, ``on`` = non-reentrant, or ``reentrant``) ``levers`` name."""
+    from transformers import AutoModelForCausalLM
+
+    attn = levers.attn_implementation
+    if attn == "flash_attention_2" and device.type != "cuda":
+        raise LeverUnavailable("flash_attention_2 needs a CUDA device")
+    dtype = DTYPES[precision]
+    config = build_config(spec)
+    qlora = adapter.kind == "qlora"
+    try:
+        if spec.path:
+            quant = _bnb_config(adapter.quant) if qlora else None
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    spec.path, config=config, dtype=dtype, quantization_config=quant, device_map=str(device),
+                    local_files_only=True, attn_implementation=attn, trust_remote_code=spec.trust_remote_code)
+            except OSError as err:
+                raise ModelLoadError(f"cannot load {spec.path}: {err}") from err
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+            if qlora:
+                quantize_linears_4bit(model, adapter.quant)
+            materialize(model, device)
+    except ImportError as err:  # transformers' answer to a kernel whose package is not installed
+        raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
+    except ValueError as err:
+        raise ModelLoadError(f"cannot load {spec.path or 'the model'}: {err}") from err
+    model.config.use_cache = False
+    keep_training_layout(model)
+    if levers.gradient_checkpointing != "off":
+        enable_checkpointing(model, reentrant=levers.gradient_checkpointing == "reentrant")
+    return attach_adapter(model, adapter)
+
+
+def keep_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit weight in the layout it trains in. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    ``Linear4bit``'s weight for its CPU inference kernel the first time the layer runs in eval mode without grad
+    (``support_avx512bf16_for_cpu``, set from ``has_avx512bf16()`` when the layer is made): the repack rewrites the
+    weight's storage, asserts ``out_features % 32 == 0`` and is never undone, so a cell's held-out evaluation would
+    crash it or change the bytes it trains and is measured with."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+    """Recompute each decoder layer in backward. transformers also registers the input-grad hook here (the
+    embeddings' output requires grad), without which reentrant checkpointing of a frozen model under a peft
+    adapter gives the adapter no gradient."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _bnb_config(quant: QuantSpec):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, quant.compute_dtype))
+
+
+def quantize_linears_4bit(model: nn.Module, quant: QuantSpec) -> None:
+    """Swap every ``nn.Linear`` but the output head for a bitsandbytes ``Linear4bit``, as transformers'
+    bitsandbytes loader does; on a meta model, ``memprof.train.materialize`` quantises each as it makes it real."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child is head:
+                continue
+            new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                    compute_dtype=getattr(torch, quant.compute_dtype), quant_type=quant.quant_type,
+                                    compress_statistics=quant.double_quant, device="meta")
+            new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=quant.quant_type,
+                                           compress_statistics=quant.double_quant)
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, new)
+
+
+class AdapterConfigError(ModelLoadError):
+    """peft does not take the adapter's configuration; ``field`` names the key at fault ('' when peft says
+    nothing more precise)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def lora_config(adapter: AdapterSpec):
+    """The ``peft.LoraConfig`` of an adapter spec: its ``lora`` table as keyword arguments, checked against the
+    dataclass peft ships (its fields and their annotated types, strictly: ``false`` is no rank), so a field of a
+    newer peft works as it is and a misspelt or mistyped one is named.
+
+    Raises:
+        AdapterConfigError: a key LoraConfig does not have, or a value it refuses.
+    """
+    import dataclasses
+    import difflib
+    import typing
+
+    from peft import LoraConfig
+    from pydantic import TypeAdapter, ValidationError
+
+    kwargs = dict(adapter.lora)
+    if kwargs.get("target_modules") == "attention":
+        kwargs["target_modules"] = ATTENTION_MODULES
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    if adapter.kind == "dora":
+        kwargs["use_dora"] = True
+    known = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise AdapterConfigError(key, "not a field of peft's LoraConfig" + (f" (did you mean '{close[0]}'?)"
+                                                                               if close else ""))
+    hints = typing.get_type_hints(LoraConfig)
+    for key, value in kwargs.items():
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError as err:
+            raise AdapterConfigError(key, f"peft's LoraConfig takes {_type_name(hints[key])} here, not "
+                                          f"{value!r}") from None
+        except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: peft itself will judge the value
+            pass
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise AdapterConfigError("", f"peft's LoraConfig refuses it: {' '.join(str(err).split())}") from err
+
+
+def _type_name(hint: object) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def attach_adapter(model: nn.Module, adapter: AdapterSpec) -> nn.Module:
+    """Wrap in a peft LoRA/DoRA adapter; ``none`` trains every parameter (full fine-tune). QLoRA first goes
+    through peft's ``prepare_model_for_kbit_training`` (non-4-bit parameters cast to fp32), unless the spec says
+    to skip it."""
+    if adapter.kind == "none":
+        model.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    config = lora_config(adapter)
+    if adapter.kind == "qlora" and adapter.quant.prepare_for_kbit_training:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelLoadError(f"adapter: {err}") from err

@@ -1,0 +1,121 @@
+"""Build a cell's optimizer and LR schedule with the libraries' own factories.
+
+Catalogue names go through ``transformers.Trainer.get_optimizer_cls_and_kwargs``, so a name means here exactly
+what it means in ``TrainingArguments.optim``; schedules go through ``transformers.get_scheduler``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprof.config import catalogue
+
+
+# GaLore and APOLLO read their target modules and projection settings from TrainingArguments
+# (optim_target_modules, optim_args), not from the optimizer's constructor.
+_LOW_RANK = ("galore_", "apollo_")
+_PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "proj", "scale_type")
+
+
+# An LRScheduler, or a scheduler that steps on a metric (ReduceLROnPlateau, transformers' GreedyLR: no common base).
+Scheduler = Any
+
+
+# How an optimizer class becomes an optimizer: ``cls(params, **kwargs)``, or a wrapper around it (ZeRO-1's
+# ZeroRedundancyOptimizer takes the class and builds this rank's partition of it).
+Construct = Callable[..., torch.optim.Optimizer]
+
+
+def _plain(cls: type, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    return cls(params, **kwargs)
+
+
+class OptimizerUnavailable(Exception):
+    """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
+
+
+def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module, device: torch.device,
+                    construct: Construct | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top, made by
+    ``construct(cls, params, **kwargs)`` (default: ``cls(params, **kwargs)``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if catalogue.is_custom(name):
+        return _from_class_path(name, model, lr, kwargs, construct)
+    entry = catalogue.lookup(name)
+    if not entry.installed:
+        raise OptimizerUnavailable(f"{name} needs {entry.library}, which is not installed "
+                                   f"(pip install {entry.install or entry.requires})")
+    if entry.needs_cuda and device.type != "cuda":
+        raise OptimizerUnavailable(f"{name} needs a CUDA device")
+    if entry.factory != "transformers":
+        return _from_class_path(entry.factory, model, lr, kwargs, construct)
+
+    from transformers import Trainer, TrainingArguments
+
+    kwargs, low_rank = dict(kwargs), {}
+    if name.startswith(_LOW_RANK):
+        projection = [f"{key}={kwargs.pop(key)}" for key in _PROJECTION_KEYS if key in kwargs]
+        low_rank = {"optim_target_modules": kwargs.pop("target_modules", "all-linear"),
+                    "optim_args": ",".join(projection) or None}
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
+                                 use_cpu=device.type == "cpu", **low_rank)
+        cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    params = defaults.pop("params", params)  # GaLore/APOLLO: transformers split projected and plain groups
+    return (construct or _plain)(cls, params, **{**defaults, **kwargs})
+
+
+def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any],
+                     construct: Construct | None) -> torch.optim.Optimizer:
+    module_name, _, class_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as err:
+        raise OptimizerUnavailable(f"cannot import {module_name}: {err}") from err
+    except AttributeError as err:
+        raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if next(iter(inspect.signature(cls).parameters), "") == "named_parameters":
+        if construct is not None:
+            raise OptimizerUnavailable(f"{class_name} takes named parameters, which cannot be partitioned by rank")
+        return cls(named, **{"lr": lr, **_head_layout(model), **kwargs})
+    return (construct or _plain)(cls, [p for _, p in named], **{"lr": lr, **kwargs})
+
+
+def _head_layout(model: nn.Module) -> dict[str, Any]:
+    """Adam-mini partitions its state by name and attention head, so it needs the model's width and heads."""
+    config = model.config
+    heads = config.num_attention_heads
+    return {"dim": config.hidden_size, "n_heads": heads,
+            "n_kv_heads": getattr(config, "num_key_value_heads", None) or heads, "verbose": False}
+
+
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Schedule-free optimizers keep two weight sequences and must be told train()/eval()."""
+    return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+
+
+def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                   kwargs: dict[str, Any] | None = None) -> Scheduler | None:
+    """The LR schedule ``transformers.get_scheduler`` builds for ``name``; None for schedule-free optimizers,
+    which need none. ``kwargs`` are the schedule's own (``min_lr_rate``, ``num_decay_steps``...)."""
+    if is_schedule_free(optimizer):
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=kwargs or None)
+
+
+def steps_on_metric(scheduler: Scheduler) -> bool:
+    """ReduceLROnPlateau and GreedyLR step on a metric (the eval loss), not once per optimizer step."""
+    from transformers.optimization import GreedyLR
+
+    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))

@@ -1,0 +1,123 @@
+"""Terminal views of plans and fit searches: they format, they never compute."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from memprof.views.tables import human_bytes
+
+if TYPE_CHECKING:
+    from memprof.plan.calibration import Calibration
+    from memprof.plan.fit import Search
+    from memprof.plan.gpus import Gpu
+    from memprof.plan.predict import Plan, GpuFit
+
+
+def describe(plan: Plan) -> str:
+    r, e = plan.request, plan.exact
+    extra = (" grad-accum " + str(r.shape.grad_accum) if r.shape.grad_accum > 1 else "") + \
+        (f" {r.levers_label}" if r.levers_label else "") + (", per rank" if r.levers.parallel.world_size > 1 else "")
+    return (f"{r.model.name} / {r.adapter.name} / {r.optimizer.label}  b{r.shape.batch_size}×s{r.shape.seq_len} "
+            f"{r.shape.precision}{extra}  "
+            f"({e.total_params / 1e9:.2f} B params, {e.trainable_params / 1e6:.1f} M trainable)")
+
+
+def parts_table(plan: Plan) -> Table:
+    table = Table(title=describe(plan), title_justify="left", header_style="bold")
+    for name in ("part", "bytes", "GiB", "share", "how"):
+        table.add_column(name, justify="left" if name in ("part", "how") else "right")
+    total = plan.total_bytes
+    for part in plan.parts:
+        if part.bytes is None:
+            table.add_row(part.name, "?", "?", "", f"[yellow]unknown: {part.how}[/]")
+            continue
+        table.add_row(part.name, f"{part.bytes:,}", f"{part.bytes / (1 << 30):.2f}",
+                      f"{part.bytes / total:.0%}" if total else "", part.how)
+    bound = "" if plan.complete else " (lower bound)"
+    table.add_row("[bold]total[/]", f"[bold]{total:,}[/]", f"[bold]{total / (1 << 30):.2f}[/]", "",
+                  f"on a GPU{bound}; without the CUDA context {human_bytes(plan.training_bytes)}")
+    return table
+
+
+def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
+    r = plan.request
+    table = Table(title="fits?", title_justify="left", header_style="bold")
+    for name in ("GPU", "capacity", "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
+                 f"max seq @ b{r.shape.batch_size}"):
+        table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
+    for v in verdicts:
+        fits = "[green]yes[/]" if v.fits else "[bold red]no[/]"
+        if not plan.complete:
+            fits += " [yellow](?)[/]"
+        seq = f"{v.max_seq_len:,}" + (" (model max)" if v.seq_len_capped else "")
+        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.total_bytes),
+                      human_bytes(v.headroom_bytes), f"{v.headroom_fraction:.0%}", fits, f"{v.max_batch_size:,}",
+                      seq)
+    return table
+
+
+def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
+                 verdicts: dict[int, list[GpuFit]]) -> list[Table]:
+    """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
+    entry is the predicted total and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(plans):
+        r = p.request
+        groups.setdefault((r.shape.seq_len, r.shape.precision, r.shape.grad_accum, r.levers_label), []).append(i)
+    tables = []
+    for (seq, precision, accum, levers), members in groups.items():
+        batches = sorted({plans[i].request.shape.batch_size for i in members})
+        rows: dict[tuple[str, str, str], dict[int, int]] = {}
+        for i in members:
+            r = plans[i].request
+            rows.setdefault((r.model.name, r.adapter.name, r.optimizer.label), {})[r.shape.batch_size] = i
+        title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
+                 + (f" {levers}" if levers else ""))
+        table = Table(title=title, title_justify="left", header_style="bold",
+                      caption=f"predicted peak on a GPU; ✓/✗ per GPU: {' '.join(g.name for g in gpus)}",
+                      caption_justify="left")
+        for name in ("model", "adapter", "optimizer"):
+            table.add_column(name)
+        for b in batches:
+            table.add_column(f"b{b}", justify="right")
+        for (model, adapter, optimizer), by_batch in rows.items():
+            cells = []
+            for b in batches:
+                index = by_batch.get(b)
+                if index is None:
+                    cells.append("")
+                    continue
+                marks = "".join("[green]✓[/]" if v.fits else "[red]✗[/]" for v in verdicts[index])
+                lower = "≥" if not plans[index].complete else ""
+                cells.append(f"{lower}{human_bytes(plans[index].total_bytes)} {marks}")
+            table.add_row(model, adapter, optimizer, *cells)
+        tables.append(table)
+    return tables
+
+
+def search_table(search: Search) -> Table:
+    table = Table(title=f"trials ({search.axis}); {len(search.trials)} in {search.wall_s:.1f} s", title_justify="left",
+                  header_style="bold")
+    for name in ("#", search.axis, "status", "peak", "limit", "fits", "wall"):
+        table.add_column(name, justify="left" if name in ("status", "fits") else "right")
+    for n, t in enumerate(search.trials, 1):
+        table.add_row(str(n), f"{t.value:,}", t.status, human_bytes(t.peak_bytes), human_bytes(search.limit_bytes),
+                      "[green]yes[/]" if t.fits else "[red]no[/]", f"{t.wall_s:.1f} s")
+    return table
+
+
+def calibration_table(calibration: Calibration, path: str) -> Table:
+    source = calibration.source
+    table = Table(title=f"calibration written to {path}: {source.get('cells')} cells on {source.get('device')} "
+                        f"({source.get('machine', '?')})", title_justify="left", header_style="bold")
+    for name in ("group", "cells", "activations: bytes/token per (L·h, L·i, L·kv, h, V); per adapted weight",
+                 "temporaries per (act byte, token·V) + const", "act error", "peak error"):
+        table.add_column(name, justify="left" if name == "group" else "right")
+    for name, g in sorted(calibration.groups.items()):
+        act = ", ".join(f"{c:.3g}" for c in g.activation)
+        temp = ", ".join(f"{c:.3g}" for c in g.temporaries[:-1]) + f" + {human_bytes(g.temporaries[-1])}"
+        table.add_row(name, str(g.records), act, temp, f"{g.activation_max_error:.1%}", f"{g.peak_max_error:.1%}")
+    return table

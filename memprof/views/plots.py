@@ -1,0 +1,136 @@
+"""Figures of a run as PNG bytes (matplotlib, Agg backend: no display needed). They plot what the records and
+per-step rows hold; they compute nothing but cumulative training time for the time axis."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+from matplotlib.axes import Axes  # noqa: E402
+
+from memprof.results.record import Record, StepLog  # noqa: E402
+from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid  # noqa: E402
+
+DPI = 100
+COLOURS = plt.get_cmap("tab10").colors
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file stem
+    title: str
+    png: bytes
+
+
+def figures(run: Run) -> list[Figure]:
+    """One loss figure per model/shape group, then the LR x rank sweep when the run is one."""
+    groups: dict[str, list[Record]] = {}
+    for r in run.records:
+        groups.setdefault(group_title(r), []).append(r)
+    out = [group_figure(i, key, records, run) for i, (key, records) in enumerate(groups.items())]
+    sweep = lr_sweep_figure(run)
+    return out + ([sweep] if sweep else [])
+
+
+def group_figure(index: int, title: str, records: list[Record], run: Run) -> Figure:
+    """Training (lines) and eval (markers) loss against step and against training seconds, and the LR per step.
+    Repeats of a configuration share its colour."""
+    fig, (by_step, by_time, lr_axis) = plt.subplots(1, 3, figsize=(16, 5.4), dpi=DPI)
+    finite: list[float] = []
+    for colour, rs in zip(itertools.cycle(COLOURS), by_config(records).values()):
+        for n, r in enumerate(rs):
+            rows = run.steps.get(r.config.index, [])
+            if not rows:
+                continue
+            label = label_of(r) if n == 0 else None
+            _curves(by_step, by_time, rows, colour, label, alpha=0.9 if len(rs) == 1 else 0.6)
+            if n == 0:
+                lr_axis.plot([s.step for s in rows], [s.lr for s in rows], color=colour, label=label)
+            finite += [s.loss for s in rows if math.isfinite(s.loss)]
+    floor = next((r.entropy_floor_nats for r in records if r.entropy_floor_nats is not None), None)
+    for ax in (by_step, by_time):
+        if floor is not None:
+            ax.axhline(floor, color="black", linestyle="--", linewidth=1, label="entropy floor")
+        _loss_limits(ax, finite, floor, [r.first_loss for r in records if r.first_loss is not None])
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+    by_step.set_xlabel("step")
+    by_step.set_title("loss vs step (lines: train, dots: eval)")
+    by_time.set_xlabel("training time (s, evaluation excluded)")
+    by_time.set_title("loss vs time")
+    lr_axis.set_xlabel("step")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_title("LR applied at each step")
+    lr_axis.grid(alpha=0.3)
+    handles, labels = by_step.get_legend_handles_labels()
+    columns = max(1, min(len(labels), 4))  # a folder without per-step rows has no line to label
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
+    fig.suptitle(title)
+    rows = math.ceil(len(labels) / columns) if labels else 0
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))  # room below the panels for the legend
+    return Figure(f"loss-{index:02d}", title, _png(fig))
+
+
+def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], colour: tuple, label: str | None,
+            alpha: float) -> None:
+    seconds = list(itertools.accumulate(s.step_time_s for s in rows))
+    losses = [s.loss for s in rows]
+    by_step.plot([s.step for s in rows], losses, color=colour, alpha=alpha, linewidth=1.2, label=label)
+    by_time.plot(seconds, losses, color=colour, alpha=alpha, linewidth=1.2)
+    evals = [(s.step, t, s.eval_loss) for s, t in zip(rows, seconds) if s.eval_loss is not None]
+    if evals:
+        steps, times, values = zip(*evals)
+        by_step.plot(steps, values, "o", color=colour, markersize=6, markeredgecolor="black")
+        by_time.plot(times, values, "o", color=colour, markersize=6, markeredgecolor="black")
+
+
+def _loss_limits(ax: Axes, finite: list[float], floor: float | None, first: list[float]) -> None:
+    """Keep the interesting range in view when a diverging cell shoots off to 1e4."""
+    if not finite:
+        return
+    low = min(finite + ([floor] if floor is not None else []))
+    high = max(finite)
+    if first:
+        high = min(high, 1.5 * max(first))
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+
+
+def lr_sweep_figure(run: Run) -> Figure | None:
+    """Final loss against LR (log scale), one line per LoRA rank: where the minimum moves is the LR transfer."""
+    grid = lr_rank_grid(run)
+    if grid is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=DPI)
+    for colour, ((optimizer, rank), points) in zip(itertools.cycle(COLOURS), grid.items()):
+        present = [(lr, loss) for lr, loss in points if loss is not None]
+        if not present:
+            continue
+        lrs, losses = zip(*present)
+        ax.plot(lrs, losses, "o-", color=colour, label=f"{optimizer} r={rank}")
+        best = min(present, key=lambda p: p[1])
+        ax.plot(*best, "*", color=colour, markersize=16, markeredgecolor="black")
+    ax.set_xscale("log")
+    lrs = sorted({lr for points in grid.values() for lr, _ in points})
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.minorticks_off()
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final loss (eval, mean over repeats)")
+    ax.set_title("LR sweep per LoRA rank (star: best LR)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Figure("lr-rank", "LR sweep per LoRA rank", _png(fig))
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

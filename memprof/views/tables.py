@@ -1,0 +1,168 @@
+"""Terminal views built from records: they format, they never compute measurements."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from memprof.analysis.slopes import Slope, activation_slopes
+from memprof.config.spec import AXIS_BY_NAME, CellConfig, varying
+from memprof.results.record import Record, Status
+
+if TYPE_CHECKING:
+    from memprof.measure.crosscheck import CategoryCheck
+
+BASELINE_OPTIMIZER = "adamw_torch"
+STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
+                 Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
+
+
+def human_bytes(n: int | float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def results_table(records: Iterable[Record], title: str = "memprof results") -> Group:
+    """One table per model/adapter/shape group, comparing its cells (against AdamW's state in the same group). A
+    row is named by every axis that varies inside its group (always the optimizer), and names are never cut: the
+    figures give way first."""
+    records = list(records)
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r), []).append(r)
+    show_paged = any(r.optimizer_state_paged_bytes for r in records)
+    parts: list = [Text(title, style="bold")]
+    for rows in groups.values():
+        head = rows[0].config
+        trainable = next((r.trainable_params for r in rows if r.trainable_params), None)
+        table = Table(title=f"[bold cyan]{head.model.name} / {head.adapter.name}[/]  b{head.shape.batch_size}×"
+                            f"s{head.shape.seq_len} {head.shape.precision}, {_num(trainable, ',')} trainable params",
+                      title_justify="left", header_style="bold")
+        axes = [a for a in varying([r.config for r in rows], always=("optimizer",)) if a.name not in GROUP_AXES]
+        names = [[a.text(r.config) for a in axes] for r in rows]
+        for i, axis in enumerate(axes):
+            table.add_column(axis.title, no_wrap=True, min_width=max(len(n[i]) for n in names))
+        for name in ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
+                ["peak", "tokens/s", "step p50", "loss"]:
+            table.add_column(name, justify="left" if name == "status" else "right", overflow="fold")
+        base = {r.config.levers_label: r.optimizer_state_bytes for r in reversed(rows)
+                if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes}
+        for r, label in zip(rows, names):
+            table.add_row(*label, *_row(r, base.get(r.config.levers_label), show_paged))
+        parts.append(table)
+    if any(r.config.levers.parallel.world_size > 1 for r in records):
+        parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
+                          style="dim"))
+    slopes = activation_slopes(records)
+    if slopes:
+        parts.append(slopes_table(slopes))
+    jobs = max((r.concurrent_jobs for r in records), default=1)
+    if jobs > 1:
+        parts.append(Text(f"timings were taken with {jobs} cells running at once on the machines they shared",
+                          style="yellow"))
+    failed = [r for r in records if r.status is not Status.OK and r.error]
+    parts.extend(Text(f"{r.key}: {r.error[:200]}", style="dim") for r in failed[:8])
+    return Group(*parts)
+
+
+# What a results table is one of: these axes are in its title, the others that vary are its rows' names.
+GROUP_AXES = ("model", "adapter", "batch_size", "seq_len", "precision")
+
+
+def _group_key(r: Record) -> tuple:
+    return tuple(repr(AXIS_BY_NAME[name].get(r.config)) for name in GROUP_AXES)
+
+
+def slopes_table(slopes: Iterable[Slope]) -> Table:
+    """Activation memory against context length, one fitted line per group."""
+    table = Table(title="[bold]activations vs context length[/]: saved bytes ≈ slope × tokens + intercept",
+                  title_justify="left", header_style="bold")
+    for name in ("group", "seq lens", "per token", "intercept", "worst residual"):
+        table.add_column(name, justify="left" if name in ("group", "seq lens") else "right")
+    for s in slopes:
+        style = "green" if s.linear else "yellow"
+        table.add_row(s.group, ", ".join(map(str, s.seq_lens)), human_bytes(s.bytes_per_token),
+                      human_bytes(s.intercept), f"[{style}]{s.max_residual:.1%}[/]")
+    return table
+
+
+def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
+    """The figures of one results row (its names come from the varying axes)."""
+    ratio = f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None else "–"
+    status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
+    if r.status is not Status.OK and r.fail_phase:
+        status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
+    loss = _num(r.final_loss_smoothed, ".3f")
+    if r.first_loss is not None and r.status is Status.OK:
+        loss = f"{_num(r.first_loss, '.2f')}→{loss}"
+    step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
+    cells = [status, human_bytes(r.optimizer_state_bytes), ratio]
+    if show_paged:
+        cells.append(human_bytes(r.optimizer_state_paged_bytes))
+    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f"),
+                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else ""), loss]
+
+
+def cells_table(cells: Iterable[CellConfig], title: str) -> Table:
+    """A suite's cells before they run (``--dry-run``): the index and every axis that varies."""
+    cells = list(cells)
+    axes = varying(cells, always=("model", "adapter", "optimizer"))
+    table = Table(title=title, header_style="bold")
+    table.add_column("#")
+    for axis in axes:
+        table.add_column(axis.title, no_wrap=True)
+    table.add_column("seed")
+    for c in cells:
+        table.add_row(str(c.index), *(a.text(c) for a in axes), str(c.training.seed))
+    return table
+
+
+def crosscheck_table(rows: Iterable[CategoryCheck], title: str) -> Group:
+    """PyTorch's profiler beside memprof, one category a row, with each row's notes below the table."""
+    rows = list(rows)
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("category", "profiler bytes", "memprof bytes", "diff", "verdict"):
+        table.add_column(name, justify="right" if "bytes" in name or name == "diff" else "left")
+    for row in rows:
+        style = "green" if row.agrees else "bold red" if row.required else "yellow"
+        table.add_row(row.category, f"{row.profiler_bytes:,}", f"{row.memprof_bytes:,}", f"{row.diff_bytes:+,}",
+                      f"[{style}]{row.verdict}[/]")
+    notes = [Text(f"{row.category}: {row.note}", style="dim") for row in rows if row.note]
+    return Group(table, *notes)
+
+
+def levers_markdown(records: Iterable[Record]) -> str:
+    """A Markdown table of one run's lever cells, per rank: what each lever does to each part of the memory
+    (``memprof levers RUN_DIR``, pasted into the README)."""
+    header = ["model / adapter", "optimizer", "levers", "seq", "weights", "gradients", "optimizer state",
+              "activations", "peak", "tokens/s"]
+    align = ["---"] * 4 + ["---:"] * (len(header) - 4)  # the four labels left, the figures right
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for r in records:
+        c = r.config
+        names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
+                f"{c.shape.seq_len} |"
+        if r.status is not Status.OK:
+            lines.append(f"{names} {r.status.value}: {r.error[:60]} | | | | | |")
+            continue
+        weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
+        figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
+                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f")]
+        lines.append(f"{names} {' | '.join(figures)} |")
+    return "\n".join(lines)
+
