@@ -1,6 +1,7 @@
 """Models built on the meta device and materialised on their device (memprof.train.materialize): the same model, to the
-byte, as building it whole on the host; real buffers; a seeded, trainable model; and no unquantised model on the
-host on the way to a 4-bit one."""
+byte, as building it whole on the host; random 4-bit weights laid out as bitsandbytes' quantize_4bit lays them out
+and dequantising to transformers' init; frozen weights tiled, trainable ones drawn; real buffers; a seeded,
+trainable model; and no unquantised model on the host or the device on the way to a 4-bit one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from memprof.config.spec import AdapterSpec, ModelSpec
 from memprof.measure.accounting import weight_bytes
 from memprof.suite.schema import AdapterTable
 from memprof.train import models
+from memprof.train.fourbit import BlockPool, is_four_bit, random_params4bit
+from memprof.train.materialize import TILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,13 +55,28 @@ def host_build(model_spec: ModelSpec, adapter_spec: AdapterSpec, precision: str,
 
 def layout(model: nn.Module) -> list[tuple]:
     """Every parameter and buffer as what it is, not what it holds: name, class, shape, dtype, device, whether it
-    trains, and a 4-bit weight's quant state (nested or not, block size, code book type, unquantised dtype)."""
+    trains, and a 4-bit weight's quant state (``structure``)."""
     out = []
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         state = getattr(t, "quant_state", None)
-        quant = None if state is None else (state.quant_type, state.blocksize, state.dtype, tuple(state.shape),
-                                            state.nested, state.absmax.dtype, state.code.shape)
+        quant = None if state is None else structure(state)
         out.append((name, type(t).__name__, tuple(t.shape), t.dtype, t.device, t.requires_grad, quant))
+    return out
+
+
+def structure(state: Any) -> dict[str, Any] | None:
+    """A bitsandbytes QuantState as what it is: each field, a tensor as its class, shape, dtype and device, the
+    nested state of double quantisation the same way."""
+    if state is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            out[key] = (type(value).__name__, tuple(value.shape), value.dtype, value.device)
+        elif key == "state2":
+            out[key] = structure(value)
+        else:
+            out[key] = value
     return out
 
 
@@ -135,6 +153,95 @@ def test_the_materialised_model_trains(kind: str) -> None:
     assert all(later < earlier for earlier, later in pairwise(losses))
 
 
+FOUR_BIT_SHAPES = [(256, 688), (688, 256), (130, 64), (3, 7)]  # (3, 7): one partial block, an odd count
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_a_random_4bit_weight_is_laid_out_as_quantize_4bit_lays_one_out(quant_type: str, double_quant: bool,
+                                                                        dtype: torch.dtype) -> None:
+    import bitsandbytes.functional as bnb_f
+    from bitsandbytes.nn import Params4bit
+
+    generator = torch.Generator().manual_seed(0)
+    pool = BlockPool.draw(quant_type, 64, dtype, 0.0, 0.02, generator)
+    for shape in FOUR_BIT_SHAPES:
+        settings = Params4bit(torch.empty(shape, dtype=dtype, device="meta"), quant_type=quant_type,
+                              compress_statistics=double_quant)
+        ours = random_params4bit(settings, pool, generator)
+        real = Params4bit(torch.randn(shape, dtype=dtype) * 0.02, quant_type=quant_type,
+                          compress_statistics=double_quant).to(CPU)  # bitsandbytes' quantize_4bit
+        assert (type(ours), ours.shape, ours.dtype, ours.requires_grad) == (type(real), real.shape, real.dtype,
+                                                                            real.requires_grad)
+        assert structure(ours.quant_state) == structure(real.quant_state)
+        assert ours.quant_state.nested == double_quant and ours.bnb_quantized
+        assert {k: getattr(ours, k) for k in ("blocksize", "compress_statistics", "quant_type", "quant_storage")} \
+            == {k: getattr(real, k) for k in ("blocksize", "compress_statistics", "quant_type", "quant_storage")}
+        assert weight_bytes(holding(ours)) == weight_bytes(holding(real))
+        weight = bnb_f.dequantize_4bit(ours.data, ours.quant_state)
+        assert weight.shape == shape and weight.dtype == dtype and torch.isfinite(weight).all()
+        if weight.numel() > 10_000:
+            assert abs(weight.float().std().item() - 0.02) < 0.002 and abs(weight.float().mean().item()) < 0.001
+
+
+def holding(weight: torch.Tensor) -> nn.Module:
+    module = nn.Module()
+    module.weight = weight
+    return module
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_a_4bit_build_dequantises_to_what_transformers_init_asks_for(name: str) -> None:
+    import bitsandbytes.functional as bnb_f
+
+    torch.manual_seed(0)
+    model = models.build_model(preset(name), adapter("qlora"), "bf16", CPU)
+    std = model.config.initializer_range
+    four_bit = [p for p in model.parameters() if is_four_bit(p)]
+    assert len(four_bit) == 7 * 2
+    for weight in four_bit:
+        values = bnb_f.dequantize_4bit(weight.data, weight.quant_state).float()
+        assert torch.isfinite(values).all()
+        assert abs(values.std().item() - std) < 0.1 * std and abs(values.mean().item()) < 0.05 * std
+        assert len({tuple(row.tolist()) for row in values}) == values.shape[0]  # no two rows alike
+
+
+def weights(kind: str, seed: int, **overrides: Any) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = models.build_model(preset("tiny-llama", **overrides), adapter(kind), "bf16", CPU)
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = p.data.clone()
+        if is_four_bit(p):
+            out[name + ".absmax"] = p.quant_state.absmax.clone()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora"])
+def test_the_same_seed_gives_the_same_weights_and_another_seed_others(kind: str) -> None:
+    first, again, other = weights(kind, 0), weights(kind, 0), weights(kind, 1)
+    frozen = [name for name in first if "lora_" not in name]
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not any(torch.equal(first[name], other[name]) for name in frozen if first[name].numel() > 256)
+
+
+# an MLP weight of 256 x 8192 values: longer than the tiled block
+LONG = {"intermediate_size": 8192}
+
+
+def test_frozen_weights_are_a_tiled_block_and_trainable_ones_drawn_per_element() -> None:
+    frozen = weights("lora", 0, **LONG)["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"].view(-1)
+    trained = weights("none", 0, **LONG)["model.layers.0.mlp.up_proj.weight"].view(-1)
+    assert frozen.numel() == trained.numel() > TILE + 1000
+    assert torch.equal(frozen[:1000], frozen[TILE:TILE + 1000])
+    assert not torch.equal(trained[:1000], trained[TILE:TILE + 1000])
+    for values in (frozen, trained):
+        assert abs(values.float().std().item() - 0.02) < 0.001
+        # rows of 256 never repeat one another (the block's length is a prime)
+        assert len({tuple(row.tolist()) for row in values.view(-1, 256)}) == values.numel() // 256
+
+
 # small-llama's widths, 24 layers deep: enough weight (140 MB in bf16) that the build's own bytes stand out of a
 # Python process's noise, small enough to quantise on a CPU in seconds
 DEEP = preset("small-llama", num_hidden_layers=24)
@@ -171,17 +278,28 @@ def test_a_4bit_build_never_holds_the_unquantised_model_on_the_host() -> None:
     assert figures["growth"] < 0.5 * figures["bf16_bytes"], figures
 
 
+# the Llama-3.2-1B architecture two layers deep: a largest linear of 16.8 M values (33.6 MB in bf16) beside the
+# build's fixed draws (a 4 MiB tile block, a pool of 2**20 quantised values)
+WIDE = preset("llama-3.2-1b", num_hidden_layers=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_the_device_holds_one_unquantised_linear_at_a_time() -> None:
+def test_on_cuda_the_device_never_holds_an_unquantised_linear() -> None:
+    import bitsandbytes.functional as bnb_f
+
     cuda = torch.device("cuda", torch.cuda.current_device())
-    qlora = adapter("qlora", compute_dtype="bfloat16")
+    # peft's k-bit preparation left out: its fp32 cast of the embeddings is peft's transient, not the build's
+    qlora = adapter("qlora", compute_dtype="bfloat16", prepare_for_kbit_training=False)
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    model = models.build_model(DEEP, qlora, "bf16", cuda)
+    model = models.build_model(WIDE, qlora, "bf16", cuda)
     peak, kept = torch.cuda.max_memory_allocated() - start, torch.cuda.memory_allocated() - start
-    largest = max(p.quant_state.shape.numel() * 2 for p in model.parameters()
-                  if getattr(p, "quant_state", None) is not None)
-    # the model kept, plus one linear's bf16 weight and bitsandbytes' packed output and absmax beside it
-    assert peak - kept < 2 * largest, (peak, kept, largest)
-    assert weight_bytes(model) == weight_bytes(host_build(DEEP, qlora, "bf16", cuda))
+    four_bit = [p for p in model.parameters() if is_four_bit(p)]
+    largest = max(p.quant_state.shape.numel() * 2 for p in four_bit)
+    assert peak - kept < largest, (peak, kept, largest)
+    assert all(p.device == cuda and p.quant_state.absmax.device == cuda for p in four_bit)
+    values = bnb_f.dequantize_4bit(four_bit[0].data, four_bit[0].quant_state).float()
+    assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
+    assert weight_bytes(model) == weight_bytes(host_build(WIDE, qlora, "bf16", cuda))
+    assert layout(model) == layout(host_build(WIDE, qlora, "bf16", cuda))

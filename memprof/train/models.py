@@ -72,7 +72,7 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
             if qlora:
                 quantize_linears_4bit(model, adapter.quant)
-            materialize(model, device)
+            materialize(model, device, frozen=adapter.kind != "none")
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
     except ValueError as err:
