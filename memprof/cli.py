@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_plan_commands(sub)
     _add_report_command(sub)
     _add_levers_command(sub)
+    _add_attribute_command(sub)
     for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -385,12 +386,40 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_attribute_command(sub: argparse._SubParsersAction) -> None:
+    attribute = sub.add_parser("attribute", help="split each cell's peak into the parts alive at its moment (any "
+                                                 "result folder, older ones included)")
+    attribute.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
+    attribute.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    attribute.add_argument("--out", type=Path, metavar="DIR", help="also write the folder again, records "
+                           "attributed and in the current schema, to DIR")
+    attribute.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    attribute.set_defaults(func=cmd_attribute)
+
+
 def _add_levers_command(sub: argparse._SubParsersAction) -> None:
     levers = sub.add_parser("levers", help="a run's cells as a Markdown table, per rank: weights, gradients, state, "
                                            "activations and peak under each lever")
     levers.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
     levers.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     levers.set_defaults(func=cmd_levers)
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from memprof.measure.attribution import attribute_run
+    from memprof.views.tables import breakdown_markdown, breakdown_table
+
+    records = attribute_run(args.run_dir)
+    if args.markdown:
+        print(breakdown_markdown(records))
+    else:
+        out.print(breakdown_table(records, f"the peak of each cell of {args.run_dir}, part by part"))
+    if args.out is not None:
+        from memprof.results.store import copy_run
+
+        copy_run(args.run_dir, args.out, records)
+        console.print(f"attributed records: {args.out}")
+    return 0
 
 
 def cmd_levers(args: argparse.Namespace) -> int:

@@ -174,7 +174,7 @@ def lora_config(adapter: AdapterSpec):
     for key, value in kwargs.items():
         try:
             TypeAdapter(hints[key]).validate_python(value, strict=True)
-        except ValidationError as err:
+        except ValidationError:
             raise AdapterConfigError(key, f"peft's LoraConfig takes {_type_name(hints[key])} here, not "
                                           f"{value!r}") from None
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: peft itself will judge the value

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from memprof.analysis.slopes import Slope, activation_slopes
 from memprof.config.spec import AXIS_BY_NAME, CellConfig, varying
+from memprof.measure.attribution import PARTS
 from memprof.results.record import Record, Status
 
 if TYPE_CHECKING:
@@ -166,3 +167,56 @@ def levers_markdown(records: Iterable[Record]) -> str:
         lines.append(f"{names} {' | '.join(figures)} |")
     return "\n".join(lines)
 
+
+
+def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per attributed cell,
+    named by the axes that vary; figures in GiB. Parts below ``fold`` of every row's peak share one "small" column."""
+    records = [r for r in records if r.breakdown]
+    axes = varying([r.config for r in records], always=("optimizer",))
+    present = [name for name in PARTS if any(r.breakdown.get(name) for r in records)]
+    small = [name for name in present if name != "other"
+             and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in records)]
+    parts = [name for name in present if name not in small]
+    titles = [a.title for a in axes] + ["peak GiB", "at"] + [PARTS[name].short for name in parts]
+    titles += ["small"] if small else []
+    rows = [[a.text(r.config) for a in axes] + [_gib(r.peak_bytes), r.peak_moment or "–"]
+            + [_gib(r.breakdown.get(name)) for name in parts]
+            + ([_gib(sum(r.breakdown.get(name, 0) for name in small))] if small else []) for r in records]
+    return titles, rows, parts + small
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / (1 << 30):.3f}" if n else "–"
+
+
+def breakdown_table(records: Iterable[Record], title: str) -> Group:
+    """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a column per cell, headed
+    by the axes that vary, a row per part (GiB), a legend below; parts under 0.1% of every peak share the row
+    "small"."""
+    records = list(records)
+    configs = [r.config for r in records if r.breakdown]
+    axes = varying(configs) or varying(configs, always=("optimizer",))
+    titles, rows, parts = _breakdown_rows(records, fold=0.001)
+    first_figure = titles.index("peak GiB")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("part", no_wrap=True)
+    for config in configs:
+        table.add_column("\n".join(v for v in (a.text(config) for a in axes) if v != "–"), justify="right",
+                         min_width=8, overflow="fold")
+    for i in range(first_figure, len(titles)):
+        table.add_row(titles[i], *(row[i] for row in rows))
+    legend = "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts if PARTS[name].short in titles)
+    small = [PARTS[name].label for name in parts if PARTS[name].short not in titles]
+    return Group(table, Text(legend + (f"; small: {', '.join(small)}" if small else ""), style="dim"))
+
+
+def breakdown_markdown(records: Iterable[Record]) -> str:
+    """The same as a Markdown table with its legend, for a committed record of a run."""
+    titles, rows, parts = _breakdown_rows(records)
+    first_figure = titles.index("peak GiB")
+    align = ["---" if i < first_figure or t == "at" else "---:" for i, t in enumerate(titles)]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)]
+    return "\n".join(lines)
