@@ -254,6 +254,8 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
                       help="refit the coefficients from these result folders and write them (then exit)")
     plan.add_argument("--calibration-out", type=Path, metavar="FILE",
                       help="where --calibrate writes (default: the package's calibration.json)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan a GPU's memory (default) or a CPU run's RSS growth")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
     plan.set_defaults(func=cmd_plan)
 
@@ -317,7 +319,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from memprof.views import plan as plan_views
 
     if args.calibrate:
-        fitted = calibration_mod.fit(args.calibrate)
+        from memprof.plan.calibrate import calibrate
+
+        fitted = calibrate(args.calibrate, calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH))
         target = args.calibration_out or calibration_mod.DEFAULT_PATH
         calibration_mod.save(fitted, target)
         out.print(plan_views.calibration_table(fitted, str(target)))
@@ -342,7 +346,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
-    plans = plan_mod.plan_requests(requests, calibration)
+    plans = plan_mod.plan_requests(requests, calibration, args.device)
     verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
@@ -354,7 +358,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         out.print(plan_views.parts_table(plans[0]))
         out.print(plan_views.verdict_table(plans[0], verdicts[0]))
-    out.print(f"[dim]{calibration.note}[/]", highlight=False)
+    fallback = [p for p in plans if not p.moment]
+    if fallback:
+        out.print(f"[dim]{len(fallback)} of {len(plans)} plans fall back on coefficients fitted to CPU runs (the "
+                  f"analytic model covers Llama-family decoders without DoRA, dropout or per-module LoRA "
+                  f"settings{' on a GPU' if args.device == 'cuda' else ''}): {calibration.note}[/]", highlight=False)
     return 0
 
 

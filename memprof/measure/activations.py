@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -13,7 +14,7 @@ from memprof.measure.accounting import storage_key
 
 
 class SavedActivations:
-    """Counts the bytes autograd saves during the forward passes run inside the block.
+    """Counts the bytes autograd saves during the forward passes run inside the block and still holds at its end.
 
     Parameters and buffers that autograd saves are not activations and are left out, FSDP2's all-gathered
     (unsharded) parameters too; every other storage is counted once, however many ops save it. Under gradient
@@ -26,6 +27,9 @@ class SavedActivations:
         self._exclude = {storage_key(t) for t in [*model.parameters(), *model.buffers()]
                          if t.device.type != "meta"}
         self._saved: dict[tuple[str, int], tuple[int, int]] = {}  # storage key -> (StorageImpl, bytes)
+        # weak references to the tensors saved from each storage: a storage whose tensors all died (a graph dropped
+        # within forward, as DoRA's weight-norm branch is) gave its address back, and does not count
+        self._refs: dict[tuple[str, int], list[weakref.ref[torch.Tensor]]] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._patched: list[tuple[nn.Module, Any]] = []  # (layer, its own checkpoint function)
         self.bytes = 0
@@ -38,6 +42,11 @@ class SavedActivations:
         if t.device.type == "meta" or isinstance(t, nn.Parameter):
             return
         key = storage_key(t)
+        refs = self._refs.get(key, [])
+        if refs and all(ref() is None for ref in refs):  # another storage at the address of one that died
+            self._saved.pop(key, None)
+            refs = []
+        self._refs[key] = [*refs, weakref.ref(t)]
         if key not in self._saved and key not in self._exclude:
             storage = t.untyped_storage()
             self._saved[key] = (storage._cdata, storage.nbytes())
@@ -64,7 +73,9 @@ class SavedActivations:
         for module, checkpoint in self._patched:
             module._gradient_checkpointing_func = checkpoint
         gathered = {p.untyped_storage()._cdata for p in _fsdp_unsharded_params(self.model)}
-        self.bytes = sum(nbytes for impl, nbytes in self._saved.values() if impl not in gathered)
+        self.bytes = sum(nbytes for key, (impl, nbytes) in self._saved.items()
+                         if impl not in gathered and any(ref() is not None for ref in self._refs[key]))
+        self._refs.clear()
 
 
 def _fsdp_unsharded_params(model: nn.Module) -> Iterator[torch.Tensor]:

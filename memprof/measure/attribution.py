@@ -98,13 +98,17 @@ def _parts(record: Record, device: str, peak_phase: str) -> tuple[str, dict[str,
     candidates = {name: parts for name, parts in moments.items()
                   if not peak_phase or step_memory.phase(name) == peak_phase} or moments
     moment = max(candidates, key=lambda name: sum(candidates[name].values()))
-    out = {name: 0 for name in PARTS if name != "other"}
-    out.update(weights)
-    for name, nbytes in candidates[moment].items():
+    return moment, {**weights, **name_parts(candidates[moment])}
+
+
+def name_parts(moment_parts: dict[str, int]) -> dict[str, int]:
+    """A ``step_memory`` moment's parts under the names of ``PARTS`` (its weights left out: the caller names them
+    from exact figures), the zero ones dropped."""
+    out = {name: 0 for name in PARTS}
+    for name, nbytes in moment_parts.items():
         if name != "weights":
-            key = _NAMES.get(name, "layer")
-            out[key] += nbytes
-    return moment, {name: nbytes for name, nbytes in out.items() if nbytes}
+            out[_NAMES.get(name, "layer")] += nbytes
+    return {name: nbytes for name, nbytes in out.items() if nbytes}
 
 
 def _frozen_split(record: Record) -> tuple[int, int]:
