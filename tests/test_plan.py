@@ -174,6 +174,11 @@ def test_llama_8b_qlora_and_70b_plan_offline(capsys: pytest.CaptureFixture[str],
     assert linear // 2 < parts["frozen_weights"]["bytes"] < linear // 2 * 1.07
     assert [g["gpu"] for g in p8["gpus"]] == ["24GB", "h100-80gb"]
     assert all(g["max_batch_size"] >= 0 for g in p8["gpus"])
+    # paged state is CUDA managed memory the driver moves to the host when the card is full: not needed on it
+    paged = parts["optimizer_state_paged_bytes"]["bytes"]
+    assert p8["pageable_bytes"] == paged > 0
+    for g in p8["gpus"]:
+        assert g["headroom_bytes"] == g["capacity_bytes"] - (p8["total_bytes"] - paged)
 
     (p70,) = _plan_json("--model", "llama-3.1-70b", "--adapter", "none", "--optimizer", "adamw_torch",
                         "--precision", "bf16", "--gpu", "141GB", capsys=capsys)
@@ -236,3 +241,17 @@ def test_model_that_is_not_a_causal_lm(tmp_path: Path) -> None:
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "T5Config" in last and "Traceback" not in proc.stderr
+
+
+def test_the_qlora_papers_65b_on_48gb_question(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/plan.md answers it from docs/qlora-48gb.toml: LLaMA-65B fits one 48 GB card with paged AdamW, as the
+    paper says; Llama-3.1-70B with peft's fp32 casts does not surely fit (its 128k vocabulary)."""
+    plans = _plan_json(str(Path(__file__).parent.parent / "docs" / "qlora-48gb.toml"), "--gpu", "48GB",
+                       capsys=capsys)
+    answer = {(p["model"], p["adapter"], p["optimizer"]): p["gpus"][0]["fits"] for p in plans}
+    assert len(answer) == 8
+    assert all(fits == "yes" for (model, _, _), fits in answer.items() if model == "llama-65b")
+    assert answer["llama-3.1-70b", "qlora", "paged_adamw_32bit"] != "yes"
+    casts = {p["adapter"]: p["parts"].get("kbit_fp32_weights", {}).get("bytes", 0) for p in plans
+             if p["model"] == "llama-3.1-70b" and p["optimizer"] == "paged_adamw_8bit"}
+    assert casts["noprep"] == 0 and casts["qlora"] > 2 * 128256 * 8192 * 4  # embeddings and head in fp32

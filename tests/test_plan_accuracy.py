@@ -39,6 +39,12 @@ def test_the_shipped_cuda_calibration_is_what_the_h200_runs_give() -> None:
     assert fit_device(list(plan_accuracy.GPU_RUNS)) == shipped
 
 
+def test_the_shipped_cpu_calibration_is_what_the_committed_cpu_run_gives() -> None:
+    shipped = calibration.load().devices["cpu"]
+    assert fit_device([plan_accuracy.CPU_RUN]) == shipped
+    assert shipped.cells == 112 and shipped.other[0] > 0
+
+
 @pytest.mark.parametrize("fit_on,predict_on", [("reference", "levers-gpu"), ("levers-gpu", "reference")])
 def test_leave_one_suite_out_still_plans_the_allocator_peak(fit_on: str, predict_on: str) -> None:
     fitted = calibration.load().with_device(fit_device([plan_accuracy.H200 / fit_on]))

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from memprof.config.catalogue import CATALOGUE
+
 if TYPE_CHECKING:
     from memprof.config.spec import CellConfig
 
@@ -54,6 +56,7 @@ class StepShape:
     lora_dropout: float = 0.0  # peft's lora_dropout: > 0 saves a mask and the dropped copy per LoRA module
     kbit_prepare: bool = True  # QLoRA: peft's prepare_model_for_kbit_training ran (non-4-bit weights cast to fp32)
     compute_bytes: int = 2  # QLoRA: bitsandbytes' compute dtype (only the 4-bit matmul's transients depend on it)
+    fused_optimizer: bool = False  # bitsandbytes' and torch's fused optimizers: one kernel per tensor, in place
     device: str = "cuda"  # cuda | cpu: the SDPA kernel, dropout masks, cuBLAS workspaces, softmax-backward tmp
     cuda_major: int = 9  # compute capability major: 9 = H100/H200
     softmax_bwd_tmp: bool | None = None  # CUDA's softmax backward allocates tmp = grad * output (CPU's does not)
@@ -539,8 +542,11 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
     out["backward end"] = {**base, "gradients": G}
     # optimizer step: gradients complete; foreach AdamW (CUDA's default) makes about one more list of parameter-sized
     # tensors; on the CPU torch's AdamW defaults to the single-tensor loop: about two temporaries of the largest
-    # trainable tensor (exp_avg_sq.sqrt() and its division by the bias correction)
-    if s.device == "cpu":
+    # trainable tensor (exp_avg_sq.sqrt() and its division by the bias correction); a fused optimizer (bitsandbytes',
+    # adamw_torch_fused) updates each tensor in place in one kernel
+    if s.fused_optimizer:
+        out["optimizer step"] = {**base, "gradients": G}
+    elif s.device == "cpu":
         out["optimizer step"] = {**base, "gradients": G,
                                                 "per_tensor_temporaries": 2 * largest_trainable_bytes(s)}
     else:
@@ -618,8 +624,14 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      model_bytes=MODEL_BYTES[cell.shape.precision], rank=int(lora.get("r", 8)) if lora else 8,
                      lora_targets=targets, lora_dropout=float(lora.get("lora_dropout") or 0.0),
                      kbit_prepare=adapter.quant.prepare_for_kbit_training,
-                     compute_bytes=MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]], device=device,
+                     compute_bytes=MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]],
+                     fused_optimizer=_fused(cell.optimizer.name), device=device,
                      cuda_major=cuda_major)
+
+
+def _fused(optimizer: str) -> bool:
+    entry = CATALOGUE.get(optimizer)
+    return optimizer.endswith("_fused") or (entry is not None and entry.library == "bitsandbytes")
 
 
 def lora_targets(target_modules: object) -> tuple[str, ...] | None:

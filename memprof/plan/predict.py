@@ -125,6 +125,17 @@ class Plan:
         return sum(p.bytes or 0 for p in self.parts)
 
     @property
+    def pageable_bytes(self) -> int:
+        """Paged optimizer state: CUDA managed memory, which the driver moves to host memory when the card is full
+        (slower steps, no OOM)."""
+        return sum(p.bytes or 0 for p in self.parts if p.name == "optimizer_state_paged_bytes")
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must be on the card: the total less the pageable state."""
+        return self.total_bytes - self.pageable_bytes
+
+    @property
     def uncertainty_bytes(self) -> int:
         """How far the total may be off: each part's bytes times its error, summed (the worst case)."""
         return round(sum((p.bytes or 0) * p.error for p in self.parts))
@@ -137,7 +148,7 @@ class Plan:
                 "parts": {p.name: {"bytes": p.bytes, "how": p.how, "error": p.error, "allocated": p.allocated}
                           for p in self.parts},
                 "ranks": [vars(rank) for rank in self.exact.ranks], "allocated_bytes": self.allocated_bytes,
-                "total_bytes": self.total_bytes, "uncertainty_bytes": self.uncertainty_bytes,
+                "total_bytes": self.total_bytes, "pageable_bytes": self.pageable_bytes, "uncertainty_bytes": self.uncertainty_bytes,
                 "complete": self.complete}
 
 
@@ -148,25 +159,31 @@ class GpuFit:
     gpu: Gpu
     total_bytes: int
     uncertainty_bytes: int   # the plan's: the answer is "yes" or "no" only when the total is that far from the card
+    pageable_bytes: int      # paged optimizer state: may move to host memory, so not needed on the card
     max_batch_size: int      # at the request's sequence length (surely fitting); 0 when not even one sequence fits
     max_seq_len: int         # at the request's batch size; 0 when nothing fits
     seq_len_capped: bool     # max_seq_len stopped at the model's max_position_embeddings
 
     @property
+    def needed_bytes(self) -> int:
+        """What must be on the card: the total less the paged state the driver may move to host memory."""
+        return self.total_bytes - self.pageable_bytes
+
+    @property
     def fits(self) -> bool:
         """Fits even if every part is off by its error the wrong way."""
-        return self.total_bytes + self.uncertainty_bytes <= self.gpu.capacity_bytes
+        return self.needed_bytes + self.uncertainty_bytes <= self.gpu.capacity_bytes
 
     @property
     def answer(self) -> str:
         """yes (fits even at the plan's worst), no (does not fit even at its best) or borderline."""
         if self.fits:
             return "yes"
-        return "no" if self.total_bytes - self.uncertainty_bytes > self.gpu.capacity_bytes else "borderline"
+        return "no" if self.needed_bytes - self.uncertainty_bytes > self.gpu.capacity_bytes else "borderline"
 
     @property
     def headroom_bytes(self) -> int:
-        return self.gpu.capacity_bytes - self.total_bytes
+        return self.gpu.capacity_bytes - self.needed_bytes
 
     @property
     def headroom_fraction(self) -> float:
@@ -174,7 +191,7 @@ class GpuFit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"gpu": self.gpu.name, "capacity_bytes": self.gpu.capacity_bytes, "fits": self.answer,
-                "uncertainty_bytes": self.uncertainty_bytes,
+                "uncertainty_bytes": self.uncertainty_bytes, "pageable_bytes": self.pageable_bytes,
                 "headroom_bytes": self.headroom_bytes, "headroom_fraction": self.headroom_fraction,
                 "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "seq_len_capped": self.seq_len_capped}
@@ -439,12 +456,13 @@ def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
     def fits(batch_size: int, seq_len: int) -> bool:
         sized = predict(request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len}), exact,
                         calibration, plan.device)
-        return sized.total_bytes + sized.uncertainty_bytes <= gpu.capacity_bytes
+        return sized.needed_bytes + sized.uncertainty_bytes <= gpu.capacity_bytes
 
     max_batch = largest(lambda b: fits(b, request.shape.seq_len))
     cap = exact.shape.max_positions or MAX_SEARCH
     max_seq = largest(lambda s: fits(request.shape.batch_size, s), limit=cap)
-    return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, max_batch, max_seq, max_seq == cap)
+    return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, plan.pageable_bytes, max_batch, max_seq,
+                  max_seq == cap)
 
 
 def plan_requests(requests: Iterable[CellConfig], calibration: Calibration, device: str = "cuda") -> list[Plan]:

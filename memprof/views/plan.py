@@ -57,8 +57,11 @@ def parts_table(plan: Plan) -> Table:
 
 def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     r = plan.request
-    table = Table(title="fits?", title_justify="left", header_style="bold")
-    for name in ("GPU", "capacity", "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
+    paged = plan.pageable_bytes
+    table = Table(title="fits?", title_justify="left", header_style="bold",
+                  caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
+                          "moves to host memory when the card is full" if paged else None, caption_justify="left")
+    for name in ("GPU", "capacity", "needed" if paged else "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
                  f"max seq @ b{r.shape.batch_size}"):
         table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
     for v in verdicts:
@@ -66,7 +69,7 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
         if not plan.complete:
             fits = "[yellow]at least this much[/]" if v.answer == "no" else "[yellow]unknown[/]"
         seq = f"{v.max_seq_len:,}" + (" (model max)" if v.seq_len_capped else "")
-        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.total_bytes),
+        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.needed_bytes),
                       human_bytes(v.headroom_bytes), f"{v.headroom_fraction:.0%}", fits, f"{v.max_batch_size:,}",
                       seq)
     return table
@@ -75,7 +78,7 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
 def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
                  verdicts: dict[int, list[GpuFit]]) -> list[Table]:
     """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
-    entry is the predicted total and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
+    entry is what must be on the card and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
@@ -90,8 +93,9 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
         title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
                  + (f" {levers}" if levers else ""))
         table = Table(title=title, title_justify="left", header_style="bold",
-                      caption=f"predicted peak on a GPU; per GPU ({' '.join(g.name for g in gpus)}): ✓ fits even at "
-                              "the plan's worst, ✗ does not fit even at its best, ? borderline",
+                      caption="predicted peak on a GPU (paged optimizer state left out: the driver moves it to host "
+                              f"memory when the card is full); per GPU ({' '.join(g.name for g in gpus)}): ✓ fits "
+                              "even at the plan's worst, ✗ does not fit even at its best, ? borderline",
                       caption_justify="left")
         for name in ("model", "adapter", "optimizer"):
             table.add_column(name)
@@ -107,7 +111,7 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
                 marks = "".join({"yes": "[green]✓[/]", "no": "[red]✗[/]", "borderline": "[yellow]?[/]"}[v.answer]
                                 for v in verdicts[index])
                 lower = "≥" if not plans[index].complete else ""
-                cells.append(f"{lower}{human_bytes(plans[index].total_bytes)} {marks}")
+                cells.append(f"{lower}{human_bytes(plans[index].needed_bytes)} {marks}")
             table.add_row(model, adapter, optimizer, *cells)
         tables.append(table)
     return tables
