@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ HARNESS_FAILURES = ("crashed", "timeout")
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
-out = Console(width=None if sys.stdout.isatty() else 120)
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -448,13 +449,21 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memprof.views import plots, report as report_views
+    from dataclasses import replace
+
     from memprof.analysis import report
+    from memprof.measure.attribution import attribute
+    from memprof.views import plots, report as report_views
 
     run = report.load_run(args.run_dir)
+    run = replace(run, records=[attribute(r, r.peak_phase) for r in run.records])  # records of any memprof version
+    memory = [report_views.memory_table(run)]
     tables = report.tables(run)
-    page = report_views.write(run, tables, plots.figures(run), args.out or args.run_dir / "report")
-    out.print(report_views.rich_tables(tables))
+    picture = plots.memory_figure(run)
+    sections = [report_views.Section("Memory", memory, [picture] if picture else []),
+                report_views.Section("Convergence and speed", tables, plots.figures(run))]
+    page = report_views.write(run, sections, args.out or args.run_dir / "report")
+    out.print(report_views.rich_tables(memory + tables, out.width))
     console.print(f"report: {page}")
     return 0
 

@@ -10,15 +10,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from memprof.analysis.memory import GROUP_AXES, group_key, state_vs_baseline
 from memprof.analysis.slopes import Slope, activation_slopes
-from memprof.config.spec import AXIS_BY_NAME, CellConfig, varying
+from memprof.config.spec import CellConfig, varying
 from memprof.measure.attribution import PARTS
 from memprof.results.record import Record, Status
 
 if TYPE_CHECKING:
     from memprof.measure.crosscheck import CategoryCheck
 
-BASELINE_OPTIMIZER = "adamw_torch"
 STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
                  Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
 
@@ -45,7 +45,8 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
     records = list(records)
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault(_group_key(r), []).append(r)
+        groups.setdefault(group_key(r.config), []).append(r)
+    ratios = state_vs_baseline(records)
     show_paged = any(r.optimizer_state_paged_bytes for r in records)
     parts: list = [Text(title, style="bold")]
     for rows in groups.values():
@@ -61,10 +62,8 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
         for name in ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
                 ["peak", "tokens/s", "step p50", "loss"]:
             table.add_column(name, justify="left" if name == "status" else "right", overflow="fold")
-        base = {r.config.levers_label: r.optimizer_state_bytes for r in reversed(rows)
-                if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes}
         for r, label in zip(rows, names):
-            table.add_row(*label, *_row(r, base.get(r.config.levers_label), show_paged))
+            table.add_row(*label, *_row(r, ratios.get(r.config.index), show_paged))
         parts.append(table)
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
@@ -81,14 +80,6 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
     return Group(*parts)
 
 
-# What a results table is one of: these axes are in its title, the others that vary are its rows' names.
-GROUP_AXES = ("model", "adapter", "batch_size", "seq_len", "precision")
-
-
-def _group_key(r: Record) -> tuple:
-    return tuple(repr(AXIS_BY_NAME[name].get(r.config)) for name in GROUP_AXES)
-
-
 def slopes_table(slopes: Iterable[Slope]) -> Table:
     """Activation memory against context length, one fitted line per group."""
     table = Table(title="[bold]activations vs context length[/]: saved bytes ≈ slope × tokens + intercept",
@@ -102,9 +93,9 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
     return table
 
 
-def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
+def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]:
     """The figures of one results row (its names come from the varying axes)."""
-    ratio = f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None else "–"
+    ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
     status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
     if r.status is not Status.OK and r.fail_phase:
         status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
