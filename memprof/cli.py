@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ HARNESS_FAILURES = ("crashed", "timeout")
 
 console = Console(stderr=True)
 # Piped output gets a readable width instead of rich's 80-column fallback.
-out = Console(width=None if sys.stdout.isatty() else 120)
+out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_plan_commands(sub)
     _add_report_command(sub)
     _add_levers_command(sub)
+    _add_attribute_command(sub)
     for p in (run, comp, opts, xc):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -253,6 +255,8 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
                       help="refit the coefficients from these result folders and write them (then exit)")
     plan.add_argument("--calibration-out", type=Path, metavar="FILE",
                       help="where --calibrate writes (default: the package's calibration.json)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan a GPU's memory (default) or a CPU run's RSS growth")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
     plan.set_defaults(func=cmd_plan)
 
@@ -316,7 +320,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from memprof.views import plan as plan_views
 
     if args.calibrate:
-        fitted = calibration_mod.fit(args.calibrate)
+        from memprof.plan.calibrate import calibrate
+
+        fitted = calibrate(args.calibrate, calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH))
         target = args.calibration_out or calibration_mod.DEFAULT_PATH
         calibration_mod.save(fitted, target)
         out.print(plan_views.calibration_table(fitted, str(target)))
@@ -341,7 +347,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
-    plans = plan_mod.plan_requests(requests, calibration)
+    plans = plan_mod.plan_requests(requests, calibration, args.device)
     verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
@@ -353,7 +359,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         out.print(plan_views.parts_table(plans[0]))
         out.print(plan_views.verdict_table(plans[0], verdicts[0]))
-    out.print(f"[dim]{calibration.note}[/]", highlight=False)
+    fallback = [p for p in plans if not p.moment]
+    if fallback:
+        out.print(f"[dim]{len(fallback)} of {len(plans)} plans fall back on coefficients fitted to CPU runs (the "
+                  f"analytic model covers Llama-family decoders without DoRA, dropout or per-module LoRA "
+                  f"settings{' on a GPU' if args.device == 'cuda' else ''}): {calibration.note}[/]", highlight=False)
     return 0
 
 
@@ -385,12 +395,40 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_attribute_command(sub: argparse._SubParsersAction) -> None:
+    attribute = sub.add_parser("attribute", help="split each cell's peak into the parts alive at its moment (any "
+                                                 "result folder, older ones included)")
+    attribute.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
+    attribute.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    attribute.add_argument("--out", type=Path, metavar="DIR", help="also write the folder again, records "
+                           "attributed and in the current schema, to DIR")
+    attribute.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    attribute.set_defaults(func=cmd_attribute)
+
+
 def _add_levers_command(sub: argparse._SubParsersAction) -> None:
     levers = sub.add_parser("levers", help="a run's cells as a Markdown table, per rank: weights, gradients, state, "
                                            "activations and peak under each lever")
     levers.add_argument("run_dir", type=Path, help="a result folder (results/<suite>-<stamp>)")
     levers.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     levers.set_defaults(func=cmd_levers)
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from memprof.measure.attribution import attribute_run
+    from memprof.views.tables import breakdown_markdown, breakdown_table
+
+    records = attribute_run(args.run_dir)
+    if args.markdown:
+        print(breakdown_markdown(records))
+    else:
+        out.print(breakdown_table(records, f"the peak of each cell of {args.run_dir}, part by part"))
+    if args.out is not None:
+        from memprof.results.store import copy_run
+
+        copy_run(args.run_dir, args.out, records)
+        console.print(f"attributed records: {args.out}")
+    return 0
 
 
 def cmd_levers(args: argparse.Namespace) -> int:
@@ -411,13 +449,21 @@ def _add_report_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from memprof.views import plots, report as report_views
+    from dataclasses import replace
+
     from memprof.analysis import report
+    from memprof.measure.attribution import attribute
+    from memprof.views import plots, report as report_views
 
     run = report.load_run(args.run_dir)
+    run = replace(run, records=[attribute(r, r.peak_phase) for r in run.records])  # records of any memprof version
+    memory = [report_views.memory_table(run)]
     tables = report.tables(run)
-    page = report_views.write(run, tables, plots.figures(run), args.out or args.run_dir / "report")
-    out.print(report_views.rich_tables(tables))
+    picture = plots.memory_figure(run)
+    sections = [report_views.Section("Memory", memory, [picture] if picture else []),
+                report_views.Section("Convergence and speed", tables, plots.figures(run))]
+    page = report_views.write(run, sections, args.out or args.run_dir / "report")
+    out.print(report_views.rich_tables(memory + tables, out.width))
     console.print(f"report: {page}")
     return 0
 

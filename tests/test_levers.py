@@ -3,6 +3,8 @@ following each of them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import run_cli, short_suite
@@ -94,10 +96,10 @@ def test_plan_follows_checkpointing_attention_and_context(runs: tuple) -> None:
     """The shipped calibration (fitted on sdpa runs with and without checkpointing) and eager attention's
     derived seq x seq term: within 5% for sdpa, 10% for eager, on every cell."""
     cells, records = runs
-    fitted = calibration.load()
-    for cell, predicted in zip(cells, plan.plan_requests(cells, fitted)):
+    fitted = replace(calibration.load(), devices={})  # the fallback coefficients alone (the analytic plan: test_plan)
+    for cell, predicted in zip(cells, plan.plan_requests(cells, fitted, "cpu")):
         measured = records[cell.key].activation_bytes
         act = next(p.bytes for p in predicted.parts if p.name == "activations")
         tolerance = 0.10 if cell.levers.attn_implementation == "eager" else 0.05
         assert act == pytest.approx(measured, rel=tolerance), cell.key
-        assert any(p.name == "recomputed layer" for p in predicted.parts) == (cell.levers.gradient_checkpointing != "off")
+        assert any(p.name == "layer" for p in predicted.parts) == (cell.levers.gradient_checkpointing != "off")

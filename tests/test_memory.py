@@ -8,7 +8,8 @@ import pytest
 from conftest import write_suite
 
 from memprof import suite
-from memprof.measure.attribution import KNOWN_PARTS
+from memprof.measure import step_memory
+from memprof.measure.attribution import PARTS
 from memprof.results.record import Status
 from memprof.run.launch import run_cell
 
@@ -34,9 +35,16 @@ def test_exact_parts_do_not_depend_on_batch_size(records_by_batch: dict) -> None
 
 def test_attribution_adds_up_to_the_peak_with_the_remainder_explicit(records_by_batch: dict) -> None:
     for r in records_by_batch.values():
-        known = sum(getattr(r, name) for name in KNOWN_PARTS)
-        assert r.attributed_other_bytes is not None
-        assert known + r.attributed_other_bytes == r.peak_rss_delta_bytes
+        assert set(r.breakdown) <= set(PARTS) and "other" in r.breakdown
+        assert sum(r.breakdown.values()) == r.peak_rss_delta_bytes
+        named = {"frozen_weights": r.frozen_weight_bytes, "trainable_weights": r.trainable_weight_bytes,
+                 "optimizer_state": r.optimizer_state_bytes}
+        assert {name: r.breakdown[name] for name in named} == named
+        # what autograd saved is all alive up to the loss; in backward, the layers done have freed theirs
+        if step_memory.phase(r.peak_moment) == "forward":
+            assert r.breakdown["activations"] == r.activation_bytes
+        else:
+            assert 0 < r.breakdown["activations"] <= r.activation_bytes
         assert r.allocator_cache_bytes is None and r.non_pytorch_bytes is None  # CUDA-only parts
 
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from memprof.views.tables import human_bytes
 from conftest import run_cli
 
 from memprof.analysis import diagnose, report, stats
@@ -67,15 +69,55 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_the_page_embeds_every_figure_and_the_pngs_are_written(run_dir: Path) -> None:
     page = (run_dir / "report" / "report.html").read_text()
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
-    names = ["loss-00", "loss-01", "lr-rank"]  # one loss figure per adapter (the plot groups), then the sweep
+    # memory first, then one loss figure per adapter (the plot groups), then the sweep
+    names = ["memory", "loss-00", "loss-01", "lr-rank"]
     assert len(images) == len(names)
     for name, data in zip(names, images):
         png = (run_dir / "report" / f"{name}.png").read_bytes()
         assert base64.b64decode(data) == png
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = struct.unpack(">II", png[16:24])
-        assert (width, height) == ((1600, 540) if name.startswith("loss") else (700, 480))
+        if name != "memory":
+            assert (width, height) == ((1600, 540) if name.startswith("loss") else (700, 480))
     assert "src='http" not in page and "<script" not in page  # self-contained
+
+
+def test_memory_is_the_first_section_with_state_against_adamw_and_each_peak(run_dir: Path) -> None:
+    from memprof.analysis.report import load_run
+    from memprof.views.report import memory_table
+
+    page = (run_dir / "report" / "report.html").read_text()
+    sections = re.findall(r"<h1 class='section'>([^<]+)</h1>", page)
+    assert sections == ["Memory", "Convergence and speed"]
+    memory = page[page.index("Memory"):page.index("Convergence and speed")]
+    assert "MiB" in memory and "vs AdamW" in memory and "Where each peak" in memory
+    records = load_run(run_dir).records
+    table = memory_table(load_run(run_dir))
+    for r in records:  # every configuration's measured state is in the page as the table shows it
+        row = next(row for row in table.rows if row[table.columns.index("optimizer state")] ==
+                   human_bytes(r.optimizer_state_bytes))
+        assert row[table.columns.index("peak")] in memory
+
+
+def test_terminal_tables_leave_out_columns_rather_than_cut_names(run_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from memprof.analysis.report import load_run, tables
+    from memprof.views.report import memory_table, rich_tables
+    from rich.console import Console
+
+    run = load_run(run_dir)
+    data = [memory_table(run)] + tables(run)
+    for width in (100, 200):
+        console = Console(width=width, record=True)
+        console.print(rich_tables(data, width))
+        text = console.export_text()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+        for t in data[:2]:  # every name of every row is whole
+            for row in t.rows:
+                assert row[0] in text and row[1] in text
+        left_out = re.findall(r"not shown at (\d+) columns", text)
+        assert (width == 100) == bool(left_out)
 
 
 def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -> None:

@@ -128,8 +128,8 @@ def test_plan_per_rank_from_the_command_line(capsys: pytest.CaptureFixture[str])
     (single,) = json.loads(capsys.readouterr().out)
     state = [rank["optimizer_state_bytes"] for rank in sharded_plan["ranks"]]
     assert len(state) == 8
-    assert max(state) < single["parts"]["optimizer state"]["bytes"] / 7.9
-    assert sharded_plan["parts"]["all-gathered weights"]["bytes"] > 0
+    assert max(state) < single["parts"]["optimizer_state"]["bytes"] / 7.9
+    assert sharded_plan["parts"]["gathered_weights"]["bytes"] > 0
 
 
 def test_a_rank_killed_mid_cell_crashes_that_cell_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ from memprof.results.env import machine_label
 from memprof.results.metrics import METRICS, Metric, Rule
 from memprof.results.record import Record, Status
 from memprof.results.store import read_csv_records, read_records
+from memprof.suite.restore import with_suite_configs
 
 
 class Verdict(str, enum.Enum):
@@ -69,7 +70,7 @@ def load(path: Path) -> ResultSet:
         folder, source = path.parent, path
     else:
         raise UserError(str(path), "expected a result folder, its records.jsonl or a cells.csv")
-    records = read_csv_records(source) if source.suffix == ".csv" else read_records(folder)
+    records = with_suite_configs(read_csv_records(source) if source.suffix == ".csv" else read_records(folder), folder)
     if not records:
         raise UserError(str(source), "no records (empty file)")
     suite_path = folder / "suite.toml"

@@ -18,6 +18,7 @@ from memprof.analysis import convergence, diagnose, stats
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
 from memprof.results.record import Record, Status, StepLog
 from memprof.results.store import read_records
+from memprof.suite.restore import with_suite_configs
 
 # The relative target: within 5% of the lowest final (smoothed) training loss reached by any cell of the run.
 RELATIVE_TARGET_MARGIN = 0.05
@@ -49,7 +50,7 @@ def load_run(run_dir: Path) -> Run:
     Raises:
         UserError: not a result folder, or records of another schema version.
     """
-    records = read_records(run_dir)
+    records = with_suite_configs(read_records(run_dir), run_dir)
     steps = {r.config.index: read_steps(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv") for r in records}
     return Run(run_dir, records, steps)
 

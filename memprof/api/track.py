@@ -113,7 +113,8 @@ class Tracking:
         config = describe(self.model, self.optimizer, suite=self.name, batch_size=self.batch_size,
                           seq_len=self.seq_len, steps=len(self.logs), warmup_steps=self.warmup_steps,
                           optimizer_spec=self.optimizer_spec)
-        self.record = attribute(Record(config, status=status, **self._values(exc)))
+        values = self._values(exc)
+        self.record = attribute(Record(config, status=status, **values), values.get("peak_phase", ""))
         if self.out is not None:
             self._write()
 

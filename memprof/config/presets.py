@@ -31,6 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "num_attention_heads": 32, "tie_word_embeddings": False},
     "llama-3.1-70b": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                       "num_attention_heads": 64, "tie_word_embeddings": False},
+    # LLaMA-1 65B, the model of the QLoRA paper's "65B on one 48 GB GPU": 32k vocabulary, no grouped KV heads
+    "llama-65b": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 22016,
+                  "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 64,
+                  "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False},
     "qwen2.5-0.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
                      "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
                      "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768,

@@ -98,13 +98,15 @@ def _with_quant_state(p: torch.Tensor) -> Iterator[torch.Tensor]:
 
 @dataclass(frozen=True)
 class WeightBytes:
-    """A model's parameters split into what trains and what stays frozen."""
+    """A model's parameters split into what trains and what stays frozen; ``frozen_four_bit`` is the part of
+    ``frozen`` that bitsandbytes quantised (with its quant state)."""
 
     frozen: ByteCount
     trainable: ByteCount
     frozen_params: int
     trainable_params: int
     buffers: ByteCount
+    frozen_four_bit: ByteCount
 
 
 def weight_bytes(model: nn.Module) -> WeightBytes:
@@ -112,22 +114,23 @@ def weight_bytes(model: nn.Module) -> WeightBytes:
 
     Element counts are logical parameters: a packed 4-bit weight counts the elements it stands for.
     """
-    frozen, trainable = [], []
+    four_bit, frozen, trainable = [], [], []
     n_frozen = n_trainable = 0
     for p in model.parameters():
         if p.requires_grad:
             trainable.append(p)
             n_trainable += p.numel()
         else:
-            frozen.extend(_with_quant_state(p))
+            (four_bit if getattr(p, "quant_state", None) is not None else frozen).extend(_with_quant_state(p))
             shape = getattr(getattr(p, "quant_state", None), "shape", None)
             n_frozen += int(torch.Size(shape).numel()) if shape is not None else p.numel()
     params = count_bytes(trainable)
     taken = {storage_key(t) for t in trainable if t.device.type != "meta"}
-    frozen_count = count_bytes(frozen, exclude=taken)
-    taken |= {storage_key(t) for t in frozen if t.device.type != "meta"}
+    four_bit_count = count_bytes(four_bit, exclude=taken)
+    frozen_count = count_bytes([*four_bit, *frozen], exclude=taken)
+    taken |= {storage_key(t) for t in [*four_bit, *frozen] if t.device.type != "meta"}
     buffers = count_bytes(model.buffers(), exclude=taken)
-    return WeightBytes(frozen_count, params, n_frozen, n_trainable, buffers)
+    return WeightBytes(frozen_count, params, n_frozen, n_trainable, buffers, four_bit_count)
 
 
 def gradient_bytes(model: nn.Module) -> ByteCount:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -13,7 +14,9 @@ from memprof.measure.accounting import storage_key
 
 
 class SavedActivations:
-    """Counts the bytes autograd saves during the forward passes run inside the block.
+    """Counts the bytes autograd saves during the forward passes run inside the block and still holds when forward
+    ends: at the block's end, or when backward first reads a saved tensor inside it (the block may span a whole step,
+    as ``memprof.track``'s does).
 
     Parameters and buffers that autograd saves are not activations and are left out, FSDP2's all-gathered
     (unsharded) parameters too; every other storage is counted once, however many ops save it. Under gradient
@@ -26,18 +29,33 @@ class SavedActivations:
         self._exclude = {storage_key(t) for t in [*model.parameters(), *model.buffers()]
                          if t.device.type != "meta"}
         self._saved: dict[tuple[str, int], tuple[int, int]] = {}  # storage key -> (StorageImpl, bytes)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        # weak references to the tensors saved from each storage: a storage whose tensors all died (a graph dropped
+        # within forward, as DoRA's weight-norm branch is) gave its address back, and does not count
+        self._refs: dict[tuple[str, int], list[weakref.ref[torch.Tensor]]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._patched: list[tuple[nn.Module, Any]] = []  # (layer, its own checkpoint function)
+        self._open = False
+        self._at_backward: int | None = None  # the bytes alive when backward began inside the block
         self.bytes = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self._count(t)
         return t
 
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._open and self._at_backward is None:
+            self._at_backward = self._alive_bytes()
+        return t
+
     def _count(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta" or isinstance(t, nn.Parameter):
+        if t.device.type == "meta" or isinstance(t, nn.Parameter) or self._at_backward is not None:
             return
         key = storage_key(t)
+        refs = self._refs.get(key, [])
+        if refs and all(ref() is None for ref in refs):  # another storage at the address of one that died
+            self._saved.pop(key, None)
+            refs = []
+        self._refs[key] = [*refs, weakref.ref(t)]
         if key not in self._saved and key not in self._exclude:
             storage = t.untyped_storage()
             self._saved[key] = (storage._cdata, storage.nbytes())
@@ -56,15 +74,22 @@ class SavedActivations:
                 self._patched.append((module, module._gradient_checkpointing_func))
                 module._gradient_checkpointing_func = self._counting(module._gradient_checkpointing_func)
         self._hooks.__enter__()
+        self._open = True
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._hooks.__exit__(exc_type, exc, tb)
+        self._open = False
         for module, checkpoint in self._patched:
             module._gradient_checkpointing_func = checkpoint
+        self.bytes = self._alive_bytes() if self._at_backward is None else self._at_backward
+        self._refs.clear()
+
+    def _alive_bytes(self) -> int:
         gathered = {p.untyped_storage()._cdata for p in _fsdp_unsharded_params(self.model)}
-        self.bytes = sum(nbytes for impl, nbytes in self._saved.values() if impl not in gathered)
+        return sum(nbytes for key, (impl, nbytes) in self._saved.items()
+                   if impl not in gathered and any(ref() is not None for ref in self._refs[key]))
 
 
 def _fsdp_unsharded_params(model: nn.Module) -> Iterator[torch.Tensor]:

@@ -21,6 +21,9 @@ HALF = (torch.float16, torch.bfloat16)
 BNB_BLOCK = 256                 # bitsandbytes' block-wise 8-bit: one fp32 absmax per 256 elements
 BNB_MIN_8BIT_SIZE = 4096        # smaller tensors keep 32-bit state
 BNB_QMAP_BYTES = 256 * 4        # a dynamic quantisation map: 256 fp32 codes, one tensor shared by all params
+BNB_PAGED_MIN_SIZE = 100_000    # paged optimizers page a state buffer only for tensors this large (CUDA only)
+# paged optimizers whose paged bytes are claimed: the number of param-sized state buffers each keeps
+BNB_PAGED_STATES = {"paged_adamw_8bit": 2, "paged_adamw_32bit": 2, "paged_lion_8bit": 1, "paged_lion_32bit": 1}
 TORCHAO_MIN_SIZE = 4096         # torchao follows bitsandbytes: smaller tensors keep full-precision state
 TORCHAO_BLOCK = 256             # transformers passes block_size=256 to both AdamW4bit and AdamW8bit
 TORCHAO_QMAP_BYTES = {8: 256 * 4, 4: 16 * 4}  # a fresh qmap per quantised state tensor, not shared
@@ -434,6 +437,26 @@ def predict_state_bytes(optim_name: str, params_or_shapes: Iterable[Any],
         return formula.predict(_groups(params_or_shapes, kwargs or {}))
     except Unpredictable:
         return None
+
+
+def predict_paged_bytes(optim_name: str, params_or_shapes: Iterable[Any],
+                        kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """The part of ``predict_state_bytes`` a paged bitsandbytes optimizer keeps in CUDA managed memory (outside the
+    torch allocator): its param-sized state buffers (uint8 at 8 bits, fp32 at 32) of tensors of at least
+    ``BNB_PAGED_MIN_SIZE`` elements; absmax, qmaps and smaller tensors' buffers are ordinary allocations. 0 for an
+    optimizer that pages nothing, None for a paged one without a claim (AdEMAMix). On the CPU nothing pages."""
+    if not optim_name.startswith("paged_"):
+        return 0
+    states = BNB_PAGED_STATES.get(optim_name)
+    if states is None:
+        return None
+    total = 0
+    for g in _groups(params_or_shapes, kwargs or {}):
+        eight = g.get("optim_bits", 8 if optim_name.endswith("8bit") else 32) == 8
+        min_size = g.get("min_8bit_size", BNB_MIN_8BIT_SIZE)
+        total += sum(states * p.numel * (1 if eight and p.numel >= min_size else 4)
+                     for p in g.trainable if p.numel >= BNB_PAGED_MIN_SIZE)
+    return total
 
 
 def why_unpredictable(optim_name: str) -> str | None:

@@ -38,8 +38,10 @@ class CellProbe:
     def phase(self, step: int, name: str) -> Iterator[None]:
         self.where = (name, step)
         self.sampler.mark(step, name)
-        split = self.allocator.phase(name) if self.allocator else nullcontext()
-        saved = SavedActivations(self.model) if name == "forward" and step == self.snapshot_step else None
+        snapshot = step == self.snapshot_step
+        # the allocator's peak split by phase at the snapshot step only: memory_stats() costs a launch-bound step
+        split = self.allocator.phase(name) if self.allocator and snapshot else nullcontext()
+        saved = SavedActivations(self.model) if name == "forward" and snapshot else None
         with split, (saved or nullcontext()):
             yield
         if saved is not None:

@@ -51,6 +51,7 @@ def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
         weights = accounting.weight_bytes(model)
         values.update(total_params=weights.frozen_params + weights.trainable_params,
                       trainable_params=weights.trainable_params, frozen_weight_bytes=weights.frozen.total,
+                      frozen_four_bit_bytes=weights.frozen_four_bit.total,
                       trainable_weight_bytes=weights.trainable.total, buffer_bytes=weights.buffers.total)
     if optimizer is not None:
         state = accounting.optimizer_state_bytes(optimizer)
@@ -60,12 +61,17 @@ def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
 
 
 def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline: int) -> dict[str, Any]:
-    """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark)."""
+    """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark), and
+    on CUDA the phase the peak fell in: the allocator's phase with the highest peak at the step it was split by phase
+    (samples cannot tell: the loss's backward, often the peak, lasts a few milliseconds)."""
     values: dict[str, Any] = {}
     if allocator is not None:
         peaks = allocator.peaks
+        phases = peaks.phase_peak_allocated_bytes
         values.update(peak_allocated_bytes=peaks.peak_allocated_bytes, peak_reserved_bytes=peaks.peak_reserved_bytes,
-                      num_alloc_retries=peaks.num_alloc_retries, num_ooms=peaks.num_ooms)
+                      num_alloc_retries=peaks.num_alloc_retries, num_ooms=peaks.num_ooms,
+                      phase_peak_allocated_bytes=dict(phases),
+                      peak_phase=max(phases, key=phases.__getitem__) if phases else "")
     values["nvml_peak_device_used_bytes"] = sampler.peaks.get("nvml_device_used_bytes")
     values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
     peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -1,13 +1,18 @@
-"""Capacity planning: a fine-tuning run's peak memory, predicted without weights, a download or a GPU.
+"""Capacity planning: a fine-tuning run's peak memory, predicted part by part without weights, a download or a GPU.
 
-The exact parts come from the model built on the meta device (shapes and dtypes, no memory):
-- frozen weights, 4-bit ones with their bitsandbytes quant state (``memprof.train.meta.four_bit_bytes``);
-- adapter (trainable) weights and buffers, after peft wrapped the meta model as a cell would be wrapped;
-- gradients: one per trainable parameter, in its dtype;
-- optimizer state: ``memprof.measure.formulas`` over the optimizer that transformers' factory builds on the meta model.
-Saved activations and temporaries come from the coefficients fitted to measured runs (``memprof.plan.calibration``);
-on a GPU the CUDA context is added. ``tests/test_plan.py`` checks the exact parts against measured cells byte for
-byte.
+Every part says how it was obtained, and how far it may be off:
+- exact, from the model built on the meta device (shapes and dtypes, no memory): frozen weights (4-bit ones with
+  their bitsandbytes quant state, and what peft's k-bit preparation casts to fp32 apart), trainable weights,
+  buffers, gradients, optimizer state (``memprof.measure.formulas`` over the optimizer transformers' factory builds
+  on the meta model) and the part of it a paged optimizer keeps outside the allocator;
+- analytic, from ``memprof.measure.step_memory`` (checked to the byte on an H200): the step's moment with the most
+  bytes and what is alive then: saved activations, the loss's fp32 logits gradients, the layer at work, cuBLAS
+  workspaces;
+- fitted or measured on the device kind the plan is for (``memprof.plan.calibration``): the small unnamed
+  remainder, and on CUDA the allocator's cache and the memory outside PyTorch;
+- for cells the analytic model does not cover, saved activations and temporaries fitted to CPU runs.
+``tests/test_plan.py`` checks the exact parts against measured cells byte for byte; ``benchmarks/plan_accuracy.py``
+holds the whole plan against the H200 runs.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.plan.calibration import Calibration, Group, Shape
+from memprof.measure import step_memory
+from memprof.measure.attribution import OUTSIDE, PARTS, name_parts
+from memprof.plan.calibration import Calibration, DeviceCalibration, Shape, cache_pressure
 from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec, CellConfig, Levers, ModelSpec,
                                  OptimizerSpec, ParallelSpec, ShapeSpec)
 from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
 from memprof.train.fourbit import is_four_bit
-from memprof.train.meta import adapted_numel, frozen_weight_bytes, meta_model
+from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
 
@@ -55,29 +62,53 @@ class Exact:
     gradient_bytes: int
     optimizer_state_bytes: int | None
     optimizer_state_note: str
+    frozen_four_bit_bytes: int     # the part of frozen_weight_bytes that is 4-bit (with quant state)
+    paged_state_bytes: int | None  # the part of optimizer_state_bytes a paged optimizer keeps outside the allocator
     adapted_numel: int       # base weight elements under an adapter
     residual_itemsize: int   # element size of the hidden states between layers (what checkpointing keeps)
     ranks: tuple[RankParts, ...] = ()
     gathered_bytes: int = 0  # FSDP2: the root unit and two layers all-gathered at once (one computing, one next)
 
 
+# Parts a plan has beyond those of a measured peak (memprof.measure.attribution.PARTS and OUTSIDE)
+PLAN_PARTS = {"temporaries": "temporaries (fitted)", "ddp_buckets": "DDP gradient buckets",
+              "gathered_weights": "all-gathered weights (FSDP2)"}
+
+
+def part_label(name: str) -> str:
+    """How tables name a part of a plan."""
+    known = {**PARTS, **OUTSIDE}
+    return known[name].label if name in known else PLAN_PARTS[name]
+
+
 @dataclass(frozen=True)
 class Part:
-    """One line of a plan: its bytes (None when no formula covers it) and how they were obtained."""
+    """One line of a plan: its bytes (None when no formula covers it), how they were obtained (exact, analytic,
+    fitted, measured, assumed, and from what), how far they may be off (a fraction of the bytes), and whether the
+    torch allocator holds them (paged state, the allocator's cache and what lies outside PyTorch it does not)."""
 
     name: str
     bytes: int | None
     how: str
+    error: float = 0.0
+    allocated: bool = True
+
+    @property
+    def kind(self) -> str:
+        return self.how.split(" ", 1)[0].rstrip(":,")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The predicted peak of one request on a GPU, part by part."""
+    """The predicted peak of one request, part by part, on ``device`` (cuda: the allocator's peak and the card's
+    whole use; cpu: the growth of resident memory), at ``moment`` when the analytic model covers the request."""
 
     request: CellConfig
     exact: Exact
     parts: tuple[Part, ...]
     calibration: str
+    device: str = "cuda"
+    moment: str = ""
 
     @property
     def complete(self) -> bool:
@@ -85,21 +116,41 @@ class Plan:
         return all(p.bytes is not None for p in self.parts)
 
     @property
-    def training_bytes(self) -> int:
-        """Everything but the CUDA context: what a CPU run's RSS growth measures."""
-        return sum(p.bytes or 0 for p in self.parts if p.name != "CUDA context")
+    def allocated_bytes(self) -> int:
+        """What the torch allocator holds at the peak (on the CPU: the RSS growth a run measures)."""
+        return sum(p.bytes or 0 for p in self.parts if p.allocated)
 
     @property
     def total_bytes(self) -> int:
+        """Everything the card (or host) holds at the peak."""
         return sum(p.bytes or 0 for p in self.parts)
+
+    @property
+    def pageable_bytes(self) -> int:
+        """Paged optimizer state: CUDA managed memory, which the driver moves to host memory when the card is full
+        (slower steps, no OOM)."""
+        return sum(p.bytes or 0 for p in self.parts if p.name == "optimizer_state_paged_bytes")
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must be on the card: the total less the pageable state."""
+        return self.total_bytes - self.pageable_bytes
+
+    @property
+    def uncertainty_bytes(self) -> int:
+        """How far the total may be off: each part's bytes times its error, summed (the worst case)."""
+        return round(sum((p.bytes or 0) * p.error for p in self.parts))
 
     def to_dict(self) -> dict[str, Any]:
         axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
         return {**axes, "config": self.request.model_dump(mode="json"), "total_params": self.exact.total_params,
                 "trainable_params": self.exact.trainable_params, "calibration": self.calibration,
-                "parts": {p.name: {"bytes": p.bytes, "how": p.how} for p in self.parts},
-                "ranks": [vars(rank) for rank in self.exact.ranks],
-                "total_bytes": self.total_bytes, "complete": self.complete}
+                "device": self.device, "moment": self.moment,
+                "parts": {p.name: {"bytes": p.bytes, "how": p.how, "error": p.error, "allocated": p.allocated}
+                          for p in self.parts},
+                "ranks": [vars(rank) for rank in self.exact.ranks], "allocated_bytes": self.allocated_bytes,
+                "total_bytes": self.total_bytes, "pageable_bytes": self.pageable_bytes, "uncertainty_bytes": self.uncertainty_bytes,
+                "complete": self.complete}
 
 
 @dataclass(frozen=True)
@@ -108,24 +159,40 @@ class GpuFit:
 
     gpu: Gpu
     total_bytes: int
-    max_batch_size: int      # at the request's sequence length; 0 when not even one sequence fits
+    uncertainty_bytes: int   # the plan's: the answer is "yes" or "no" only when the total is that far from the card
+    pageable_bytes: int      # paged optimizer state: may move to host memory, so not needed on the card
+    max_batch_size: int      # at the request's sequence length (surely fitting); 0 when not even one sequence fits
     max_seq_len: int         # at the request's batch size; 0 when nothing fits
     seq_len_capped: bool     # max_seq_len stopped at the model's max_position_embeddings
 
     @property
+    def needed_bytes(self) -> int:
+        """What must be on the card: the total less the paged state the driver may move to host memory."""
+        return self.total_bytes - self.pageable_bytes
+
+    @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.gpu.capacity_bytes
+        """Fits even if every part is off by its error the wrong way."""
+        return self.needed_bytes + self.uncertainty_bytes <= self.gpu.capacity_bytes
+
+    @property
+    def answer(self) -> str:
+        """yes (fits even at the plan's worst), no (does not fit even at its best) or borderline."""
+        if self.fits:
+            return "yes"
+        return "no" if self.needed_bytes - self.uncertainty_bytes > self.gpu.capacity_bytes else "borderline"
 
     @property
     def headroom_bytes(self) -> int:
-        return self.gpu.capacity_bytes - self.total_bytes
+        return self.gpu.capacity_bytes - self.needed_bytes
 
     @property
     def headroom_fraction(self) -> float:
         return self.headroom_bytes / self.gpu.capacity_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gpu": self.gpu.name, "capacity_bytes": self.gpu.capacity_bytes, "fits": self.fits,
+        return {"gpu": self.gpu.name, "capacity_bytes": self.gpu.capacity_bytes, "fits": self.answer,
+                "uncertainty_bytes": self.uncertainty_bytes, "pageable_bytes": self.pageable_bytes,
                 "headroom_bytes": self.headroom_bytes, "headroom_fraction": self.headroom_fraction,
                 "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                 "seq_len_capped": self.seq_len_capped}
@@ -167,8 +234,9 @@ def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) 
 def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     """The exact parts of a request (``model``: its meta model, when the caller already built it); for a
     sharded request, each rank's and the fullest rank's."""
-    from memprof.train import models
+    from memprof.measure import formulas
     from memprof.measure.accounting import weight_bytes
+    from memprof.train import models
 
     if model is None:
         model = meta_model(request.model, request.adapter, request.shape.precision)
@@ -179,9 +247,13 @@ def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     fullest = {name: max(getattr(r, name) for r in ranks) if all(getattr(r, name) is not None for r in ranks)
                else None for name in ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes",
                                       "optimizer_state_bytes")}
+    four_bit = sum(four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
+                   for p in model.parameters() if is_four_bit(p))
+    paged = formulas.predict_paged_bytes(request.optimizer.name, state.groups, state.settings)
     return Exact(shape=shape, total_params=weights.frozen_params + weights.trainable_params,
                  trainable_params=weights.trainable_params, buffer_bytes=weights.buffers.total,
-                 optimizer_state_note=state.note, adapted_numel=adapted_numel(model),
+                 optimizer_state_note=state.note, frozen_four_bit_bytes=four_bit, paged_state_bytes=paged,
+                 adapted_numel=adapted_numel(model),
                  residual_itemsize=model.get_input_embeddings().weight.element_size(),
                  ranks=ranks if request.levers.parallel.world_size > 1 else (),
                  gathered_bytes=gathered_bytes(request, model),
@@ -235,49 +307,109 @@ def gathered_bytes(request: CellConfig, model: nn.Module) -> int:
 
 # --- predictions ----------------------------------------------------------------------------------------------
 
+ANALYTIC_ERROR = 0.002       # the analytic moments matched the H200's allocator peaks within 0.103%
+ESTIMATE_ERROR = 0.15        # moments estimated from CPU replays, never checked against a measured peak
+NON_PYTORCH_ERROR = 0.05     # NVML's non-PyTorch figure moved 2% between the H200's cells
+ASSUMED_ERROR = 0.5          # nothing measured
 
-def predict(request: CellConfig, exact: Exact, calibration: Calibration) -> Plan:
-    """The plan for ``request`` from its exact parts and the calibrated activations and temporaries."""
+
+def predict(request: CellConfig, exact: Exact, calibration: Calibration, device: str = "cuda") -> Plan:
+    """The plan for ``request`` on ``device`` (cuda or cpu): analytic where ``memprof.measure.step_memory`` covers
+    the request and the calibration holds the device kind's measured parts, else the fitted fallback."""
+    measured = calibration.devices.get(device)
+    shape = step_memory.step_shape(request, device) if measured is not None else None
+    if shape is None:
+        return _fitted(request, exact, calibration, device)
+    return _analytic(request, exact, shape, measured)
+
+
+def _weights(request: CellConfig, exact: Exact) -> list[Part]:
+    """The exact parts every plan has: weights (4-bit and k-bit's fp32 casts apart), buffers and optimizer state."""
+    strategy = request.levers.parallel.strategy
+    per_rank = f", per rank ({strategy} shards it)" if strategy in ("zero1", "fsdp2") else ""
+    sharded = per_rank if strategy == "fsdp2" else ""
+    kbit = request.adapter.kind == "qlora" and request.adapter.quant.prepare_for_kbit_training
+    cast = exact.frozen_weight_bytes - exact.frozen_four_bit_bytes if kbit else 0
+    parts = [Part("frozen_weights", exact.frozen_weight_bytes - cast,
+                  "exact" + (" (4-bit + quant state)" if exact.frozen_four_bit_bytes else "") + sharded)]
+    if cast:
+        parts.append(Part("kbit_fp32_weights", cast, "exact: embeddings, norms and head that peft's "
+                                                     "prepare_model_for_kbit_training casts to fp32"))
+    state = exact.optimizer_state_bytes
+    paged = exact.paged_state_bytes or 0
+    parts += [Part("trainable_weights", exact.trainable_weight_bytes, "exact" + sharded),
+              Part("buffers", exact.buffer_bytes, "exact"),
+              Part("optimizer_state", None if state is None else state - paged, exact.optimizer_state_note + per_rank)]
+    if paged:
+        parts.append(Part("optimizer_state_paged_bytes", paged, "exact: state buffers of tensors >= 1e5 elements, in "
+                          "CUDA managed memory", allocated=False))
+    return parts
+
+
+def _sharding(request: CellConfig, exact: Exact) -> list[Part]:
+    strategy = request.levers.parallel.strategy
+    if strategy in ("ddp", "zero1"):
+        return [Part("ddp_buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients")]
+    if strategy == "fsdp2":
+        return [Part("gathered_weights", exact.gathered_bytes, "derived: the root unit and two layers unsharded")]
+    return []
+
+
+def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, measured: DeviceCalibration) -> Plan:
+    weights = _weights(request, exact)
+    held = sum(p.bytes or 0 for p in weights if p.allocated and p.name != "optimizer_state")
+    state = next(p.bytes for p in weights if p.name == "optimizer_state")
+    moments = step_memory.moments(shape, weights=held, optimizer=state or 0, gradients=exact.gradient_bytes)
+    moment = max(moments, key=lambda name: sum(moments[name].values()))
+    error = ESTIMATE_ERROR if moment in step_memory.ESTIMATES else ANALYTIC_ERROR
+    how = "analytic" + (" (an estimate from CPU replays)" if error == ESTIMATE_ERROR else "")
+    exact_names = {p.name for p in weights}
+    parts = weights + [Part(name, nbytes, how, error) for name, nbytes in name_parts(moments[moment]).items()
+                       if name not in exact_names]
+    parts += _sharding(request, exact)
+    peak = sum(p.bytes or 0 for p in parts if p.allocated)
+    other = measured.other_bytes(shape)
+    parts.append(Part("other", other, f"fitted to {measured.cells} cells", measured.other_spread * peak / max(other, 1)))
+    if measured.device == "cuda":
+        cache = measured.cache_bytes(peak, cache_pressure(shape))
+        parts.append(Part("allocator_cache_bytes", cache, f"fitted to {measured.cells} cells",
+                          measured.cache_max_error * (peak + cache) / max(cache, 1), allocated=False))
+        parts.append(Part("non_pytorch_bytes", measured.non_pytorch_bytes, f"measured: the median of "
+                          f"{measured.cells} cells", NON_PYTORCH_ERROR, allocated=False))
+    return Plan(request, exact, tuple(parts), measured.source, measured.device, moment)
+
+
+def _fitted(request: CellConfig, exact: Exact, calibration: Calibration, device: str) -> Plan:
+    """The fallback: activations and temporaries from coefficients fitted to CPU runs (a model the analytic
+    formulas do not cover, or a device kind without a calibration)."""
     group = calibration.group(request.shape.precision, request.adapter.kind)
-    return _assemble(request, exact, group, calibration)
-
-
-def _assemble(request: CellConfig, exact: Exact, group: Group, calibration: Calibration) -> Plan:
-    tokens, checkpointing = request.shape.tokens, (request.levers.gradient_checkpointing != "off")
+    tokens, checkpointing = request.shape.tokens, request.levers.gradient_checkpointing != "off"
     act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
     act_how = f"fitted ({calibration.device} calibration)"
-    if checkpointing:
-        act_how += ", checkpointed: each layer's input"
     if request.levers.attn_implementation == "eager":
         act += eager_attention_bytes(request, exact)
         act_how += ", + eager attention's seq×seq matrices (derived)"
-    temp = max(0, group.temporary_bytes(act, tokens, exact.shape.vocab))
-    fitted = f"fitted ({calibration.device} calibration)"
-    quant = " (4-bit + quant state)" if request.adapter.kind == "qlora" else ""
-    strategy = request.levers.parallel.strategy
-    per_rank = f", per rank ({strategy} shards it)" if strategy in ("zero1", "fsdp2") else ""
-    parts = [
-        Part("frozen weights", exact.frozen_weight_bytes, "exact" + quant + _if_fsdp2(request, per_rank)),
-        Part("adapter weights" if request.adapter.kind != "none" else "trainable weights",
-             exact.trainable_weight_bytes, "exact" + _if_fsdp2(request, per_rank)),
-        Part("buffers", exact.buffer_bytes, "exact"),
-        Part("gradients", exact.gradient_bytes, "exact" + _if_fsdp2(request, per_rank)),
-        Part("optimizer state", exact.optimizer_state_bytes, exact.optimizer_state_note + per_rank),
-        Part("activations", act, act_how),
-    ]
+    fitted = f"fitted ({calibration.device} calibration, {calibration.source.get('machine', '?')})"
+    parts = _weights(request, exact) + [
+        Part("gradients", exact.gradient_bytes, "exact" + (", per rank" if request.levers.parallel.strategy ==
+                                                            "fsdp2" else "")),
+        Part("activations", act, act_how, group.activation_max_error)]
     if checkpointing:
         recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
         if request.levers.attn_implementation == "eager":
             recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
-        parts.append(Part("recomputed layer", recompute, "fitted: one layer's activations, alive again in backward"))
-    parts.append(Part("temporaries", temp, fitted))
-    if request.levers.parallel.strategy in ("ddp", "zero1"):
-        parts.append(Part("DDP gradient buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients"))
-    if request.levers.parallel.strategy == "fsdp2":
-        parts.append(Part("all-gathered weights", exact.gathered_bytes,
-                          "derived: the root unit and two layers unsharded at once"))
-    parts.append(Part("CUDA context", calibration.cuda_context_bytes, calibration.cuda_context_source))
-    return Plan(request, exact, tuple(parts), calibration.path or calibration.device)
+        parts.append(Part("layer", recompute, "fitted: one layer's activations, alive again in backward",
+                          group.activation_max_error))
+    parts.append(Part("temporaries", max(0, group.temporary_bytes(act, tokens, exact.shape.vocab)), fitted,
+                      group.peak_max_error))
+    parts += _sharding(request, exact)
+    if device == "cuda":
+        measured = calibration.devices.get("cuda")
+        parts.append(Part("non_pytorch_bytes", measured.non_pytorch_bytes if measured else
+                          calibration.cuda_context_bytes, f"measured: median of {measured.source}" if measured
+                          else calibration.cuda_context_source,
+                          NON_PYTORCH_ERROR if measured else ASSUMED_ERROR, allocated=False))
+    return Plan(request, exact, tuple(parts), calibration.path or calibration.device, device)
 
 
 def _if_fsdp2(request: CellConfig, text: str) -> str:
@@ -318,22 +450,23 @@ def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH
 
 
 def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
-    """``plan`` against ``gpu``, with the largest batch (same length) and length (same batch) predicted to fit."""
+    """``plan`` against ``gpu``, with the largest batch (same length) and length (same batch) that surely fit
+    (their plan's total plus its uncertainty within the card)."""
     request, exact = plan.request, plan.exact
-    group = calibration.group(request.shape.precision, request.adapter.kind)
 
-    def total(batch_size: int, seq_len: int) -> int:
-        sized = request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len})
-        return _assemble(sized, exact, group,
-                         calibration).total_bytes
+    def fits(batch_size: int, seq_len: int) -> bool:
+        sized = predict(request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len}), exact,
+                        calibration, plan.device)
+        return sized.needed_bytes + sized.uncertainty_bytes <= gpu.capacity_bytes
 
-    max_batch = largest(lambda b: total(b, request.shape.seq_len) <= gpu.capacity_bytes)
+    max_batch = largest(lambda b: fits(b, request.shape.seq_len))
     cap = exact.shape.max_positions or MAX_SEARCH
-    max_seq = largest(lambda s: total(request.shape.batch_size, s) <= gpu.capacity_bytes, limit=cap)
-    return GpuFit(gpu, plan.total_bytes, max_batch, max_seq, max_seq == cap)
+    max_seq = largest(lambda s: fits(request.shape.batch_size, s), limit=cap)
+    return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, plan.pageable_bytes, max_batch, max_seq,
+                  max_seq == cap)
 
 
-def plan_requests(requests: Iterable[CellConfig], calibration: Calibration) -> list[Plan]:
+def plan_requests(requests: Iterable[CellConfig], calibration: Calibration, device: str = "cuda") -> list[Plan]:
     """Plans for many requests, building each meta model (and each optimizer's state) once."""
     models: dict[str, nn.Module] = {}
     exacts: dict[str, Exact] = {}
@@ -345,7 +478,7 @@ def plan_requests(requests: Iterable[CellConfig], calibration: Calibration) -> l
         exact_key = model_key + repr((request.optimizer.name, request.optimizer.kwargs))
         if exact_key not in exacts:
             exacts[exact_key] = exact_parts(request, models[model_key])
-        plans.append(predict(request, exacts[exact_key], calibration))
+        plans.append(predict(request, exacts[exact_key], calibration, device))
     return plans
 
 

@@ -12,6 +12,9 @@ from typing import Any
 from memprof.config.spec import AXES, CellConfig, Spec
 
 SCHEMA_VERSION = 2  # 2: the configuration nested in ``config`` (1: its fields flat beside the measurements)
+# Record fields that map a name to bytes, and the column prefix each takes in a CSV row (``peak.activations``).
+DICT_COLUMNS = {"optimizer_state_bytes_by_dtype": "optimizer_state_bytes",
+                "phase_peak_allocated_bytes": "phase_peak_allocated_bytes", "breakdown": "peak"}
 # The figures a sharded cell keeps for each of its ranks (the record's own fields hold the max over ranks).
 RANK_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
                "predicted_state_bytes", "activation_bytes", "peak_allocated_bytes", "peak_rss_delta_bytes",
@@ -55,6 +58,7 @@ class Record:
     total_params: int | None = None
     trainable_params: int | None = None
     frozen_weight_bytes: int | None = None
+    frozen_four_bit_bytes: int | None = None  # the part of frozen_weight_bytes bitsandbytes quantised
     trainable_weight_bytes: int | None = None
     buffer_bytes: int | None = None
     gradient_bytes: int | None = None
@@ -68,11 +72,14 @@ class Record:
     peak_reserved_bytes: int | None = None
     num_alloc_retries: int | None = None
     num_ooms: int | None = None
+    phase_peak_allocated_bytes: dict[str, int] = field(default_factory=dict)  # at the snapshot step, by phase
     # NVML
     nvml_peak_device_used_bytes: int | None = None
     nvml_peak_process_used_bytes: int | None = None
-    # attribution at the peak (memprof.measure.attribution)
-    attributed_other_bytes: int | None = None
+    # attribution at the peak (memprof.measure.attribution): the phase and moment it fell at, and its parts
+    peak_phase: str = ""
+    peak_moment: str = ""
+    breakdown: dict[str, int] = field(default_factory=dict)  # attribution.PARTS name -> bytes; sums to the peak
     allocator_cache_bytes: int | None = None
     non_pytorch_bytes: int | None = None
     # host
@@ -153,8 +160,8 @@ class Record:
         for name in ("config", "schema_version"):
             data.pop(name)
         data["status"] = self.status.value
-        for dtype, nbytes in data.pop("optimizer_state_bytes_by_dtype").items():
-            data[f"optimizer_state_bytes.{dtype}"] = nbytes
+        for name, column in DICT_COLUMNS.items():
+            data.update({f"{column}.{key}": nbytes for key, nbytes in data.pop(name).items()})
         for rank, figures in enumerate(data.pop("ranks")):
             data.update({f"rank{rank}.{name}": value for name, value in figures.items()})
         return {**row, **data}
@@ -168,13 +175,14 @@ class Record:
                 validate.
         """
         types = {f.name: str(f.type) for f in fields(cls)}
-        values: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
-        by_dtype: dict[str, int] = {}
+        values: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{name: {} for name in DICT_COLUMNS}}
+        by_column = {column: name for name, column in DICT_COLUMNS.items()}
         ranks: dict[int, dict[str, Any]] = {}
         for key, text in row.items():
-            if key.startswith("optimizer_state_bytes."):
+            head, _, rest = key.partition(".")
+            if head in by_column and rest:
                 if text:
-                    by_dtype[key.split(".", 1)[1]] = int(text)
+                    values[by_column[head]][rest] = int(text)
             elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
                 rank, name = key.split(".", 1)
                 ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
@@ -185,7 +193,6 @@ class Record:
         values["status"] = Status(values.get("status") or "ok")
         # a CSV has the rank columns of its most sharded cell: the others' are empty
         values["ranks"] = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
-        values["optimizer_state_bytes_by_dtype"] = by_dtype
         return cls(**values)
 
 

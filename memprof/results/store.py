@@ -216,3 +216,24 @@ def read_csv_records(path: Path) -> list[Record]:
         except (ValueError, TypeError, KeyError) as err:
             raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
     return records
+
+
+def copy_run(run_dir: Path, out: Path, records: list[Record]) -> None:
+    """A copy of a result folder at ``out`` (a new folder) holding ``records`` instead of the folder's own, written
+    in the current schema: the suite, environment and per-cell rows as they were.
+
+    Raises:
+        UserError: ``out`` exists, or cannot be written.
+    """
+    if out.exists():
+        raise UserError(str(out), "exists: give a new folder")
+    try:
+        shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("records.jsonl", "cells.csv", "manifest.json",
+                                                                    "*.tmp"))
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest.update(schema_version=SCHEMA_VERSION, config_hashes=[r.config.config_hash for r in records])
+        write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        write_atomic(out / "records.jsonl", "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in records))
+        write_atomic(out / "cells.csv", to_csv([r.to_row() for r in records]))
+    except OSError as err:
+        raise UserError(str(out), f"cannot write: {err}") from None

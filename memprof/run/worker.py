@@ -93,6 +93,6 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     if status in (Status.OK, Status.DIVERGED):  # a curve cut short by a crash or OOM says nothing about learning
         values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.training.target_loss))
     values["cell_wall_s"] = time.perf_counter() - t_start
-    record = attribute(Record(cell, status=status, **values))
+    record = attribute(Record(cell, status=status, **values), values.get("peak_phase", ""))
     steps = [{"cell_key": cell.key, "repeat": cell.training.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])

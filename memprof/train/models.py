@@ -116,7 +116,7 @@ def _bnb_config(quant: QuantSpec):
 
 def quantize_linears_4bit(model: nn.Module, quant: QuantSpec) -> None:
     """Swap every ``nn.Linear`` but the output head for a bitsandbytes ``Linear4bit``, as transformers'
-    bitsandbytes loader does; on a meta model, ``memprof.train.materialize`` quantises each as it makes it real."""
+    bitsandbytes loader does; on a meta model, ``memprof.train.materialize`` makes each a random 4-bit weight."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -174,7 +174,7 @@ def lora_config(adapter: AdapterSpec):
     for key, value in kwargs.items():
         try:
             TypeAdapter(hints[key]).validate_python(value, strict=True)
-        except ValidationError as err:
+        except ValidationError:
             raise AdapterConfigError(key, f"peft's LoraConfig takes {_type_name(hints[key])} here, not "
                                           f"{value!r}") from None
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: peft itself will judge the value

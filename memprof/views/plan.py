@@ -7,13 +7,14 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from memprof.plan.predict import part_label
 from memprof.views.tables import human_bytes
 
 if TYPE_CHECKING:
     from memprof.plan.calibration import Calibration
     from memprof.plan.fit import Search
     from memprof.plan.gpus import Gpu
-    from memprof.plan.predict import Plan, GpuFit
+    from memprof.plan.predict import GpuFit, Plan
 
 
 def describe(plan: Plan) -> str:
@@ -25,35 +26,50 @@ def describe(plan: Plan) -> str:
             f"({e.total_params / 1e9:.2f} B params, {e.trainable_params / 1e6:.1f} M trainable)")
 
 
+_KIND_STYLE = {"exact": "green", "analytic": "cyan", "measured": "cyan", "derived": "cyan", "fitted": "yellow",
+               "assumed": "red"}
+
+
 def parts_table(plan: Plan) -> Table:
-    table = Table(title=describe(plan), title_justify="left", header_style="bold")
-    for name in ("part", "bytes", "GiB", "share", "how"):
-        table.add_column(name, justify="left" if name in ("part", "how") else "right")
+    """The plan part by part: bytes, its share, how far it may be off, and how it was obtained (coloured by kind:
+    exact, analytic or measured, fitted, assumed)."""
+    title = describe(plan) + (f"\npeak at the {plan.moment}" if plan.moment else "") + \
+        (f"; fitted and measured parts from {plan.calibration}" if plan.moment else "")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in ("part", "GiB", "share", "± GiB", "how"):
+        table.add_column(name, justify="left" if name in ("part", "how") else "right", no_wrap=name != "how")
     total = plan.total_bytes
     for part in plan.parts:
+        label = part_label(part.name) + ("" if part.allocated else " *")
         if part.bytes is None:
-            table.add_row(part.name, "?", "?", "", f"[yellow]unknown: {part.how}[/]")
+            table.add_row(label, "?", "", "", f"[red]unknown: {part.how}[/]")
             continue
-        table.add_row(part.name, f"{part.bytes:,}", f"{part.bytes / (1 << 30):.2f}",
-                      f"{part.bytes / total:.0%}" if total else "", part.how)
-    bound = "" if plan.complete else " (lower bound)"
-    table.add_row("[bold]total[/]", f"[bold]{total:,}[/]", f"[bold]{total / (1 << 30):.2f}[/]", "",
-                  f"on a GPU{bound}; without the CUDA context {human_bytes(plan.training_bytes)}")
+        style = _KIND_STYLE.get(part.kind, "white")
+        table.add_row(label, f"{part.bytes / (1 << 30):.3f}", f"{part.bytes / total:.0%}" if total else "",
+                      f"{part.bytes * part.error / (1 << 30):.3f}" if part.error else "", f"[{style}]{part.how}[/]")
+    bound = " (a lower bound: a part is unknown)" if not plan.complete else ""
+    where = "on the card" if plan.device == "cuda" else "RSS growth on the CPU"
+    table.add_row("[bold]total[/]", f"[bold]{total / (1 << 30):.3f}[/]", "",
+                  f"{plan.uncertainty_bytes / (1 << 30):.3f}", f"{where}{bound}; * not the torch allocator's: "
+                  f"its peak is {human_bytes(plan.allocated_bytes)}")
     return table
 
 
 def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     r = plan.request
-    table = Table(title="fits?", title_justify="left", header_style="bold")
-    for name in ("GPU", "capacity", "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
+    paged = plan.pageable_bytes
+    table = Table(title="fits?", title_justify="left", header_style="bold",
+                  caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
+                          "moves to host memory when the card is full" if paged else None, caption_justify="left")
+    for name in ("GPU", "capacity", "needed" if paged else "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
                  f"max seq @ b{r.shape.batch_size}"):
         table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
     for v in verdicts:
-        fits = "[green]yes[/]" if v.fits else "[bold red]no[/]"
+        fits = {"yes": "[green]yes[/]", "no": "[bold red]no[/]", "borderline": "[yellow]borderline[/]"}[v.answer]
         if not plan.complete:
-            fits += " [yellow](?)[/]"
+            fits = "[yellow]at least this much[/]" if v.answer == "no" else "[yellow]unknown[/]"
         seq = f"{v.max_seq_len:,}" + (" (model max)" if v.seq_len_capped else "")
-        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.total_bytes),
+        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.needed_bytes),
                       human_bytes(v.headroom_bytes), f"{v.headroom_fraction:.0%}", fits, f"{v.max_batch_size:,}",
                       seq)
     return table
@@ -62,7 +78,7 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
 def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
                  verdicts: dict[int, list[GpuFit]]) -> list[Table]:
     """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
-    entry is the predicted total and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
+    entry is what must be on the card and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
@@ -77,7 +93,9 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
         title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
                  + (f" {levers}" if levers else ""))
         table = Table(title=title, title_justify="left", header_style="bold",
-                      caption=f"predicted peak on a GPU; ✓/✗ per GPU: {' '.join(g.name for g in gpus)}",
+                      caption="predicted peak on a GPU (paged optimizer state left out: the driver moves it to host "
+                              f"memory when the card is full); per GPU ({' '.join(g.name for g in gpus)}): ✓ fits "
+                              "even at the plan's worst, ✗ does not fit even at its best, ? borderline",
                       caption_justify="left")
         for name in ("model", "adapter", "optimizer"):
             table.add_column(name)
@@ -90,9 +108,10 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
                 if index is None:
                     cells.append("")
                     continue
-                marks = "".join("[green]✓[/]" if v.fits else "[red]✗[/]" for v in verdicts[index])
+                marks = "".join({"yes": "[green]✓[/]", "no": "[red]✗[/]", "borderline": "[yellow]?[/]"}[v.answer]
+                                for v in verdicts[index])
                 lower = "≥" if not plans[index].complete else ""
-                cells.append(f"{lower}{human_bytes(plans[index].total_bytes)} {marks}")
+                cells.append(f"{lower}{human_bytes(plans[index].needed_bytes)} {marks}")
             table.add_row(model, adapter, optimizer, *cells)
         tables.append(table)
     return tables

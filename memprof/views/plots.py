@@ -15,8 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
-from memprof.results.record import Record, StepLog  # noqa: E402
+from memprof.analysis.memory import GROUP_AXES  # noqa: E402
 from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid  # noqa: E402
+from memprof.config.spec import varying  # noqa: E402
+from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
+from memprof.results.record import Record, Status, StepLog  # noqa: E402
 
 DPI = 100
 COLOURS = plt.get_cmap("tab10").colors
@@ -27,6 +30,70 @@ class Figure:
     name: str  # file stem
     title: str
     png: bytes
+
+
+# One colour per part, the same in every figure: weights greens, gradients and state blues, activations oranges
+PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "trainable_weights": "#17becf",
+                "buffers": "#bcbd22", "gradients": "#9edae5", "optimizer_state": "#1f77b4",
+                "optimizer_state_paged_bytes": "#aec7e8", "activations": "#ff7f0e", "loss_logits": "#d62728",
+                "layer": "#ffbb78", "optimizer_temporaries": "#9467bd", "workspaces": "#8c564b", "input": "#c49c94",
+                "other": "#7f7f7f", "allocator_cache_bytes": "#c7c7c7", "non_pytorch_bytes": "#e377c2"}
+
+
+def memory_figure(run: Run) -> Figure | None:
+    """Each configuration's peak as a stacked bar of its parts (``memprof.measure.attribution``), the configurations
+    of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
+    CUDA's context) hatched after it. None when no cell has a breakdown."""
+    shown = [next((r for r in rs if r.status is Status.OK), rs[0]) for rs in by_config(run.records).values()]
+    shown = [r for r in shown if r.breakdown]
+    if not shown:
+        return None
+    groups: dict[str, list[Record]] = {}
+    for r in shown:
+        groups.setdefault(group_title(r), []).append(r)
+    totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
+    unit, scale = ("GiB", 1 << 30) if max(totals) >= 1 << 30 else ("MiB", 1 << 20)
+    heights = [0.45 * len(rs) + 0.9 for rs in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, sum(heights) + 1.2), dpi=DPI, squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    present: dict[str, str] = {}
+    for ax, (title, rs) in zip(axes[:, 0], groups.items()):
+        names = [a for a in varying([r.config for r in rs], always=("optimizer",)) if a.name not in GROUP_AXES]
+        labels = [" ".join(a.text(r.config) for a in names) for r in rs]
+        for y, r in enumerate(rs):
+            left = 0.0
+            for part, nbytes in _segments(r).items():
+                if nbytes <= 0:
+                    continue
+                outside = part in OUTSIDE
+                ax.barh(y, nbytes / scale, left=left, color=PART_COLOURS[part], edgecolor="white" if not outside
+                        else "#555555", hatch="//" if outside else None, linewidth=0.6, height=0.7)
+                present[part] = (PARTS | OUTSIDE)[part].label
+                left += nbytes / scale
+            ax.text(left, y, f" {left:.2f} {unit}" + ("" if r.status is Status.OK else f" ({r.status.value})"),
+                    va="center", fontsize=8)
+        ax.set_yticks(range(len(rs)), labels, fontsize=9)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlim(0, max(totals) / scale * 1.18)
+    axes[-1, 0].set_xlabel(f"{unit} at the peak ({'allocator' if shown[0].peak_allocated_bytes is not None else 'RSS growth'}"
+                           "; hatched: outside the torch allocator)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=PART_COLOURS[p], hatch="//" if p in OUTSIDE else None)
+               for p in present]
+    columns = 4
+    fig.legend(handles, list(present.values()), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.suptitle("Where each peak's bytes are", fontsize=11)
+    fig.tight_layout(rect=(0, 0.045 * math.ceil(len(present) / columns) + 0.02, 1, 1))
+    return Figure("memory", "Where each peak's bytes are", _png(fig))
+
+
+def _segments(r: Record) -> dict[str, int]:
+    """A record's breakdown in ``PARTS`` order (the remainder last, negative ones dropped), then what lies outside
+    the torch allocator."""
+    parts = {name: r.breakdown.get(name, 0) for name in PARTS if name != "other"}
+    parts["other"] = r.breakdown.get("other", 0)
+    return {**parts, **{name: getattr(r, name) or 0 for name in OUTSIDE}}
 
 
 def figures(run: Run) -> list[Figure]:

@@ -1,5 +1,6 @@
 """The report rendered: rich tables for the terminal, and one self-contained HTML page (figures embedded as base64
-PNG, so the file can be mailed or attached to a CI run as it is)."""
+PNG, so the file can be mailed or attached to a CI run as it is). Memory comes first: a table of each configuration's
+optimizer state and peak, and the stacked breakdown of every peak."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import base64
 import html
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from memprof.analysis.memory import state_vs_baseline
+from memprof.analysis.report import Run, TableData, by_config, fixed_axes, varying_axes
 from memprof.errors import UserError
-from memprof.analysis.report import Run, TableData
+from memprof.results.record import Status
+from memprof.views.tables import human_bytes
 
+_NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
 _NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?( ± [\d,.]+)?×?( \(\d+/\d+\))?$")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -26,34 +32,102 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.best { font-weight: bold; background: #dff5df; }
 p.note { color: #666; font-size: 12px; margin: 0.1em 0; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+h1.section { font-size: 22px; border-bottom: 2px solid #333; margin-top: 1.5em; }
 """
 
 
-def rich_tables(tables: list[TableData]) -> Group:
+@dataclass(frozen=True)
+class Section:
+    """A heading of the HTML page with its tables and figures."""
+
+    title: str
+    tables: list[TableData]
+    figures: list
+
+
+def memory_table(run: Run) -> TableData:
+    """One row per configuration: optimizer state (and its ratio to AdamW's in the same group), the paged part, the
+    peak and the moment it fell at (the figure shows its parts). Memory does not vary between repeats: the first
+    ok repeat speaks for them."""
+    axes = varying_axes(run.records)
+    ratios = state_vs_baseline(run.records)
+    cuda = any(r.peak_allocated_bytes is not None for r in run.records)
+    paged = any(r.optimizer_state_paged_bytes for r in run.records)
+    rows = []
+    for rs in by_config(run.records).values():
+        r = next((r for r in rs if r.status is Status.OK), rs[0])
+        ratio = ratios.get(r.config.index)
+        row = [axis.text(r.config) for axis in axes] + [
+            r.status.value, human_bytes(r.optimizer_state_bytes), f"{ratio:.2f}×" if ratio is not None else "–"]
+        row += [human_bytes(r.optimizer_state_paged_bytes)] if paged else []
+        row += [human_bytes(r.peak_bytes)] + ([human_bytes(r.nvml_peak_process_used_bytes)] if cuda else [])
+        row += [r.peak_moment or "–"]
+        rows.append(row)
+    columns = [axis.title for axis in axes] + ["status", "optimizer state", "vs AdamW"] + \
+        (["paged"] if paged else []) + ["peak"] + (["on the card (NVML)"] if cuda else []) + ["peak at"]
+    notes = ["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers",
+             "peak: the torch allocator's peak" if cuda else
+             "peak: growth of the worker's resident memory (RSS) on this CPU; it includes freed pages the C "
+             "allocator keeps, so it differs by tens of MB between repeats"]
+    if paged:
+        notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
+    return TableData(f"Memory ({fixed_axes(run.records)})", columns, rows, notes)
+
+
+def rich_tables(tables: list[TableData], width: int) -> Group:
+    """The tables for a terminal ``width`` columns wide. No cell is cut or folded: a column that does not fit is
+    left out, the rightmost first (columns come in order of importance), and a note names it. Prose columns (the
+    diagnoses' meanings and remedies) wrap."""
     parts: list = []
     for t in tables:
+        keep = _columns_that_fit(t, width)
         table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
-        for j, name in enumerate(t.columns):
+        for j in keep:
             numeric = all(_NUMBER.match(row[j]) or row[j] in ("–", "") for row in t.rows)
-            table.add_column(name, justify="right" if numeric else "left")
+            if _widest(t, j) > _NAME_WIDTH:
+                table.add_column(t.columns[j], overflow="fold")
+            else:
+                table.add_column(t.columns[j], justify="right" if numeric else "left", no_wrap=True,
+                                 min_width=max(_widest(t, j), len(t.columns[j])))
         for i, row in enumerate(t.rows):
-            table.add_row(*(f"[bold green]{cell}[/]" if (i, j) in t.best else cell for j, cell in enumerate(row)))
+            table.add_row(*(f"[bold green]{row[j]}[/]" if (i, j) in t.best else row[j] for j in keep))
         parts.append(table)
         parts.extend(Text(note, style="dim") for note in t.notes)
+        left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep]
+        if left_out:
+            parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
+                              "report.html, has them)", style="yellow"))
     return Group(*parts)
 
 
-def html_page(run: Run, tables: list[TableData], figures: list) -> str:
+def _widest(t: TableData, j: int) -> int:
+    return max((len(row[j]) for row in t.rows), default=0)
+
+
+def _columns_that_fit(t: TableData, width: int) -> list[int]:
+    """The columns to show: all that fit in ``width``, dropping from the right; prose columns count at their
+    narrowest useful width."""
+    def need(j: int) -> int:  # the widest cell or the header, plus rich's padding and border
+        return max(min(_widest(t, j), _NAME_WIDTH), len(t.columns[j])) + 3
+
+    keep = list(range(len(t.columns)))
+    while len(keep) > 1 and sum(need(j) for j in keep) + 1 > width:
+        keep.pop()
+    return keep
+
+
+def html_page(run: Run, sections: list[Section]) -> str:
     """The whole report as one HTML document."""
     suite = run.records[0].config.suite if run.records else run.run_dir.name
     body = [f"<h1>memprof report: {html.escape(suite)}</h1>",
             f"<p class='note'>{html.escape(str(run.run_dir))} — {len(run.records)} cells{_env_line(run)}</p>"]
-    for t in tables:
-        body.append(_html_table(t))
-    for fig in figures:
-        data = base64.b64encode(fig.png).decode("ascii")
-        body.append(f"<h2>{html.escape(fig.title)}</h2><img alt='{html.escape(fig.title)}' "
-                    f"src='data:image/png;base64,{data}'>")
+    for section in sections:
+        body.append(f"<h1 class='section'>{html.escape(section.title)}</h1>")
+        body.extend(_html_table(t) for t in section.tables)
+        for fig in section.figures:
+            data = base64.b64encode(fig.png).decode("ascii")
+            body.append(f"<h2>{html.escape(fig.title)}</h2><img alt='{html.escape(fig.title)}' "
+                        f"src='data:image/png;base64,{data}'>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>memprof report: {html.escape(suite)}"
             f"</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -82,7 +156,7 @@ def _env_line(run: Run) -> str:
     return html.escape(f"; torch {torch_version}, {env.get('cpu') or 'cpu'}")
 
 
-def write(run: Run, tables: list[TableData], figures: list, out_dir: Path) -> Path:
+def write(run: Run, sections: list[Section], out_dir: Path) -> Path:
     """Write each figure as a PNG and the HTML page into ``out_dir``; return the page's path.
 
     Raises:
@@ -90,10 +164,10 @@ def write(run: Run, tables: list[TableData], figures: list, out_dir: Path) -> Pa
     """
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for fig in figures:
+        for fig in (fig for section in sections for fig in section.figures):
             (out_dir / f"{fig.name}.png").write_bytes(fig.png)
         page = out_dir / "report.html"
-        page.write_text(html_page(run, tables, figures), encoding="utf-8")
+        page.write_text(html_page(run, sections), encoding="utf-8")
     except OSError as err:
         raise UserError(str(out_dir), f"cannot write the report: {err}") from None
     return page

@@ -10,14 +10,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from memprof.analysis.memory import GROUP_AXES, group_key, state_vs_baseline
 from memprof.analysis.slopes import Slope, activation_slopes
-from memprof.config.spec import AXIS_BY_NAME, CellConfig, varying
+from memprof.config.spec import CellConfig, varying
+from memprof.measure.attribution import PARTS
 from memprof.results.record import Record, Status
 
 if TYPE_CHECKING:
     from memprof.measure.crosscheck import CategoryCheck
 
-BASELINE_OPTIMIZER = "adamw_torch"
 STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "magenta", Status.CRASHED: "red",
                  Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
 
@@ -44,7 +45,8 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
     records = list(records)
     groups: dict[tuple, list[Record]] = {}
     for r in records:
-        groups.setdefault(_group_key(r), []).append(r)
+        groups.setdefault(group_key(r.config), []).append(r)
+    ratios = state_vs_baseline(records)
     show_paged = any(r.optimizer_state_paged_bytes for r in records)
     parts: list = [Text(title, style="bold")]
     for rows in groups.values():
@@ -60,10 +62,8 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
         for name in ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
                 ["peak", "tokens/s", "step p50", "loss"]:
             table.add_column(name, justify="left" if name == "status" else "right", overflow="fold")
-        base = {r.config.levers_label: r.optimizer_state_bytes for r in reversed(rows)
-                if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes}
         for r, label in zip(rows, names):
-            table.add_row(*label, *_row(r, base.get(r.config.levers_label), show_paged))
+            table.add_row(*label, *_row(r, ratios.get(r.config.index), show_paged))
         parts.append(table)
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
@@ -80,14 +80,6 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
     return Group(*parts)
 
 
-# What a results table is one of: these axes are in its title, the others that vary are its rows' names.
-GROUP_AXES = ("model", "adapter", "batch_size", "seq_len", "precision")
-
-
-def _group_key(r: Record) -> tuple:
-    return tuple(repr(AXIS_BY_NAME[name].get(r.config)) for name in GROUP_AXES)
-
-
 def slopes_table(slopes: Iterable[Slope]) -> Table:
     """Activation memory against context length, one fitted line per group."""
     table = Table(title="[bold]activations vs context length[/]: saved bytes ≈ slope × tokens + intercept",
@@ -101,9 +93,9 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
     return table
 
 
-def _row(r: Record, base: int | None, show_paged: bool) -> list[str]:
+def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]:
     """The figures of one results row (its names come from the varying axes)."""
-    ratio = f"{r.optimizer_state_bytes / base:.2f}×" if base and r.optimizer_state_bytes is not None else "–"
+    ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
     status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
     if r.status is not Status.OK and r.fail_phase:
         status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
@@ -166,3 +158,56 @@ def levers_markdown(records: Iterable[Record]) -> str:
         lines.append(f"{names} {' | '.join(figures)} |")
     return "\n".join(lines)
 
+
+
+def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[str], list[list[str]], list[str]]:
+    """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per attributed cell,
+    named by the axes that vary; figures in GiB. Parts below ``fold`` of every row's peak share one "small" column."""
+    records = [r for r in records if r.breakdown]
+    axes = varying([r.config for r in records], always=("optimizer",))
+    present = [name for name in PARTS if any(r.breakdown.get(name) for r in records)]
+    small = [name for name in present if name != "other"
+             and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in records)]
+    parts = [name for name in present if name not in small]
+    titles = [a.title for a in axes] + ["peak GiB", "at"] + [PARTS[name].short for name in parts]
+    titles += ["small"] if small else []
+    rows = [[a.text(r.config) for a in axes] + [_gib(r.peak_bytes), r.peak_moment or "–"]
+            + [_gib(r.breakdown.get(name)) for name in parts]
+            + ([_gib(sum(r.breakdown.get(name, 0) for name in small))] if small else []) for r in records]
+    return titles, rows, parts + small
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / (1 << 30):.3f}" if n else "–"
+
+
+def breakdown_table(records: Iterable[Record], title: str) -> Group:
+    """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a column per cell, headed
+    by the axes that vary, a row per part (GiB), a legend below; parts under 0.1% of every peak share the row
+    "small"."""
+    records = list(records)
+    configs = [r.config for r in records if r.breakdown]
+    axes = varying(configs) or varying(configs, always=("optimizer",))
+    titles, rows, parts = _breakdown_rows(records, fold=0.001)
+    first_figure = titles.index("peak GiB")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("part", no_wrap=True)
+    for config in configs:
+        table.add_column("\n".join(v for v in (a.text(config) for a in axes) if v != "–"), justify="right",
+                         min_width=8, overflow="fold")
+    for i in range(first_figure, len(titles)):
+        table.add_row(titles[i], *(row[i] for row in rows))
+    legend = "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts if PARTS[name].short in titles)
+    small = [PARTS[name].label for name in parts if PARTS[name].short not in titles]
+    return Group(table, Text(legend + (f"; small: {', '.join(small)}" if small else ""), style="dim"))
+
+
+def breakdown_markdown(records: Iterable[Record]) -> str:
+    """The same as a Markdown table with its legend, for a committed record of a run."""
+    titles, rows, parts = _breakdown_rows(records)
+    first_figure = titles.index("peak GiB")
+    align = ["---" if i < first_figure or t == "at" else "---:" for i, t in enumerate(titles)]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)]
+    return "\n".join(lines)

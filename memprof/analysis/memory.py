@@ -1,0 +1,34 @@
+"""What a run's memory comparisons compute: which cells are compared with each other (same model, adapter and
+shape, same levers) and each cell's optimizer state against AdamW's in its group. Enters: records. Leaves: group
+keys and ratios for the tables and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memprof.config.spec import AXIS_BY_NAME, CellConfig
+from memprof.results.record import Record
+
+BASELINE_OPTIMIZER = "adamw_torch"
+# What a memory comparison is one of: these axes name the group, the others that vary name its rows.
+GROUP_AXES = ("model", "adapter", "batch_size", "seq_len", "precision")
+
+
+def group_key(config: CellConfig) -> tuple:
+    return tuple(repr(AXIS_BY_NAME[name].get(config)) for name in GROUP_AXES)
+
+
+def state_vs_baseline(records: Iterable[Record]) -> dict[int, float]:
+    """Each cell's optimizer-state bytes over those of the ``adamw_torch`` cell of its group with the same levers,
+    by cell index (cells without such a baseline are left out)."""
+    records = list(records)
+    base: dict[tuple, int] = {}
+    for r in reversed(records):
+        if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes:
+            base[group_key(r.config), r.config.levers_label] = r.optimizer_state_bytes
+    out = {}
+    for r in records:
+        denominator = base.get((group_key(r.config), r.config.levers_label))
+        if denominator and r.optimizer_state_bytes is not None:
+            out[r.config.index] = r.optimizer_state_bytes / denominator
+    return out

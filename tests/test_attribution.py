@@ -1,0 +1,72 @@
+"""The peak named part by part: on the shipped H200 records every byte of the allocator peak but a small remainder
+is named (the loss's fp32 logits gradients, the recomputed layer), and `memprof attribute` re-reads old folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from memprof.measure.attribution import PARTS, attribute_run
+from memprof.results.record import SCHEMA_VERSION, Status
+from memprof.results.store import read_records
+
+H200 = Path(__file__).parent.parent / "results" / "gpu" / "h200-2026-11-27"
+VOCAB = 128256  # Llama 3's
+
+
+@pytest.fixture(scope="module")
+def attributed() -> list:
+    return [r for run in ("reference", "levers-gpu") for r in attribute_run(H200 / run) if r.status is Status.OK]
+
+
+def test_every_h200_peak_is_named_but_for_a_remainder_within_2_percent(attributed: list) -> None:
+    assert len(attributed) == 21
+    for r in attributed:
+        assert set(r.breakdown) <= set(PARTS) and sum(r.breakdown.values()) == r.peak_allocated_bytes
+        assert abs(r.breakdown["other"]) <= 0.02 * r.peak_allocated_bytes, (r.key, r.breakdown["other"])
+    worst = max(abs(r.breakdown["other"]) / r.peak_allocated_bytes for r in attributed)
+    print(f"largest unnamed remainder: {worst:.3%} of the peak")  # 0.103% when measured
+
+
+def test_the_loss_logits_are_named_and_the_recomputed_layer_where_it_peaks(attributed: list) -> None:
+    for r in attributed:
+        tokens = r.config.shape.tokens
+        if "loss" in r.peak_moment:
+            # nll's and log_softmax's fp32 gradients, T x V x 4 each; last step's gradients are freed (set_to_none)
+            assert r.breakdown["loss_logits"] == 2 * tokens * VOCAB * 4 and "gradients" not in r.breakdown
+        else:  # 4,096 tokens, checkpointing, eager attention: the first recomputed layer's attention backward
+            assert r.config.levers.attn_implementation == "eager" and r.config.shape.seq_len == 4096
+            assert r.config.levers.gradient_checkpointing == "on" and r.breakdown["layer"] > 8e9
+    qlora = next(r for r in attributed if r.config.adapter.kind == "qlora")
+    assert qlora.breakdown["kbit_fp32_weights"] == 128256 * 2048 * 4 + 4 * 2048 * 33  # embedding, 33 norms, fp32
+
+
+def test_memprof_attribute_prints_and_rewrites_an_old_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("attribute", str(H200 / "reference"), "--markdown", "--out", str(tmp_path / "again")) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("\n") >= 11 and "loss" in shown
+    again = read_records(tmp_path / "again")
+    assert {r.schema_version for r in again} == {SCHEMA_VERSION} and len(again) == 10
+    assert all(r.breakdown for r in again if r.status is Status.OK)
+    assert (tmp_path / "again" / "cells" / "0000" / "timeline.csv").exists()
+
+
+def test_the_paged_part_of_the_state_is_the_tensors_that_reach_bitsandbytes_threshold() -> None:
+    """On the H200, paged_adamw_8bit paged 12,582,912 of its 22,898,688 state bytes and paged_adamw_32bit
+    50,331,648: the 8-bit and 32-bit state buffers of the LoRA matrices of at least 100,000 elements."""
+    from memprof.measure.formulas import predict_paged_bytes
+    from memprof.suite.restore import with_suite_configs
+    from memprof.train.meta import meta_model
+
+    records = with_suite_configs(read_records(H200 / "reference"), H200 / "reference")
+    for r in records:
+        if r.status is not Status.OK or r.config.adapter.kind != "lora":
+            continue
+        c = r.config
+        params = [p for p in meta_model(c.model, c.adapter, c.shape.precision).parameters() if p.requires_grad]
+        assert predict_paged_bytes(c.optimizer.name, params, c.optimizer.kwargs) == r.optimizer_state_paged_bytes, \
+            c.optimizer.label
+    assert {r.config.optimizer.label: r.optimizer_state_paged_bytes for r in records if r.optimizer_state_paged_bytes} \
+        == {"paged_adamw_8bit": 12_582_912, "paged_adamw_32bit": 50_331_648}
