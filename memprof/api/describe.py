@@ -16,7 +16,7 @@ from torch import nn
 
 from memprof.config.spec import (AdapterSpec, Budget, CellConfig, Levers, ModelSpec, OptimizerSpec, QuantSpec,
                                  ShapeSpec, TrainingSpec)
-from memprof.train.meta import is_four_bit
+from memprof.train.fourbit import is_four_bit
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Bookkeeping in a peft or transformers config that says nothing about what trains or how much memory it takes.

@@ -135,6 +135,7 @@ def _four_bit_bytes_of(model: str, adapter: str, precision: str) -> int | None:
     from memprof.config.spec import AdapterSpec, ModelSpec
     from memprof.errors import UserError
     from memprof.train import meta
+    from memprof.train.fourbit import is_four_bit
 
     spec = ModelSpec.model_validate_json(model)
     if not spec.known:
@@ -144,7 +145,7 @@ def _four_bit_bytes_of(model: str, adapter: str, precision: str) -> int | None:
     except UserError:
         return None
     return sum(meta.four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
-               for p in built.parameters() if meta.is_four_bit(p))
+               for p in built.parameters() if is_four_bit(p))
 
 
 

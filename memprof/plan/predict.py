@@ -32,7 +32,8 @@ from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec
                                  OptimizerSpec, ParallelSpec, ShapeSpec)
 from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
-from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, is_four_bit, meta_model
+from memprof.train.fourbit import is_four_bit
+from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from memprof.config.spec import AdapterSpec, ModelSpec
 from memprof.errors import UserError
+from memprof.train.fourbit import is_four_bit
 
 FOUR_BIT_CODE_BYTES = 16 * 4      # the NF4/FP4 code book: 16 fp32 values, one copy per quantised weight
 NESTED_BLOCK = 256                # double quantisation: the absmax values quantised in blocks of 256
@@ -60,11 +61,6 @@ def meta_model(spec: ModelSpec, adapter: AdapterSpec, precision: str) -> nn.Modu
         if "Unrecognized configuration class" in text:  # transformers then lists every causal-LM config class
             text = text.split(" Model type should be")[0] + " (not a causal language model)"
         raise UserError(str(where), text[:300]) from None
-
-
-def is_four_bit(p: torch.Tensor) -> bool:
-    """A bitsandbytes 4-bit weight (``Params4bit``), told apart without importing bitsandbytes."""
-    return type(p).__name__ == "Params4bit"
 
 
 def frozen_weight_bytes(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ from torch import nn
 
 from memprof.config.presets import PRESETS
 from memprof.config.spec import AdapterSpec, Levers, ModelSpec, QuantSpec
+from memprof.train.materialize import materialize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -66,13 +67,12 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
                     local_files_only=True, attn_implementation=attn, trust_remote_code=spec.trust_remote_code)
             except OSError as err:
                 raise ModelLoadError(f"cannot load {spec.path}: {err}") from err
-        elif qlora:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-            quantize_linears_4bit(model, adapter.quant)
-            model.to(device)
         else:
-            with device:
+            with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+            if qlora:
+                quantize_linears_4bit(model, adapter.quant)
+            materialize(model, device, frozen=adapter.kind != "none")
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
     except ValueError as err:
@@ -116,7 +116,7 @@ def _bnb_config(quant: QuantSpec):
 
 def quantize_linears_4bit(model: nn.Module, quant: QuantSpec) -> None:
     """Swap every ``nn.Linear`` but the output head for a bitsandbytes ``Linear4bit``, as transformers'
-    bitsandbytes loader does; weights are quantised when the module moves to its device."""
+    bitsandbytes loader does; on a meta model, ``memprof.train.materialize`` makes each a random 4-bit weight."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memprof.train.meta import is_four_bit
+from memprof.train.fourbit import is_four_bit
 
 if TYPE_CHECKING:
     from torch import nn
