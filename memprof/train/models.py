@@ -8,6 +8,7 @@ from torch import nn
 
 from memprof.config.presets import PRESETS
 from memprof.config.spec import AdapterSpec, Levers, ModelSpec, QuantSpec
+from memprof.train.loop import Loss, full_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -82,6 +83,11 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
     if levers.gradient_checkpointing != "off":
         enable_checkpointing(model, reentrant=levers.gradient_checkpointing == "reentrant")
     return attach_adapter(model, adapter)
+
+
+def loss_function(levers: Levers) -> Loss:
+    """The causal-LM loss the cell's levers ask for: transformers' own, whole-logits loss."""
+    return full_loss
 
 
 def keep_training_layout(model: nn.Module) -> None:
