@@ -144,11 +144,21 @@ class ParallelSpec(Spec):
 
 
 class Levers(Spec):
-    """Memory levers: gradient checkpointing (off, on = non-reentrant, reentrant), the attention kernel, sharding."""
+    """Memory levers: gradient checkpointing (off, on = non-reentrant, reentrant), the attention kernel, sharding, and
+    the causal-LM loss in chunks of ``loss_chunk`` tokens (0: transformers' loss over the whole logits)."""
 
     gradient_checkpointing: Checkpointing = "off"
     attn_implementation: Attention = "sdpa"
     parallel: ParallelSpec = ParallelSpec()
+    loss_chunk: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _chunked_loss_unsharded(self) -> Levers:
+        if self.loss_chunk and self.parallel.strategy != "none":
+            raise ValueError(f"loss_chunk with parallel {self.parallel.strategy}: the chunked loss calls the decoder "
+                             f"and its head outside the forward that {self.parallel.strategy} wraps, so it runs "
+                             f"unsharded only")
+        return self
 
 
 class DataSpec(Spec):
@@ -343,6 +353,8 @@ AXES: tuple[Axis, ...] = (
     Axis("attn_implementation", "levers.attn_implementation", lever=True, label="attention"),
     Axis("parallel", "levers.parallel", lambda p: f"{p.strategy}x{p.world_size}", lever=True,
          show=lambda p: f"{p.strategy}×{p.world_size}"),
+    Axis("loss_chunk", "levers.loss_chunk", "lc{}".format, lever=True, label="loss chunk",
+         show="chunked-loss-{}".format),
 )
 AXIS_BY_NAME: dict[str, Axis] = {axis.name: axis for axis in AXES}
 

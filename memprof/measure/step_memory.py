@@ -1,13 +1,17 @@
 """What a training step holds in memory, part by part: the analytic model of a Llama-family decoder step under
-memprof's loop (forward ``model(input_ids=x, labels=x).loss``, backward, clip, optimizer step,
-``zero_grad(set_to_none=True)``), as formulas of the model config, the micro-batch and the training setup.
+memprof's loop (forward ``model(input_ids=x, labels=x).loss`` or, with ``loss_chunk``, memprof's chunked loss,
+backward, clip, optimizer step, ``zero_grad(set_to_none=True)``), as formulas of the model config, the micro-batch
+and the training setup.
 
 Enters: a ``StepShape`` (``step_shape`` makes one from a ``CellConfig``). Leaves: the bytes autograd saves
 (``activation_bytes``, what ``SavedActivations`` measures) and, for each moment a step's peak can fall at, the named
 parts alive then (``moments``, ``peak_parts``). ``memprof.measure.attribution`` names a measured peak's parts with it;
 ``memprof.plan`` predicts one. Checked to the byte against 21 cells measured on an NVIDIA H200 (torch 2.11 cu130,
 transformers 5.17, peft 0.21, bitsandbytes 0.50.2): ``tests/test_step_memory.py`` and
-``benchmarks/plan_accuracy.py``. The tensor-level reasoning behind each formula is in ``docs/step-memory.md``.
+``benchmarks/plan_accuracy.py``. The tensor-level reasoning behind each formula is in ``docs/step-memory.md``. The
+chunked loss's parts were checked only on the CPU (against torch.profiler's allocator events and SavedActivations,
+``tests/test_loss_chunk.py``); on CUDA they are the same autograd graph's tensors, not measured, so its moments are
+listed in ``ESTIMATES``.
 
 Conventions: T = batch x seq tokens; h hidden; i intermediate; nh heads; nkv kv heads; d head_dim; V vocab; L
 layers; r rank. ``model_bytes`` m: 2 for bf16/fp16, 4 for fp32; ``adapter_bytes`` a: peft keeps LoRA weights in fp32
@@ -61,6 +65,7 @@ class StepShape:
     cuda_major: int = 9  # compute capability major: 9 = H100/H200
     softmax_bwd_tmp: bool | None = None  # CUDA's softmax backward allocates tmp = grad * output (CPU's does not)
     bnb_fused_max_rows: int | None = None  # bitsandbytes' fused 4-bit GEMM up to this many rows (CUDA 1536; CPU 0)
+    loss_chunk: int = 0  # tokens per chunk of memprof's chunked loss; 0: transformers' loss over the whole logits
 
     def __post_init__(self) -> None:
         cuda = self.device == "cuda"
@@ -74,9 +79,19 @@ class StepShape:
         return self.batch * self.seq
 
     @property
+    def loss_tokens(self) -> int:
+        """Tokens whose logits exist at once: a chunk's (the last may be shorter), else the micro-batch's."""
+        return min(self.loss_chunk, self.tokens) if self.loss_chunk else self.tokens
+
+    @property
     def fp32_kbit(self) -> bool:
         # QLoRA after prepare_model_for_kbit_training: embedding, norms and lm_head in fp32 whatever the precision
         return self.adapter == "qlora" and self.kbit_prepare
+
+    @property
+    def fp32_logits(self) -> bool:
+        # lm_head's output: fp32 under prepared QLoRA (fp32 head, fp32 final-norm output), else the model dtype
+        return self.fp32_kbit or self.model_bytes == 4
 
     @property
     def stream_bytes(self) -> int:
@@ -289,11 +304,18 @@ def target_bytes(s: StepShape) -> int:
 def outside_saved_parts(s: StepShape) -> dict[str, int]:
     """Saved storages outside the decoder layers (plus, under checkpointing, what the checkpoint keeps per layer)."""
     T, h, V = s.tokens, s.hidden, s.vocab
-    parts = {
-        "log_softmax_out": T * V * 4,  # cross_entropy = log_softmax (saves its fp32 result) + nll (saves it too)
-        "nll_target": target_bytes(s),
-        "nll_total_weight": 4,  # fp32 scalar
-    }
+    if s.loss_chunk:
+        # each chunk's checkpoint keeps its inputs: views of the shifted labels (stored as nll_loss's target would
+        # be) and of the final norm's output; the mean's division keeps the int64 count of labelled tokens
+        parts = {"loss_labels": target_bytes(s), "loss_token_count": 8}
+        if s.adapter != "none":  # a full fine-tune's trainable head saves that storage anyway: lm_head_x below
+            parts["loss_hidden"] = T * h * s.norm_out_bytes
+    else:
+        parts = {
+            "log_softmax_out": T * V * 4,  # cross_entropy = log_softmax (saves its fp32 result) + nll (saves it too)
+            "nll_target": target_bytes(s),
+            "nll_total_weight": 4,  # fp32 scalar
+        }
     if s.adapter == "none":
         parts["embedding_indices"] = T * 8  # the embedding trains: its backward keeps input_ids
         parts["lm_head_x"] = T * h * s.norm_out_bytes  # tied lm_head trains: keeps the final norm output
@@ -339,7 +361,11 @@ def logits_bytes(s: StepShape) -> int:
 
 def loss_forward_transient(s: StepShape) -> dict[str, int]:
     """Alive (not saved) while log_softmax runs in forward: the logits and, for 16-bit logits, their fp32 copy
-    (ForCausalLMLoss does logits.float(): a no-op for fp32 logits)."""
+    (ForCausalLMLoss does logits.float(): a no-op for fp32 logits). Chunked: one chunk's fp32 logits (16-bit ones
+    are dropped once cast) and log_softmax's output, which the chunk's checkpoint does not keep."""
+    if s.loss_chunk:
+        chunk = s.loss_tokens * s.vocab * 4
+        return {"logits" if s.fp32_logits else "logits_fp32_copy": chunk, "log_softmax_out": chunk}
     out = {"logits": logits_bytes(s)}
     if logits_bytes(s) != s.tokens * s.vocab * 4:
         out["logits_fp32_copy"] = s.tokens * s.vocab * 4
@@ -349,9 +375,37 @@ def loss_forward_transient(s: StepShape) -> dict[str, int]:
 def loss_backward_transient(s: StepShape) -> dict[str, int]:
     """The peak of backward's first nodes: nll_loss's backward makes a dense fp32 [T, V] gradient, then
     log_softmax's backward makes another while both that and the saved log_softmax output are alive
-    (the CUDA log_softmax backward allocates nothing else). Same for every model precision: the loss is fp32."""
+    (the CUDA log_softmax backward allocates nothing else). Same for every model precision: the loss is fp32.
+    Chunked: ``chunked_loss_backward_parts``."""
+    if s.loss_chunk:
+        return chunked_loss_backward_parts(s)
     T, V = s.tokens, s.vocab
     return {"nll_grad": T * V * 4, "log_softmax_grad": T * V * 4}
+
+
+def chunked_loss_backward_parts(s: StepShape) -> dict[str, int]:
+    """The chunked loss at the log_softmax backward of its first chunk, which backward reaches last: that chunk's
+    recomputed log_softmax output and two fp32 gradients, and the gradients of the hidden states of every other
+    chunk, in the hidden states' dtype (``split``'s backward joins them once all are made). A full fine-tune's
+    trainable head has its weight gradient summed over those chunks too."""
+    chunk = s.loss_tokens * s.vocab * 4
+    parts = {"log_softmax_out": chunk, "nll_grad": chunk, "log_softmax_grad": chunk,
+             "hidden_grad": (s.tokens - s.loss_tokens) * s.hidden * s.norm_out_bytes}
+    if s.adapter == "none" and s.loss_tokens < s.tokens:
+        parts["gradients"] = s.vocab * s.hidden * s.model_bytes
+    return parts
+
+
+def chunked_head_backward_parts(s: StepShape) -> dict[str, int]:
+    """A full fine-tune under the chunked loss, at the second chunk backward reaches: autograd adds that chunk's
+    head weight gradient to the first's out of place (later chunks add in place), so three [V, h] tensors are
+    alive, with the two chunks' hidden-state gradients. Nothing of the kind without chunks or a trainable head."""
+    if s.adapter != "none" or s.loss_tokens == s.tokens:
+        return {}
+    chunks = -(-s.tokens // s.loss_tokens)
+    head = s.vocab * s.hidden * s.model_bytes
+    last_two = s.tokens - (chunks - 2) * s.loss_tokens
+    return {"gradients": head, "head_grad_sum": 2 * head, "hidden_grad": last_two * s.hidden * s.norm_out_bytes}
 
 
 def qlora_matmul_transient(s: StepShape, out_features: int, in_features: int, backward: bool = False) -> dict[str, int]:
@@ -498,11 +552,16 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
     outside = outside_saved_parts(s)
     out: dict[str, dict[str, int]] = {}
 
-    out["loss forward"] = {**base, "activations": A, **loss_forward_transient(s)}
-    out["loss backward"] = {**base, "activations": A, **loss_backward_transient(s)}
+    loss = "chunked loss" if s.loss_chunk else "loss"
+    out[f"{loss} forward"] = {**base, "activations": A, **loss_forward_transient(s)}
+    out[f"{loss} backward"] = {**base, "activations": A, **loss_backward_transient(s)}
+    head = chunked_head_backward_parts(s)
+    if head:
+        out["chunked loss head backward"] = {**base, "activations": A, **head}
 
     # first layer processed in backward (index L-1): the loss's tensors and the final norm's are freed by then
-    freed = outside["log_softmax_out"] + outside["nll_target"] + outside["nll_total_weight"]
+    freed = sum(outside.get(name, 0) for name in ("log_softmax_out", "nll_target", "nll_total_weight", "loss_labels",
+                                                  "loss_token_count", "loss_hidden"))
     if s.checkpointing:
         kept = {"ckpt_kept": A - freed - outside["final_norm"],
                 "rope_cos_sin": 2 * s.seq * s.head_dim * s.stream_bytes}
@@ -551,9 +610,12 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
                                                 "per_tensor_temporaries": 2 * largest_trainable_bytes(s)}
     else:
         out["optimizer step"] = {**base, "gradients": G, "foreach_temporaries": G}
-    # held-out evaluation under no_grad: the logits, their fp32 copy and log_softmax's output (no saved tensors)
-    out["eval"] = {**base, **loss_forward_transient(s),
-                                          "log_softmax_out": s.tokens * s.vocab * 4}
+    # held-out evaluation under no_grad: the logits, their fp32 copy and log_softmax's output (no saved tensors);
+    # chunked: one chunk's, with the final hidden states the chunks are cut from
+    if s.loss_chunk:
+        out["eval"] = {**base, **loss_forward_transient(s), "eval_hidden": s.tokens * s.hidden * s.norm_out_bytes}
+    else:
+        out["eval"] = {**base, **loss_forward_transient(s), "log_softmax_out": s.tokens * s.vocab * 4}
 
     return out
 
@@ -567,14 +629,16 @@ def peak_parts(s: StepShape, weights: int, optimizer: int, gradients: int | None
 
 
 # The phase of the loop each moment is in (as the probe names phases), and the moments whose parts are estimates
-# from CPU replays rather than checked against a measured peak.
+# rather than checked against a measured peak: from CPU replays, or (the chunked loss's) exact on the CPU but never
+# measured on a GPU.
 PHASES = {"loss forward": "forward", "softmax forward": "forward", "LoRA merge forward": "forward",
-          "4-bit matmul forward": "forward", "loss backward": "backward", "attention backward": "backward",
-          "MLP backward": "backward", "recompute forward": "backward", "recomputed attention backward": "backward",
-          "recomputed MLP backward": "backward", "backward end": "backward", "optimizer step": "optimizer",
-          "eval": "eval"}
+          "4-bit matmul forward": "forward", "chunked loss forward": "forward", "loss backward": "backward",
+          "chunked loss backward": "backward", "chunked loss head backward": "backward",
+          "attention backward": "backward", "MLP backward": "backward", "recompute forward": "backward",
+          "recomputed attention backward": "backward", "recomputed MLP backward": "backward",
+          "backward end": "backward", "optimizer step": "optimizer", "eval": "eval"}
 ESTIMATES = ("LoRA merge forward", "4-bit matmul forward", "MLP backward", "recomputed MLP backward",
-             "optimizer step", "eval")
+             "optimizer step", "eval", "chunked loss forward", "chunked loss backward", "chunked loss head backward")
 
 
 def phase(moment: str) -> str:
@@ -626,7 +690,7 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      kbit_prepare=adapter.quant.prepare_for_kbit_training,
                      compute_bytes=MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]],
                      fused_optimizer=_fused(cell.optimizer.name), device=device,
-                     cuda_major=cuda_major)
+                     cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk)
 
 
 def _fused(optimizer: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
@@ -13,6 +13,14 @@ from torch import nn
 
 from memprof.results.record import StepLog
 from memprof.train.optim import Scheduler, is_schedule_free, steps_on_metric
+
+
+Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, input ids) -> the mean causal-LM loss
+
+
+def full_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' own causal-LM loss: the model's forward with ``labels``, over the whole [tokens, vocab] logits."""
+    return model(input_ids=x, labels=x).loss
 
 
 class Probe(Protocol):
@@ -46,14 +54,14 @@ class Diverged(Exception):
         self.step = step
 
 
-def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device) -> float:
-    """Mean loss over fixed held-out batches (all the same shape, so the mean of batch means is the token mean)."""
+def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, loss: Loss = full_loss) -> float:
+    """Mean ``loss`` over fixed held-out batches (all the same shape, so the mean of batch means is the token mean)."""
     model.eval()  # no dropout
     total = torch.zeros((), device=device)
     with torch.no_grad():
         for x in batches:
             x = x.to(device, non_blocking=True)
-            total += model(input_ids=x, labels=x).loss.float()
+            total += loss(model, x).float()
     model.train()
     return (total / len(batches)).item()  # SYNC
 
@@ -61,8 +69,9 @@ def evaluate(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.de
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Scheduler | None,
           batches: Iterator[torch.Tensor], steps: int, grad_accum: int, max_grad_norm: float,
           device: torch.device, probe: Probe, eval_batches: Sequence[torch.Tensor] = (),
-          eval_every: int = 0) -> list[StepLog]:
-    """Run ``steps`` optimizer steps of causal-LM training and return one log line per step.
+          eval_every: int = 0, loss: Loss = full_loss) -> list[StepLog]:
+    """Run ``steps`` optimizer steps of causal-LM training, each micro-batch's loss computed by ``loss``, and return
+    one log line per step.
 
     Evaluates on ``eval_batches`` every ``eval_every`` steps (0: only after the last step) and never when there
     are none. A scheduler that reads a metric (ReduceLROnPlateau, GreedyLR) steps on the eval loss, as in
@@ -83,10 +92,10 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedul
         for _ in range(grad_accum):
             x = next(batches).to(device, non_blocking=True)
             with probe.phase(step, "forward"):
-                loss = model(input_ids=x, labels=x).loss / grad_accum
+                micro = loss(model, x) / grad_accum
             with probe.phase(step, "backward"):
-                loss.backward()
-            loss_sum += loss.detach()  # stays on the device: no sync here
+                micro.backward()
+            loss_sum += micro.detach()  # stays on the device: no sync here
         lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses: the scheduler moves it afterwards
         with probe.phase(step, "optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # queued, no sync
@@ -107,7 +116,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedul
             with probe.phase(step, "eval"):
                 if schedule_free:
                     optimizer.eval()  # evaluate the averaged weights, as schedule-free training intends
-                eval_loss = evaluate(model, eval_batches, device)
+                eval_loss = evaluate(model, eval_batches, device, loss)
                 if schedule_free:
                     optimizer.train()
             if on_metric:

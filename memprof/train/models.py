@@ -3,16 +3,26 @@ bitsandbytes for 4-bit (QLoRA) base weights."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from memprof.config.presets import PRESETS
 from memprof.config.spec import AdapterSpec, Levers, ModelSpec, QuantSpec
+from memprof.train.loop import Loss, full_loss
 from memprof.train.materialize import materialize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BYTE_VOCAB = 256
+IGNORE_INDEX = -100  # transformers' label for a position that counts in no loss
+# config fields by which transformers' causal LMs transform the head's output (softcapping, scaling): the chunked
+# loss computes the head's output alone, so on such a model it would train another objective
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                    "logits_mup_width_multiplier")
 
 
 class ModelLoadError(Exception):
@@ -20,7 +30,8 @@ class ModelLoadError(Exception):
 
 
 class LeverUnavailable(Exception):
-    """A lever this machine cannot pull (flash_attention_2 without CUDA or the flash-attn package)."""
+    """A lever this machine or model cannot pull (flash_attention_2 without CUDA or the flash-attn package; a chunked
+    loss on a model that transforms its logits)."""
 
 
 def build_config(spec: ModelSpec):
@@ -57,6 +68,11 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
         raise LeverUnavailable("flash_attention_2 needs a CUDA device")
     dtype = DTYPES[precision]
     config = build_config(spec)
+    if levers.loss_chunk:
+        transforms = [name for name in LOGIT_TRANSFORMS if getattr(config.get_text_config(), name, None) is not None]
+        if transforms:
+            raise LeverUnavailable(f"loss_chunk: the model transforms its logits ({', '.join(transforms)}), which "
+                                   f"the chunked loss does not")
     qlora = adapter.kind == "qlora"
     try:
         if spec.path:
@@ -82,6 +98,40 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
     if levers.gradient_checkpointing != "off":
         enable_checkpointing(model, reentrant=levers.gradient_checkpointing == "reentrant")
     return attach_adapter(model, adapter)
+
+
+def loss_function(levers: Levers) -> Loss:
+    """The causal-LM loss the cell's levers ask for: transformers' own over the whole logits, or with
+    ``loss_chunk`` the chunked loss."""
+    return functools.partial(chunked_loss, levers.loss_chunk) if levers.loss_chunk else full_loss
+
+
+def chunked_loss(chunk: int, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss (``ForCausalLMLoss``: the labels are the inputs shifted left, the last position
+    ignored; the mean over labelled tokens) without the whole [tokens, vocab] logits, as Liger's and Apple's cut
+    cross-entropy avoid them: the decoder's final hidden states go through the output head ``chunk`` tokens at a
+    time, each chunk's logits, their fp32 upcast and its cross-entropy under non-reentrant checkpointing, so one
+    chunk's exist at a time, in forward and again (recomputed) in backward. Forward keeps the hidden states and the
+    labels (the checkpoints' inputs); backward builds up the hidden states' gradient chunk by chunk, and a trainable
+    head's weight gradient too, which autograd sums out of place at the second chunk: three [vocab, hidden] tensors
+    at once, more than chunking saves a full fine-tune with few tokens (``step_memory`` models both).
+
+    ``model``: a causal LM, bare or under a peft adapter (whose own forward adds nothing for LoRA and DoRA), whose
+    logits are its head's output (``build_model`` refuses the others); the config refuses the sharding wrappers,
+    whose forward is not the one called here."""
+    hidden = model.get_decoder()(input_ids=x).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = F.pad(x, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous().view(-1)
+    head_loss = functools.partial(_summed_loss, model.get_output_embeddings())
+    # no RNG state kept per chunk: the head and the loss draw no random numbers
+    sums = [checkpoint(head_loss, h, y, use_reentrant=False, preserve_rng_state=False)
+            for h, y in zip(hidden.split(chunk), labels.split(chunk))]
+    return torch.stack(sums).sum() / (labels != IGNORE_INDEX).sum()
+
+
+def _summed_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # the head's output is dropped as soon as it is upcast: a 16-bit chunk's logits are not alive at the softmax
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def keep_training_layout(model: nn.Module) -> None:

@@ -1,6 +1,7 @@
 """A cell's training objects, built the one way every caller builds them: the worker, ``memprof crosscheck`` and
 the tracker-overhead benchmark. Enters: a ``CellConfig`` and a device. Leaves: the model (adapted, quantised,
-sharded), optimizer, schedule and batches, and ``train(probe)``, which runs the loop of ``memprof.train.loop``."""
+sharded), its loss, optimizer, schedule and batches, and ``train(probe)``, which runs the loop of
+``memprof.train.loop``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from memprof.results.record import StepLog
-    from memprof.train.loop import Probe
+    from memprof.train.loop import Loss, Probe
 
 _DATA_STRIDE = 1_000_003  # ranks of a sharded cell draw disjoint batch streams: seed + stride * rank
 
@@ -38,12 +39,13 @@ def _rank() -> int:
 
 @dataclass
 class Training:
-    """A cell's model, optimizer, schedule and data. Fields fill in as they are built, so after a fault part-way
-    what was built can still be measured."""
+    """A cell's model, loss, optimizer, schedule and data. Fields fill in as they are built, so after a fault
+    part-way what was built can still be measured."""
 
     cell: CellConfig
     device: torch.device
     model: nn.Module | None = None
+    loss: Loss | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     batches: Iterator[torch.Tensor] | None = None
@@ -61,6 +63,7 @@ class Training:
             from memprof.train import sharding
 
             self.model, construct = sharding.shard(self.model, cell.levers.parallel.strategy, device)
+        self.loss = models.loss_function(cell.levers)
         self.optimizer = optim.build_optimizer(cell.optimizer.name, cell.optimizer.kwargs, training.lr, self.model,
                                                device, construct)
         self.scheduler = optim.build_schedule(training.schedule, self.optimizer, training.lr_warmup_steps,
@@ -82,4 +85,4 @@ class Training:
         training = self.cell.training
         return train(self.model, self.optimizer, self.scheduler, self.batches, training.steps,
                      self.cell.shape.grad_accum, training.max_grad_norm, self.device, probe, self.held_out,
-                     training.eval_every)
+                     training.eval_every, self.loss)
