@@ -16,7 +16,7 @@ that initialised CUDA cannot fork children that use the GPU.
 
 Per run the figure is the median step time after the warm-up steps; the overhead is the median over pairs of
 on/off, with the ratio of the two arms' medians beside it. Writes tracker_overhead.{json,md} to ``--out``
-(default results/benchmarks).
+(default results/benchmarks) after every pair.
 
     python benchmarks/tracker_overhead.py [--pairs 10] [--steps 30] [--suite quick] [--cell 0] [--device cpu]
     python benchmarks/tracker_overhead.py --suite reference --pairs 6 --steps 20 --out DIR   # on a GPU host
@@ -117,6 +117,7 @@ def main() -> None:
         raise SystemExit("--device cuda: this host has no CUDA device")
     cell = suite.load(args.suite).cells[args.cell].with_values({"budget.device": device, "training.steps": args.steps})
 
+    machine = env.capture()  # NVML only: CUDA stays uninitialised here
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,8 +132,17 @@ def main() -> None:
                              "run_wall_s": wall, "cpu_pressure": pressure, "step_times_s": times})
                 print(f"pair {pair} {arm:>3}: median step {runs[-1]['step_time_median_s'] * 1e3:.2f} ms, "
                       f"cpu pressure {pressure if pressure is None else round(pressure, 3)}", flush=True)
-    load_after = os.getloadavg()
+            # written after every pair, so that a run stopped early keeps the pairs it finished
+            result = summarise(runs, cell, device, machine, load_before)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "tracker_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+            (args.out / "tracker_overhead.md").write_text(markdown(result, args.suite, args.cell, machine))
+    print(markdown(result, args.suite, args.cell, machine))
 
+
+def summarise(runs: list[dict[str, Any]], cell: CellConfig, device: str, machine: dict[str, Any],
+              load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The figures of the pairs run so far."""
     off = [r["step_time_median_s"] for r in runs if r["arm"] == "off"]
     on = [r["step_time_median_s"] for r in runs if r["arm"] == "on"]
     pair_ratios = [b / a for a, b in zip(off, on)]
@@ -140,17 +150,16 @@ def main() -> None:
                 for arm in ("off", "on")}
     ratio = statistics.median(pair_ratios)
     target = TARGET_RATIO[device]
-    machine = env.capture()  # NVML only: CUDA stays uninitialised here
-    result = {
+    return {
         "machine": {k: machine[k] for k in ("host", "platform", "cpu", "cpu_count", "memory_bytes", "gpus",
                                             "versions", "git_revision", "git_dirty")},
         "cell": cell.key,
         "device": device,
         "steps": cell.training.steps,
         "warmup_steps": cell.training.warmup_steps,
-        "pairs": args.pairs,
+        "pairs": len(pair_ratios),
         "load_average_before": load_before,
-        "load_average_after": load_after,
+        "load_average_after": os.getloadavg(),
         "cpu_pressure_median": {arm: statistics.median(v) if v else None for arm, v in pressure.items()},
         "off_median_step_s": statistics.median(off),
         "on_median_step_s": statistics.median(on),
@@ -162,10 +171,6 @@ def main() -> None:
         "within_target": ratio <= target,
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tracker_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "tracker_overhead.md").write_text(markdown(result, args.suite, args.cell, machine))
-    print(markdown(result, args.suite, args.cell, machine))
 
 
 def markdown(result: dict[str, Any], suite_name: str, index: int, machine: dict[str, Any]) -> str:
