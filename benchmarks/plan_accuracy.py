@@ -1,19 +1,22 @@
-"""How close `memprof plan` comes to what was measured: the shipped H200 runs and the committed CPU calibration run.
+"""How close `memprof plan` comes to what was measured: GPU result folders (by default the shipped H200 runs) and the
+committed CPU calibration run.
 
-GPU (results/gpu/h200-2026-11-27, reference and levers-gpu, one NVIDIA H200): per ok cell, the plan's allocator peak
-against the measured ``peak_allocated_bytes``, and the plan's total on the card against NVML's peak for the process;
-with the device calibration fitted to both runs (the shipped one), and leave-one-suite-out: fitted to one run,
-predicting the other (a model that only interpolates its own fixtures is not a plan).
+GPU (default results/gpu/h200-2026-11-27, reference and levers-gpu, one NVIDIA H200; or the folders given): per ok
+cell, the plan's allocator peak against the measured ``peak_allocated_bytes``, and the plan's total on the card against
+NVML's peak for the process; with the shipped device calibration, and, given two runs or more, leave-one-suite-out:
+fitted to the other runs, predicting each (a model that only interpolates its own fixtures is not a plan).
 CPU (benchmarks/calibration/calibrate-*, 112 cells of the calibrate suite on this machine's kind of CPU): the plan's
-RSS growth against the measured ``peak_rss_delta_bytes`` (``--device cpu``).
+RSS growth against the measured ``peak_rss_delta_bytes`` (``--device cpu``); ``--no-cpu`` leaves it out.
 
-Writes results/benchmarks/plan_accuracy.{json,md}.
+Writes plan_accuracy.{json,md} to ``--out`` (default results/benchmarks).
 
     python benchmarks/plan_accuracy.py
+    python benchmarks/plan_accuracy.py RUN_DIR [RUN_DIR ...] --out DIR --no-cpu   # runs a GPU just measured
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -24,6 +27,7 @@ from memprof.measure.attribution import attribute_run
 from memprof.plan import calibration as calibration_mod
 from memprof.plan import predict as plan
 from memprof.plan.calibrate import fit_device
+from memprof.results import env as env_mod
 from memprof.results.record import Record, Status
 from memprof.results.store import read_records
 from memprof.suite.restore import with_suite_configs
@@ -61,38 +65,62 @@ def _summary(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, default=list(GPU_RUNS), help="GPU result folders")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for plan_accuracy.{json,md}")
+    parser.add_argument("--no-cpu", action="store_true", help="leave out the CPU calibration run")
+    args = parser.parse_args()
+    result = measure(args.runs, not args.no_cpu)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "plan_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "plan_accuracy.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _where(run: Path) -> str:
+    run = run.resolve()
+    return str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run)
+
+
+def measure(runs: list[Path], cpu: bool) -> dict[str, Any]:
+    """The plan's errors on the GPU runs' ok cells (and on the CPU calibration run when ``cpu``)."""
     shipped = calibration_mod.load()
-    gpu = {run.name: [r for r in attribute_run(run)] for run in GPU_RUNS}
-    result: dict[str, Any] = {"gpu_machine": shipped.devices["cuda"].source, "gpu": {}, "leave_one_out": {},
-                              "cpu": {}, "targets": TARGETS}
+    gpu = {run: attribute_run(run) for run in runs}
+    machines = sorted({env_mod.machine_label(json.loads((run / "env.json").read_text())) for run in runs})
+    result: dict[str, Any] = {"gpu_machine": ", ".join(machines), "calibration": shipped.devices["cuda"].source,
+                              "runs": [_where(run) for run in runs], "gpu": {}, "leave_one_out": {}, "cpu": {},
+                              "targets": TARGETS}
     all_rows = [row for records in gpu.values() for row in _errors(records, shipped, "cuda")]
+    if not all_rows:
+        raise SystemExit(f"no ok CUDA cells in {', '.join(map(str, runs))}")
     result["gpu"] = {"rows": all_rows, "allocated": _summary(all_rows, "allocated_error"),
                      "total": _summary(all_rows, "total_error"),
                      "within_uncertainty": sum(r["within_uncertainty"] for r in all_rows)}
-    for fit_on, predict_on in (("reference", "levers-gpu"), ("levers-gpu", "reference")):
-        device = fit_device([H200 / fit_on])
-        rows = _errors(gpu[predict_on], shipped.with_device(device), "cuda")
-        result["leave_one_out"][f"fit {fit_on}, predict {predict_on}"] = {
-            "allocated": _summary(rows, "allocated_error"), "total": _summary(rows, "total_error")}
-    cpu_records = with_suite_configs(read_records(CPU_RUN), CPU_RUN)
-    cpu_rows = _errors(cpu_records, shipped, "cpu")
-    result["cpu"] = {"run": CPU_RUN.name, "rows": cpu_rows, "allocated": _summary(cpu_rows, "allocated_error"),
-                     "rms_error_bytes": math.sqrt(statistics.mean(row["error_bytes"] ** 2 for row in cpu_rows)),
-                     "peak_bytes": [min(r.peak_rss_delta_bytes for r in cpu_records if r.status is Status.OK),
-                                    max(r.peak_rss_delta_bytes for r in cpu_records if r.status is Status.OK)]}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "plan_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    (OUT / "plan_accuracy.md").write_text(markdown(result))
-    print(markdown(result))
+    for predict_on in runs if len(runs) > 1 else []:
+        fit_on = [run for run in runs if run != predict_on]
+        device = fit_device(fit_on)
+        rows = _errors(gpu[predict_on], shipped.with_device(device), "cuda") if device is not None else []
+        if rows:
+            result["leave_one_out"][f"fit {', '.join(r.name for r in fit_on)}, predict {predict_on.name}"] = {
+                "allocated": _summary(rows, "allocated_error"), "total": _summary(rows, "total_error")}
+    if cpu:
+        cpu_records = with_suite_configs(read_records(CPU_RUN), CPU_RUN)
+        cpu_rows = _errors(cpu_records, shipped, "cpu")
+        ok = [r.peak_rss_delta_bytes for r in cpu_records if r.status is Status.OK]
+        result["cpu"] = {"run": CPU_RUN.name, "rows": cpu_rows, "allocated": _summary(cpu_rows, "allocated_error"),
+                         "rms_error_bytes": math.sqrt(statistics.mean(row["error_bytes"] ** 2 for row in cpu_rows)),
+                         "peak_bytes": [min(ok), max(ok)]}
+    return result
 
 
 def markdown(result: dict[str, Any]) -> str:
     gpu, cpu = result["gpu"], result["cpu"]
     lines = ["# `memprof plan` against measured peaks", "",
-             f"GPU: {gpu['allocated']['cells']} ok cells of {result['gpu_machine']} (results/gpu/h200-2026-11-27), "
-             "planned with the shipped calibration (`memprof/plan/calibration.json`, CUDA part fitted to those "
-             "runs). CPU: "
-             f"{cpu['allocated']['cells']} cells of `benchmarks/calibration/{cpu['run']}`, `--device cpu`.", "",
+             f"GPU: {gpu['allocated']['cells']} ok cells of {result['gpu_machine']} ({', '.join(result['runs'])}), "
+             "planned with the shipped calibration (`memprof/plan/calibration.json`, CUDA part fitted to "
+             f"{result['calibration']})."
+             + (f" CPU: {cpu['allocated']['cells']} cells of `benchmarks/calibration/{cpu['run']}`, `--device cpu`."
+                if cpu else ""), "",
              "| figure | median abs error | max abs error | target |", "|---|---:|---:|---:|",
              f"| GPU allocator peak | {gpu['allocated']['median']:.2%} | {gpu['allocated']['max']:.2%} | "
              f"≤ 3% / ≤ 8% |",
@@ -102,11 +130,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| GPU allocator peak, {name} | {figures['allocated']['median']:.2%} | "
                      f"{figures['allocated']['max']:.2%} | |")
         lines.append(f"| GPU total, {name} | {figures['total']['median']:.2%} | {figures['total']['max']:.2%} | |")
-    low, high = (b / 1e6 for b in cpu["peak_bytes"])
-    lines.append(f"| CPU RSS growth | {cpu['allocated']['median']:.2%} | {cpu['allocated']['max']:.2%} | |")
-    lines += ["", f"CPU peaks are {low:.0f}–{high:.0f} MB of RSS growth; the plan's error there is "
-              f"{cpu['rms_error_bytes'] / 1e6:.1f} MB rms, the size of glibc's retention of freed pages, which "
-              "differs by tens of MB between repeats of one cell (docs/step-memory.md)."]
+    if cpu:
+        low, high = (b / 1e6 for b in cpu["peak_bytes"])
+        lines.append(f"| CPU RSS growth | {cpu['allocated']['median']:.2%} | {cpu['allocated']['max']:.2%} | |")
+        lines += ["", f"CPU peaks are {low:.0f}–{high:.0f} MB of RSS growth; the plan's error there is "
+                  f"{cpu['rms_error_bytes'] / 1e6:.1f} MB rms, the size of glibc's retention of freed pages, which "
+                  "differs by tens of MB between repeats of one cell (docs/step-memory.md)."]
     lines += ["", f"The measured NVML peak lies within the plan's stated uncertainty in {gpu['within_uncertainty']} "
               f"of {gpu['total']['cells']} GPU cells.", "", "## GPU cells", "",
               "| cell | peak at | allocator peak error | total error |", "|---|---|---:|---:|"]

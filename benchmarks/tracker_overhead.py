@@ -9,12 +9,17 @@ Runs alternate off, on, off, on, ... so slow drifts of a shared machine fall on 
 child forked from this process after it imported the libraries and computed nothing, as memprof's zygote forks
 a worker per cell: every run starts from the same state, none inherits another's heap or pays (or skips) the
 one-time lazy initialisations of the first training step in a process, which would bias by position rather than
-by arm, and the parent never runs a parallel op (libgomp is not fork-safe afterwards).
+by arm, and the parent never runs a parallel op (libgomp is not fork-safe afterwards). On a CUDA host the parent
+preloads only what does not initialise CUDA (``memprof.run.zygote.preload``: torch and transformers; peft and
+bitsandbytes initialise it at import) and each child imports the rest and initialises CUDA itself, since a process
+that initialised CUDA cannot fork children that use the GPU.
 
 Per run the figure is the median step time after the warm-up steps; the overhead is the median over pairs of
-on/off, with the ratio of the two arms' medians beside it. Writes results/benchmarks/tracker_overhead.{json,md}.
+on/off, with the ratio of the two arms' medians beside it. Writes tracker_overhead.{json,md} to ``--out``
+(default results/benchmarks) after every pair.
 
-    python benchmarks/tracker_overhead.py [--pairs 10] [--steps 30] [--suite quick] [--cell 0]
+    python benchmarks/tracker_overhead.py [--pairs 10] [--steps 30] [--suite quick] [--cell 0] [--device cpu]
+    python benchmarks/tracker_overhead.py --suite reference --pairs 6 --steps 20 --out DIR   # on a GPU host
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memprof.results import env
+from memprof.run.zygote import preload  # first: it asks torch to count GPUs through NVML, without initialising CUDA
 from memprof import suite
 from memprof.config.spec import CellConfig
-from memprof.run.zygote import preload
+from memprof.measure.readings import NVML_PERIOD_S
+from memprof.results import env
+from memprof.run import processes
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "benchmarks"
-TARGET_RATIO = 1.02
+TARGET_RATIO = {"cpu": 1.02, "cuda": 1.01}  # issue #20
 
 
 def run_arm(arm: str, cell: CellConfig) -> list[float]:
@@ -66,47 +73,51 @@ def cpu_stall_us() -> int | None:
 
 
 def forked(arm: str, cell: CellConfig, log: Path) -> list[float]:
-    """``run_arm`` in a child forked from this (import-only) process."""
+    """``run_arm`` in a child forked from this (import-only, CUDA-clean) process."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in the parent; a forked child could not use the GPU")
     read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+
+    def child() -> int:
         os.close(read_fd)
-        code = 0
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        try:
-            with os.fdopen(write_fd, "w") as out:
-                json.dump(run_arm(arm, cell), out)
-        except BaseException:  # noqa: BLE001 - the parent reports a failed run from the exit code and the log
-            import traceback
+        with os.fdopen(write_fd, "w") as out:
+            json.dump(run_arm(arm, cell), out)
+        return 0
 
-            traceback.print_exc()
-            code = 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    sys.stdout.flush()  # or the child's log gets a copy of what this process has not printed yet
+    pid = processes.fork(child)
     os.close(write_fd)
     with os.fdopen(read_fd) as answer:
         payload = answer.read()
     _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"the {arm} run failed; see {log}:\n{log.read_text()[-2000:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"the {arm} run {processes.describe_exit(code)}; see {log}:\n{log.read_text()[-2000:]}")
     return json.loads(payload)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=30, help="steps per run (the suite's warm-up steps excluded)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help="steps per run, the suite's warm-up steps among them (left out of the figures)")
     parser.add_argument("--suite", default="quick")
     parser.add_argument("--cell", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda on a CUDA host, else cpu")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for tracker_overhead.{json,md}")
     args = parser.parse_args()
-    if preload():
-        raise SystemExit("on a CUDA host the libraries cannot be preloaded before forking; run this on a CPU host")
-    cell = suite.load(args.suite).cells[args.cell].with_values({"budget.device": "cpu", "training.steps": args.steps})
+    has_cuda = preload()
+    device = args.device or ("cuda" if has_cuda else "cpu")
+    if device == "cuda" and not has_cuda:
+        raise SystemExit("--device cuda: this host has no CUDA device")
+    cell = suite.load(args.suite).cells[args.cell].with_values({"budget.device": device, "training.steps": args.steps})
 
+    machine = env.capture()  # NVML only: CUDA stays uninitialised here
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,24 +132,34 @@ def main() -> None:
                              "run_wall_s": wall, "cpu_pressure": pressure, "step_times_s": times})
                 print(f"pair {pair} {arm:>3}: median step {runs[-1]['step_time_median_s'] * 1e3:.2f} ms, "
                       f"cpu pressure {pressure if pressure is None else round(pressure, 3)}", flush=True)
-    load_after = os.getloadavg()
+            # written after every pair, so that a run stopped early keeps the pairs it finished
+            result = summarise(runs, cell, device, machine, load_before)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "tracker_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+            (args.out / "tracker_overhead.md").write_text(markdown(result, args.suite, args.cell, machine))
+    print(markdown(result, args.suite, args.cell, machine))
 
+
+def summarise(runs: list[dict[str, Any]], cell: CellConfig, device: str, machine: dict[str, Any],
+              load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """The figures of the pairs run so far."""
     off = [r["step_time_median_s"] for r in runs if r["arm"] == "off"]
     on = [r["step_time_median_s"] for r in runs if r["arm"] == "on"]
     pair_ratios = [b / a for a, b in zip(off, on)]
     pressure = {arm: [r["cpu_pressure"] for r in runs if r["arm"] == arm and r["cpu_pressure"] is not None]
                 for arm in ("off", "on")}
     ratio = statistics.median(pair_ratios)
-    machine = env.capture()
-    result = {
+    target = TARGET_RATIO[device]
+    return {
         "machine": {k: machine[k] for k in ("host", "platform", "cpu", "cpu_count", "memory_bytes", "gpus",
                                             "versions", "git_revision", "git_dirty")},
         "cell": cell.key,
+        "device": device,
         "steps": cell.training.steps,
         "warmup_steps": cell.training.warmup_steps,
-        "pairs": args.pairs,
+        "pairs": len(pair_ratios),
         "load_average_before": load_before,
-        "load_average_after": load_after,
+        "load_average_after": os.getloadavg(),
         "cpu_pressure_median": {arm: statistics.median(v) if v else None for arm, v in pressure.items()},
         "off_median_step_s": statistics.median(off),
         "on_median_step_s": statistics.median(on),
@@ -146,40 +167,49 @@ def main() -> None:
         "pair_ratio_median": ratio,
         "pair_ratio_min": min(pair_ratios),
         "pair_ratio_max": max(pair_ratios),
-        "target_ratio": TARGET_RATIO,
-        "within_target": ratio <= TARGET_RATIO,
+        "target_ratio": target,
+        "within_target": ratio <= target,
         "runs": runs,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "tracker_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def markdown(result: dict[str, Any], suite_name: str, index: int, machine: dict[str, Any]) -> str:
+    cuda = result["device"] == "cuda"
+    gpu = f"{machine['gpus'][0]['name']}, " if cuda and machine["gpus"] else ""
+    where = "on the GPU" if cuda else "on the CPU"
+    sampled = ("host RSS and the allocator's current bytes every 10 ms, NVML every "
+               f"{NVML_PERIOD_S * 1e3:.0f} ms" if cuda
+               else "host RSS every 10 ms")
+    shared = " (a 2-core machine shared with other work)" if result["machine"]["cpu_count"] <= 2 else ""
+    load_before, load_after = result["load_average_before"], result["load_average_after"]
+    ratio, low, high = result["pair_ratio_median"], result["pair_ratio_min"], result["pair_ratio_max"]
     md = [
-        f"# Tracker overhead per training step ({machine['cpu']}, {machine['cpu_count']} cores, host "
+        f"# Tracker overhead per training step ({gpu}{machine['cpu']}, {machine['cpu_count']} cores, host "
         f"{machine['host']}, torch {machine['versions']['torch']})",
         "",
-        f"Cell `{cell.key}` ({args.suite} suite, cell {args.cell}, on the CPU), {cell.training.steps} steps per run, the "
-        f"first {cell.training.warmup_steps} left out; {args.pairs} pairs of runs alternating off, on, each run in a child "
-        "forked from an import-only parent (as memprof's zygote runs cells).",
+        f"Cell `{result['cell']}` ({suite_name} suite, cell {index}, {where}), {result['steps']} steps per run, the "
+        f"first {result['warmup_steps']} left out; {result['pairs']} pairs of runs alternating off, on, each run in a "
+        "child forked from an import-only parent (as memprof's zygote runs cells).",
         "",
-        "- **on**: `run_cell`: CellProbe, background Sampler (host RSS every 10 ms), snapshots, exact accounting.",
+        f"- **on**: `run_cell`: CellProbe, background Sampler ({sampled}), snapshots, exact accounting.",
         "- **off**: the same cell built the same way, trained with a `NullProbe`, no sampler.",
         "",
         "| arm | median step time (median over runs) | runs |",
         "| --- | ---: | ---: |",
-        f"| off | {result['off_median_step_s'] * 1e3:.2f} ms | {len(off)} |",
-        f"| on | {result['on_median_step_s'] * 1e3:.2f} ms | {len(on)} |",
+        f"| off | {result['off_median_step_s'] * 1e3:.2f} ms | {result['pairs']} |",
+        f"| on | {result['on_median_step_s'] * 1e3:.2f} ms | {result['pairs']} |",
         "",
-        f"**Overhead: on/off = {ratio:.4f}** (median over pairs; range {min(pair_ratios):.4f} to "
-        f"{max(pair_ratios):.4f}; ratio of the arms' medians {result['ratio_of_medians']:.4f}). "
-        f"Target ≤ {TARGET_RATIO}: {'met' if result['within_target'] else 'NOT met'}.",
+        f"**Overhead: on/off = {ratio:.4f}** (median over pairs; range {low:.4f} to {high:.4f}; ratio of the arms' "
+        f"medians {result['ratio_of_medians']:.4f}). "
+        f"Target ≤ {result['target_ratio']}: {'met' if result['within_target'] else 'NOT met'}.",
         "",
         f"Load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; after: "
-        f"{', '.join(f'{x:.2f}' for x in load_after)} (a 2-core machine shared with other work). CPU pressure "
+        f"{', '.join(f'{x:.2f}' for x in load_after)}{shared}. CPU pressure "
         "(share of a run during which some task waited for a CPU; the on arm's own sampler thread counts): median "
         + ", ".join(f"{arm} {v:.3f}" for arm, v in result["cpu_pressure_median"].items() if v is not None) + ".",
         "",
     ]
-    (OUT / "tracker_overhead.md").write_text("\n".join(md))
-    print("\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """NVML: device memory in use, and this process's share where the driver reports it.
 
-Absent NVML or no GPU, ``open_nvml`` returns None and the columns stay empty. In many containers NVML lists
-processes by host PID, so a process figure that cannot be matched falls back to the device-level figure.
+Absent NVML or no GPU, ``open_nvml`` returns None and the columns stay empty. In some containers NVML lists
+processes by host PID: then this process is not found and its column stays empty (the device figure still counts).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import os
 from collections.abc import Callable
 
 
-def open_nvml(index: int) -> tuple[Callable[[], int], Callable[[], int | None], str] | None:
-    """Readers for (device used bytes, this process's used bytes or None) and the device name, or None."""
+def open_nvml(index: int) -> tuple[Callable[[], tuple[int, int | None]], str] | None:
+    """A reader of (device used bytes, this process's used bytes or None) and the device name, or None."""
     try:
         import pynvml
 
@@ -22,13 +22,11 @@ def open_nvml(index: int) -> tuple[Callable[[], int], Callable[[], int | None], 
         return None
     pid = os.getpid()
 
-    def device_used() -> int:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-
-    def process_used() -> int | None:
+    def read() -> tuple[int, int | None]:
+        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == pid and proc.usedGpuMemory is not None:
-                return int(proc.usedGpuMemory)
-        return None
+                return used, int(proc.usedGpuMemory)
+        return used, None
 
-    return device_used, process_used, name if isinstance(name, str) else name.decode()
+    return read, name if isinstance(name, str) else name.decode()

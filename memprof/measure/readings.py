@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import resource
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,9 @@ from memprof.measure import accounting
 from memprof.measure.allocator import CudaAllocator
 from memprof.measure.host import rss_bytes
 from memprof.measure.nvml import open_nvml
-from memprof.measure.sampler import Sampler
+from memprof.measure.sampler import Sampler, Source
+
+NVML_PERIOD_S = 0.1  # NVML reads are driver round trips: ten a second (the allocator's peaks are exact anyway)
 
 
 @dataclass
@@ -27,20 +29,27 @@ class MemorySources:
     """What to sample on a device, and the allocator tracker on CUDA."""
 
     device_name: str
-    sources: dict[str, Callable[[], int | None]] = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)
     allocator: CudaAllocator | None = None
 
 
 def memory_sources(device: torch.device) -> MemorySources:
-    """Host RSS everywhere; on CUDA also the allocator's current figures and NVML's (when NVML answers)."""
+    """Host RSS everywhere; on CUDA also the allocator's current figures and NVML's (when NVML answers).
+
+    The per-sample reads are the cheap ones: one ``/proc/self/statm`` read and one read of the allocator's counters.
+    NVML is read every ``NVML_PERIOD_S``: what it reports moves when the caching allocator reserves or frees a segment
+    (rarely, after the first step) and the last sample, taken after training while the cache is still held, sees the
+    highest figure of a run whose cache only grew.
+    """
+    rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
     if device.type != "cuda":
-        return MemorySources("cpu", {"rss_bytes": rss_bytes})
-    out = MemorySources(torch.cuda.get_device_name(device), {"rss_bytes": rss_bytes}, CudaAllocator(device))
-    out.sources["allocated_bytes"] = lambda: torch.cuda.memory_allocated(device)
-    out.sources["reserved_bytes"] = lambda: torch.cuda.memory_reserved(device)
+        return MemorySources("cpu", [rss])
+    allocator = CudaAllocator(device)
+    out = MemorySources(torch.cuda.get_device_name(device), [rss, Source(("allocated_bytes", "reserved_bytes"),
+                                                                         allocator.current)], allocator)
     nvml = open_nvml(device.index or 0)
     if nvml is not None:
-        out.sources["nvml_device_used_bytes"], out.sources["nvml_process_used_bytes"], _ = nvml
+        out.sources.append(Source(("nvml_device_used_bytes", "nvml_process_used_bytes"), nvml[0], NVML_PERIOD_S))
     return out
 
 

@@ -1,28 +1,40 @@
 """A background sampler: polls memory sources at a fixed interval, keeps peaks and a timeline.
 
-It blocks on an event between samples (never spins), so it costs the training loop almost nothing.
+The thread sleeps on an event between samples (the GIL is free meanwhile). Each sample still takes the GIL from the
+training thread, which on a launch-bound GPU step is time the GPU waits, so a sample must be short: a source that
+costs a driver round trip (NVML) says so with ``period_s`` and is read less often.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
-Source = Callable[[], "int | None"]
+
+@dataclass(frozen=True)
+class Source:
+    """Figures read by one call, in ``columns`` order; read at most once per ``period_s`` (0: at every sample) and
+    always at the first and last sample. A sample that skips a source leaves its columns None in that row."""
+
+    columns: tuple[str, ...]
+    read: Callable[[], Sequence[int | None]]
+    period_s: float = 0.0
 
 
 class Sampler:
-    """Samples every source each ``interval_s``; ``mark(step, phase)`` labels the samples that follow."""
+    """Samples the sources each ``interval_s``; ``mark(step, phase)`` labels the samples that follow."""
 
-    def __init__(self, sources: dict[str, Source], interval_s: float = 0.01) -> None:
-        self.sources = sources
+    def __init__(self, sources: Sequence[Source], interval_s: float = 0.01) -> None:
+        self.sources = tuple(sources)
         self.interval_s = interval_s
-        self.peaks: dict[str, int | None] = {name: None for name in sources}
+        self.peaks: dict[str, int | None] = {name: None for s in self.sources for name in s.columns}
         self.timeline: list[dict[str, float | int | str | None]] = []
         self._step = -1
         self._phase = "setup"
+        self._last_read = [-float("inf")] * len(self.sources)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memprof-sampler", daemon=True)
         self._t0 = time.perf_counter()
@@ -30,14 +42,18 @@ class Sampler:
     def mark(self, step: int, phase: str) -> None:
         self._step, self._phase = step, phase
 
-    def sample(self) -> None:
-        row: dict[str, float | int | str | None] = {
-            "t_s": time.perf_counter() - self._t0, "step": self._step, "phase": self._phase}
-        for name, read in self.sources.items():
-            value = read()
-            row[name] = value
-            if value is not None and (self.peaks[name] is None or value > self.peaks[name]):
-                self.peaks[name] = value
+    def sample(self, every_source: bool = False) -> None:
+        now = time.perf_counter()
+        row: dict[str, float | int | str | None] = {"t_s": now - self._t0, "step": self._step, "phase": self._phase}
+        for i, source in enumerate(self.sources):
+            if not every_source and now - self._last_read[i] < source.period_s:
+                row.update(dict.fromkeys(source.columns))
+                continue
+            self._last_read[i] = now
+            for name, value in zip(source.columns, source.read()):
+                row[name] = value
+                if value is not None and (self.peaks[name] is None or value > self.peaks[name]):
+                    self.peaks[name] = value
         self.timeline.append(row)
 
     def _run(self) -> None:
@@ -45,7 +61,7 @@ class Sampler:
             self.sample()
 
     def __enter__(self) -> Sampler:
-        self.sample()
+        self.sample(every_source=True)
         self._thread.start()
         return self
 
@@ -53,4 +69,4 @@ class Sampler:
                  tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
-        self.sample()
+        self.sample(every_source=True)

@@ -1,0 +1,46 @@
+"""The background sampler: every source at the first and last sample, a slow source at most once per period, peaks
+over what was read."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from memprof.measure.readings import memory_sources
+from memprof.measure.sampler import Sampler, Source
+
+
+def test_a_slow_source_is_read_at_its_period_and_at_both_ends() -> None:
+    fast, slow = itertools.count(1), itertools.count(100)
+    reads = {"fast": 0, "slow": 0}
+
+    def read_fast() -> tuple[int]:
+        reads["fast"] += 1
+        return (next(fast),)
+
+    def read_slow() -> tuple[int, None]:
+        reads["slow"] += 1
+        return next(slow), None
+
+    sampler = Sampler([Source(("fast",), read_fast), Source(("slow", "never"), read_slow, period_s=3600)],
+                      interval_s=0.002)
+    with sampler:
+        sampler.mark(0, "forward")
+        time.sleep(0.1)
+    rows = sampler.timeline
+    assert len(rows) > 5 and reads["fast"] == len(rows)
+    assert reads["slow"] == 2  # the first and the last sample only
+    assert [row["slow"] for row in rows if row["slow"] is not None] == [100, 101]
+    assert rows[0]["slow"] == 100 and rows[-1]["slow"] == 101 and rows[1]["slow"] is None
+    assert all(row["never"] is None for row in rows) and rows[-1]["phase"] == "forward"
+    assert sampler.peaks == {"fast": reads["fast"], "slow": 101, "never": None}
+
+
+def test_on_the_cpu_only_host_rss_is_sampled() -> None:
+    import torch
+
+    measured = memory_sources(torch.device("cpu"))
+    assert [s.columns for s in measured.sources] == [("rss_bytes",)] and measured.allocator is None
+    with Sampler(measured.sources, 0.005) as sampler:
+        time.sleep(0.03)
+    assert sampler.peaks["rss_bytes"] > 0 and all(row["rss_bytes"] for row in sampler.timeline)
