@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from memprof.quiet import quiet_libraries
+
+quiet_libraries()
 __version__ = "0.1.0"
 __all__ = ["MemprofCallback", "Tracking", "optimizer_state_bytes", "track", "weight_bytes"]
 

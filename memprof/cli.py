@@ -263,7 +263,8 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     fit = sub.add_parser("fit", help="find the largest batch size (or length) that trains here, by isolated trials")
     _add_config_options(fit, precision="fp32")
     fit.add_argument("--search", choices=["batch_size", "seq_len"], default="batch_size", help="what to grow")
-    fit.add_argument("--memory-budget", type=int, metavar="BYTES", help="the limit (required on the CPU, where it "
+    fit.add_argument("--memory-budget", metavar="SIZE", help="the limit, as bytes, a size (512MiB, 24GB) or a card "
+                     "(rtx-4090) (required on the CPU, where it "
                      "caps each trial's address space; on CUDA default: the card)")
     fit.add_argument("--margin", type=float, default=0.05, help="a trial fits if its peak stays under (1 - margin) "
                      "x the limit (default 0.05)")
@@ -372,6 +373,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from memprof.plan import fit as fit_mod
+    from memprof.plan import gpus as gpus_mod
     from memprof.views import plan as plan_views
 
     request = _request(args)
@@ -383,7 +385,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         console.print(f"  {args.search} {trial.value}: {trial.status}" + ("" if trial.fits else " (does not fit)"),
                       highlight=False)
 
-    result = fit_mod.run_search(request, args.search, args.memory_budget, args.margin, args.steps, args.device,
+    budget = None if args.memory_budget is None else \
+        gpus_mod.parse_gpu(args.memory_budget, "--memory-budget").capacity_bytes
+    result = fit_mod.run_search(request, args.search, budget, args.margin, args.steps, args.device,
                                 args.start or granularity, args.max, granularity, args.timeout, progress)
     if args.json:
         print(json.dumps(asdict(result), indent=2))

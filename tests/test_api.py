@@ -114,6 +114,7 @@ def test_track_measures_a_plain_pytorch_loop_and_writes_a_run_folder(tmp_path: P
     assert r.optimizer_state_bytes == memprof.optimizer_state_bytes(optimizer) == 8 * trainable + 4 * tensors
     assert r.gradient_bytes == 4 * trainable
     assert r.activation_bytes > 0 and r.tokens_per_s > 0
+    assert r.peak_allocated_bytes is None and r.peak_bytes == r.peak_rss_delta_bytes > 0  # the README prints peak_bytes
     assert memprof.weight_bytes(model).trainable.total == r.trainable_weight_bytes
     (written,) = read_records(t.run_dir)
     assert written.optimizer_state_bytes == r.optimizer_state_bytes

@@ -552,3 +552,25 @@ def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does
 def test_trust_remote_code_is_off_unless_the_suite_sets_it(tmp_path: Path) -> None:
     cell = suite_mod.load(str(write_suite(tmp_path))).cells[0]
     assert cell.model.trust_remote_code is False
+
+
+def test_the_example_workflow_runs_commands_memprof_accepts_and_names_every_failing_exit_code() -> None:
+    """``examples/github-actions.yml`` relies on the exit codes: its memprof commands must parse, and its case
+    statement must name each code a run can fail with."""
+    import re
+    import shlex
+
+    import yaml
+
+    from memprof import cli
+
+    workflow = yaml.safe_load((TESTS_DIR.parent / "examples" / "github-actions.yml").read_text())
+    scripts = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
+    commands = [line.strip() for script in scripts for line in script.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("memprof ")]
+    assert len(commands) == 2  # the CPU and the GPU job
+    for command in commands:
+        args = cli._parser().parse_args(shlex.split(command)[1:])  # argparse exits 2 on an unknown flag
+        assert args.command == "run" and args.compare_to is not None
+    handled = {int(code) for script in scripts for code in re.findall(r"^\s*(\d+)\)", script, re.M)}
+    assert {1, 2, cli.EXIT_CELLS_FAILED} <= handled

@@ -8,6 +8,11 @@ import math
 import pytest
 
 from conftest import run_cli
+from rich.console import Console
+
+from memprof.plan.fit import Search, Trial
+from memprof.plan.gpus import GIB, MIB, parse_gpu
+from memprof.views.plan import search_table
 
 # tiny-llama, LoRA, AdamW, 2 steps of 1024-token sequences: each sequence adds ~110 MB of resident memory, and the
 # worker's address space is capped at the budget, so a couple of sequences fit and more are a real OOM.
@@ -31,10 +36,18 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
     assert len(result["trials"]) == 2 * int(math.log2(best)) + 2
     assert len(result["trials"]) <= math.log2(MAX_BATCH) + 3
     assert result["wall_s"] > 0
+    # the table names what every trial ran and what its peak and limit are
+    shown = Search(**{**result, "trials": [Trial(**t) for t in result["trials"]]})
+    console = Console(width=100, record=True)
+    console.print(search_table(shown))
+    text = " ".join(console.export_text().split())
+    assert "trials of batch_size for tiny-llama/lora/adamw_torch/s1024/ga1/fp32/" in text and "on cpu" in text
+    assert "limit: each trial's address space (RLIMIT_AS)" in text and "peak: its resident memory growth" in text
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--memory-budget", "0"], "--memory-budget: a memory budget must be positive"),
+    (["--memory-budget", "lots"], "--memory-budget: not a GPU or a size: 'lots'"),
     ([], "--memory-budget: required on the CPU"),
     (["--memory-budget", "1000000", "--world-size", "0"], "--world-size: must be positive"),
     (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
@@ -44,3 +57,9 @@ def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys:
     assert run_cli("fit", "--model", "tiny-llama", "--device", "cpu", *argv) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text,size", [("400MiB", 400 * MIB), ("512mb", 512 * MIB), ("24GB", 24 * GIB),
+                                       ("1.5GiB", int(1.5 * GIB)), ("1000000", 1_000_000)])
+def test_a_memory_budget_is_bytes_a_size_or_a_card(text: str, size: int) -> None:
+    assert parse_gpu(text, "--memory-budget").capacity_bytes == size

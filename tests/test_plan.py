@@ -222,7 +222,7 @@ def test_largest_is_exact_for_a_threshold() -> None:
 
 
 @pytest.mark.parametrize("argv,where", [
-    (["--model", "tiny-llama", "--gpu", "rtx-9090"], "--gpu: unknown GPU 'rtx-9090'"),
+    (["--model", "tiny-llama", "--gpu", "rtx-9090"], "--gpu: not a GPU or a size: 'rtx-9090'"),
     (["--model", "tiny-llama", "--budget-bytes", "0"], "--budget-bytes: a memory budget must be positive"),
     (["--model", "tiny-llama", "--gpu", "0GB"], "--gpu: a memory budget must be positive"),
     (["--model", "no-such-model"], "--model: 'no-such-model' is neither a preset"),

@@ -34,7 +34,7 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, *, suite: str, 
         suite=suite, model=_model(base), adapter=_adapter(model, base),
         optimizer=optimizer_spec or optimizer_of(optimizer),
         shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, precision=_precision(base, first)),
-        levers=Levers(gradient_checkpointing="on" if getattr(base, "is_gradient_checkpointing", False) else "off",
+        levers=Levers(gradient_checkpointing="on" if _checkpointing(base) else "off",
                       attn_implementation=_attention(base)),
         training=TrainingSpec(lr=float(optimizer.defaults.get("lr") or 1e-3), schedule="external", steps=steps,
                               warmup_steps=warmup_steps),
@@ -93,3 +93,10 @@ def _precision(base: nn.Module, first: torch.Tensor) -> str:
 def _attention(base: nn.Module) -> str:
     name = getattr(getattr(base, "config", None), "_attn_implementation", None) or "sdpa"
     return name if name in ("eager", "sdpa", "flash_attention_2") else "sdpa"
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """transformers 5 names it ``is_activation_checkpointing`` (the old name warns); older ones the old name."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

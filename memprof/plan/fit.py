@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from memprof.config import spec
 from memprof.config.spec import CellConfig
 from memprof.errors import UserError
 from memprof.plan.predict import largest
@@ -46,6 +47,9 @@ class Search:
     axis: str
     limit_bytes: int
     margin: float
+    config: str = ""  # the configuration every trial ran, the searched axis aside (its key)
+    device: str = "cpu"
+    capped_address_space: bool = False  # the CPU's limit: each trial's address space, not its resident memory
     trials: list[Trial] = field(default_factory=list)
     best: int = 0
     wall_s: float = 0.0
@@ -56,6 +60,12 @@ def measured_peak(record: Record) -> int | None:
     if record.peak_reserved_bytes is not None:
         return record.nvml_peak_process_used_bytes or record.peak_reserved_bytes
     return record.peak_rss_delta_bytes
+
+
+def config_without(request: CellConfig, axis: str) -> str:
+    """The request's key without the searched axis's token (``tiny-llama/lora/adamw_torch/s2048/...``)."""
+    searched = next(a for a in spec.AXES if a.path == f"shape.{axis}")
+    return "/".join(part for part in request.key.split("/") if part != searched.token(searched.get(request)))
 
 
 def trial_cell(request: CellConfig, axis: str, value: int, index: int, steps: int, device: str,
@@ -78,7 +88,7 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
         run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
         cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
     """
-    out = Search(axis, limit_bytes, margin)
+    out = Search(axis, limit_bytes, margin, config_without(request, axis), device, cap_address_space)
     t0 = time.perf_counter()
 
     def fits(n: int) -> bool:

@@ -2,7 +2,7 @@
 
 Card figures are the total memory the driver reports for the card (``nvidia-smi``'s "MiB" column, as listed by
 NVIDIA's data sheets and users' ``nvidia-smi`` output), which is a little less than the marketing size for some
-cards. Generic sizes (``24GB``) mean that many GiB. Nothing here was measured by memprof.
+cards. Generic sizes (``24GB``) mean that many GiB (``512MB``: MiB). Nothing here was measured by memprof.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CARDS: dict[str, int] = {
     "h200": 143771 * MIB,
 }
 
-_GENERIC = re.compile(r"^(\d+(?:\.\d+)?)\s*gi?b$")
+_GENERIC = re.compile(r"^(\d+(?:\.\d+)?)\s*([gm])i?b$")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class Gpu:
     capacity_bytes: int
 
 
-def parse_gpu(text: str) -> Gpu:
-    """A card name (``rtx-4090``), a generic size (``24GB`` = 24 GiB) or a plain byte count.
+def parse_gpu(text: str, where: str = "--gpu") -> Gpu:
+    """A card name (``rtx-4090``), a generic size (``24GB`` = 24 GiB, ``512MiB``) or a plain byte count.
 
     Raises:
         UserError: for an unknown name or a capacity that is not positive.
@@ -50,11 +50,12 @@ def parse_gpu(text: str) -> Gpu:
         return Gpu(key, CARDS[key])
     generic = _GENERIC.match(key)
     if generic:
-        return budget(text, int(float(generic.group(1)) * GIB), "--gpu")
+        unit = MIB if generic.group(2) == "m" else GIB
+        return budget(text, int(float(generic.group(1)) * unit), where)
     if key.isdigit():
-        return budget(text, int(key), "--gpu")
-    raise UserError("--gpu", f"unknown GPU '{text}' (cards: {', '.join(CARDS)}; or a size such as 24GB, "
-                    "40GB, 48GB, 80GB, 141GB)")
+        return budget(text, int(key), where)
+    raise UserError(where, f"not a GPU or a size: '{text}' (cards: {', '.join(CARDS)}; or a size such as 24GB, "
+                    "40GB, 48GB, 80GB, 141GB, 512MiB, or bytes)")
 
 
 def budget(name: str, capacity_bytes: int, where: str = "--budget-bytes") -> Gpu:

@@ -118,14 +118,25 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
 
 
 def search_table(search: Search) -> Table:
-    table = Table(title=f"trials ({search.axis}); {len(search.trials)} in {search.wall_s:.1f} s", title_justify="left",
-                  header_style="bold")
+    """The trials, titled with the configuration they ran and captioned with what ``peak`` and ``limit`` are."""
+    table = Table(title=f"trials of {search.axis} for {search.config} on {search.device}: {len(search.trials)} in "
+                        f"{search.wall_s:.1f} s", title_justify="left", header_style="bold",
+                  caption=search_caption(search), caption_justify="left")
     for name in ("#", search.axis, "status", "peak", "limit", "fits", "wall"):
         table.add_column(name, justify="left" if name in ("status", "fits") else "right")
     for n, t in enumerate(search.trials, 1):
         table.add_row(str(n), f"{t.value:,}", t.status, human_bytes(t.peak_bytes), human_bytes(search.limit_bytes),
                       "[green]yes[/]" if t.fits else "[red]no[/]", f"{t.wall_s:.1f} s")
     return table
+
+
+def search_caption(search: Search) -> str:
+    fits = f"fits: ok with a peak under {1 - search.margin:.0%} of the limit"
+    if search.capped_address_space:
+        return (f"limit: each trial's address space (RLIMIT_AS), the CPU's hard cap; peak: its resident memory "
+                f"growth (RSS). Libraries reserve address space they never touch, so a trial can be oom with its "
+                f"peak well under the limit. {fits}")
+    return f"limit: the card's memory; peak: the process's memory on the card (NVML, or reserved). {fits}"
 
 
 def calibration_table(calibration: Calibration, path: str) -> Table:

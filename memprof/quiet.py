@@ -1,0 +1,19 @@
+"""Silence what libraries print that says nothing about the user's run (imported by ``memprof/__init__``, so before
+any of them loads). Each filter matches one message, so anything else they say still shows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    """bitsandbytes' hint to install ``kernels`` for its CPU 4-bit inference kernel (printed on AVX512-BF16 CPUs when
+    it loads): memprof disables that path on its layers (``train.models``). peft's read of transformers' deprecated
+    ``is_gradient_checkpointing``. Kineto's ``STAGE``/``USDT`` lines on every profiler start and stop (level 6 keeps
+    none; a level the user set stays)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
