@@ -40,7 +40,7 @@ PARTS: dict[str, Part] = {
     "gradients": Part("grads", "gradients"),
     "optimizer_state": Part("state", "optimizer state"),
     "activations": Part("act", "saved activations"),
-    "loss_logits": Part("logits", "the loss's logits and their fp32 gradients"),
+    "loss_logits": Part("logits", "the loss's logits and their fp32 gradients (chunked: the hidden states' too)"),
     "layer": Part("layer", "the layer at work (recomputed, with checkpointing)"),
     "optimizer_temporaries": Part("opt tmp", "optimizer step temporaries"),
     "workspaces": Part("cuBLAS", "cuBLAS workspaces"),
@@ -57,7 +57,8 @@ _NAMES = {"optimizer_state": "optimizer_state", "cublas_workspaces": "workspaces
           "ckpt_kept": "activations", "rope_cos_sin": "activations", "minus_not_yet_saved": "activations",
           "layer_saved": "activations", "logits": "loss_logits", "logits_fp32_copy": "loss_logits",
           "nll_grad": "loss_logits", "log_softmax_grad": "loss_logits", "log_softmax_out": "loss_logits",
-          "gradients": "gradients", "foreach_temporaries": "optimizer_temporaries"}
+          "gradients": "gradients", "foreach_temporaries": "optimizer_temporaries",
+          "hidden_grad": "loss_logits", "eval_hidden": "loss_logits", "head_grad_sum": "gradients"}
 
 
 def attribute(record: Record, peak_phase: str = "") -> Record:

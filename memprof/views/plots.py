@@ -7,6 +7,7 @@ import io
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import matplotlib
 
@@ -43,7 +44,8 @@ PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "tr
 def memory_figure(run: Run) -> Figure | None:
     """Each configuration's peak as a stacked bar of its parts (``memprof.measure.attribution``), the configurations
     of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
-    CUDA's context) hatched after it. None when no cell has a breakdown."""
+    CUDA's context) hatched after it. Beside each group its optimizer state alone, on its own scale, so a saving
+    that is small against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
     shown = [next((r for r in rs if r.status is Status.OK), rs[0]) for rs in by_config(run.records).values()]
     shown = [r for r in shown if r.breakdown]
     if not shown:
@@ -52,22 +54,24 @@ def memory_figure(run: Run) -> Figure | None:
     for r in shown:
         groups.setdefault(group_title(r), []).append(r)
     totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
-    unit, scale = ("GiB", 1 << 30) if max(totals) >= 1 << 30 else ("MiB", 1 << 20)
+    unit, scale = _unit(max(totals))
     heights = [0.45 * len(rs) + 0.9 for rs in groups.values()]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, sum(heights) + 1.2), dpi=DPI, squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    states = len({r.optimizer_state_bytes for r in shown}) > 1  # else the state panel would say nothing
+    fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
+                             dpi=DPI, squeeze=False, gridspec_kw={"height_ratios": heights,
+                                                                  "width_ratios": (4, 1.2) if states else (1,)})
     present: dict[str, str] = {}
-    for ax, (title, rs) in zip(axes[:, 0], groups.items()):
+    for row, (title, rs) in zip(axes, groups.items()):
+        ax = row[0]
         names = [a for a in varying([r.config for r in rs], always=("optimizer",)) if a.name not in GROUP_AXES]
-        labels = [" ".join(a.text(r.config) for a in names) for r in rs]
+        labels = [" ".join(a.text(r.config) for a in names if not (a.lever and a.is_default(r.config)))
+                  for r in rs]
         for y, r in enumerate(rs):
             left = 0.0
             for part, nbytes in _segments(r).items():
                 if nbytes <= 0:
                     continue
-                outside = part in OUTSIDE
-                ax.barh(y, nbytes / scale, left=left, color=PART_COLOURS[part], edgecolor="white" if not outside
-                        else "#555555", hatch="//" if outside else None, linewidth=0.6, height=0.7)
+                ax.barh(y, nbytes / scale, left=left, height=0.7, linewidth=0.6, **_style(part))
                 present[part] = (PARTS | OUTSIDE)[part].label
                 left += nbytes / scale
             ax.text(left, y, f" {left:.2f} {unit}" + ("" if r.status is Status.OK else f" ({r.status.value})"),
@@ -77,15 +81,52 @@ def memory_figure(run: Run) -> Figure | None:
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlim(0, max(totals) / scale * 1.18)
+        if states:
+            _state_bars(row[1], rs, shown)
+    if states:
+        axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
     axes[-1, 0].set_xlabel(f"{unit} at the peak ({'allocator' if shown[0].peak_allocated_bytes is not None else 'RSS growth'}"
                            "; hatched: outside the torch allocator)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=PART_COLOURS[p], hatch="//" if p in OUTSIDE else None)
-               for p in present]
+    handles = [plt.Rectangle((0, 0), 1, 1, **_style(p)) for p in present]
     columns = 4
+    rows = math.ceil(len(present) / columns)
+    legend_in = 0.22 * rows + 0.15
+    fig.set_figheight(fig.get_figheight() + legend_in)
     fig.legend(handles, list(present.values()), loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle("Where each peak's bytes are", fontsize=11)
-    fig.tight_layout(rect=(0, 0.045 * math.ceil(len(present) / columns) + 0.02, 1, 1))
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     return Figure("memory", "Where each peak's bytes are", _png(fig))
+
+
+def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> None:
+    """Each record's optimizer state: what the allocator holds, then its paged part hatched; one scale for all
+    groups."""
+    unit, scale = _unit(max((r.optimizer_state_bytes or 0) for r in shown) or 1)
+    most = max((r.optimizer_state_bytes or 0) for r in shown) / scale
+    for y, r in enumerate(rs):
+        state, paged = r.optimizer_state_bytes or 0, r.optimizer_state_paged_bytes or 0
+        ax.barh(y, (state - paged) / scale, height=0.7, linewidth=0.6, **_style("optimizer_state"))
+        ax.barh(y, paged / scale, left=(state - paged) / scale, height=0.7, linewidth=0.6,
+                **_style("optimizer_state_paged_bytes"))
+        label = f" {state / scale:.1f}" + (f" ({paged / scale:.1f} paged)" if paged else "")
+        ax.text(state / scale, y, label, va="center", fontsize=8)
+    ax.set_yticks(range(len(rs)), [""] * len(rs))
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlim(0, most * 1.9 or 1)
+    if rs[-1] is shown[-1]:
+        ax.set_xlabel(f"{unit} (hatched: paged)", fontsize=9)
+
+
+def _style(part: str) -> dict[str, Any]:
+    """A part's bar: its colour; hatched with a dark edge when it lies outside the torch allocator."""
+    if part in OUTSIDE:
+        return {"facecolor": PART_COLOURS[part], "edgecolor": "#555555", "hatch": "//"}
+    return {"facecolor": PART_COLOURS[part], "edgecolor": "white"}
+
+
+def _unit(most: float) -> tuple[str, int]:
+    return ("GiB", 1 << 30) if most >= 1 << 30 else ("MiB", 1 << 20)
 
 
 def _segments(r: Record) -> dict[str, int]:

@@ -71,7 +71,8 @@ def memory_table(run: Run) -> TableData:
              "allocator keeps, so it differs by tens of MB between repeats"]
     if paged:
         notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
-    return TableData(f"Memory ({fixed_axes(run.records)})", columns, rows, notes)
+    return TableData(f"Optimizer state and peak of each configuration ({fixed_axes(run.records)})", columns, rows,
+                     notes)
 
 
 def rich_tables(tables: list[TableData], width: int) -> Group:
