@@ -3,11 +3,12 @@ remedy, applied to the same run, makes it go away where that is cheap to show.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from memprof.analysis import diagnose
+from memprof.analysis import diagnose, report
 from memprof import suite
 from memprof.results.record import Record, Status
 from memprof.run.launch import run_cell
@@ -94,26 +95,41 @@ def test_a_high_lr_blows_the_loss_up_without_nan(tmp_path: Path) -> None:
 
 def test_a_vanishing_lr_never_drops(tmp_path: Path) -> None:
     r = run(tmp_path, steps=20, lr=1e-9, batch=8)
-    assert codes(r) == ["never_drops"] and r.verdict == "not learning"
+    assert codes(r) == ["never_drops"] and r.verdict == "never drops"
 
 
 def test_lion_with_a_high_lr_and_no_warmup_or_clipping_oscillates(tmp_path: Path) -> None:
     r = run(tmp_path, steps=15, lr=2e-2, optimizer="lion_32bit", settings="max_grad_norm = 0")
-    assert codes(r) == ["oscillation"] and r.verdict == "unstable"
+    assert codes(r) == ["oscillation"] and r.verdict == "oscillation"
 
 
 def test_unclipped_adamw_at_a_high_lr_spikes_and_recovers(tmp_path: Path) -> None:
     r = run(tmp_path, steps=15, lr=5e-3, batch=32, seq=32, schedule="cosine",
             settings="max_grad_norm = 0\nlr_warmup_steps = 6")
-    assert codes(r) == ["spikes"] and r.verdict == "unstable"
+    assert codes(r) == ["spikes"] and r.verdict == "spikes"
 
 
 def test_a_low_lr_stalls_a_lora_on_its_early_plateau_and_10x_escapes_it(tmp_path: Path) -> None:
     low = run(tmp_path, steps=60, lr=3e-4, adapter="r16")
-    assert codes(low) == ["plateau"] and low.verdict == "stalled"
+    assert codes(low) == ["plateau"] and low.verdict == "plateau"
     high = run(tmp_path, steps=60, lr=3e-3, adapter="r16")
     assert codes(high) == [] and high.verdict == ""
     assert high.final_eval_loss < low.final_eval_loss - 0.5
+    # the report's remedy follows the run's evidence: beside the better LR, the plateau's is "raise it toward 3e-3";
+    # had the plateau been at an LR above the best (here: the same curve relabelled 3e-2), "lower it"
+    assert _plateau_remedies([low, high]) == ["the LR is too low: this configuration did best in the run at 0.003: "
+                                              "raise it toward that"]
+    above = replace(low, config=low.config.with_values({"training.lr": 3e-2, "index": 2}))
+    assert _plateau_remedies([above, high]) == ["the LR is above this configuration's best in the run (0.003): "
+                                                "lower it toward that"]
+    assert _plateau_remedies([low]) == [diagnose.FINDINGS["plateau"].remedy]  # no other LR: the usual remedy
+    assert report.verdict_of(replace(low, verdict="stalled")) == "plateau"  # a record written before, in today's word
+
+
+def _plateau_remedies(records: list[Record]) -> list[str]:
+    table = report.diagnosis_table(report.Run(Path("."), records, {}))
+    assert table is not None
+    return [row[2] for row in table.rows if row[0] == "plateau"]
 
 
 def test_many_steps_on_a_tiny_text_file_overfit(tmp_path: Path) -> None:

@@ -16,9 +16,11 @@ from memprof.results.record import smoothed_final
 if TYPE_CHECKING:
     from memprof.results.record import StepLog
 
-# What went wrong, most severe first: the verdict is the first that applies.
-_VERDICTS = (("non_finite", "diverged"), ("exploded", "diverged"), ("never_drops", "not learning"), ("plateau", "stalled"),
-             ("oscillation", "unstable"), ("spikes", "unstable"), ("overfitting", "overfitting"))
+# What went wrong, most severe first: the verdict is the first that applies, named as its finding is (one name in
+# every table), a loss gone NaN or exploded as the status a NaN gives ("diverged").
+_VERDICTS = (("non_finite", "diverged"), ("exploded", "diverged"), ("never_drops", "never drops"),
+             ("plateau", "plateau"), ("oscillation", "oscillation"), ("spikes", "spikes"),
+             ("overfitting", "overfitting"))
 
 
 def steps_to_target(losses: Sequence[float], target: float) -> int | None:

@@ -136,7 +136,7 @@ def repeats_table(run: Run) -> TableData:
                      mean_ci(gaps, ".3f") if any(g is not None for g in gaps) else "–",
                      mean_ci([r.tokens_per_s for r in ok], ",.0f"), mean_ci(step_ms, ".1f"),
                      mean_ci([r.loss_auc for r in ok], ".3f"),
-                     ", ".join(sorted({r.verdict for r in rs if r.verdict})) or "–"])
+                     ", ".join(sorted({verdict_of(r) for r in rs if r.verdict})) or "–"])
     notes = ["mean ± half-width of the 95% Student t interval over the repeats (seeds); one repeat: the value alone",
              "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
              "AUC: area under the training-loss curve per step (lower: learned sooner)"]
@@ -182,19 +182,67 @@ def _reached(steps: Sequence[int | None]) -> str:
     return f"{mean:.0f}" + (f" ({len(hit)}/{len(steps)})" if len(hit) < len(steps) else "")
 
 
+def verdict_of(r: Record) -> str:
+    """The record's verdict in today's words (records written before the verdicts were named as the findings
+    are say "stalled" or "unstable")."""
+    codes = list(filter(None, r.diagnosis.split(",")))
+    return convergence.verdict(codes, r.config.training.target_loss, r.steps_to_target)
+
+
 def diagnosis_table(run: Run) -> TableData | None:
-    """Each finding the curves showed: the cells that showed it, what it means and the usual remedy."""
+    """Each finding the curves showed: the cells that showed it, what it means and its remedy, the remedy taken
+    from the run's own evidence where it has some (``remedy``)."""
     axes = [a for a in varying_axes(run.records) if a.name != "optimizer"] + [AXIS_BY_NAME["optimizer"]]
-    cells: dict[str, list[str]] = {}
+    best = best_lrs(run.records)
+    cells: dict[tuple[str, str], list[str]] = {}
     for r in run.records:
         for code in filter(None, r.diagnosis.split(",")):
-            cells.setdefault(code, []).append(" ".join(_axis_cells(r, axes)) + f" seed {r.config.training.seed}")
+            cells.setdefault((code, remedy(code, r, best)), []).append(
+                " ".join(_axis_cells(r, axes)) + f" seed {r.config.training.seed}")
     if not cells:
         return None
-    rows = [[code, diagnose.FINDINGS[code].meaning, diagnose.FINDINGS[code].remedy, "; ".join(names)]
-            for code, names in sorted(cells.items(), key=lambda item: list(diagnose.FINDINGS).index(item[0]))]
-    return TableData("Diagnoses and remedies", ["finding", "meaning", "usual remedy", "cells"], rows,
-                     [f"cells: {', '.join(axis.title for axis in axes)}, seed"])
+    order = list(diagnose.FINDINGS)
+    rows = [[code, diagnose.FINDINGS[code].meaning, text, "; ".join(names)]
+            for (code, text), names in sorted(cells.items(), key=lambda item: order.index(item[0][0]))]
+    return TableData("Diagnoses and remedies", ["finding", "meaning", "remedy", "cells"], rows,
+                     [f"cells: {', '.join(axis.title for axis in axes)}, seed",
+                      "remedy: from the run's other LRs where it has them (the same configuration at other LRs), "
+                      "else the usual one"])
+
+
+def best_lrs(records: Sequence[Record]) -> dict[str, float]:
+    """For each configuration the run trained at several LRs (keyed by ``lr_group``): the LR whose repeats ended at
+    the lowest mean loss (``final_loss``); an LR with a failed repeat is never the best."""
+    losses: dict[str, dict[float, list[float | None]]] = {}
+    for r in records:
+        losses.setdefault(lr_group(r), {}).setdefault(r.config.training.lr, []).append(final_loss(r))
+    out = {}
+    for group, by_lr in losses.items():
+        means = {lr: m for lr, values in by_lr.items() if (m := _mean(values)) is not None}
+        if len(by_lr) > 1 and means:
+            out[group] = min(means, key=means.__getitem__)
+    return out
+
+
+def lr_group(r: Record) -> str:
+    """The configuration apart from its LR and seed."""
+    return r.config.repeat_key_without("lr")
+
+
+def remedy(code: str, r: Record, best: dict[str, float]) -> str:
+    """A plateau's usual remedy is a higher LR; where the run trained the same configuration at other LRs, the
+    remedy follows them: an LR above the best one plateaued after falling fast (lower it), one below it was too
+    low (raise it), the best one is not held back by its LR alone."""
+    usual = diagnose.FINDINGS[code].remedy
+    lr_star = best.get(lr_group(r))
+    if code != "plateau" or lr_star is None:
+        return usual
+    lr = r.config.training.lr
+    if lr > lr_star:
+        return f"the LR is above this configuration's best in the run ({lr_star:g}): lower it toward that"
+    if lr < lr_star:
+        return f"the LR is too low: this configuration did best in the run at {lr_star:g}: raise it toward that"
+    return "this is the configuration's best LR in the run: train longer, or try LRs beyond the run's grid"
 
 
 def lr_rank_grid(run: Run) -> dict[tuple[str, int], list[tuple[float, float | None]]] | None:

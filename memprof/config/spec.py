@@ -234,6 +234,11 @@ class CellConfig(Spec):
             update={"seed": self.training.seed - self.training.repeat, "repeat": 0})})
         return first.key
 
+    def repeat_key_without(self, axis: str) -> str:
+        """``repeat_key`` without ``axis``'s token: the configuration apart from that axis (a search's, a sweep's)."""
+        searched = AXIS_BY_NAME[axis]
+        return "/".join(part for part in self.repeat_key.split("/") if part != searched.token(searched.get(self)))
+
     @property
     def config_hash(self) -> str:
         """Hash of every field that defines the measurement: not where it sits in a run (suite, index) nor the

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from memprof.config import spec
 from memprof.config.spec import CellConfig
 from memprof.errors import UserError
 from memprof.plan.predict import largest
@@ -62,12 +61,6 @@ def measured_peak(record: Record) -> int | None:
     return record.peak_rss_delta_bytes
 
 
-def config_without(request: CellConfig, axis: str) -> str:
-    """The request's key without the searched axis's token (``tiny-llama/lora/adamw_torch/s2048/...``)."""
-    searched = next(a for a in spec.AXES if a.path == f"shape.{axis}")
-    return "/".join(part for part in request.key.split("/") if part != searched.token(searched.get(request)))
-
-
 def trial_cell(request: CellConfig, axis: str, value: int, index: int, steps: int, device: str,
                budget_bytes: int, timeout_s: float) -> CellConfig:
     """The cell one trial runs: the request with ``axis`` (``batch_size`` or ``seq_len``) set to ``value``, for
@@ -88,7 +81,7 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
         run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
         cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
     """
-    out = Search(axis, limit_bytes, margin, config_without(request, axis), device, cap_address_space)
+    out = Search(axis, limit_bytes, margin, request.repeat_key_without(axis), device, cap_address_space)
     t0 = time.perf_counter()
 
     def fits(n: int) -> bool:
