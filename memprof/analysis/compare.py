@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memprof.analysis.contention import contended
 from memprof.analysis import stats
 from memprof.config.spec import LIMITS
 from memprof.errors import UserError
@@ -327,6 +328,10 @@ def _compare_metric(metric: str, rule: Rule, base: list[Record], cur: list[Recor
         return result(Verdict.NOT_COMPARABLE, f"not measured in the {'baseline' if not b else 'current'} run")
     if info.machine_bound and not peaks_compared:
         return result(Verdict.NOT_COMPARABLE, DIFFERENT_MACHINES)
+    busy = [r.cpu_pressure or 0.0 for r in (*base, *cur) if contended(r.cpu_pressure)]
+    if rule.kind == "noisy" and busy:
+        return result(Verdict.NOT_COMPARABLE, f"timed under CPU contention (a task waited for a CPU during up to "
+                                              f"{max(busy):.0%} of a run's training time)")
     sign = -1.0 if info.higher_is_better else 1.0  # > 0: worse
 
     if rule.kind == "exact":

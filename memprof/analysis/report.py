@@ -16,6 +16,7 @@ from pathlib import Path
 
 from memprof.analysis import convergence, diagnose, stats
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
+from memprof.analysis.contention import contended, contention_note
 from memprof.results.record import Record, Status, StepLog
 from memprof.results.store import read_records
 from memprof.suite.restore import with_suite_configs
@@ -134,15 +135,23 @@ def repeats_table(run: Run) -> TableData:
                      mean_ci([r.final_loss_smoothed for r in ok], ".3f"),
                      mean_ci([r.final_eval_loss for r in ok], ".3f"),
                      mean_ci(gaps, ".3f") if any(g is not None for g in gaps) else "–",
-                     mean_ci([r.tokens_per_s for r in ok], ",.0f"), mean_ci(step_ms, ".1f"),
+                     mean_ci([r.tokens_per_s for r in ok], ",.0f") + _mark(ok), mean_ci(step_ms, ".1f") + _mark(ok),
                      mean_ci([r.loss_auc for r in ok], ".3f"),
                      ", ".join(sorted({verdict_of(r) for r in rs if r.verdict})) or "–"])
     notes = ["mean ± half-width of the 95% Student t interval over the repeats (seeds); one repeat: the value alone",
              "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
              "AUC: area under the training-loss curve per step (lower: learned sooner)"]
+    busy = [r for r in run.records if contended(r.cpu_pressure)]
+    if busy:
+        notes.append(contention_note(busy))
     return TableData(f"Convergence and speed over repeats ({fixed_axes(run.records)})",
                      [axis.title for axis in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
                                                        "AUC", "verdict"], rows, notes)
+
+
+def _mark(records: Sequence[Record]) -> str:
+    """`` *`` when a repeat's timings were taken on a contended machine."""
+    return " *" if any(contended(r.cpu_pressure) for r in records) else ""
 
 
 def target_table(run: Run) -> TableData:

@@ -23,6 +23,7 @@ from memprof.measure.accounting import gradient_bytes
 from memprof.measure.activations import SavedActivations
 from memprof.measure.attribution import attribute
 from memprof.measure.host import rss_bytes
+from memprof.measure.load import CpuPressure
 from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
 from memprof.measure.sampler import Sampler
 from memprof.results import env as env_mod
@@ -63,6 +64,7 @@ class Tracking:
         self._saved: SavedActivations | None = None
         self._measured = memory_sources(self.device)
         self._sampler = Sampler(self._measured.sources, sample_interval_s)
+        self._pressure = CpuPressure()
         self._baseline = 0
         self._t_last = 0.0
         self._t_start = 0.0
@@ -71,6 +73,7 @@ class Tracking:
         self._t_start = self._t_last = time.perf_counter()
         self._baseline = rss_bytes()
         self._stack.enter_context(self._sampler)
+        self._stack.enter_context(self._pressure)
         if self._measured.allocator is not None:
             self._stack.enter_context(self._measured.allocator)
         self._stack.enter_context(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
@@ -122,7 +125,8 @@ class Tracking:
         values: dict[str, Any] = {"host": socket.gethostname(), "device": str(self.device),
                                   "device_name": self._measured.device_name,
                                   "activation_bytes": self.activation_bytes, "gradient_bytes": self.gradient_bytes,
-                                  "cell_wall_s": time.perf_counter() - self._t_start}
+                                  "cell_wall_s": time.perf_counter() - self._t_start,
+                                  "cpu_pressure": self._pressure.share}
         if exc is not None:
             values["error"] = f"{type(exc).__name__}: {exc}"[:500]
         values.update(exact_values(self.model, self.optimizer))

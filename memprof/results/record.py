@@ -90,6 +90,7 @@ class Record:
     step_time_median_s: float | None = None
     step_time_p95_s: float | None = None
     tokens_per_s: float | None = None
+    cpu_pressure: float | None = None  # share of training time a runnable task waited for a CPU (memprof.measure.load)
     train_s: float | None = None
     setup_s: float | None = None
     cell_wall_s: float | None = None

@@ -37,6 +37,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     """
     from memprof.analysis import convergence
     from memprof.measure import formulas
+    from memprof.measure.load import CpuPressure
     from memprof.measure.probe import CellProbe
     from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
     from memprof.measure.sampler import Sampler
@@ -50,7 +51,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
 
     status, probe, built = Status.OK, None, Training(cell, device)
-    sampler = Sampler(measured.sources, sample_interval_s)
+    sampler, pressure = Sampler(measured.sources, sample_interval_s), CpuPressure()
     with ExitStack() as stack:
         stack.enter_context(sampler)
         if allocator is not None:
@@ -60,7 +61,8 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
             probe = CellProbe(built.model, sampler, allocator,
                               snapshot_step=max(cell.training.warmup_steps - 1, 0), on_step=on_step)
             values["setup_s"] = time.perf_counter() - t_start
-            built.train(probe)
+            with pressure:
+                built.train(probe)
         except Diverged as err:
             status, values["error"], values["fail_step"] = Status.DIVERGED, str(err), err.step
             values["fail_phase"] = "forward"  # where the non-finite loss came from; it is checked after the step
@@ -93,6 +95,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     if status in (Status.OK, Status.DIVERGED):  # a curve cut short by a crash or OOM says nothing about learning
         values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.training.target_loss))
     values["cell_wall_s"] = time.perf_counter() - t_start
+    values["cpu_pressure"] = pressure.share
     record = attribute(Record(cell, status=status, **values), values.get("peak_phase", ""))
     steps = [{"cell_key": cell.key, "repeat": cell.training.repeat, **vars(log)} for log in logs]
     return CellResult(record, steps, [{"cell_key": cell.key, **row} for row in sampler.timeline])

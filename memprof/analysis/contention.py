@@ -1,0 +1,26 @@
+"""Which timings were taken on a contended machine: a record's ``cpu_pressure`` (``memprof.measure.load``) against
+a threshold, and the note that explains the mark tables put beside them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memprof.results.record import Record
+
+# Timings taken while runnable tasks waited for a CPU during more than this share of the training time are flagged
+# in tables and the report, and not judged by compare. A quick-suite cell alone on this 2-core machine measured
+# 3-4%; beside two busy loops, 100% (and its tokens/s fell from ~10,000 to 130-2,400).
+CONTENDED = 0.10
+
+
+def contended(share: float | None) -> bool:
+    return share is not None and share > CONTENDED
+
+
+def contention_note(busy: Sequence[Record]) -> str:
+    """The note under a table whose timings marked ``*`` were taken on a contended machine (``busy``: their
+    records)."""
+    worst = max(r.cpu_pressure or 0.0 for r in busy)
+    return (f"*: timed while other work held the CPUs: runnable tasks waited for a CPU during up to {worst:.0%} of "
+            f"the training time ({len(busy)} cell{'s' if len(busy) > 1 else ''}, Linux PSI; over "
+            f"{CONTENDED:.0%} is flagged): those timings are not the cell's alone; rerun on a quiet machine")
