@@ -58,6 +58,8 @@ def test_busy_loops_beyond_the_cores_show_as_pressure_and_the_table_flags_the_ce
     table = report.repeats_table(report.Run(Path("."), [busy], {}))
     assert table.rows[0][table.columns.index("tokens/s")].endswith(" *")
     assert any(note.startswith("*: timed while other work") for note in table.notes)
+    table = report.target_table(report.Run(Path("."), [busy], {}))
+    assert table.rows[0][table.columns.index("s to relative")].endswith(" *")
 
 
 @needs_psi

@@ -170,8 +170,9 @@ def target_table(run: Run) -> TableData:
                    for r, n in zip(rs, reached)]
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
-            row += [_reached([r.steps_to_target for r in rs]), mean_ci([r.seconds_to_target for r in rs], ".2f")]
-        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f")])
+            row += [_reached([r.steps_to_target for r in rs]),
+                    mean_ci([r.seconds_to_target for r in rs], ".2f") + _mark(rs)]
+        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f") + _mark(rs)])
     columns = [axis.title for axis in axes]
     notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
              f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
@@ -180,6 +181,9 @@ def target_table(run: Run) -> TableData:
     if suite_target is not None:
         columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
         notes.insert(0, f"suite target_loss: {suite_target:g}")
+    busy = [r for r in run.records if contended(r.cpu_pressure)]
+    if busy:
+        notes.append(contention_note(busy))
     return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"], rows, notes)
 
 
