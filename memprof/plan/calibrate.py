@@ -188,6 +188,9 @@ def fit(run_dirs: Sequence[Path]) -> Calibration:
 
 
 
+MIN_KIND_CELLS = 3  # an adapter kind's own offset to the remainder needs this many cells; fewer share the fit's
+
+
 def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     """What the analytic model leaves to measurement, from the runs' ok cells it covers (None when it covers none):
     the unnamed remainder (attribution at the peak) as a constant and a per-token-width slope, the allocator cache model and the memory outside
@@ -219,9 +222,14 @@ def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     x = np.array([(1.0, other_feature(s)) for s in shapes])
     c, d = (float(v) for v in nonnegative_lstsq(x, others)) if len({other_feature(s) for s in shapes}) > 1 \
         else (float(np.median(others)), 0.0)
-    spread = max(abs(o - (c + d * other_feature(s))) / p for o, s, p in zip(others, shapes, peaks))
+    residuals: dict[str, list[float]] = {}
+    for o, s in zip(others, shapes):
+        residuals.setdefault(s.adapter, []).append(o - (c + d * other_feature(s)))
+    by_adapter = {kind: float(np.median(v)) for kind, v in sorted(residuals.items()) if len(v) >= MIN_KIND_CELLS}
     out = DeviceCalibration(device, ", ".join(sorted(machines)), tuple(r.name for r in run_dirs), len(cells),
-                            (c, d), spread)
+                            (c, d), 0.0, by_adapter)
+    spread = max(abs(o - out.other_bytes(s)) / p for o, s, p in zip(others, shapes, peaks))
+    out = replace(out, other_spread=spread)
     if device != "cuda":
         return out
     pressure = [cache_pressure(s) for s in shapes]
