@@ -24,8 +24,9 @@ EXIT_CELLS_FAILED = 3
 EXIT_INTERRUPTED = 130
 HARNESS_FAILURES = ("crashed", "timeout")
 
-console = Console(stderr=True)
-# Piped output gets a readable width instead of rich's 80-column fallback.
+# Piped output (a CI log, a file) gets a readable width instead of rich's 80-column fallback, which cuts the progress
+# line's step counts and names.
+console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 120)
 out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 
