@@ -427,7 +427,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     if args.markdown:
         print(breakdown_markdown(records))
     else:
-        out.print(breakdown_table(records, f"the peak of each cell of {args.run_dir}, part by part"))
+        out.print(breakdown_table(records, f"the peak of each cell of {args.run_dir}, part by part", out.width))
     if args.out is not None:
         from memprof.results.store import copy_run
 
@@ -459,6 +459,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from memprof.analysis import report
     from memprof.measure.attribution import attribute
     from memprof.views import plots, report as report_views
+    from memprof.views.tables import rich_tables
 
     run = report.load_run(args.run_dir)
     run = replace(run, records=[attribute(r, r.peak_phase) for r in run.records])  # records of any memprof version
@@ -468,7 +469,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     sections = [report_views.Section("Memory", memory, [picture] if picture else []),
                 report_views.Section("Convergence and speed", tables, plots.figures(run))]
     page = report_views.write(run, sections, args.out or args.run_dir / "report")
-    out.print(report_views.rich_tables(memory + tables, out.width))
+    out.print(rich_tables(memory + tables, out.width))
     console.print(f"report: {page}")
     return 0
 

@@ -70,3 +70,17 @@ def test_the_paged_part_of_the_state_is_the_tensors_that_reach_bitsandbytes_thre
             c.optimizer.label
     assert {r.config.optimizer.label: r.optimizer_state_paged_bytes for r in records if r.optimizer_state_paged_bytes} \
         == {"paged_adamw_8bit": 12_582_912, "paged_adamw_32bit": 50_331_648}
+
+
+@pytest.mark.parametrize("width", [100, 300])
+def test_the_breakdown_table_names_every_cell_whole_and_drops_columns_not_names(attributed: list, width: int) -> None:
+    from rich.console import Console
+
+    from memprof.views.tables import breakdown_table
+
+    console = Console(width=width, record=True)
+    console.print(breakdown_table(attributed, "parts", width))
+    text = console.export_text()
+    assert all(r.config.optimizer.label in text for r in attributed)  # never cut, never folded
+    assert "…" not in text
+    assert ("not shown at 100 columns" in text) == (width == 100) and ("loss backward" in text) == (width == 300)

@@ -103,7 +103,8 @@ def test_terminal_tables_leave_out_columns_rather_than_cut_names(run_dir: Path,
                                                                  capsys: pytest.CaptureFixture[str],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from memprof.analysis.report import load_run, tables
-    from memprof.views.report import memory_table, rich_tables
+    from memprof.views.report import memory_table
+    from memprof.views.tables import rich_tables
     from rich.console import Console
 
     run = load_run(run_dir)

@@ -22,7 +22,7 @@ from memprof.config.spec import OptimizerSpec
 from memprof.measure.accounting import gradient_bytes
 from memprof.measure.activations import SavedActivations
 from memprof.measure.attribution import attribute
-from memprof.measure.host import rss_bytes
+from memprof.measure.host import heap_free_bytes, rss_bytes
 from memprof.measure.load import CpuPressure
 from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
 from memprof.measure.sampler import Sampler
@@ -66,12 +66,13 @@ class Tracking:
         self._sampler = Sampler(self._measured.sources, sample_interval_s)
         self._pressure = CpuPressure()
         self._baseline = 0
+        self._heap_baseline: int | None = None
         self._t_last = 0.0
         self._t_start = 0.0
 
     def __enter__(self) -> Tracking:
         self._t_start = self._t_last = time.perf_counter()
-        self._baseline = rss_bytes()
+        self._baseline, self._heap_baseline = rss_bytes(), heap_free_bytes()
         self._stack.enter_context(self._sampler)
         self._stack.enter_context(self._pressure)
         if self._measured.allocator is not None:
@@ -130,7 +131,7 @@ class Tracking:
         if exc is not None:
             values["error"] = f"{type(exc).__name__}: {exc}"[:500]
         values.update(exact_values(self.model, self.optimizer))
-        values.update(peak_values(self._sampler, self._measured.allocator, self._baseline))
+        values.update(peak_values(self._sampler, self._measured.allocator, self._baseline, self._heap_baseline))
         tokens = self._tokens or (self.batch_size * self.seq_len) or None
         values.update(step_summary(self.logs, self.warmup_steps, tokens))
         return values

@@ -41,10 +41,11 @@ PARTS: dict[str, Part] = {
     "optimizer_state": Part("state", "optimizer state"),
     "activations": Part("act", "saved activations"),
     "loss_logits": Part("logits", "the loss's logits and their fp32 gradients (chunked: the hidden states' too)"),
-    "layer": Part("layer", "the layer at work (recomputed, with checkpointing)"),
+    "layer": Part("layer", "the layer at work: its transients (with checkpointing, the recomputed layer)"),
     "optimizer_temporaries": Part("opt tmp", "optimizer step temporaries"),
     "workspaces": Part("cuBLAS", "cuBLAS workspaces"),
     "input": Part("input", "input batch"),
+    "heap_free": Part("heap free", "freed memory glibc's malloc keeps (CPU: in the RSS peak, held by no tensor)"),
     "other": Part("other", "unnamed remainder"),
 }
 # Beside the allocator's peak, on CUDA: memory the torch allocator does not hand out.
@@ -78,6 +79,8 @@ def attribute(record: Record, peak_phase: str = "") -> Record:
         if nvml is not None:
             values["non_pytorch_bytes"] = nvml - record.peak_reserved_bytes
     moment, breakdown = _parts(record, "cuda" if cuda else "cpu", peak_phase)
+    if not cuda and record.heap_free_delta_bytes:  # inside the RSS peak, unlike CUDA's cache beyond the allocator's
+        breakdown["heap_free"] = max(record.heap_free_delta_bytes, 0)
     breakdown["other"] = peak - sum(breakdown.values())
     return replace(record, peak_moment=moment, breakdown=breakdown, **values)
 

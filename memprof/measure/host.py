@@ -1,9 +1,12 @@
-"""Host memory: this process's resident set size."""
+"""Host memory: this process's resident set size, and what of it glibc's malloc holds free."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Callable
+from functools import cache
 
 import psutil
 
@@ -35,3 +38,26 @@ def _make_reader() -> Callable[[], int]:
         return lambda: process.memory_info().rss
     # statm: size, resident, ... in pages; pread at offset 0 makes the kernel write the line afresh
     return lambda: int(os.pread(fd, 128, 0).split()[1]) * _PAGE_BYTES
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes glibc's malloc holds free in its arenas (``mallinfo2().fordblks``, every arena): memory the process
+    freed that stays resident and counts in its RSS. About 2 µs a call. None without glibc 2.33 or later (macOS,
+    musl)."""
+    mallinfo2 = _mallinfo2()
+    return None if mallinfo2 is None else int(mallinfo2().fordblks)
+
+
+@cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function

@@ -17,7 +17,7 @@ from torch import nn
 from memprof.results.record import StepLog, smoothed_final
 from memprof.measure import accounting
 from memprof.measure.allocator import CudaAllocator
-from memprof.measure.host import rss_bytes
+from memprof.measure.host import heap_free_bytes, rss_bytes
 from memprof.measure.nvml import open_nvml
 from memprof.measure.sampler import Sampler, Source
 
@@ -42,6 +42,8 @@ def memory_sources(device: torch.device) -> MemorySources:
     highest figure of a run whose cache only grew.
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
+    if heap_free_bytes() is not None:  # glibc: the free heap beside each RSS reading, to name it at the peak
+        rss = Source(("rss_bytes", "heap_free_bytes"), lambda: (rss_bytes(), heap_free_bytes()))
     if device.type != "cuda":
         return MemorySources("cpu", [rss])
     allocator = CudaAllocator(device)
@@ -69,10 +71,13 @@ def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
     return values
 
 
-def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline: int) -> dict[str, Any]:
+def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline: int,
+                heap_baseline: int | None = None) -> dict[str, Any]:
     """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark), and
     on CUDA the phase the peak fell in: the allocator's phase with the highest peak at the step it was split by phase
-    (samples cannot tell: the loss's backward, often the peak, lasts a few milliseconds)."""
+    (samples cannot tell: the loss's backward, often the peak, lasts a few milliseconds). With ``heap_baseline``
+    (glibc's free heap when the measurement began), how much the free heap had grown at the highest RSS sample:
+    freed memory glibc kept, part of the RSS peak though no tensor holds it."""
     values: dict[str, Any] = {}
     if allocator is not None:
         peaks = allocator.peaks
@@ -85,6 +90,10 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline:
     values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
     peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     values.update(rss_baseline_bytes=rss_baseline, peak_rss_bytes=peak_rss, peak_rss_delta_bytes=peak_rss - rss_baseline)
+    heap = [row for row in sampler.timeline if row.get("heap_free_bytes") is not None]
+    if heap_baseline is not None and heap:
+        at_peak = max(heap, key=lambda row: row["rss_bytes"])
+        values["heap_free_delta_bytes"] = at_peak["heap_free_bytes"] - heap_baseline
     return values
 
 

@@ -218,7 +218,9 @@ def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     device = devices.pop()
     peaks = [r.peak_bytes for r in cells]
     shapes = [step_memory.step_shape(r.config, device) for r in cells]
-    others = np.array([r.breakdown["other"] for r in cells], float)
+    # what the analytic model leaves to measurement: the remainder and, on the CPU, glibc's free heap (the plan
+    # predicts both as one fitted part)
+    others = np.array([r.breakdown["other"] + r.breakdown.get("heap_free", 0) for r in cells], float)
     x = np.array([(1.0, other_feature(s)) for s in shapes])
     c, d = (float(v) for v in nonnegative_lstsq(x, others)) if len({other_feature(s) for s in shapes}) > 1 \
         else (float(np.median(others)), 0.0)

@@ -86,6 +86,7 @@ class Record:
     rss_baseline_bytes: int | None = None
     peak_rss_bytes: int | None = None
     peak_rss_delta_bytes: int | None = None
+    heap_free_delta_bytes: int | None = None  # CPU (glibc): growth of malloc's free heap at the highest RSS sample
     # time and loss
     step_time_median_s: float | None = None
     step_time_p95_s: float | None = None

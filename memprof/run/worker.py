@@ -15,7 +15,7 @@ import torch
 from memprof.config.spec import CellConfig
 from memprof.errors import one_line
 from memprof.measure.attribution import attribute
-from memprof.measure.host import rss_bytes
+from memprof.measure.host import heap_free_bytes, rss_bytes
 from memprof.results.record import CellResult, Record, Status
 from memprof.train.training import Training
 
@@ -45,7 +45,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     from memprof.train.loop import Diverged
 
     t_start = time.perf_counter()
-    baseline = rss_bytes()
+    baseline, heap_baseline = rss_bytes(), heap_free_bytes()
     measured = memory_sources(device)
     allocator = measured.allocator
     values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
@@ -87,7 +87,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     values.update(exact_values(built.model, built.optimizer))
     if built.optimizer is not None:
         values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optimizer.name, built.optimizer)
-    values.update(peak_values(sampler, allocator, baseline))
+    values.update(peak_values(sampler, allocator, baseline, heap_baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)

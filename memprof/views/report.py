@@ -7,22 +7,16 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
 
 from memprof.analysis.memory import state_vs_baseline
 from memprof.analysis.report import Run, TableData, by_config, fixed_axes, varying_axes
 from memprof.errors import UserError
 from memprof.results.record import Status
-from memprof.views.tables import human_bytes
+from memprof.views.tables import NUMBER, human_bytes
 
-_NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
-_NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?( ± [\d,.]+)?×?( \(\d+/\d+\))?$")
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 13px; }
@@ -75,46 +69,6 @@ def memory_table(run: Run) -> TableData:
                      notes)
 
 
-def rich_tables(tables: list[TableData], width: int) -> Group:
-    """The tables for a terminal ``width`` columns wide. No cell is cut or folded: a column that does not fit is
-    left out, the rightmost first (columns come in order of importance), and a note names it. Prose columns (the
-    diagnoses' meanings and remedies) wrap."""
-    parts: list = []
-    for t in tables:
-        keep = _columns_that_fit(t, width)
-        table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
-        for j in keep:
-            numeric = all(_NUMBER.match(row[j]) or row[j] in ("–", "") for row in t.rows)
-            if _widest(t, j) > _NAME_WIDTH:
-                table.add_column(t.columns[j], overflow="fold")
-            else:
-                table.add_column(t.columns[j], justify="right" if numeric else "left", no_wrap=True,
-                                 min_width=max(_widest(t, j), len(t.columns[j])))
-        for i, row in enumerate(t.rows):
-            table.add_row(*(f"[bold green]{row[j]}[/]" if (i, j) in t.best else row[j] for j in keep))
-        parts.append(table)
-        parts.extend(Text(note, style="dim") for note in t.notes)
-        left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep]
-        if left_out:
-            parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
-                              "report.html, has them)", style="yellow"))
-    return Group(*parts)
-
-
-def _widest(t: TableData, j: int) -> int:
-    return max((len(row[j]) for row in t.rows), default=0)
-
-
-def _columns_that_fit(t: TableData, width: int) -> list[int]:
-    """The columns to show: all that fit in ``width``, dropping from the right; prose columns count at their
-    narrowest useful width."""
-    def need(j: int) -> int:  # the widest cell or the header, plus rich's padding and border
-        return max(min(_widest(t, j), _NAME_WIDTH), len(t.columns[j])) + 3
-
-    keep = list(range(len(t.columns)))
-    while len(keep) > 1 and sum(need(j) for j in keep) + 1 > width:
-        keep.pop()
-    return keep
 
 
 def html_page(run: Run, sections: list[Section]) -> str:
@@ -144,7 +98,7 @@ def _html_table(t: TableData) -> str:
 
 
 def _classes(text: str, best: bool) -> str:
-    names = (["num"] if _NUMBER.match(text) else []) + (["best"] if best else [])
+    names = (["num"] if NUMBER.match(text) else []) + (["best"] if best else [])
     return f" class='{' '.join(names)}'" if names else ""
 
 

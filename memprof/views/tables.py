@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from memprof.analysis.slopes import Slope, activation_slopes
 from memprof.config.spec import CellConfig, varying
 from memprof.measure.attribution import PARTS
 from memprof.analysis.contention import contended, contention_note
+from memprof.analysis.report import TableData
 from memprof.results.record import Record, Status
 
 if TYPE_CHECKING:
@@ -167,52 +169,92 @@ def levers_markdown(records: Iterable[Record]) -> str:
 
 def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[str], list[list[str]], list[str]]:
     """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per attributed cell,
-    named by the axes that vary; figures in GiB. Parts below ``fold`` of every row's peak share one "small" column."""
+    named by the axes that vary; figures in GiB, or MiB when every peak is under 1 GiB (the CPU's). Parts below
+    ``fold`` of every row's peak share one "small" column; the moment of the peak comes last."""
     records = [r for r in records if r.breakdown]
     axes = varying([r.config for r in records], always=("optimizer",))
+    unit, scale, digits = ("GiB", 1 << 30, 3) if max((r.peak_bytes or 0) for r in records) >= 1 << 30 \
+        else ("MiB", 1 << 20, 1)
     present = [name for name in PARTS if any(r.breakdown.get(name) for r in records)]
     small = [name for name in present if name != "other"
              and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in records)]
     parts = [name for name in present if name not in small]
-    titles = [a.title for a in axes] + ["peak GiB", "at"] + [PARTS[name].short for name in parts]
+
+    def amount(n: int | None) -> str:
+        return f"{n / scale:.{digits}f}" if n else "–"
+
+    titles = [a.title for a in axes] + [f"peak {unit}"] + [PARTS[name].short for name in parts]
     titles += ["small"] if small else []
-    rows = [[a.text(r.config) for a in axes] + [_gib(r.peak_bytes), r.peak_moment or "–"]
-            + [_gib(r.breakdown.get(name)) for name in parts]
-            + ([_gib(sum(r.breakdown.get(name, 0) for name in small))] if small else []) for r in records]
-    return titles, rows, parts + small
+    rows = [[a.text(r.config) for a in axes] + [amount(r.peak_bytes)]
+            + [amount(r.breakdown.get(name)) for name in parts]
+            + ([amount(sum(r.breakdown.get(name, 0) for name in small))] if small else [])
+            + [r.peak_moment or "–"] for r in records]
+    return titles + ["at"], rows, parts + small
 
 
-def _gib(n: int | None) -> str:
-    return f"{n / (1 << 30):.3f}" if n else "–"
-
-
-def breakdown_table(records: Iterable[Record], title: str) -> Group:
-    """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a column per cell, headed
-    by the axes that vary, a row per part (GiB), a legend below; parts under 0.1% of every peak share the row
-    "small"."""
-    records = list(records)
-    configs = [r.config for r in records if r.breakdown]
-    axes = varying(configs) or varying(configs, always=("optimizer",))
+def breakdown_table(records: Iterable[Record], title: str, width: int) -> Group:
+    """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a row per cell, named by
+    the axes that vary, a column per part, the moment last, a legend below; parts under 0.1% of every peak share the
+    column "small". Columns that do not fit ``width`` are left out from the right, named in a note, never cut."""
     titles, rows, parts = _breakdown_rows(records, fold=0.001)
-    first_figure = titles.index("peak GiB")
-    table = Table(title=title, title_justify="left", header_style="bold")
-    table.add_column("part", no_wrap=True)
-    for config in configs:
-        table.add_column("\n".join(v for v in (a.text(config) for a in axes) if v != "–"), justify="right",
-                         min_width=8, overflow="fold")
-    for i in range(first_figure, len(titles)):
-        table.add_row(titles[i], *(row[i] for row in rows))
     legend = "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts if PARTS[name].short in titles)
     small = [PARTS[name].label for name in parts if PARTS[name].short not in titles]
-    return Group(table, Text(legend + (f"; small: {', '.join(small)}" if small else ""), style="dim"))
+    return rich_tables([TableData(title, titles, rows, [legend + (f"; small: {', '.join(small)}" if small else "")])],
+                       width)
 
 
 def breakdown_markdown(records: Iterable[Record]) -> str:
     """The same as a Markdown table with its legend, for a committed record of a run."""
     titles, rows, parts = _breakdown_rows(records)
-    first_figure = titles.index("peak GiB")
+    first_figure = next(i for i, t in enumerate(titles) if t.startswith("peak "))
     align = ["---" if i < first_figure or t == "at" else "---:" for i, t in enumerate(titles)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)]
     return "\n".join(lines)
+
+
+_NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
+NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?( ± [\d,.]+)?×?( \(\d+/\d+\))?( \*)?$")
+
+
+def rich_tables(tables: list[TableData], width: int) -> Group:
+    """The tables for a terminal ``width`` columns wide. No cell is cut or folded: a column that does not fit is
+    left out, the rightmost first (columns come in order of importance), and a note names it. Prose columns (the
+    diagnoses' meanings and remedies) wrap."""
+    parts: list = []
+    for t in tables:
+        keep = _columns_that_fit(t, width)
+        table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
+        for j in keep:
+            numeric = all(NUMBER.match(row[j]) or row[j] in ("–", "") for row in t.rows)
+            if _widest(t, j) > _NAME_WIDTH:
+                table.add_column(t.columns[j], overflow="fold")
+            else:
+                table.add_column(t.columns[j], justify="right" if numeric else "left", no_wrap=True,
+                                 min_width=max(_widest(t, j), len(t.columns[j])))
+        for i, row in enumerate(t.rows):
+            table.add_row(*(f"[bold green]{row[j]}[/]" if (i, j) in t.best else row[j] for j in keep))
+        parts.append(table)
+        parts.extend(Text(note, style="dim") for note in t.notes)
+        left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep]
+        if left_out:
+            parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
+                              "report.html, has them)", style="yellow"))
+    return Group(*parts)
+
+
+def _widest(t: TableData, j: int) -> int:
+    return max((len(row[j]) for row in t.rows), default=0)
+
+
+def _columns_that_fit(t: TableData, width: int) -> list[int]:
+    """The columns to show: all that fit in ``width``, dropping from the right; prose columns count at their
+    narrowest useful width."""
+    def need(j: int) -> int:  # the widest cell or the header, plus rich's padding and border
+        return max(min(_widest(t, j), _NAME_WIDTH), len(t.columns[j])) + 3
+
+    keep = list(range(len(t.columns)))
+    while len(keep) > 1 and sum(need(j) for j in keep) + 1 > width:
+        keep.pop()
+    return keep
