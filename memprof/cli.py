@@ -361,6 +361,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         out.print(plan_views.parts_table(plans[0]))
         out.print(plan_views.verdict_table(plans[0], verdicts[0]))
+    long = [p for p in plans if p.exact.shape.max_positions and p.request.shape.seq_len > p.exact.shape.max_positions]
+    for p in long[:4]:
+        out.print(f"[yellow]{p.request.model.name}: seq_len {p.request.shape.seq_len:,} is beyond its "
+                  f"max_position_embeddings ({p.exact.shape.max_positions:,}): the plan counts the bytes, but the "
+                  f"model was not trained for that length[/]", highlight=False)
     fallback = [p for p in plans if not p.moment]
     if fallback:
         out.print(f"[dim]{len(fallback)} of {len(plans)} plans fall back on coefficients fitted to CPU runs (the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -255,3 +256,13 @@ def test_the_qlora_papers_65b_on_48gb_question(capsys: pytest.CaptureFixture[str
     casts = {p["adapter"]: p["parts"].get("kbit_fp32_weights", {}).get("bytes", 0) for p in plans
              if p["model"] == "llama-3.1-70b" and p["optimizer"] == "paged_adamw_8bit"}
     assert casts["noprep"] == 0 and casts["qlora"] > 2 * 128256 * 8192 * 4  # embeddings and head in fp32
+
+
+def test_a_cpu_plan_reads_plainly(capsys: pytest.CaptureFixture[str]) -> None:
+    """Small models' sizes in millions, no note about parts outside an allocator the CPU has none of, and a warning
+    when the length asked for is beyond what the model was made for."""
+    assert run_cli("plan", "--model", "tiny-llama", "--device", "cpu", "--seq-len", "2048", "--gpu", "24GB") == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"\(\d+\.\d M params, 0\.1 M trainable\)", shown), shown[:300]
+    assert "not the torch allocator's" not in shown and "headroom %" in shown
+    assert "seq_len 2,048 is beyond its max_position_embeddings (1,024)" in shown

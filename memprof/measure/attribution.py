@@ -40,12 +40,12 @@ PARTS: dict[str, Part] = {
     "gradients": Part("grads", "gradients"),
     "optimizer_state": Part("state", "optimizer state"),
     "activations": Part("act", "saved activations"),
-    "loss_logits": Part("logits", "the loss's logits and their fp32 gradients (chunked: the hidden states' too)"),
-    "layer": Part("layer", "the layer at work: its transients (with checkpointing, the recomputed layer)"),
+    "loss_logits": Part("logits", "the loss's logits and their fp32 gradients"),
+    "layer": Part("layer", "the layer at work (its transients)"),
     "optimizer_temporaries": Part("opt tmp", "optimizer step temporaries"),
     "workspaces": Part("cuBLAS", "cuBLAS workspaces"),
     "input": Part("input", "input batch"),
-    "heap_free": Part("heap free", "freed memory glibc's malloc keeps (CPU: in the RSS peak, held by no tensor)"),
+    "heap_free": Part("heap free", "freed memory glibc keeps (CPU)"),
     "other": Part("other", "unnamed remainder"),
 }
 # Beside the allocator's peak, on CUDA: memory the torch allocator does not hand out.

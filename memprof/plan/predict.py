@@ -369,7 +369,9 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, m
     parts += _sharding(request, exact)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
     other = measured.other_bytes(shape)
-    parts.append(Part("other", other, f"fitted to {measured.cells} cells", measured.other_spread * peak / max(other, 1)))
+    heap = "" if measured.device == "cuda" else " (with glibc's free heap, which the RSS peak holds)"
+    parts.append(Part("other", other, f"fitted to {measured.cells} cells{heap}",
+                      measured.other_spread * peak / max(other, 1)))
     if measured.device == "cuda":
         cache = measured.cache_bytes(peak, cache_pressure(shape))
         parts.append(Part("allocator_cache_bytes", cache, f"fitted to {measured.cells} cells",

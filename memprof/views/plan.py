@@ -23,7 +23,11 @@ def describe(plan: Plan) -> str:
         (f" {r.levers_label}" if r.levers_label else "") + (", per rank" if r.levers.parallel.world_size > 1 else "")
     return (f"{r.model.name} / {r.adapter.name} / {r.optimizer.label}  b{r.shape.batch_size}×s{r.shape.seq_len} "
             f"{r.shape.precision}{extra}  "
-            f"({e.total_params / 1e9:.2f} B params, {e.trainable_params / 1e6:.1f} M trainable)")
+            f"({_count(e.total_params)} params, {_count(e.trainable_params)} trainable)")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
 _KIND_STYLE = {"exact": "green", "analytic": "cyan", "measured": "cyan", "derived": "cyan", "fitted": "yellow",
@@ -50,8 +54,9 @@ def parts_table(plan: Plan) -> Table:
     bound = " (a lower bound: a part is unknown)" if not plan.complete else ""
     where = "on the card" if plan.device == "cuda" else "RSS growth on the CPU"
     table.add_row("[bold]total[/]", f"[bold]{total / (1 << 30):.3f}[/]", "",
-                  f"{plan.uncertainty_bytes / (1 << 30):.3f}", f"{where}{bound}; * not the torch allocator's: "
-                  f"its peak is {human_bytes(plan.allocated_bytes)}")
+                  f"{plan.uncertainty_bytes / (1 << 30):.3f}", f"{where}{bound}" + (
+                      f"; * not the torch allocator's: its peak is {human_bytes(plan.allocated_bytes)}"
+                      if any(not p.allocated for p in plan.parts) else ""))
     return table
 
 
@@ -61,8 +66,8 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     table = Table(title="fits?", title_justify="left", header_style="bold",
                   caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
                           "moves to host memory when the card is full" if paged else None, caption_justify="left")
-    for name in ("GPU", "capacity", "needed" if paged else "total", "headroom", "of card", "fits", f"max batch @ s{r.shape.seq_len}",
-                 f"max seq @ b{r.shape.batch_size}"):
+    for name in ("GPU", "capacity", "needed" if paged else "total", "headroom", "headroom %", "fits",
+                 f"max batch @ s{r.shape.seq_len}", f"max seq @ b{r.shape.batch_size}"):
         table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
     for v in verdicts:
         fits = {"yes": "[green]yes[/]", "no": "[bold red]no[/]", "borderline": "[yellow]borderline[/]"}[v.answer]
