@@ -328,10 +328,6 @@ def _compare_metric(metric: str, rule: Rule, base: list[Record], cur: list[Recor
         return result(Verdict.NOT_COMPARABLE, f"not measured in the {'baseline' if not b else 'current'} run")
     if info.machine_bound and not peaks_compared:
         return result(Verdict.NOT_COMPARABLE, DIFFERENT_MACHINES)
-    busy = [r.cpu_pressure or 0.0 for r in (*base, *cur) if contended(r.cpu_pressure)]
-    if rule.kind == "noisy" and busy:
-        return result(Verdict.NOT_COMPARABLE, f"timed under CPU contention (a task waited for a CPU during up to "
-                                              f"{max(busy):.0%} of a run's training time)")
     sign = -1.0 if info.higher_is_better else 1.0  # > 0: worse
 
     if rule.kind == "exact":
@@ -361,6 +357,10 @@ def _compare_metric(metric: str, rule: Rule, base: list[Record], cur: list[Recor
                       f"{_repeats_needed(rule.alpha)} per side can reach p<{rule.alpha:g})")
     if b_mid <= 0 or c_mid <= 0:
         return result(Verdict.NOT_COMPARABLE, "a median is not positive")
+    busy = [r.cpu_pressure or 0.0 for r in (*base, *cur) if contended(r.cpu_pressure)]
+    if busy:
+        return result(Verdict.NOT_COMPARABLE, f"timed under CPU contention (a task waited for a CPU during up to "
+                                              f"{max(busy):.0%} of a run's training time)")
     p = stats.mann_whitney_p(list(b.values()), list(c.values()))
     ratio = c_mid / b_mid
     worse = ratio ** sign > rule.limit
