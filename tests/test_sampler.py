@@ -36,11 +36,16 @@ def test_a_slow_source_is_read_at_its_period_and_at_both_ends() -> None:
     assert sampler.peaks == {"fast": reads["fast"], "slow": 101, "never": None}
 
 
-def test_on_the_cpu_only_host_rss_is_sampled() -> None:
+def test_on_the_cpu_only_host_memory_is_sampled() -> None:
     import torch
 
+    from memprof.measure.host import heap_free_bytes
+
     measured = memory_sources(torch.device("cpu"))
-    assert [s.columns for s in measured.sources] == [("rss_bytes",)] and measured.allocator is None
+    glibc = heap_free_bytes() is not None  # its free heap is read beside each RSS sample
+    assert [s.columns for s in measured.sources] == [("rss_bytes", "heap_free_bytes") if glibc else ("rss_bytes",)]
+    assert measured.allocator is None
     with Sampler(measured.sources, 0.005) as sampler:
         time.sleep(0.03)
     assert sampler.peaks["rss_bytes"] > 0 and all(row["rss_bytes"] for row in sampler.timeline)
+    assert not glibc or all(row["heap_free_bytes"] is not None for row in sampler.timeline)
