@@ -298,6 +298,8 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
                    help="attention kernel (default sdpa; eager keeps a seq×seq matrix per head and layer)")
+    p.add_argument("--loss-chunk", type=int, default=0, metavar="TOKENS", help="compute the loss in chunks of this "
+                   "many tokens, so only one chunk's fp32 logits live at a time (default 0: transformers' loss)")
     p.add_argument("--world-size", type=int, default=1, help="ranks the run is sharded over (default 1)")
     p.add_argument("--strategy", choices=["ddp", "zero1", "fsdp2"],
                    help="what the ranks shard: ddp nothing, zero1 the optimizer state, fsdp2 everything")
@@ -310,7 +312,8 @@ def _request(args: argparse.Namespace) -> CellConfig:
         raise UserError("--model", "required (or give a suite file to plan)")
     return cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
                               args.batch_size, args.seq_len, args.precision, args.grad_accum,
-                              args.gradient_checkpointing, args.attn, args.world_size, args.strategy)
+                              args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
+                              args.loss_chunk)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -345,6 +348,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             levers["levers.attn_implementation"] = args.attn
         if args.strategy or args.world_size != 1:
             levers["levers.parallel"] = plan_mod.sharding_flags(args.world_size, args.strategy)
+        if args.loss_chunk:
+            levers["levers.loss_chunk"] = args.loss_chunk
         requests = [r.with_values(levers) for r in requests]
     else:
         requests = [_request(args)]

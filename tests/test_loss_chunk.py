@@ -208,3 +208,16 @@ def test_plan_shows_the_chunked_loss_smaller(tmp_path: Path, capsys: pytest.Capt
     assert chunked["parts"]["loss_logits"]["bytes"] == 3 * CHUNK * VOCAB * 4 + (tokens - CHUNK) * hidden * 4
     assert chunked["parts"]["loss_logits"]["error"] > full["parts"]["loss_logits"]["error"]  # CUDA: an estimate
     assert chunked["allocated_bytes"] < full["allocated_bytes"]
+
+
+def test_plan_and_fit_take_the_lever_as_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--model", "llama-3.2-1b", "--adapter", "lora", "--batch-size", "4", "--seq-len", "512",
+             "--device", "cuda", "--json"]
+    assert run_cli("plan", *flags) == 0
+    (full,) = json.loads(capsys.readouterr().out)
+    assert run_cli("plan", *flags, "--loss-chunk", "256") == 0
+    (chunked,) = json.loads(capsys.readouterr().out)
+    assert chunked["parts"]["loss_logits"]["bytes"] < full["parts"]["loss_logits"]["bytes"] / 2
+    assert chunked["allocated_bytes"] < full["allocated_bytes"]
+    assert run_cli("plan", *flags, "--loss-chunk", "-1") == 2
+    assert "--loss-chunk: must be 0 (off) or a number of tokens" in capsys.readouterr().err

@@ -496,7 +496,7 @@ def requests_from_cells(cells: Iterable[CellConfig]) -> list[CellConfig]:
 def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_modules: str = "all-linear",
                     optimizer: str = "adamw_torch", batch_size: int = 1, seq_len: int = 2048, precision: str = "bf16",
                     grad_accum: int = 1, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                    world_size: int = 1, strategy: str | None = None) -> CellConfig:
+                    world_size: int = 1, strategy: str | None = None, loss_chunk: int = 0) -> CellConfig:
     """The cell that command-line values describe: ``model`` is a preset name or a local config/checkpoint folder;
     a LoRA adapter of rank ``rank`` gets ``lora_alpha = 2 * rank``.
 
@@ -521,6 +521,8 @@ def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_m
                         ("--grad-accum", grad_accum)):
         if value <= 0:
             raise UserError(flag, f"must be positive, got {value}")
+    if loss_chunk < 0:
+        raise UserError("--loss-chunk", f"must be 0 (off) or a number of tokens, got {loss_chunk}")
     targets: str | list[str] = target_modules
     if target_modules not in ("all-linear", "attention"):
         targets = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -535,7 +537,7 @@ def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_m
                                       precision=precision),
                       levers=Levers(gradient_checkpointing="on" if gradient_checkpointing else "off",
                                     attn_implementation=attn_implementation,
-                                    parallel=sharding_flags(world_size, strategy)))
+                                    parallel=sharding_flags(world_size, strategy), loss_chunk=loss_chunk))
 
 
 def sharding_flags(world_size: int, strategy: str | None) -> ParallelSpec:
