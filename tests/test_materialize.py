@@ -5,6 +5,7 @@ trainable model; and no unquantised model on the host or the device on the way t
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -291,6 +292,8 @@ def test_on_cuda_the_device_never_holds_an_unquantised_linear() -> None:
     cuda = torch.device("cuda", torch.cuda.current_device())
     # peft's k-bit preparation left out: its fp32 cast of the embeddings is peft's transient, not the build's
     qlora = adapter("qlora", compute_dtype="bfloat16", prepare_for_kbit_training=False)
+    gc.collect()  # earlier tests' models in reference cycles would be freed mid-build and lower `kept` alone
+    torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model = models.build_model(WIDE, qlora, "bf16", cuda)

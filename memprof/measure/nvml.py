@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 
-def open_nvml(index: int) -> tuple[Callable[[], tuple[int, int | None]], str] | None:
-    """A reader of (device used bytes, this process's used bytes or None) and the device name, or None."""
+def open_nvml(index: int, uuid: str | None = None) -> tuple[Callable[[], tuple[int, int | None]], str] | None:
+    """A reader of (device used bytes, this process's used bytes or None) and the device name, or None. NVML numbers
+    the cards ignoring ``CUDA_VISIBLE_DEVICES`` (each job of ``--jobs`` sees its own card as cuda:0), so the card
+    is found by ``uuid`` (torch's ``get_device_properties(...).uuid``) where given, by ``index`` otherwise."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _by_uuid(pynvml, uuid) if uuid else None
+        if handle is None:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
     except Exception:  # noqa: BLE001 - any NVML failure means "no NVML here"
         return None
@@ -30,3 +35,14 @@ def open_nvml(index: int) -> tuple[Callable[[], tuple[int, int | None]], str] | 
         return used, None
 
     return read, name if isinstance(name, str) else name.decode()
+
+
+def _by_uuid(pynvml: Any, uuid: str) -> Any:
+    """NVML's handle of the card with this UUID, or None (unverified on a GPU: torch may print a UUID bare,
+    ``58b6...``, where NVML wants ``GPU-58b6...``; both are tried, then the caller falls back on the index)."""
+    for name in (uuid, f"GPU-{uuid}"):
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(name)
+        except Exception:  # noqa: BLE001 - not this spelling
+            continue
+    return None

@@ -42,14 +42,14 @@ def memory_sources(device: torch.device) -> MemorySources:
     highest figure of a run whose cache only grew.
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
-    if heap_free_bytes() is not None:  # glibc: the free heap beside each RSS reading, to name it at the peak
-        rss = Source(("rss_bytes", "heap_free_bytes"), lambda: (rss_bytes(), heap_free_bytes()))
     if device.type != "cuda":
+        if heap_free_bytes() is not None:  # glibc: the free heap beside each RSS reading, to name it at the peak
+            rss = Source(("rss_bytes", "heap_free_bytes"), lambda: (rss_bytes(), heap_free_bytes()))
         return MemorySources("cpu", [rss])
     allocator = CudaAllocator(device)
     out = MemorySources(torch.cuda.get_device_name(device), [rss, Source(("allocated_bytes", "reserved_bytes"),
                                                                          allocator.current)], allocator)
-    nvml = open_nvml(device.index or 0)
+    nvml = open_nvml(device.index or 0, str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or ""))
     if nvml is not None:
         out.sources.append(Source(("nvml_device_used_bytes", "nvml_process_used_bytes"), nvml[0], NVML_PERIOD_S))
     return out

@@ -3,6 +3,7 @@ Record. Enters: a ``CellConfig`` and a device; leaves: a ``CellResult`` (record,
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
 import traceback
@@ -45,6 +46,9 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     from memprof.train.loop import Diverged
 
     t_start = time.perf_counter()
+    if device.type == "cuda":  # an earlier cell of this process (tests, track) may sit in reference cycles on the
+        gc.collect()  # device: the allocator's peaks are the process's, so free it before they are reset
+        torch.cuda.empty_cache()
     baseline, heap_baseline = rss_bytes(), heap_free_bytes()
     measured = memory_sources(device)
     allocator = measured.allocator
