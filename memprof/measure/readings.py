@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import resource
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +43,8 @@ def memory_sources(device: torch.device) -> MemorySources:
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
     if device.type != "cuda":
-        if heap_free_bytes() is not None:  # glibc: the free heap beside each RSS reading, to name it at the peak
-            rss = Source(("rss_bytes", "heap_free_bytes"), lambda: (rss_bytes(), heap_free_bytes()))
+        if heap_free_bytes() is not None:  # glibc: its free heap at each new RSS high, to name it at the peak
+            rss = Source(("rss_bytes", "heap_free_bytes"), _rss_and_heap_at_highs())
         return MemorySources("cpu", [rss])
     allocator = CudaAllocator(device)
     out = MemorySources(torch.cuda.get_device_name(device), [rss, Source(("allocated_bytes", "reserved_bytes"),
@@ -53,6 +53,22 @@ def memory_sources(device: torch.device) -> MemorySources:
     if nvml is not None:
         out.sources.append(Source(("nvml_device_used_bytes", "nvml_process_used_bytes"), nvml[0], NVML_PERIOD_S))
     return out
+
+
+def _rss_and_heap_at_highs() -> Callable[[], tuple[int, int | None]]:
+    """A reader of (RSS, glibc's free heap when RSS last set a new high). ``mallinfo2`` walks every free chunk of
+    every arena under its lock, which blocks the training threads' mallocs on a fragmented heap: it is read only
+    when RSS climbs past its highest so far (early in a cell, then rarely), which is the reading the peak needs."""
+    high, heap = -1, None
+
+    def read() -> tuple[int, int | None]:
+        nonlocal high, heap
+        rss = rss_bytes()
+        if rss > high:
+            high, heap = rss, heap_free_bytes()
+        return rss, heap
+
+    return read
 
 
 def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
