@@ -60,24 +60,25 @@ class DataTable(DataSpec):
         return self
 
 
-class ModelTable(_Strict):
-    """A ``[models.NAME]`` table: exactly one of a preset, a local folder or an inline transformers config."""
+class ModelTable(ModelSpec):
+    """A ``[models.NAME]`` table: the fields of ``ModelSpec`` but its name, which is the table's key, with exactly
+    one of a preset, a local folder or an inline transformers config."""
 
-    preset: str = ""
-    path: str = ""
-    config: dict[str, Any] = Field(default_factory=dict)
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    trust_remote_code: bool = False
+    @model_validator(mode="before")
+    @classmethod
+    def _name_is_the_key(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data:
+            raise ValueError("'name' is the table's key ([models.NAME]), not one of its fields")
+        return data
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelTable:
-        spec = self.to_spec("")  # its own checks: a known preset, a model_type
-        if not spec.known:
+    def _a_source(self) -> ModelTable:
+        if not self.known:
             raise ValueError("give exactly one of 'preset', 'path' or 'config'")
         return self
 
     def to_spec(self, name: str) -> ModelSpec:
-        return ModelSpec(name=name, **self.model_dump())
+        return ModelSpec(name=name, **self.model_dump(exclude={"name"}))
 
 
 class AdapterTable(BaseModel):
