@@ -17,10 +17,17 @@ def contended(share: float | None) -> bool:
     return share is not None and share > CONTENDED
 
 
-def contention_note(busy: Sequence[Record]) -> str:
-    """The note under a table whose timings marked ``*`` were taken on a contended machine (``busy``: their
-    records)."""
+def mark(records: Sequence[Record]) -> str:
+    """`` *`` beside a timing when any of ``records`` (its repeats) was timed on a contended machine."""
+    return " *" if any(contended(r.cpu_pressure) for r in records) else ""
+
+
+def contention_notes(records: Sequence[Record]) -> list[str]:
+    """The note under a table whose timings ``mark`` starred: none when no record was timed under contention."""
+    busy = [r for r in records if contended(r.cpu_pressure)]
+    if not busy:
+        return []
     worst = max(r.cpu_pressure or 0.0 for r in busy)
-    return (f"*: timed while other work held the CPUs: runnable tasks waited for a CPU during up to {worst:.0%} of "
+    return [f"*: timed while other work held the CPUs: runnable tasks waited for a CPU during up to {worst:.0%} of "
             f"the training time ({len(busy)} cell{'s' if len(busy) > 1 else ''}, Linux PSI; over "
-            f"{CONTENDED:.0%} is flagged): those timings are not the cell's alone; rerun on a quiet machine")
+            f"{CONTENDED:.0%} is flagged): those timings are not the cell's alone; rerun on a quiet machine"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from memprof.analysis import convergence, diagnose, stats
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
-from memprof.analysis.contention import contended, contention_note
+from memprof.analysis.contention import contention_notes, mark
 from memprof.results.record import Record, Status, StepLog
 from memprof.results.store import read_records
 from memprof.suite.restore import with_suite_configs
@@ -135,23 +135,16 @@ def repeats_table(run: Run) -> TableData:
                      mean_ci([r.final_loss_smoothed for r in ok], ".3f"),
                      mean_ci([r.final_eval_loss for r in ok], ".3f"),
                      mean_ci(gaps, ".3f") if any(g is not None for g in gaps) else "–",
-                     mean_ci([r.tokens_per_s for r in ok], ",.0f") + _mark(ok), mean_ci(step_ms, ".1f") + _mark(ok),
+                     mean_ci([r.tokens_per_s for r in ok], ",.0f") + mark(ok), mean_ci(step_ms, ".1f") + mark(ok),
                      mean_ci([r.loss_auc for r in ok], ".3f"),
                      ", ".join(sorted({verdict_of(r) for r in rs if r.verdict})) or "–"])
     notes = ["mean ± half-width of the 95% Student t interval over the repeats (seeds); one repeat: the value alone",
              "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
              "AUC: area under the training-loss curve per step (lower: learned sooner)"]
-    busy = [r for r in run.records if contended(r.cpu_pressure)]
-    if busy:
-        notes.append(contention_note(busy))
+    notes += contention_notes(run.records)
     return TableData(f"Convergence and speed over repeats ({fixed_axes(run.records)})",
                      [axis.title for axis in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
                                                        "AUC", "verdict"], rows, notes)
-
-
-def _mark(records: Sequence[Record]) -> str:
-    """`` *`` when a repeat's timings were taken on a contended machine."""
-    return " *" if any(contended(r.cpu_pressure) for r in records) else ""
 
 
 def target_table(run: Run) -> TableData:
@@ -171,8 +164,8 @@ def target_table(run: Run) -> TableData:
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
             row += [_reached([r.steps_to_target for r in rs]),
-                    mean_ci([r.seconds_to_target for r in rs], ".2f") + _mark(rs)]
-        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f") + _mark(rs)])
+                    mean_ci([r.seconds_to_target for r in rs], ".2f") + mark(rs)]
+        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f") + mark(rs)])
     columns = [axis.title for axis in axes]
     notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
              f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
@@ -181,9 +174,7 @@ def target_table(run: Run) -> TableData:
     if suite_target is not None:
         columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
         notes.insert(0, f"suite target_loss: {suite_target:g}")
-    busy = [r for r in run.records if contended(r.cpu_pressure)]
-    if busy:
-        notes.append(contention_note(busy))
+    notes += contention_notes(run.records)
     return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"], rows, notes)
 
 

@@ -93,8 +93,7 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline:
     on CUDA the phase the peak fell in: the allocator's phase with the highest peak at the step it was split by phase
     (samples cannot tell: the loss's backward, often the peak, lasts a few milliseconds). With ``heap_baseline``
     (glibc's free heap when the measurement began), how much the free heap had grown at the highest RSS sample (read
-    when RSS reached it):
-    freed memory glibc kept, part of the RSS peak though no tensor holds it."""
+    when RSS reached it): freed memory glibc kept, part of the RSS peak though no tensor holds it."""
     values: dict[str, Any] = {}
     if allocator is not None:
         peaks = allocator.peaks

@@ -15,7 +15,7 @@ from memprof.analysis.memory import GROUP_AXES, group_key, state_vs_baseline
 from memprof.analysis.slopes import Slope, activation_slopes
 from memprof.config.spec import CellConfig, varying
 from memprof.measure.attribution import PARTS
-from memprof.analysis.contention import contended, contention_note
+from memprof.analysis.contention import contention_notes, mark
 from memprof.analysis.report import TableData
 from memprof.results.record import Record, Status
 
@@ -78,9 +78,7 @@ def results_table(records: Iterable[Record], title: str = "memprof results") -> 
     if jobs > 1:
         parts.append(Text(f"timings were taken with {jobs} cells running at once on the machines they shared",
                           style="yellow"))
-    busy = [r for r in records if contended(r.cpu_pressure)]
-    if busy:
-        parts.append(Text(contention_note(busy), style="yellow"))
+    parts.extend(Text(note, style="yellow") for note in contention_notes(records))
     failed = [r for r in records if r.status is not Status.OK and r.error]
     parts.extend(Text(f"{r.key}: {r.error[:200]}", style="dim") for r in failed[:8])
     return Group(*parts)
@@ -112,9 +110,9 @@ def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]
     cells = [status, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
-    mark = " *" if contended(r.cpu_pressure) else ""
-    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + mark,
-                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else "") + mark, loss]
+    busy = mark([r])
+    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + busy,
+                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else "") + busy, loss]
 
 
 def cells_table(cells: Iterable[CellConfig], title: str) -> Table:
