@@ -24,10 +24,15 @@ EXIT_CELLS_FAILED = 3
 EXIT_INTERRUPTED = 130
 HARNESS_FAILURES = ("crashed", "timeout")
 
-# Piped output (a CI log, a file) gets a readable width instead of rich's 80-column fallback, which cuts the progress
-# line's step counts and names.
-console = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 120)
-out = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+
+def _console(stderr: bool) -> Console:
+    """Piped output (a CI log, a file) gets a readable width instead of rich's 80-column fallback, which cuts the
+    progress line's step counts and names."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() or "COLUMNS" in os.environ else 120)
+
+
+console, out = _console(stderr=True), _console(stderr=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,8 +101,9 @@ def memory_figure(run: Run) -> Figure | None:
 def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> None:
     """Each record's optimizer state: what the allocator holds, then its paged part hatched; one scale for all
     groups."""
-    unit, scale = _unit(max((r.optimizer_state_bytes or 0) for r in shown) or 1)
-    most = max((r.optimizer_state_bytes or 0) for r in shown) / scale
+    most_bytes = max((r.optimizer_state_bytes or 0) for r in shown)
+    unit, scale = _unit(most_bytes)
+    most = most_bytes / scale
     for y, r in enumerate(rs):
         state, paged = r.optimizer_state_bytes or 0, r.optimizer_state_paged_bytes or 0
         ax.barh(y, (state - paged) / scale, height=0.7, linewidth=0.6, **_style("optimizer_state"))
