@@ -37,11 +37,14 @@ if TYPE_CHECKING:
 TILE = 1_048_573  # the largest prime below 2**20: 4 MiB of fp32 draws, tiled
 
 
-def materialize(model: PreTrainedModel, device: torch.device, frozen: bool) -> None:
+def materialize(model: PreTrainedModel, device: torch.device, frozen: bool,
+                param_dtype: torch.dtype | None = None) -> None:
     """Allocate and initialise every meta tensor of ``model`` on ``device``; ``frozen``: its weights will not
-    train, so their normal draws may be tiled."""
+    train, so their normal draws may be tiled; ``param_dtype``: the dtype of every floating parameter that is not
+    4-bit, where it differs from the model's (peft's k-bit preparation casts those to fp32 one by one, each fp32
+    copy beside its 16-bit original: made in fp32, none is held twice)."""
     four_bit = [m for m in model.modules() if is_four_bit(getattr(m, "weight", None))]
-    init = _Init(device, tile=frozen) if frozen or four_bit else None
+    init = _Init(device, tile=frozen, param_dtype=param_dtype) if frozen or four_bit else None
     with _one_thread(device), init.patched() if init else _nothing():
         for module in four_bit:
             _four_bit(model, module, init)
@@ -49,8 +52,11 @@ def materialize(model: PreTrainedModel, device: torch.device, frozen: bool) -> N
         # allocated and initialised only to be thrown away; initialising a meta tensor is a no-op.
         targets = set(model.all_tied_weights_keys)
         for prefix, module in model.named_modules():
-            for name, tensor in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            for name, tensor in module.named_parameters(recurse=False):
                 if tensor.is_meta and _join(prefix, name) not in targets:
+                    setattr(module, name, _empty_like(tensor, device, param_dtype))
+            for name, tensor in module.named_buffers(recurse=False):
+                if tensor.is_meta:
                     setattr(module, name, _empty_like(tensor, device))
         # Every module not initialised yet: weights drawn from the device's default generator (seeded by the
         # cell) or tiled, non-persistent buffers such as rotary ``inv_freq`` recomputed, as from_pretrained does
@@ -68,11 +74,11 @@ class _Init:
     """transformers' ``normal_`` while a model is initialised: on a meta tensor it only notes the mean and std
     asked for (what a 4-bit weight is drawn with); with ``tile`` it tiles a seeded block instead of drawing."""
 
-    def __init__(self, device: torch.device, tile: bool) -> None:
+    def __init__(self, device: torch.device, tile: bool, param_dtype: torch.dtype | None = None) -> None:
         # One draw from the default generator, which the cell's seed seeded: the same seed, the same weights.
         seed = int(torch.randint(2**62, (1,)).item())
         self.generator = torch.Generator(device).manual_seed(seed)
-        self.device, self.tile = device, tile
+        self.device, self.tile, self.param_dtype = device, tile, param_dtype
         self.asked: dict[int, tuple[float, float]] = {}
         self.pools: dict[tuple, BlockPool] = {}
         self._block: torch.Tensor | None = None
@@ -133,7 +139,7 @@ def _four_bit(model: PreTrainedModel, module: nn.Module, init: _Init) -> None:
     ``initialize_weights`` skips it), and says which normal the weight is drawn from."""
     settings = module.weight  # the meta Params4bit carries the quantisation settings and the weight's dtype
     if module.bias is not None:
-        module.bias = _empty_like(module.bias, init.device)
+        module.bias = _empty_like(module.bias, init.device, init.param_dtype)
     model._initialize_weights(module)
     default = getattr(model.config, "initializer_range", None) or 0.02  # _init_weights' own fallback
     mean, std = init.asked.pop(id(settings), (0.0, default))
@@ -172,9 +178,10 @@ def _return_freed_heap() -> None:
         trim(0)
 
 
-def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An uninitialised copy of ``tensor`` on ``device``; a parameter stays a parameter."""
-    empty = torch.empty_like(tensor, device=device)
+def _empty_like(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised copy of ``tensor`` on ``device``, floating point in ``dtype`` if given; a parameter stays a
+    parameter."""
+    empty = torch.empty_like(tensor, device=device, dtype=dtype if dtype and tensor.is_floating_point() else None)
     return nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
 
 

@@ -88,7 +88,8 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
             if qlora:
                 quantize_linears_4bit(model, adapter.quant)
-            materialize(model, device, frozen=adapter.kind != "none")
+            kbit_cast = qlora and adapter.quant.prepare_for_kbit_training
+            materialize(model, device, frozen=adapter.kind != "none", param_dtype=torch.float32 if kbit_cast else None)
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
     except ValueError as err:
