@@ -282,6 +282,24 @@ def test_different_machines_do_not_compare_peaks(
     assert "environment differs:" in shown and "memory peaks and timings not compared" in shown
 
 
+def test_a_run_records_the_malloc_settings_it_measured_under_and_compare_names_a_change(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from memprof.analysis.compare import environment_differences
+    from memprof.results import env
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    before = env.capture()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1048576")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    after = env.capture()
+    assert "GLIBC_TUNABLES" not in before["memory_env"]
+    assert after["memory_env"]["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=1048576"
+    assert environment_differences(before, after) == [
+        "GLIBC_TUNABLES: unset → glibc.malloc.mmap_threshold=1048576",
+        "PYTORCH_CUDA_ALLOC_CONF: unset → expandable_segments:True"]
+
+
 def test_table_csv_input_and_missing_and_new_cells(
         runs: dict[str, tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = runs["base"][0]

@@ -222,6 +222,10 @@ def environment_differences(base: dict[str, Any] | None, cur: dict[str, Any] | N
         out.append(f"GPU driver: {', '.join(sorted(map(str, drivers[0])))} → {', '.join(sorted(map(str, drivers[1])))}")
     if base.get("python") != cur.get("python"):
         out.append(f"python: {base.get('python')} → {cur.get('python')}")
+    settings = base.get("memory_env") or {}, cur.get("memory_env") or {}
+    for name in sorted(set(settings[0]) | set(settings[1])):
+        if settings[0].get(name) != settings[1].get(name):
+            out.append(f"{name}: {settings[0].get(name) or 'unset'} → {settings[1].get(name) or 'unset'}")
     versions = base.get("versions") or {}, cur.get("versions") or {}
     for name in sorted(set(versions[0]) | set(versions[1])):
         if name != "memprof" and versions[0].get(name) != versions[1].get(name):

@@ -12,6 +12,11 @@ from typing import Any
 
 PACKAGES = ("memprof", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "schedulefree",
             "nvidia-ml-py", "pandas", "rich")
+# variables that change how freed memory is kept, hence what the RSS and the allocator's peaks read: glibc's malloc
+# (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576 makes a CPU cell's RSS follow its tensors), a preloaded
+# allocator (jemalloc, tcmalloc), PyTorch's CUDA caching allocator
+MEMORY_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+              "MALLOC_TOP_PAD_", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
 def capture() -> dict[str, Any]:
@@ -30,6 +35,7 @@ def capture() -> dict[str, Any]:
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "gpus": _gpus(),
         "versions": versions,
+        "memory_env": {name: os.environ[name] for name in MEMORY_ENV if os.environ.get(name)},
         **_git(),
     }
 
