@@ -85,13 +85,13 @@ def work(case: str, arg: str) -> dict[str, Any]:
     import resource
 
     from memprof.measure.host import rss_bytes
-    from memprof.measure.sampler import Sampler
+    from memprof.measure.sampler import Sampler, Source
     from memprof.run.zygote import preload
 
     preload()
     out: dict[str, Any] = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
                            "rss_before_bytes": rss_bytes()}
-    sampler = Sampler({"rss_anon_bytes": lambda: _status_bytes("RssAnon")}, 0.01)
+    sampler = Sampler([Source(("rss_anon_bytes",), lambda: (_status_bytes("RssAnon"),))], 0.01)
     with sampler:
         out.update(CASES[case](arg))
     out.update(ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -16,6 +16,9 @@ them, both from a generator seeded by the cell's seed:
   random offset: a copy instead of a random draw per element. The block's length is a prime, so no row length
   divides it and no two rows of a weight repeat one another. Trainable weights (a full fine-tune, peft's adapter
   matrices) keep their per-element draws.
+
+For QLoRA the parameters that are not 4-bit (embeddings, norms, the head) may be made in fp32 straight away
+(``param_dtype``), as peft's k-bit preparation would cast them: its cast then finds nothing to do.
 """
 
 from __future__ import annotations

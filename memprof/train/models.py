@@ -242,8 +242,8 @@ def _type_name(hint: object) -> str:
 
 def attach_adapter(model: nn.Module, adapter: AdapterSpec) -> nn.Module:
     """Wrap in a peft LoRA/DoRA adapter; ``none`` trains every parameter (full fine-tune). QLoRA first goes
-    through peft's ``prepare_model_for_kbit_training`` (non-4-bit parameters cast to fp32), unless the spec says
-    to skip it."""
+    through peft's ``prepare_model_for_kbit_training`` (non-4-bit parameters cast to fp32, unless a preset's build
+    made them fp32 already), unless the spec says to skip it."""
     if adapter.kind == "none":
         model.requires_grad_(True)
         return model
