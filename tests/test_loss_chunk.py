@@ -221,3 +221,21 @@ def test_plan_and_fit_take_the_lever_as_a_flag(capsys: pytest.CaptureFixture[str
     assert chunked["allocated_bytes"] < full["allocated_bytes"]
     assert run_cli("plan", *flags, "--loss-chunk", "-1") == 2
     assert "--loss-chunk: must be 0 (off) or a number of tokens" in capsys.readouterr().err
+
+
+def test_the_fitted_fallback_plans_the_loss_in_chunks_too() -> None:
+    from dataclasses import replace
+
+    from memprof.plan import calibration
+    from memprof.plan.predict import cell_from_flags, exact_parts, predict
+
+    fallback = replace(calibration.load(), devices={})  # no device calibration: every model gets the fallback
+    group = fallback.group("bf16", "lora")
+    plans = [predict(cell, exact_parts(cell), fallback, "cuda") for cell in
+             (cell_from_flags("llama-3.2-1b", "lora", batch_size=4, seq_len=512, loss_chunk=chunk)
+              for chunk in (0, 256))]
+    full, chunked = ({p.name: p for p in plan.parts}["temporaries"] for plan in plans)
+    assert plans[0].moment == plans[1].moment == ""  # the fallback: no analytic moment
+    # the fitted temporaries grow with tokens x vocab: chunked, with 256 of the 2,048 tokens
+    assert full.bytes - chunked.bytes == pytest.approx(group.temporaries[1] * (2048 - 256) * 128_256, rel=1e-6)
+    assert chunked.bytes < full.bytes and "256 tokens at a time" in chunked.how

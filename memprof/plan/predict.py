@@ -402,7 +402,11 @@ def _fitted(request: CellConfig, exact: Exact, calibration: Calibration, device:
             recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
         parts.append(Part("layer", recompute, "fitted: one layer's activations, alive again in backward",
                           group.activation_max_error))
-    parts.append(Part("temporaries", max(0, group.temporary_bytes(act, tokens, exact.shape.vocab)), fitted,
+    # the [tokens, vocab] logits of the loss: with loss_chunk, one chunk's at a time
+    chunk = request.levers.loss_chunk
+    logit_tokens = min(tokens, chunk) if chunk else tokens
+    parts.append(Part("temporaries", max(0, group.temporary_bytes(act, logit_tokens, exact.shape.vocab)),
+                      fitted + (f", the loss's logits {chunk} tokens at a time" if chunk else ""),
                       group.peak_max_error))
     parts += _sharding(request, exact)
     if device == "cuda":
