@@ -459,9 +459,8 @@ def markdown(result: dict[str, Any]) -> str:
          "below; times are what a cell saw on it, not an idle machine's."),
         "",
         ("Setup = `memprof.train.training.Training.build` (model, adapter, optimizer, data) in a fresh process, "
-         "after the imports a zygote worker already has, with the threads a one-job run gives a cell (all cores); "
-         "for the 8B cell, the record's `setup_s` and the setup phase's peak of memprof's 10 ms RSS samples. Peak "
-         "RSS is the process's high-water mark (VmHWM), imports included, the largest over the runs; peak anon is "
+         "after the imports a zygote worker already has, with the threads a one-job run gives a cell (all cores). "
+         "Peak RSS is the process's high-water mark (VmHWM), imports included, the largest over the runs; peak anon is "
          "the sampled peak of anonymous RSS (no file pages). A target is met when every run meets it."),
         "",
         ("| build | case | setup, each run | median | peak RSS | peak anon | RSS after imports | frozen + trainable "
@@ -501,8 +500,9 @@ def markdown(result: dict[str, Any]) -> str:
     if kbit:
         lines += ["", ("peft's `prepare_model_for_kbit_training` casts every 16-bit parameter that is not 4-bit "
                        "(embeddings, norms, an untied head) to fp32, one at a time: each new fp32 copy coexists "
-                       "with its bf16 original until the assignment frees it. On a materialised 4-bit base, no "
-                       "adapter yet:"), "",
+                       "with its bf16 original until the assignment frees it. What the cast costs where it runs "
+                       "(a checkpoint loaded in bf16; memprof's preset builds make those parameters fp32 and leave "
+                       "it nothing to cast), on a materialised bf16 4-bit base, no adapter yet:"), "",
                   ("| model | bf16 parameters cast (largest) | cast time | RSS before | peak during | after | "
                   "peak − after |"),
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
