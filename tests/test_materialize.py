@@ -82,7 +82,8 @@ def structure(state: Any) -> dict[str, Any] | None:
 
 
 QUANT_VARIANTS = [{}, {"quant_type": "fp4"}, {"double_quant": False}, {"compute_dtype": "bfloat16"},
-                  {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"}]
+                  {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"},
+                  {"prepare_for_kbit_training": False}]  # the embeddings, norms and head left in the model's dtype
 PRESETS = ("tiny-llama", "tiny-qwen2", "small-llama")
 CASES = ([(name, adapter("qlora", **q), precision) for name in PRESETS for q in QUANT_VARIANTS
           for precision in ("bf16", "fp32") if name != "small-llama" or not q]  # quantising small-llama is slow
@@ -91,7 +92,8 @@ CASES = ([(name, adapter("qlora", **q), precision) for name in PRESETS for q in 
 
 
 @pytest.mark.parametrize(("name", "adapter_spec", "precision"), CASES,
-                         ids=[f"{p}-{a.kind}-{q.quant_type}-dq{int(q.double_quant)}-{q.compute_dtype}-{pr}"
+                         ids=[f"{p}-{a.kind}-{q.quant_type}-dq{int(q.double_quant)}-{q.compute_dtype}"
+                              f"{'' if q.prepare_for_kbit_training else '-nocast'}-{pr}"
                               if a.kind == "qlora" else f"{p}-{a.kind}-{pr}" for p, a, pr in CASES
                               for q in [a.quant]])
 def test_the_same_model_to_the_byte_as_building_it_on_the_host(name: str, adapter_spec: AdapterSpec,
