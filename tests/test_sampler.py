@@ -36,6 +36,15 @@ def test_a_slow_source_is_read_at_its_period_and_at_both_ends() -> None:
     assert sampler.peaks == {"fast": reads["fast"], "slow": 101, "never": None}
 
 
+def test_a_sample_is_labelled_with_the_phase_its_reading_ended_in() -> None:
+    """A read can wait for the GIL while the training thread moves into the next phase and grows there: the value
+    belongs to the phase the read ended in, not to the one before it."""
+    sampler = Sampler([Source(("rss",), lambda: (sampler.mark(0, "forward"), 9_000)[1:])])
+    sampler.sample(every_source=True)
+    assert (sampler.timeline[0]["step"], sampler.timeline[0]["phase"], sampler.timeline[0]["rss"]) == (0, "forward",
+                                                                                                     9_000)
+
+
 def test_on_the_cpu_only_host_memory_is_sampled() -> None:
     import torch
 

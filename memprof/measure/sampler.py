@@ -32,19 +32,18 @@ class Sampler:
         self.interval_s = interval_s
         self.peaks: dict[str, int | None] = {name: None for s in self.sources for name in s.columns}
         self.timeline: list[dict[str, float | int | str | None]] = []
-        self._step = -1
-        self._phase = "setup"
+        self._where: tuple[int, str] = (-1, "setup")  # one attribute: a sample reads step and phase together
         self._last_read = [-float("inf")] * len(self.sources)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memprof-sampler", daemon=True)
         self._t0 = time.perf_counter()
 
     def mark(self, step: int, phase: str) -> None:
-        self._step, self._phase = step, phase
+        self._where = (step, phase)
 
     def sample(self, every_source: bool = False) -> None:
         now = time.perf_counter()
-        row: dict[str, float | int | str | None] = {"t_s": now - self._t0, "step": self._step, "phase": self._phase}
+        row: dict[str, float | int | str | None] = {"t_s": now - self._t0, "step": None, "phase": None}
         for i, source in enumerate(self.sources):
             if not every_source and now - self._last_read[i] < source.period_s:
                 row.update(dict.fromkeys(source.columns))
@@ -54,6 +53,9 @@ class Sampler:
                 row[name] = value
                 if value is not None and (self.peaks[name] is None or value > self.peaks[name]):
                     self.peaks[name] = value
+        # labelled after the reads: a read may wait for the GIL while the training thread moves on (a long op in a
+        # new phase), and a value labelled with the phase before it would put that phase's memory in the last one
+        row["step"], row["phase"] = self._where
         self.timeline.append(row)
 
     def _run(self) -> None:
