@@ -13,11 +13,10 @@ from torch import nn
 
 from memprof.config.spec import AdapterSpec, ModelSpec
 from memprof.errors import UserError
-from memprof.train.fourbit import is_four_bit
+from memprof.train.fourbit import NESTED_BLOCKSIZE, is_four_bit
 
 FOUR_BIT_CODE_BYTES = 16 * 4      # the NF4/FP4 code book: 16 fp32 values, one copy per quantised weight
-NESTED_BLOCK = 256                # double quantisation: the absmax values quantised in blocks of 256
-NESTED_CODE_BYTES = 256 * 4       # ... with their own 8-bit dynamic map (256 fp32), one copy per weight
+NESTED_CODE_BYTES = 256 * 4       # double quantisation: the absmax blocks' 8-bit dynamic map (256 fp32), one a weight
 
 
 def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
@@ -30,7 +29,7 @@ def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -
     packed = (numel + 1) // 2
     if not double_quant:
         return packed + 4 * blocks + FOUR_BIT_CODE_BYTES
-    return packed + blocks + 4 + 4 * math.ceil(blocks / NESTED_BLOCK) + NESTED_CODE_BYTES + FOUR_BIT_CODE_BYTES
+    return packed + blocks + 4 + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + NESTED_CODE_BYTES + FOUR_BIT_CODE_BYTES
 
 
 def meta_model(spec: ModelSpec, adapter: AdapterSpec, precision: str) -> nn.Module:
