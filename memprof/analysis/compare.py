@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memprof.analysis.contention import contended
+from memprof.analysis.contention import worst
 from memprof.analysis import stats
 from memprof.config.spec import LIMITS
 from memprof.errors import UserError
@@ -361,10 +361,10 @@ def _compare_metric(metric: str, rule: Rule, base: list[Record], cur: list[Recor
                       f"{_repeats_needed(rule.alpha)} per side can reach p<{rule.alpha:g})")
     if b_mid <= 0 or c_mid <= 0:
         return result(Verdict.NOT_COMPARABLE, "a median is not positive")
-    busy = [r.cpu_pressure or 0.0 for r in (*base, *cur) if contended(r.cpu_pressure)]
-    if busy:
+    busy = worst((*base, *cur))
+    if busy is not None:
         return result(Verdict.NOT_COMPARABLE, f"timed under CPU contention (a task waited for a CPU during up to "
-                                              f"{max(busy):.0%} of a run's training time)")
+                                              f"{busy:.0%} of a run's training time)")
     p = stats.mann_whitney_p(list(b.values()), list(c.values()))
     ratio = c_mid / b_mid
     worse = ratio ** sign > rule.limit

@@ -17,6 +17,11 @@ def contended(share: float | None) -> bool:
     return share is not None and share > CONTENDED
 
 
+def worst(records: Sequence[Record]) -> float | None:
+    """The highest contended ``cpu_pressure`` among ``records``; None when none was timed under contention."""
+    return max((r.cpu_pressure for r in records if contended(r.cpu_pressure)), default=None)
+
+
 def mark(records: Sequence[Record]) -> str:
     """`` *`` beside a timing when any of ``records`` (its repeats) was timed on a contended machine."""
     return " *" if any(contended(r.cpu_pressure) for r in records) else ""
@@ -24,10 +29,10 @@ def mark(records: Sequence[Record]) -> str:
 
 def contention_notes(records: Sequence[Record]) -> list[str]:
     """The note under a table whose timings ``mark`` starred: none when no record was timed under contention."""
-    busy = [r for r in records if contended(r.cpu_pressure)]
-    if not busy:
+    share = worst(records)
+    if share is None:
         return []
-    worst = max(r.cpu_pressure or 0.0 for r in busy)
-    return [f"*: timed while other work held the CPUs: runnable tasks waited for a CPU during up to {worst:.0%} of "
-            f"the training time ({len(busy)} cell{'s' if len(busy) > 1 else ''}, Linux PSI; over "
+    busy = sum(contended(r.cpu_pressure) for r in records)
+    return [f"*: timed while other work held the CPUs: runnable tasks waited for a CPU during up to {share:.0%} of "
+            f"the training time ({busy} cell{'s' if busy > 1 else ''}, Linux PSI; over "
             f"{CONTENDED:.0%} is flagged): those timings are not the cell's alone; rerun on a quiet machine"]
