@@ -86,6 +86,12 @@ def by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
     return out
 
 
+def one_per_config(records: Iterable[Record]) -> list[Record]:
+    """A record per configuration for what does not vary between repeats (memory): its first ok repeat, else its
+    first."""
+    return [next((r for r in rs if r.status is Status.OK), rs[0]) for rs in by_config(records).values()]
+
+
 def final_loss(r: Record) -> float | None:
     """The loss a cell ended at: its final eval loss, else its smoothed training loss; None when it failed."""
     if r.status is not Status.OK:

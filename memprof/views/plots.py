@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
 from memprof.analysis.memory import GROUP_AXES  # noqa: E402
-from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid  # noqa: E402
+from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid, one_per_config  # noqa: E402
 from memprof.config.spec import varying  # noqa: E402
 from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
 from memprof.results.record import Record, Status, StepLog  # noqa: E402
@@ -37,8 +37,9 @@ class Figure:
 PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "trainable_weights": "#17becf",
                 "buffers": "#bcbd22", "gradients": "#9edae5", "optimizer_state": "#1f77b4",
                 "optimizer_state_paged_bytes": "#aec7e8", "activations": "#ff7f0e", "loss_logits": "#d62728",
-                "layer": "#ffbb78", "optimizer_temporaries": "#9467bd", "workspaces": "#8c564b", "input": "#c49c94", "heap_free": "#dbdb8d",
-                "other": "#7f7f7f", "allocator_cache_bytes": "#c7c7c7", "non_pytorch_bytes": "#e377c2"}
+                "layer": "#ffbb78", "optimizer_temporaries": "#9467bd", "workspaces": "#8c564b", "input": "#c49c94",
+                "heap_free": "#dbdb8d", "other": "#7f7f7f", "allocator_cache_bytes": "#c7c7c7",
+                "non_pytorch_bytes": "#e377c2"}
 
 
 def memory_figure(run: Run) -> Figure | None:
@@ -46,8 +47,7 @@ def memory_figure(run: Run) -> Figure | None:
     of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
     CUDA's context) hatched after it. Beside each group its optimizer state alone, on its own scale, so a saving
     that is small against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
-    shown = [next((r for r in rs if r.status is Status.OK), rs[0]) for rs in by_config(run.records).values()]
-    shown = [r for r in shown if r.breakdown]
+    shown = [r for r in one_per_config(run.records) if r.breakdown]
     if not shown:
         return None
     groups: dict[str, list[Record]] = {}
@@ -85,8 +85,8 @@ def memory_figure(run: Run) -> Figure | None:
             _state_bars(row[1], rs, shown)
     if states:
         axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
-    axes[-1, 0].set_xlabel(f"{unit} at the peak ({'allocator' if shown[0].peak_allocated_bytes is not None else 'RSS growth'}"
-                           "; hatched: outside the torch allocator)")
+    measure = "allocator" if shown[0].peak_allocated_bytes is not None else "RSS growth"
+    axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}; hatched: outside the torch allocator)")
     handles = [plt.Rectangle((0, 0), 1, 1, **_style(p)) for p in present]
     columns = 4
     rows = math.ceil(len(present) / columns)

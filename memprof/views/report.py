@@ -10,11 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from memprof.analysis.memory import state_vs_baseline
-from memprof.analysis.report import Run, TableData, by_config, fixed_axes, varying_axes
+from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.results.record import Status
 from memprof.views.tables import NUMBER, human_bytes
 
 STYLE = """
@@ -48,8 +46,7 @@ def memory_table(run: Run) -> TableData:
     cuda = any(r.peak_allocated_bytes is not None for r in run.records)
     paged = any(r.optimizer_state_paged_bytes for r in run.records)
     rows = []
-    for rs in by_config(run.records).values():
-        r = next((r for r in rs if r.status is Status.OK), rs[0])
+    for r in one_per_config(run.records):
         ratio = ratios.get(r.config.index)
         row = [axis.text(r.config) for axis in axes] + [
             r.status.value, human_bytes(r.optimizer_state_bytes), f"{ratio:.2f}×" if ratio is not None else "–"]
@@ -67,8 +64,6 @@ def memory_table(run: Run) -> TableData:
         notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
     return TableData(f"Optimizer state and peak of each configuration ({fixed_axes(run.records)})", columns, rows,
                      notes)
-
-
 
 
 def html_page(run: Run, sections: list[Section]) -> str:
