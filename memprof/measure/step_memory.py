@@ -37,6 +37,11 @@ CUBLAS_WORKSPACE_SM90 = 32 * MiB  # torch's default cuBLAS(+Lt, unified) workspa
 CUBLAS_WORKSPACE_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8  # torch's default elsewhere (:4096:2:16:8)
 
 
+def logit_tokens(tokens: int, loss_chunk: int) -> int:
+    """Tokens whose logits exist at once: a chunk's (the last may be shorter) with ``loss_chunk``, else all."""
+    return min(loss_chunk, tokens) if loss_chunk else tokens
+
+
 @dataclass(frozen=True)
 class StepShape:
     """One micro-batch of one training cell: model config, tokens, dtypes, adapter, kernel and checkpointing."""
@@ -80,8 +85,7 @@ class StepShape:
 
     @property
     def loss_tokens(self) -> int:
-        """Tokens whose logits exist at once: a chunk's (the last may be shorter), else the micro-batch's."""
-        return min(self.loss_chunk, self.tokens) if self.loss_chunk else self.tokens
+        return logit_tokens(self.tokens, self.loss_chunk)
 
     @property
     def fp32_kbit(self) -> bool:

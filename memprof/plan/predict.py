@@ -404,8 +404,8 @@ def _fitted(request: CellConfig, exact: Exact, calibration: Calibration, device:
                           group.activation_max_error))
     # the [tokens, vocab] logits of the loss: with loss_chunk, one chunk's at a time
     chunk = request.levers.loss_chunk
-    logit_tokens = min(tokens, chunk) if chunk else tokens
-    parts.append(Part("temporaries", max(0, group.temporary_bytes(act, logit_tokens, exact.shape.vocab)),
+    logits = step_memory.logit_tokens(tokens, chunk)
+    parts.append(Part("temporaries", max(0, group.temporary_bytes(act, logits, exact.shape.vocab)),
                       fitted + (f", the loss's logits {chunk} tokens at a time" if chunk else ""),
                       group.peak_max_error))
     parts += _sharding(request, exact)
