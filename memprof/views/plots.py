@@ -21,6 +21,7 @@ from memprof.analysis.report import Run, by_config, group_title, label_of, lr_ra
 from memprof.config.spec import varying  # noqa: E402
 from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
 from memprof.results.record import Record, Status, StepLog  # noqa: E402
+from memprof.views.tables import scale_unit  # noqa: E402
 
 DPI = 100
 COLOURS = plt.get_cmap("tab10").colors
@@ -54,7 +55,7 @@ def memory_figure(run: Run) -> Figure | None:
     for r in shown:
         groups.setdefault(group_title(r), []).append(r)
     totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
-    unit, scale = _unit(max(totals))
+    unit, scale = scale_unit(max(totals))
     heights = [0.45 * len(rs) + 0.9 for rs in groups.values()]
     states = len({r.optimizer_state_bytes for r in shown}) > 1  # else the state panel would say nothing
     fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
@@ -102,7 +103,7 @@ def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> None:
     """Each record's optimizer state: what the allocator holds, then its paged part hatched; one scale for all
     groups."""
     most_bytes = max((r.optimizer_state_bytes or 0) for r in shown)
-    unit, scale = _unit(most_bytes)
+    unit, scale = scale_unit(most_bytes)
     most = most_bytes / scale
     for y, r in enumerate(rs):
         state, paged = r.optimizer_state_bytes or 0, r.optimizer_state_paged_bytes or 0
@@ -124,10 +125,6 @@ def _style(part: str) -> dict[str, Any]:
     if part in OUTSIDE:
         return {"facecolor": PART_COLOURS[part], "edgecolor": "#555555", "hatch": "//"}
     return {"facecolor": PART_COLOURS[part], "edgecolor": "white"}
-
-
-def _unit(most: float) -> tuple[str, int]:
-    return ("GiB", 1 << 30) if most >= 1 << 30 else ("MiB", 1 << 20)
 
 
 def _segments(r: Record) -> dict[str, int]:

@@ -26,6 +26,11 @@ STATUS_STYLE = {Status.OK: "green", Status.OOM: "bold red", Status.DIVERGED: "ma
                  Status.TIMEOUT: "yellow", Status.INTERRUPTED: "yellow", Status.UNAVAILABLE: "dim"}
 
 
+def scale_unit(most: float) -> tuple[str, int]:
+    """The unit of a set of sizes whose largest is ``most`` bytes: GiB from 1 GiB up, else MiB (the CPU's peaks)."""
+    return ("GiB", 1 << 30) if most >= 1 << 30 else ("MiB", 1 << 20)
+
+
 def human_bytes(n: int | float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "–"
@@ -171,8 +176,8 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
     ``fold`` of every row's peak share one "small" column; the moment of the peak comes last."""
     records = [r for r in records if r.breakdown]
     axes = varying([r.config for r in records], always=("optimizer",))
-    unit, scale, digits = ("GiB", 1 << 30, 3) if max((r.peak_bytes or 0) for r in records) >= 1 << 30 \
-        else ("MiB", 1 << 20, 1)
+    unit, scale = scale_unit(max((r.peak_bytes or 0) for r in records))
+    digits = 3 if unit == "GiB" else 1
     present = [name for name in PARTS if any(r.breakdown.get(name) for r in records)]
     small = [name for name in present if name != "other"
              and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in records)]
