@@ -15,7 +15,7 @@ from conftest import run_cli
 
 from memprof.analysis import diagnose, report, stats
 from memprof import suite
-from memprof.results.record import Status
+from memprof.results.record import Record, Status
 
 SUITE = """
 [suite]
@@ -191,3 +191,59 @@ def test_the_lr_rank_suite_sweeps_lr_by_rank_on_the_cpu() -> None:
     assert {c.budget.device for c in s.cells} == {"cpu"} and {c.training.data.source for c in s.cells} == {"synthetic"}
     assert sorted({c.adapter.rank for c in s.cells}) == [4, 8, 16, 32]
     assert len({c.training.lr for c in s.cells}) == 5 and len(s.cells) == 20
+
+
+SWEEP = """
+[suite]
+name = "sweep"
+device = "cpu"
+
+[grid]
+model = ["tiny-llama"]
+adapter = ["l4", "l8", "q4", "q8", "l8a"]
+optimizer = ["adamw_torch"]
+lr = [1e-3, 1e-2]
+
+[adapters.l4]
+kind = "lora"
+r = 4
+[adapters.l8]
+kind = "lora"
+r = 8
+[adapters.q4]
+kind = "qlora"
+r = 4
+[adapters.q8]
+kind = "qlora"
+r = 8
+[adapters.l8a]
+kind = "lora"
+r = 8
+alpha = 64
+"""
+
+
+def test_an_lr_sweep_line_is_one_configuration_and_its_best_lr_is_best_lrs(tmp_path: Path) -> None:
+    (tmp_path / "sweep.toml").write_text(SWEEP)
+    cells = suite.load(str(tmp_path / "sweep.toml")).cells
+    # LoRA does best at the low LR, QLoRA at the high one; averaged together (one line per optimizer and rank)
+    # the best LRs would be wrong for both
+    loss = {("lora", 1e-3): 2.0, ("lora", 1e-2): 3.0, ("qlora", 1e-3): 4.0, ("qlora", 1e-2): 1.0}
+    records = [Record(c, final_eval_loss=loss[(c.adapter.kind, c.training.lr)] + c.adapter.rank / 100
+                      + (0.5 if c.adapter.name == "l8a" else 0.0)) for c in cells]
+    run = report.Run(tmp_path, records, {})
+    grid = report.lr_rank_grid(run)
+    assert grid is not None and len(grid) == len({report.lr_group(r) for r in records}) == 5
+    # lora r8 twice (alpha 16 and 64): every adapter is then named in full
+    assert sorted(grid) == [("adamw_torch l4", 4), ("adamw_torch l8", 8), ("adamw_torch l8a", 8),
+                            ("adamw_torch q4", 4), ("adamw_torch q8", 8)]
+    best = report.best_lrs(records)
+    table = report.lr_rank_table(run)
+    assert table is not None and table.columns[0] == "configuration"
+    for row, r in ((row, next(r for r in records if f"adamw_torch {r.config.adapter.name}" == row[0]))
+                   for row in table.rows):
+        assert float(row[-2]) == best[report.lr_group(r)] == (1e-3 if r.config.adapter.kind == "lora" else 1e-2)
+    # without the alpha variant, lines are told apart by the adapter's kind
+    alike = report.Run(tmp_path, [r for r in records if r.config.adapter.name != "l8a"], {})
+    assert sorted(report.lr_rank_grid(alike) or {}) == [("adamw_torch lora", 4), ("adamw_torch lora", 8),
+                                                        ("adamw_torch qlora", 4), ("adamw_torch qlora", 8)]

@@ -1,8 +1,8 @@
 """`memprof report`: the tables and curves of a finished run, rebuilt from its records and per-step CSVs.
 
 Every per-cell figure comes from the Records (the worker measured it). What is computed here is across cells:
-means and 95% confidence intervals over repeats (``memprof.analysis.stats``), the target relative to the best cell of the
-run (as AlgoPerf sets its targets from the best baseline), and the best LR per LoRA rank. Rendering lives in
+means and 95% confidence intervals over repeats (``memprof.analysis.stats``), the target relative to the best cell of
+the run (as AlgoPerf sets its targets from the best baseline), and the best LR per LoRA rank. Rendering lives in
 ``memprof.views.report`` (tables) and ``memprof.views.plots`` (figures).
 """
 
@@ -181,7 +181,8 @@ def target_table(run: Run) -> TableData:
         columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
         notes.insert(0, f"suite target_loss: {suite_target:g}")
     notes += contention_notes(run.records)
-    return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"], rows, notes)
+    return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"],
+                     rows, notes)
 
 
 def _reached(steps: Sequence[int | None]) -> str:
@@ -255,21 +256,44 @@ def remedy(code: str, r: Record, best: dict[str, float]) -> str:
     return "this is the configuration's best LR in the run: train longer, or try LRs beyond the run's grid"
 
 
-def lr_rank_grid(run: Run) -> dict[tuple[str, int], list[tuple[float, float | None]]] | None:
-    """For each (optimizer, LoRA rank): (LR, mean final loss over repeats) at each LR of the run, the loss None
-    where a repeat failed or none ran. None unless the run varies both the rank and the LR."""
+@dataclass(frozen=True)
+class LrPoint:
+    """One LR on a line of an LR sweep: the mean final loss over its repeats (None where one failed or none ran)
+    and the statuses of those that failed."""
+
+    lr: float
+    loss: float | None
+    failed: tuple[str, ...] = ()
+
+
+def lr_rank_grid(run: Run) -> dict[tuple[str, int], list[LrPoint]] | None:
+    """One line per configuration apart from its LR (an ``lr_group``, so a line's best LR is ``best_lrs``'), keyed
+    by (what else varies in the run: the optimizer, any axis but the LR and the adapter, the adapter's kind where
+    kinds vary; LoRA rank), with a point at each LR of the run. None unless the run varies both rank and LR."""
     ranked = [r for r in run.records if r.config.adapter.rank is not None]
-    ranks = sorted({r.config.adapter.rank for r in ranked})
     lrs = sorted({r.config.training.lr for r in ranked})
-    if len(ranks) < 2 or len(lrs) < 2:
+    if len({r.config.adapter.rank for r in ranked}) < 2 or len(lrs) < 2:
         return None
-    grid = {}
-    for optimizer in sorted({r.config.optimizer.label for r in ranked}):
-        for rank in ranks:
-            cells = [r for r in ranked if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank]
-            grid[(optimizer, rank)] = [(lr, _mean([final_loss(r) for r in cells if r.config.training.lr == lr]))
-                                       for lr in lrs]
-    return grid
+    axes = [a for a in varying_axes(ranked) if a.name not in ("lr", "adapter")]
+    lines: dict[str, list[Record]] = {}
+    for r in ranked:
+        lines.setdefault(lr_group(r), []).append(r)
+
+    def keys(adapter: Callable[[Record], list[str]]) -> dict[str, tuple[str, int]]:
+        return {group: (" ".join(_axis_cells(rs[0], axes) + adapter(rs[0])), rs[0].config.adapter.rank)
+                for group, rs in lines.items()}
+
+    kinds = len({r.config.adapter.kind for r in ranked}) > 1
+    key = keys(lambda r: [r.config.adapter.kind] if kinds else [])
+    if len(set(key.values())) < len(key):  # adapters alike in kind and rank (alpha, targets...): named in full
+        key = keys(lambda r: [r.config.adapter.name])
+    return {key[group]: [_point(lr, [r for r in lines[group] if r.config.training.lr == lr]) for lr in lrs]
+            for group in sorted(lines, key=key.__getitem__)}
+
+
+def _point(lr: float, repeats: Sequence[Record]) -> LrPoint:
+    return LrPoint(lr, _mean([final_loss(r) for r in repeats]),
+                   tuple(sorted({r.status.value for r in repeats if r.status is not Status.OK})))
 
 
 def lr_rank_table(run: Run) -> TableData | None:
@@ -277,35 +301,33 @@ def lr_rank_table(run: Run) -> TableData | None:
     grid = lr_rank_grid(run)
     if grid is None:
         return None
-    lrs = [lr for lr, _ in next(iter(grid.values()))]
+    lrs = [point.lr for point in next(iter(grid.values()))]
     rows, best_cells, best_lr = [], set(), {}
-    for (optimizer, rank), points in grid.items():
-        row = [optimizer, str(rank)]
-        for lr, loss in points:
-            failed = {r.status.value for r in run.records
-                      if r.config.optimizer.label == optimizer and r.config.adapter.rank == rank
-                      and r.config.training.lr == lr and r.status is not Status.OK}
-            row.append(f"{loss:.3f}" if loss is not None else ", ".join(sorted(failed)) or "–")
-        present = [(lr, loss) for lr, loss in points if loss is not None]
+    for (line, rank), points in grid.items():
+        row = [line, str(rank)]
+        row += [f"{p.loss:.3f}" if p.loss is not None else ", ".join(p.failed) or "–" for p in points]
+        present = [(p.lr, p.loss) for p in points if p.loss is not None]
         if present:
             lr_star = min(present, key=lambda p: p[1])[0]
-            best_lr[(optimizer, rank)] = lr_star
+            best_lr[(line, rank)] = lr_star
             best_cells.add((len(rows), 2 + lrs.index(lr_star)))
-            base = next(best_lr[k] for k in best_lr if k[0] == optimizer)
+            base = next(best_lr[k] for k in best_lr if k[0] == line)
             row += [f"{lr_star:g}", f"{lr_star / base:.2g}×"]
         else:
             row += ["–", "–"]
         rows.append(row)
     notes = ["cells: final eval loss (else smoothed training loss), mean over repeats; the lowest per rank (marked) "
              "is its best LR, found on this grid only", "best LR vs r_min: over the best LR of the smallest rank"]
-    for optimizer in sorted({o for o, _ in best_lr}):
-        points = [(rank, lr) for (o, rank), lr in best_lr.items() if o == optimizer]
+    for line in sorted({name for name, _ in best_lr}):
+        points = [(rank, lr) for (name, rank), lr in best_lr.items() if name == line]
         slope = _log_slope(points)
         if slope is not None:
-            notes.append(f"{optimizer}: best LR ∝ r^{slope:.2f} (least squares on log-log over {len(points)} ranks; "
+            notes.append(f"{line}: best LR ∝ r^{slope:.2f} (least squares on log-log over {len(points)} ranks; "
                          "0: the LR transfers across ranks, 1: it must scale with r)")
-    return TableData("Best LR per LoRA rank", ["optimizer", "rank"] + [f"lr {lr:g}" for lr in lrs]
-                     + ["best LR", "best LR vs r_min"], rows, notes, best_cells)
+    bare = {name for name, _ in grid} <= {r.config.optimizer.label for r in run.records}
+    columns = ["optimizer" if bare else "configuration", "rank", *(f"lr {lr:g}" for lr in lrs), "best LR",
+               "best LR vs r_min"]
+    return TableData("Best LR per LoRA rank", columns, rows, notes, best_cells)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
