@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cells = suite.cells
     if args.device:
         cells = [c.with_values({"budget.device": args.device}) for c in cells]
+    _budget_on_the_cpu_only(cells, suite.path)
     if args.dry_run:
         from memprof.views.tables import cells_table
 
@@ -161,6 +162,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                       highlight=False, soft_wrap=True)
     code = _compare(baseline, compare.load(outcome.run_dir), args) if baseline is not None else 0
     return EXIT_CELLS_FAILED if failed and not args.allow_failures else code
+
+
+def _budget_on_the_cpu_only(cells: list[CellConfig], source: Path) -> None:
+    """A memory budget caps a worker's address space (``RLIMIT_AS``): it does not bound GPU memory, and a CUDA
+    context reserves far more address space than it uses. A suite that asks for one on the GPU fails here, before
+    any cell runs."""
+    budgeted = [c for c in cells if c.budget.memory_budget_bytes]
+    if not budgeted:
+        return
+    import torch  # device_count asks NVML first: it starts no CUDA context in this process
+
+    if any(c.budget.device == "cuda" or (c.budget.device == "auto" and torch.cuda.device_count() > 0)
+           for c in budgeted):
+        raise UserError(f"{source}: memory_budget_bytes",
+                        "is a CPU budget (the worker's address space), which does not bound GPU memory: on a GPU "
+                        "leave it 0 (`memprof fit --memory-budget` holds trials against a GPU's size), or run with "
+                        "--device cpu")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -83,6 +83,18 @@ def test_cli_reports_a_bad_suite_in_one_line_and_exits_2(tmp_path: Path, capsys:
     assert not (tmp_path / "results").exists()
 
 
+def test_a_memory_budget_on_the_gpu_is_refused_before_any_cell_runs(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace("steps = 3", "steps = 3\nmemory_budget_bytes = 1000000000"))
+    assert run_cli("run", str(path), "--device", "cuda", "--out", str(tmp_path / "results")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: memory_budget_bytes" in err and "CPU budget" in err
+    assert not (tmp_path / "results").exists()
+    # the same suite on the CPU is what the budget is for: it passes the check (and --dry-run stops there)
+    assert run_cli("run", str(path), "--device", "cpu", "--dry-run") == 0
+
+
 def test_dry_run_lists_cells_without_running(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_suite(tmp_path, optimizers='["adamw_torch", "lion_8bit"]')
     assert run_cli("run", str(path), "--dry-run", "--out", str(tmp_path / "results")) == 0
