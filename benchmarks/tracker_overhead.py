@@ -74,10 +74,6 @@ def cpu_stall_us() -> int | None:
 
 def forked(arm: str, cell: CellConfig, log: Path) -> list[float]:
     """``run_arm`` in a child forked from this (import-only, CUDA-clean) process."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in the parent; a forked child could not use the GPU")
     read_fd, write_fd = os.pipe()
 
     def child() -> int:

@@ -23,7 +23,13 @@ def fork(child: Callable[[], int]) -> int:
 
     Forking is safe only before the process computed anything (libgomp is not fork-safe once a parallel op ran)
     and before it initialised CUDA; the zygote and a sharded cell's launcher fork at exactly those moments.
+
+    Raises:
+        RuntimeError: this process initialised CUDA (a forked child could not use the GPU).
     """
+    torch = sys.modules.get("torch")  # a process that never imported torch never initialised CUDA
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in this process; a forked child could not use the GPU")
     parent = os.getpid()
     pid = os.fork()
     if pid:

@@ -93,10 +93,6 @@ def _fork(request: RunCell | CheckModels, timeout_s: float,
         past ``timeout_s`` and was killed.
     """
     global _child_pid, _interrupted
-    import torch
-
-    if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in the zygote; refusing to fork")
     read_fd, write_fd = os.pipe()
     work = _run_cell if isinstance(request, RunCell) else _check_models
 
