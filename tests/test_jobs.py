@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_cli, write_suite
 
 from memprof.results.record import Status
 from memprof.results.store import read_records
+from memprof.run.executor import gpu_names
 from memprof.suite.load import load
 
 QUICK_CELLS = len(load("quick").cells)
@@ -37,3 +39,14 @@ def test_jobs_below_one_is_a_usage_error(tmp_path: Path) -> None:
     suite = write_suite(tmp_path)
     assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--jobs", "0") == 2
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("inherited", "count", "names"), [
+    (None, 0, []), (None, 2, ["0", "1"]), ("2,3", 4, ["2", "3"]), ("GPU-a1, GPU-b2", 2, ["GPU-a1", "GPU-b2"]),
+    ("", 4, []), ("1,-1,0", 4, ["1"]), ("3", 0, []),
+])
+def test_jobs_are_pinned_to_the_gpus_this_process_may_use(inherited: str | None, count: int,
+                                                          names: list[str]) -> None:
+    # an inherited CUDA_VISIBLE_DEVICES is kept (job i gets its i-th entry), read as CUDA reads it; a host where
+    # NVML sees no card pins nothing whatever the variable says
+    assert gpu_names(inherited, count) == names

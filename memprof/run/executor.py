@@ -3,6 +3,7 @@ zygote (``memprof.run.zygote``), speaking ``memprof.run.messages`` with it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import signal
@@ -168,15 +169,29 @@ def threads_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def cuda_device_count() -> int:
-    """GPUs NVML can see (0 without NVML or a GPU); asks no CUDA runtime, so it is safe before forking."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (``gpu_names``); none without NVML or
+    a GPU. Asks no CUDA runtime, so it is safe before forking."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
+        count = int(pynvml.nvmlDeviceGetCount())
     except Exception:  # noqa: BLE001 - no NVML means no GPU to pin
-        return 0
+        return []
+    return gpu_names(os.environ.get("CUDA_VISIBLE_DEVICES"), count)
+
+
+def gpu_names(inherited: str | None, count: int) -> list[str]:
+    """The GPUs a process with ``CUDA_VISIBLE_DEVICES=inherited`` (None: unset) on a host with ``count`` cards may
+    use, named as that variable names them: its entries (indices or UUIDs) up to the first invalid one, as CUDA
+    reads it, else every card's index."""
+    if not count:
+        return []
+    if inherited is None:
+        return [str(i) for i in range(count)]
+    names = (name.strip() for name in inherited.split(","))
+    return list(itertools.takewhile(lambda name: bool(name) and not name.startswith("-"), names))
 
 
 class LocalPool:
@@ -188,18 +203,18 @@ class LocalPool:
     """
 
     def __init__(self, jobs: int = 1, sample_interval_s: float = 0.01) -> None:
-        gpus = cuda_device_count()
-        if gpus and jobs > gpus:
-            raise UserError("--jobs", f"{jobs} jobs but {gpus} GPU(s): cells never share a GPU")
+        gpus = visible_gpus()
+        if gpus and jobs > len(gpus):
+            raise UserError("--jobs", f"{jobs} jobs but {len(gpus)} GPU(s): cells never share a GPU")
         self.jobs = jobs
         self.envs = [self._env(i, gpus) for i in range(jobs)]
         self.executors = [LocalExecutor(sample_interval_s=sample_interval_s, env=env) for env in self.envs]
 
-    def _env(self, index: int, gpus: int) -> dict[str, str]:
+    def _env(self, index: int, gpus: list[str]) -> dict[str, str]:
         if self.jobs == 1:
             return {}
         if gpus:
-            return {"CUDA_VISIBLE_DEVICES": str(index)}
+            return {"CUDA_VISIBLE_DEVICES": gpus[index]}
         return threads_env(max(1, (os.cpu_count() or 1) // self.jobs))
 
     def preflight(self, cells: list[CellConfig]) -> list[Problem]:

@@ -78,7 +78,9 @@ def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_inter
     world_size = cell.levers.parallel.world_size
     cuda = cell.budget.device != "cpu" and torch.cuda.device_count() > 0
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if not cuda:  # the ranks share the cell's cores
+    if cuda:  # NCCL, and whatever later uses the current device (transformers' TrainingArguments), on this card
+        torch.cuda.set_device(device)
+    else:  # the ranks share the cell's cores
         torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=cell.budget.timeout_s))

@@ -6,6 +6,7 @@ what it means in ``TrainingArguments.optim``; schedules go through ``transformer
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import tempfile
@@ -64,7 +65,9 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
         projection = [f"{key}={kwargs.pop(key)}" for key in _PROJECTION_KEYS if key in kwargs]
         low_rank = {"optim_target_modules": kwargs.pop("target_modules", "all-linear"),
                     "optim_args": ",".join(projection) or None}
-    with tempfile.TemporaryDirectory() as out:
+    # TrainingArguments makes cuda:0 the current device outside a launcher: a sharded rank's own card stays current
+    keep = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with keep, tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
                                  use_cpu=device.type == "cpu", **low_rank)
         cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
