@@ -49,9 +49,11 @@ def _errors(records: list[Record], calibration: calibration_mod.Calibration, dev
         row: dict[str, Any] = {"cell": r.key, "moment": predicted.moment or "fallback (fitted)"}
         if device == "cuda":
             row["allocated_error"] = predicted.allocated_bytes / r.peak_allocated_bytes - 1
-            row["total_error"] = predicted.total_bytes / r.nvml_peak_process_used_bytes - 1
-            row["within_uncertainty"] = abs(predicted.total_bytes - r.nvml_peak_process_used_bytes) <= \
-                predicted.uncertainty_bytes
+            # the device's figure where NVML lists processes by host PID (this one is then not found)
+            nvml = r.nvml_peak_process_used_bytes or r.nvml_peak_device_used_bytes
+            if nvml is not None:
+                row["total_error"] = predicted.total_bytes / nvml - 1
+                row["within_uncertainty"] = abs(predicted.total_bytes - nvml) <= predicted.uncertainty_bytes
         else:
             row["allocated_error"] = predicted.allocated_bytes / r.peak_rss_delta_bytes - 1
             row["error_bytes"] = predicted.allocated_bytes - r.peak_rss_delta_bytes
@@ -61,6 +63,8 @@ def _errors(records: list[Record], calibration: calibration_mod.Calibration, dev
 
 def _summary(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     errors = [abs(row[key]) for row in rows if key in row]
+    if not errors:  # no NVML figure in these cells
+        return {"median": math.nan, "max": math.nan, "cells": 0}
     return {"median": statistics.median(errors), "max": max(errors), "cells": len(errors)}
 
 
@@ -95,7 +99,7 @@ def measure(runs: list[Path], cpu: bool) -> dict[str, Any]:
         raise SystemExit(f"no ok CUDA cells in {', '.join(map(str, runs))}")
     result["gpu"] = {"rows": all_rows, "allocated": _summary(all_rows, "allocated_error"),
                      "total": _summary(all_rows, "total_error"),
-                     "within_uncertainty": sum(r["within_uncertainty"] for r in all_rows)}
+                     "within_uncertainty": sum(r.get("within_uncertainty", False) for r in all_rows)}
     for predict_on in runs if len(runs) > 1 else []:
         fit_on = [run for run in runs if run != predict_on]
         device = fit_device(fit_on)
@@ -139,8 +143,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"The measured NVML peak lies within the plan's stated uncertainty in {gpu['within_uncertainty']} "
               f"of {gpu['total']['cells']} GPU cells.", "", "## GPU cells", "",
               "| cell | peak at | allocator peak error | total error |", "|---|---|---:|---:|"]
-    lines += [f"| `{row['cell']}` | {row['moment']} | {row['allocated_error']:+.2%} | {row['total_error']:+.2%} |"
-              for row in gpu["rows"]]
+    lines += [f"| `{row['cell']}` | {row['moment']} | {row['allocated_error']:+.2%} | "
+              + (f"{row['total_error']:+.2%} |" if "total_error" in row else "— |") for row in gpu["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-def open_nvml(index: int, uuid: str | None = None) -> tuple[Callable[[], tuple[int, int | None]], str] | None:
+def open_nvml(index: int, uuid: str | None = None) -> tuple[Callable[[], tuple[int | None, int | None]], str] | None:
     """A reader of (device used bytes, this process's used bytes or None) and the device name, or None. NVML numbers
     the cards ignoring ``CUDA_VISIBLE_DEVICES`` (each job of ``--jobs`` sees its own card as cuda:0), so the card
     is found by ``uuid`` (torch's ``get_device_properties(...).uuid``) where given, by ``index`` otherwise."""
@@ -23,16 +23,24 @@ def open_nvml(index: int, uuid: str | None = None) -> tuple[Callable[[], tuple[i
         if handle is None:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
+        pynvml.nvmlDeviceGetMemoryInfo(handle)  # a card whose memory NVML cannot read is no card to sample
     except Exception:  # noqa: BLE001 - any NVML failure means "no NVML here"
         return None
     pid = os.getpid()
 
-    def read() -> tuple[int, int | None]:
-        used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == pid and proc.usedGpuMemory is not None:
-                return used, int(proc.usedGpuMemory)
-        return used, None
+    def read() -> tuple[int | None, int | None]:
+        """Never raises: a sample NVML cannot take (an error mid-run, a process list some vGPU and MIG set-ups do
+        not give) leaves its column empty, and the cell goes on."""
+        try:
+            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        except pynvml.NVMLError:
+            return None, None
+        try:
+            processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except pynvml.NVMLError:
+            return used, None
+        return used, next((int(p.usedGpuMemory) for p in processes if p.pid == pid and p.usedGpuMemory is not None),
+                          None)
 
     return read, name if isinstance(name, str) else name.decode()
 
