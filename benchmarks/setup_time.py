@@ -7,7 +7,8 @@ Cases, on the CPU:
   each, the host being shared;
 - Llama-3.1-8B QLoRA, batch 1 x 64 (benchmarks/setup_time_8b.toml), built and trained 2 steps through
   ``memprof.run.launch.run_cell``, to show it fits this host: without and with gradient checkpointing, each under
-  glibc's default malloc and with its mmap threshold fixed at 1 MiB (``GLIBC_TUNABLES``);
+  glibc's default malloc and with its mmap threshold fixed at 1 MiB (``GLIBC_TUNABLES``); and the checkpointed
+  cell trained by memprof's loop with nothing observing it, to tell what the harness adds;
 - transformers' own loader (``from_pretrained`` with a ``BitsAndBytesConfig``, memprof's route for a local
   checkpoint) on saved small-llama and 1B checkpoints, beside memprof's build of the same model;
 - what initialising the 1B's weights costs each way, one thread as memprof.train.materialize runs: allocating and
@@ -47,9 +48,11 @@ SLACK = {"llama-3.2-1b qlora": 1.0 * GB}
 SLACK_8B = 1.5 * GB
 FIXED_MMAP = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}
 # the 8B cases: the suite's cell (checkpointing off, on) and the environment it runs under
-EIGHT_B = {"checkpointing off": (0, {}), "checkpointing on": (1, {}),
-           "checkpointing off, mmap threshold 1 MiB": (0, FIXED_MMAP),
-           "checkpointing on, mmap threshold 1 MiB": (1, FIXED_MMAP)}
+# (cell index, environment, case: "run" through memprof's worker path, "plain" with nothing observing)
+EIGHT_B = {"checkpointing off": (0, {}, "run"), "checkpointing on": (1, {}, "run"),
+           "checkpointing off, mmap threshold 1 MiB": (0, FIXED_MMAP, "run"),
+           "checkpointing on, mmap threshold 1 MiB": (1, FIXED_MMAP, "run"),
+           "checkpointing on, no trackers (plain loop)": (1, {}, "plain")}
 TIME_TARGET_S = {"llama-3.2-1b lora": 3.0, "llama-3.2-1b qlora": 5.0}
 # small-llama as asked; its 24 MB of weights are near a process's noise, so also the 1B
 CHECKPOINTS = ("small-llama", "llama-3.2-1b")
@@ -152,6 +155,37 @@ def _run(cell: str) -> dict[str, Any]:
             # the setup's own peak: memprof's 10 ms RSS samples until the first step; anonymous RSS is sampled
             # over the whole case only
             "peak_rss_bytes": max(row["rss_bytes"] for row in result.timeline if row["phase"] == "setup"),
+            "peak_rss_anon_bytes": None}
+
+
+def _plain(cell: str) -> dict[str, Any]:
+    """A suite's cell (``FILE#INDEX``) built as memprof builds it and trained by memprof's loop with nothing
+    observing it (``NullProbe``: no trackers, no snapshots), as a user's own loop runs: its high-water mark and
+    glibc's free heap at its highest RSS sample, beside ``_run``'s, tell what the harness adds."""
+    import torch
+
+    from memprof import suite
+    from memprof.measure.readings import memory_sources
+    from memprof.measure.sampler import Sampler
+    from memprof.train.loop import NullProbe
+    from memprof.train.training import Training
+
+    suite_file, index = cell.rsplit("#", 1)
+    config = suite.load(suite_file).cells[int(index)]
+    sampler = Sampler(memory_sources(torch.device("cpu")).sources, 0.01)
+    with sampler:
+        t0 = time.perf_counter()
+        built = Training(config, torch.device("cpu")).build()
+        setup_s = time.perf_counter() - t0
+        sampler.mark(0, "training")
+        logs = built.train(NullProbe())
+    highest = max(sampler.timeline, key=lambda row: row["rss_bytes"])
+    return {"setup_s": setup_s, "status": "ok", **_bytes(built.model), "losses": [log.loss for log in logs],
+            "step_time_s": [log.step_time_s for log in logs],
+            "gradient_checkpointing": config.levers.gradient_checkpointing,
+            "heap_free_at_highest_sample_bytes": highest.get("heap_free_bytes"),
+            "highest_sample_phase": str(highest["phase"]), "malloc": os.environ.get("GLIBC_TUNABLES", "default"),
+            "peak_rss_bytes": max(row["rss_bytes"] for row in sampler.timeline if row["phase"] == "setup"),
             "peak_rss_anon_bytes": None}
 
 
@@ -265,7 +299,7 @@ def _kbit_cast(preset: str) -> dict[str, Any]:
             "rss_peak_cast_bytes": _status_bytes("VmHWM"), "rss_after_cast_bytes": _status_bytes("VmRSS")}
 
 
-CASES = {"build": _build, "run": _run, "save": _save, "init": _init_cost, "kbit": _kbit_cast,
+CASES = {"build": _build, "run": _run, "plain": _plain, "save": _save, "init": _init_cost, "kbit": _kbit_cast,
          "pretrained": lambda checkpoint: _load_4bit(checkpoint, pretrained=True),
          "materialized": lambda checkpoint: _load_4bit(checkpoint, pretrained=False)}
 
@@ -309,8 +343,8 @@ def measure(source: Path, label: str, skip_8b: bool, repeats: int, partial: Part
     if not skip_8b:
         cases["llama-3.1-8b qlora"] = {
             name: partial.get(f"{label} run 8b {name}",
-                              lambda i=index, e=extra: run_case(source, "run", f"{SUITE_8B}#{i}", e))
-            for name, (index, extra) in EIGHT_B.items()}
+                              lambda i=index, e=extra, c=case: run_case(source, c, f"{SUITE_8B}#{i}", e))
+            for name, (index, extra, case) in EIGHT_B.items()}
     return cases
 
 
@@ -425,9 +459,10 @@ def _parts(label: str, name: str, f: dict[str, Any]) -> str:
 def _eight_b(cases: dict[str, dict[str, Any]]) -> list[str]:
     """The 8B cell's table: setup, the setup's and the whole run's peaks against the target, per case."""
     lines = ["", ("Llama-3.1-8B QLoRA (benchmarks/setup_time_8b.toml: r=16 all-linear, adamw_torch, b1 x 64, 2 steps) "
-                  "through `run_cell`, one fresh process per case. Setup peak: memprof's 10 ms RSS samples until the "
-                  "first step; whole run: the process's high-water mark (VmHWM), imports included; heap free: "
-                  "glibc's free heap (mallinfo2) at the highest RSS sample."), "",
+                  "through `run_cell` (the plain loop: built the same way, trained with nothing observing it), one "
+                  "fresh process per case. Setup peak: memprof's 10 ms RSS samples until the first step; whole run: "
+                  "the process's high-water mark (VmHWM), imports included; heap free: glibc's free heap (mallinfo2) "
+                  "at the highest RSS sample."), "",
              ("| case | malloc | setup | setup peak | whole-run peak | highest sample in | heap free there | "
               "frozen + trainable | losses | step times | whole run ≤ frozen + trainable + 1.5 GB |"),
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | --- |"]
