@@ -51,6 +51,8 @@ def materialize(model: PreTrainedModel, device: torch.device, frozen: bool,
     with _one_thread(device), init.patched() if init else _nothing():
         for module in four_bit:
             _four_bit(model, module, init)
+            if device.type == "cpu":  # its temporaries (block picks, absmax) freed between the blocks it keeps
+                _return_freed_heap()
         # Tie targets (the output head of a tied-embedding model) stay on meta until tied: a copy would be
         # allocated and initialised only to be thrown away; initialising a meta tensor is a no-op.
         targets = set(model.all_tied_weights_keys)
