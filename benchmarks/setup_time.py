@@ -34,7 +34,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,22 +89,42 @@ def work(case: str, arg: str) -> dict[str, Any]:
     high-water mark also counts file pages mapped in (a safetensors checkpoint), which the kernel can drop."""
     import resource
 
-    from memprof.measure.host import rss_bytes
-    from memprof.measure.sampler import Sampler, Source
     from memprof.run.zygote import preload
 
     preload()
     out: dict[str, Any] = {"loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
-                           "rss_before_bytes": rss_bytes()}
-    sampler = Sampler([Source(("rss_anon_bytes",), lambda: (_status_bytes("RssAnon"),))], 0.01)
-    with sampler:
+                           "rss_before_bytes": _status_bytes("VmRSS")}
+    with _Highest(lambda: _status_bytes("RssAnon")) as anon:
         out.update(CASES[case](arg))
     out.update(ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-               vm_hwm_bytes=_status_bytes("VmHWM"), case_peak_rss_anon_bytes=sampler.peaks["rss_anon_bytes"],
+               vm_hwm_bytes=_status_bytes("VmHWM"), case_peak_rss_anon_bytes=anon.value,
                loadavg_after=Path("/proc/loadavg").read_text().split()[:3])
     out.setdefault("peak_rss_bytes", out["vm_hwm_bytes"])
     out.setdefault("peak_rss_anon_bytes", out["case_peak_rss_anon_bytes"])
     return out
+
+
+class _Highest:
+    """The highest value ``read()`` gave, read every 10 ms on a thread of its own while the block runs. This
+    script's own sampler, not memprof's: it runs against any revision's memprof (``--before``)."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read, self.value = read, read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.value = max(self.value, self.read())
+
+    def __enter__(self) -> _Highest:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.value = max(self.value, self.read())
 
 
 def _timed(owner: Any, name: str, times: dict[str, float]) -> None:
