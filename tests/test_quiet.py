@@ -4,11 +4,13 @@ memprof they are there (so the test can fail)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 SCRIPT = """
 import importlib.abc, importlib.machinery, sys
@@ -56,3 +58,18 @@ def test_memprof_silences_exactly_the_library_noise(avx512bf16: bool) -> None:
     assert present == (list(NOISE) if avx512bf16 else list(NOISE[1:])), bare[-2000:]
     quiet = _stderr(with_memprof=True, avx512bf16=avx512bf16)
     assert not [n for n in NOISE if n in quiet], quiet[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed (memprof[torchao])")
+@pytest.mark.skipif(torch.version.cuda is not None, reason="the CUDA kernels' load failure is a CPU-only torch's")
+def test_torchao_on_a_cpu_only_torch_loads_quietly_under_memprof() -> None:
+    # peft imports torchao where it is installed; on a CPU build of torch torchao cannot load its CUDA kernels and
+    # says so, and torch says torchao registers enums it no longer needs to: neither is about the run
+    noise = ("Failed to load", "is an Enum subclass")
+    script = "if {with_memprof}:\n    import memprof\nimport peft"
+    runs = {with_memprof: subprocess.run([sys.executable, "-c", script.format(with_memprof=with_memprof)],
+                                         capture_output=True, text=True, timeout=120)
+            for with_memprof in (False, True)}
+    assert all(proc.returncode == 0 for proc in runs.values()), runs[True].stderr[-2000:]
+    assert all(n in runs[False].stderr for n in noise), runs[False].stderr[-2000:]
+    assert not [n for n in noise if n in runs[True].stderr], runs[True].stderr[-2000:]
