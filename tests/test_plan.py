@@ -197,8 +197,12 @@ def test_plan_suite_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     plans = _plan_json(str(suite_path), "--gpu", "24GB", capsys=capsys)
     assert len(plans) == 7 + 6  # the measured cells, and batch 64 for the six configurations without a rule
     assert run_cli("plan", str(suite_path), "--gpu", "24GB", "40GB") == 0
-    text = capsys.readouterr().out
-    assert "paged_adamw_8bit" in text and "b64" in text and "✓" in text
+    text = " ".join(capsys.readouterr().out.split())
+    assert "paged_adamw_8bit" in text and "b64" in text and "✓" in text and "predicted peak on a GPU" in text
+    # planned for the CPU, the table speaks of RSS and memory sizes, not of a card and its paging
+    assert run_cli("plan", str(suite_path), "--device", "cpu", "--gpu", "24GB") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "RSS growth of a CPU run" in text and "per memory size (24GB)" in text and "GPU" not in text
 
 
 def test_more_tokens_never_plan_less() -> None:

@@ -66,7 +66,8 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     table = Table(title="fits?", title_justify="left", header_style="bold",
                   caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
                           "moves to host memory when the card is full" if paged else None, caption_justify="left")
-    for name in ("GPU", "capacity", "needed" if paged else "total", "headroom", "headroom %", "fits",
+    for name in ("GPU" if plan.device == "cuda" else "memory", "capacity", "needed" if paged else "total",
+                 "headroom", "headroom %", "fits",
                  f"max batch @ s{r.shape.seq_len}", f"max seq @ b{r.shape.batch_size}"):
         table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
     for v in verdicts:
@@ -97,10 +98,12 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
             rows.setdefault((r.model.name, r.adapter.name, r.optimizer.label), {})[r.shape.batch_size] = i
         title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
                  + (f" {levers}" if levers else ""))
+        what = ("predicted peak on a GPU (paged optimizer state left out: the driver moves it to host memory when "
+                "the card is full); per GPU" if plans[members[0]].device == "cuda" else
+                "predicted RSS growth of a CPU run over its worker's start; per memory size")
         table = Table(title=title, title_justify="left", header_style="bold",
-                      caption="predicted peak on a GPU (paged optimizer state left out: the driver moves it to host "
-                              f"memory when the card is full); per GPU ({' '.join(g.name for g in gpus)}): ✓ fits "
-                              "even at the plan's worst, ✗ does not fit even at its best, ? borderline",
+                      caption=f"{what} ({' '.join(g.name for g in gpus)}): ✓ fits even at the plan's worst, ✗ does "
+                              "not fit even at its best, ? borderline",
                       caption_justify="left")
         for name in ("model", "adapter", "optimizer"):
             table.add_column(name)
