@@ -214,14 +214,16 @@ def lr_sweep_figure(run: Run) -> Figure | None:
     if grid is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=DPI)
-    for colour, ((line, rank), points) in zip(itertools.cycle(COLOURS), grid.items()):
+    for index, (colour, ((line, rank), points)) in enumerate(zip(itertools.cycle(COLOURS), grid.items())):
         present = [(p.lr, p.loss) for p in points if p.loss is not None]
         if not present:
             continue
         lrs, losses = zip(*present)
         ax.plot(lrs, losses, "o-", color=colour, label=f"{line} r={rank}")
         best = min(present, key=lambda p: p[1])
-        ax.plot(*best, "*", color=colour, markersize=16, markeredgecolor="black")
+        # each later star smaller and on top: lines whose best LRs and losses coincide show every star, nested
+        ax.plot(*best, "*", color=colour, markersize=max(7, 18 - 3 * index), markeredgecolor="black",
+                zorder=3 + index)
     ax.set_xscale("log")
     lrs = sorted({p.lr for points in grid.values() for p in points})
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
