@@ -270,3 +270,11 @@ def test_a_cpu_plan_reads_plainly(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"\(\d+\.\d M params, 0\.1 M trainable\)", shown), shown[:300]
     assert "not the torch allocator's" not in shown and "headroom %" in shown
     assert "seq_len 2,048 is beyond its max_position_embeddings (1,024)" in shown
+    from memprof.plan import gpus
+    from memprof.views.plan import verdict_table
+
+    request = plan.cell_from_flags("tiny-llama", "lora", batch_size=1, seq_len=64, precision="fp32")
+    (cpu_plan,) = plan.plan_requests([request], calibration.load(), "cpu")
+    size = gpus.parse_gpu("24GB")
+    first = verdict_table(cpu_plan, [plan.verdict(cpu_plan, size, calibration.load())]).columns[0]
+    assert (first.header, first.justify) == ("memory", "left")  # the sizes' column, left as the GPU names' is

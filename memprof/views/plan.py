@@ -66,10 +66,10 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     table = Table(title="fits?", title_justify="left", header_style="bold",
                   caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
                           "moves to host memory when the card is full" if paged else None, caption_justify="left")
-    for name in ("GPU" if plan.device == "cuda" else "memory", "capacity", "needed" if paged else "total",
-                 "headroom", "headroom %", "fits",
+    first = "GPU" if plan.device == "cuda" else "memory"
+    for name in (first, "capacity", "needed" if paged else "total", "headroom", "headroom %", "fits",
                  f"max batch @ s{r.shape.seq_len}", f"max seq @ b{r.shape.batch_size}"):
-        table.add_column(name, justify="left" if name in ("GPU", "fits") else "right")
+        table.add_column(name, justify="left" if name in (first, "fits") else "right")
     for v in verdicts:
         fits = {"yes": "[green]yes[/]", "no": "[bold red]no[/]", "borderline": "[yellow]borderline[/]"}[v.answer]
         if not plan.complete:
