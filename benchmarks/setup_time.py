@@ -167,16 +167,22 @@ def _run(cell: str) -> dict[str, Any]:
     suite_file, index = cell.rsplit("#", 1)
     result = run_cell(suite.load(suite_file).cells[int(index)])
     r = result.record
-    highest = max(result.timeline, key=lambda row: row["rss_bytes"])
     return {"setup_s": r.setup_s, "status": r.status.value, "error": r.error, "frozen_bytes": r.frozen_weight_bytes,
             "trainable_bytes": r.trainable_weight_bytes, "base_bf16_bytes": 2 * (r.total_params - r.trainable_params),
             "losses": [s["loss"] for s in result.steps], "step_time_s": [s["step_time_s"] for s in result.steps],
             "record_peak_rss_bytes": r.peak_rss_bytes, "gradient_checkpointing": r.config.levers.gradient_checkpointing,
-            "heap_free_at_highest_sample_bytes": highest.get("heap_free_bytes"), "highest_sample_phase":
-            f"{highest['phase']}@{highest['step']}", "malloc": os.environ.get("GLIBC_TUNABLES", "default"),
-            # the setup's own peak: memprof's 10 ms RSS samples until the first step; anonymous RSS is sampled
-            # over the whole case only
-            "peak_rss_bytes": max(row["rss_bytes"] for row in result.timeline if row["phase"] == "setup"),
+            **_timeline_figures(result.timeline)}
+
+
+def _timeline_figures(timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an 8B case's RSS samples (memprof's Sampler rows) say: the setup's own peak (the samples until the first
+    step; anonymous RSS is sampled over the whole case only), and where the highest sample fell, with glibc's free
+    heap there, under this process's malloc settings."""
+    highest = max(timeline, key=lambda row: row["rss_bytes"])
+    return {"heap_free_at_highest_sample_bytes": highest.get("heap_free_bytes"),
+            "highest_sample_phase": f"{highest['phase']}" + (f"@{highest['step']}" if highest["step"] >= 0 else ""),
+            "malloc": os.environ.get("GLIBC_TUNABLES", "default"),
+            "peak_rss_bytes": max(row["rss_bytes"] for row in timeline if row["phase"] == "setup"),
             "peak_rss_anon_bytes": None}
 
 
@@ -199,16 +205,11 @@ def _plain(cell: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         built = Training(config, torch.device("cpu")).build()
         setup_s = time.perf_counter() - t0
-        sampler.mark(0, "training")
+        sampler.mark(-1, "training")  # no step to name: the plain loop tells the sampler nothing
         logs = built.train(NullProbe())
-    highest = max(sampler.timeline, key=lambda row: row["rss_bytes"])
     return {"setup_s": setup_s, "status": "ok", **_bytes(built.model), "losses": [log.loss for log in logs],
             "step_time_s": [log.step_time_s for log in logs],
-            "gradient_checkpointing": config.levers.gradient_checkpointing,
-            "heap_free_at_highest_sample_bytes": highest.get("heap_free_bytes"),
-            "highest_sample_phase": str(highest["phase"]), "malloc": os.environ.get("GLIBC_TUNABLES", "default"),
-            "peak_rss_bytes": max(row["rss_bytes"] for row in sampler.timeline if row["phase"] == "setup"),
-            "peak_rss_anon_bytes": None}
+            "gradient_checkpointing": config.levers.gradient_checkpointing, **_timeline_figures(sampler.timeline)}
 
 
 def _load_4bit(checkpoint: str, pretrained: bool) -> dict[str, Any]:
