@@ -24,8 +24,9 @@ For QLoRA the parameters that are not 4-bit (embeddings, norms, the head) may be
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -178,9 +179,15 @@ def _return_freed_heap() -> None:
     """Hand the C heap's free pages back to the OS. glibc keeps freed blocks below its (self-raising, up to 32 MiB)
     mmap threshold in the heap, interleaved with the tensors kept: without this a CPU build's temporaries stay in
     its RSS. A no-op where the C library has no ``malloc_trim`` (not glibc)."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (a build calls it after every 4-bit linear), or None."""
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def _empty_like(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
