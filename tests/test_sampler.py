@@ -36,6 +36,20 @@ def test_a_slow_source_is_read_at_its_period_and_at_both_ends() -> None:
     assert sampler.peaks == {"fast": reads["fast"], "slow": 101, "never": None}
 
 
+def test_a_source_with_a_due_check_is_read_only_when_it_says_so_besides_both_ends() -> None:
+    asked, reads = itertools.count(), itertools.count(1)
+    due_at = {3, 4, 9}  # the calls of due() that answer True
+
+    sampler = Sampler([Source(("watched",), lambda: (next(reads),), due=lambda: next(asked) in due_at)],
+                      interval_s=0.001)
+    for _ in range(12):  # the samples between the first and the last, taken by hand: no thread's timing involved
+        sampler.sample()
+    sampler.sample(every_source=True)
+    values = [row["watched"] for row in sampler.timeline]
+    assert values == [None, None, None, 1, 2, None, None, None, None, 3, None, None, 4]
+    assert sampler.peaks == {"watched": 4}
+
+
 def test_a_sample_is_labelled_with_the_phase_its_reading_ended_in() -> None:
     """A read can wait for the GIL while the training thread moves into the next phase and grows there: the value
     belongs to the phase the read ended in, not to the one before it."""
@@ -58,3 +72,21 @@ def test_on_the_cpu_only_host_memory_is_sampled() -> None:
         time.sleep(0.03)
     assert sampler.peaks["rss_bytes"] > 0 and all(row["rss_bytes"] for row in sampler.timeline)
     assert not glibc or all(row["heap_free_bytes"] is not None for row in sampler.timeline)
+
+
+def test_nvml_is_due_when_the_allocators_reserved_bytes_move_or_after_a_long_idle(monkeypatch) -> None:
+    import torch
+
+    from memprof.measure import readings
+    from memprof.measure.allocator import CudaAllocator
+
+    allocator = CudaAllocator(torch.device("cuda", 0))  # made without touching CUDA: only its last reading is used
+    due = readings._reserved_moved(allocator)
+    answers = [due()]
+    allocator.last_reserved = 2 << 20
+    answers += [due(), due()]
+    allocator.last_reserved = 4 << 20
+    answers += [due(), due()]
+    monkeypatch.setattr(readings, "NVML_IDLE_S", 0.0)
+    answers += [due()]
+    assert answers == [True, True, False, True, False, True]

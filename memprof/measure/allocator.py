@@ -32,6 +32,7 @@ class CudaAllocator:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peaks = AllocatorPeaks()
+        self.last_reserved = 0  # what ``current`` last read
 
     def __enter__(self) -> CudaAllocator:
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -74,4 +75,5 @@ class CudaAllocator:
         stats = torch.cuda.memory_stats_as_nested_dict(self.device)
         if not stats:
             return 0, 0
-        return stats["allocated_bytes"]["all"]["current"], stats["reserved_bytes"]["all"]["current"]
+        self.last_reserved = stats["reserved_bytes"]["all"]["current"]
+        return stats["allocated_bytes"]["all"]["current"], self.last_reserved

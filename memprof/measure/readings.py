@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import resource
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ from memprof.measure.host import heap_free_bytes, rss_bytes
 from memprof.measure.nvml import open_nvml
 from memprof.measure.sampler import Sampler, Source
 
-NVML_PERIOD_S = 0.1  # NVML reads are driver round trips: ten a second (the allocator's peaks are exact anyway)
+NVML_PERIOD_S = 0.1  # NVML reads are driver round trips: at most ten a second (the allocator's peaks are exact anyway)
+NVML_IDLE_S = 5.0  # and while the allocator's reserved bytes stand still, one every this many seconds
 
 
 @dataclass
@@ -37,8 +39,9 @@ def memory_sources(device: torch.device) -> MemorySources:
     """Host RSS everywhere; on CUDA also the allocator's current figures and NVML's (when NVML answers).
 
     The per-sample reads are the cheap ones: one ``/proc/self/statm`` read and one read of the allocator's counters.
-    NVML is read every ``NVML_PERIOD_S``: what it reports moves when the caching allocator reserves or frees a segment
-    (rarely, after the first step) and the last sample, taken after training while the cache is still held, sees the
+    What NVML reports moves when the caching allocator reserves or frees a segment (rarely, after the first step), so
+    it is read when the reserved bytes moved (at most every ``NVML_PERIOD_S``), else every ``NVML_IDLE_S`` for
+    memory allocated outside PyTorch; the last sample, taken after training while the cache is still held, sees the
     highest figure of a run whose cache only grew.
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
@@ -51,8 +54,25 @@ def memory_sources(device: torch.device) -> MemorySources:
                                                                          allocator.current)], allocator)
     nvml = open_nvml(device.index or 0, str(getattr(torch.cuda.get_device_properties(device), "uuid", "") or ""))
     if nvml is not None:
-        out.sources.append(Source(("nvml_device_used_bytes", "nvml_process_used_bytes"), nvml[0], NVML_PERIOD_S))
+        out.sources.append(Source(("nvml_device_used_bytes", "nvml_process_used_bytes"), nvml[0], NVML_PERIOD_S,
+                                  _reserved_moved(allocator)))
     return out
+
+
+def _reserved_moved(allocator: CudaAllocator) -> Callable[[], bool]:
+    """True when the allocator's reserved bytes (as its source last read them) moved since this last answered True,
+    or ``NVML_IDLE_S`` passed since then."""
+    seen, at = -1, -math.inf
+
+    def due() -> bool:
+        nonlocal seen, at
+        now = time.perf_counter()
+        if allocator.last_reserved == seen and now - at < NVML_IDLE_S:
+            return False
+        seen, at = allocator.last_reserved, now
+        return True
+
+    return due
 
 
 def _rss_and_heap_at_highs() -> Callable[[], tuple[int, int | None]]:

@@ -16,12 +16,14 @@ from types import TracebackType
 
 @dataclass(frozen=True)
 class Source:
-    """Figures read by one call, in ``columns`` order; read at most once per ``period_s`` (0: at every sample) and
-    always at the first and last sample. A sample that skips a source leaves its columns None in that row."""
+    """Figures read by one call, in ``columns`` order; read at most once per ``period_s`` (0: at every sample), and
+    where ``due`` is given only when it answers True (what the source measures may have moved), but always at the
+    first and last sample. A sample that skips a source leaves its columns None in that row."""
 
     columns: tuple[str, ...]
     read: Callable[[], Sequence[int | None]]
     period_s: float = 0.0
+    due: Callable[[], bool] | None = None
 
 
 class Sampler:
@@ -45,7 +47,8 @@ class Sampler:
         now = time.perf_counter()
         row: dict[str, float | int | str | None] = {"t_s": now - self._t0, "step": None, "phase": None}
         for i, source in enumerate(self.sources):
-            if not every_source and now - self._last_read[i] < source.period_s:
+            if not every_source and (now - self._last_read[i] < source.period_s
+                                     or (source.due is not None and not source.due())):
                 row.update(dict.fromkeys(source.columns))
                 continue
             self._last_read[i] = now
