@@ -1,0 +1,174 @@
+"""What each memory source of memprof's background sampler costs a training step, source by source, inside one
+process: blocks of steps of one cell, each block under one sampling variant, the variants rotated from round to
+round so that a drifting machine falls on all of them alike. Beside it, each source's read time, taken in the
+sampler's thread while the cell trains. ``tracker_overhead.py`` measures the trackers as a whole; this says which
+part of them costs.
+
+Variants: ``bare`` (no sampler), each source alone at the sampler's 10 ms interval (and its own period), and
+``shipped`` (what ``memprof.measure.readings.memory_sources`` samples). On CUDA the sources are host RSS, the
+allocator's counters, NVML as the sampler read it before (both figures every 100 ms) and each of NVML's two calls
+alone; on the CPU host RSS only. Per variant: the median step time over its blocks (each block's first step left
+out, and the whole first round) and the median over rounds of its block median over the bare block's of that round.
+
+    python benchmarks/sampler_cost.py --suite reference --device cuda --rounds 6 --block 8 --out DIR   # a GPU host
+    python benchmarks/sampler_cost.py --suite quick --device cpu --rounds 3 --block 4 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memprof import suite
+from memprof.measure.allocator import CudaAllocator
+from memprof.measure.host import rss_bytes
+from memprof.measure.readings import NVML_PERIOD_S, memory_sources
+from memprof.measure.sampler import Sampler, Source
+from memprof.results import env
+from memprof.train.loop import NullProbe, train
+from memprof.train.training import Training, resolve_device
+
+INTERVAL_S = 0.01  # the sampler's interval in memprof.run.launch.run_cell
+
+
+def timed(source: Source, reads: list[float]) -> Source:
+    """``source`` with each read's duration appended to ``reads``."""
+    def read() -> Sequence[int | None]:
+        t0 = time.perf_counter()
+        out = source.read()
+        reads.append(time.perf_counter() - t0)
+        return out
+
+    return Source(source.columns, read, source.period_s, source.due)
+
+
+def nvml_calls(device: torch.device) -> dict[str, Source]:
+    """NVML as the sampler read it before (both calls every 100 ms) and each call alone; none without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except Exception:  # noqa: BLE001 - no NVML: no NVML variants
+        return {}
+
+    def memory() -> tuple[int]:
+        return (int(pynvml.nvmlDeviceGetMemoryInfo(handle).used),)
+
+    def processes() -> tuple[int]:
+        return (len(pynvml.nvmlDeviceGetComputeRunningProcesses(handle)),)
+
+    return {"nvml both @100ms": Source(("used", "processes"), lambda: memory() + processes(), NVML_PERIOD_S),
+            "nvml memory @100ms": Source(("used",), memory, NVML_PERIOD_S),
+            "nvml processes @100ms": Source(("processes",), processes, NVML_PERIOD_S)}
+
+
+def variants(device: torch.device) -> dict[str, list[Source]]:
+    out: dict[str, list[Source]] = {"bare": [], "rss": [Source(("rss_bytes",), lambda: (rss_bytes(),))]}
+    if device.type == "cuda":
+        out["allocator"] = [Source(("allocated_bytes", "reserved_bytes"), CudaAllocator(device).current)]
+        out.update({name: [source] for name, source in nvml_calls(device).items()})
+    out["shipped"] = memory_sources(device).sources
+    return out
+
+
+def block(built: Training, steps: int, sources: list[Source], reads: list[float]) -> list[float]:
+    """Step times of ``steps`` steps with a sampler over ``sources`` (none: no sampler), the first left out."""
+    sampler = Sampler([timed(s, reads) for s in sources], INTERVAL_S) if sources else nullcontext()
+    with sampler:
+        logs = train(built.model, built.optimizer, None, built.batches, steps, built.cell.shape.grad_accum,
+                     built.cell.training.max_grad_norm, built.device, NullProbe(), loss=built.loss)
+    return [log.step_time_s for log in logs[1:]]
+
+
+def measure(built: Training, rounds: int, steps: int,
+            on_round: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    plan = variants(built.device)
+    names = list(plan)
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    reads: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds + 1):  # round 0 warms up every variant and is left out
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            step_times = block(built, steps, plan[name], reads[name])
+            if r:
+                times[name].append(step_times)
+        if r:
+            on_round(summarise(times, reads))
+    return summarise(times, reads)
+
+
+def summarise(times: dict[str, list[list[float]]], reads: dict[str, list[float]]) -> dict[str, Any]:
+    bare = [statistics.median(b) for b in times["bare"]]
+    out: dict[str, Any] = {}
+    for name, blocks in times.items():
+        medians = [statistics.median(b) for b in blocks]
+        durations = sorted(reads[name])
+        out[name] = {
+            "median_step_s": statistics.median(t for b in blocks for t in b),
+            "round_ratio_median": statistics.median(m / base for m, base in zip(medians, bare)),
+            "round_ratios": [m / base for m, base in zip(medians, bare)],
+            "reads": len(durations),
+            "read_median_us": durations[len(durations) // 2] * 1e6 if durations else None,
+            "read_p90_us": durations[int(len(durations) * 0.9)] * 1e6 if durations else None,
+            "read_max_us": durations[-1] * 1e6 if durations else None,
+        }
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    gpu = f"{machine['gpus'][0]['name']}, " if result["device"] == "cuda" and machine["gpus"] else ""
+    lines = [f"# What each sampled source costs a step ({gpu}{machine['cpu']}, {machine['cpu_count']} cores, "
+             f"torch {machine['versions']['torch']})", "",
+             f"Cell `{result['cell']}` on {result['device']}; {result['rounds']} rounds (after one left out) of one "
+             f"block of {result['block_steps']} steps per variant (its first step left out), variants rotated from "
+             "round to round; the sampler's interval 10 ms.", "",
+             "| variant | median step | vs bare (median over rounds) | rounds' ratios | reads | read median | "
+             "read p90 | read max |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+
+    def us(value: float | None) -> str:
+        return "" if value is None else f"{value:,.0f} µs"
+
+    for name, r in result["variants"].items():
+        ratios = " ".join(f"{x:.3f}" for x in r["round_ratios"])
+        lines.append(f"| {name} | {r['median_step_s'] * 1e3:.2f} ms | {r['round_ratio_median']:.4f} | {ratios} | "
+                     f"{r['reads']} | {us(r['read_median_us'])} | {us(r['read_p90_us'])} | {us(r['read_max_us'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="quick")
+    parser.add_argument("--cell", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--block", type=int, default=8, help="steps per block, the first left out")
+    parser.add_argument("--out", type=Path, required=True, help="folder for sampler_cost.{json,md}")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cell = suite.load(args.suite).cells[args.cell].with_values({"budget.device": device.type})
+    built = Training(cell, device).build()
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = env.capture()
+
+    def write(variants_so_far: dict[str, Any]) -> None:
+        result = {"machine": machine, "cell": cell.key, "device": device.type, "rounds": len(
+            variants_so_far["bare"]["round_ratios"]), "block_steps": args.block, "variants": variants_so_far}
+        (args.out / "sampler_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "sampler_cost.md").write_text(markdown(result))
+        print(markdown(result), flush=True)
+
+    measure(built, max(args.rounds, 1), args.block, write)
+
+
+if __name__ == "__main__":
+    main()
