@@ -10,9 +10,8 @@ child forked from this process after it imported the libraries and computed noth
 a worker per cell: every run starts from the same state, none inherits another's heap or pays (or skips) the
 one-time lazy initialisations of the first training step in a process, which would bias by position rather than
 by arm, and the parent never runs a parallel op (libgomp is not fork-safe afterwards). On a CUDA host the parent
-preloads only what does not initialise CUDA (``memprof.run.zygote.preload``: torch and transformers; peft and
-bitsandbytes initialise it at import) and each child imports the rest and initialises CUDA itself, since a process
-that initialised CUDA cannot fork children that use the GPU.
+imports as the zygote does, without initialising CUDA (``memprof.run.zygote.preload``), and each child initialises
+CUDA itself, since a process that initialised CUDA cannot fork children that use the GPU.
 
 Per run the figure is the median step time after the warm-up steps; the overhead is the median over pairs of
 on/off, with the ratio of the two arms' medians beside it. Writes tracker_overhead.{json,md} to ``--out``

@@ -2,8 +2,8 @@
 
 It speaks ``memprof.run.messages`` as JSON lines: ``Hello`` once its imports are done, then for each ``RunCell``
 the cell's ``StepDone`` lines as they come and one ``CellDone``, for each ``CheckModels`` one ``ModelsChecked``. It
-imports and never computes (libgomp is not fork-safe once a parallel op ran), and on a CUDA host it preloads only
-CUDA-clean modules and refuses to fork once CUDA was initialised (a forked child could not use the GPU).
+imports and never computes (libgomp is not fork-safe once a parallel op ran), and on a CUDA host it imports without
+initialising CUDA and refuses to fork once CUDA was initialised (a forked child could not use the GPU).
 
 A cell's process that dies (signal, ``os._exit``) or runs past its timeout leaves no result; the zygote writes its
 Record (``crashed`` with the exit status and stderr tail, ``timeout``, or ``interrupted`` when it died of the
@@ -19,7 +19,8 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from memprof.run import processes
@@ -33,22 +34,49 @@ _child_pid = 0
 _interrupted = False
 
 
+LEAN = "MEMPROF_ZYGOTE_LEAN"  # set: on a CUDA host, preload only torch and transformers
+
+
 def preload() -> bool:
-    """Import what every cell needs; return whether this host has a CUDA device."""
+    """Import what every cell needs; return whether this host has a CUDA device.
+
+    On a CUDA host bitsandbytes asks torch for each card's compute capability at import (peft imports it), and
+    torch's answer initialises CUDA, after which no forked cell could use the GPU: during these imports NVML answers
+    instead, so cells skip seconds of imports. With ``MEMPROF_ZYGOTE_LEAN`` set, a CUDA host preloads torch and
+    transformers alone (the zygote sets it and starts again when a library initialised CUDA anyway)."""
     import torch
 
     has_cuda = torch.cuda.device_count() > 0  # asks NVML: does not initialise CUDA
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    if not has_cuda:
-        # bitsandbytes (and so peft) initialise CUDA at import on a CUDA host: only preload them without one.
+    if has_cuda and os.environ.get(LEAN):
+        return has_cuda
+    with _capability_from_nvml() if has_cuda else nullcontext():
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
         from transformers import Trainer  # noqa: F401
 
         import memprof.run.launch  # noqa: F401
     return has_cuda
+
+
+@contextmanager
+def _capability_from_nvml() -> Iterator[None]:
+    """``torch.cuda.get_device_capability`` answered by NVML inside the block, with the highest capability of the
+    host's cards: bitsandbytes asks it only to learn that a card exists (it picks its library by the CUDA version)."""
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    highest = max(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                  for i in range(pynvml.nvmlDeviceGetCount()))
+    asked = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: highest
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = asked
 
 
 def _child_io(log: str) -> None:
@@ -183,6 +211,12 @@ def _forward_interrupt(signum: int, frame: Any) -> None:
             pass
 
 
+def _cuda_initialised() -> bool:
+    import torch
+
+    return torch.cuda.is_initialized()
+
+
 def main() -> None:
     # The protocol gets a private copy of stdout; fd 1 then points at stderr so that nothing a library
     # prints can corrupt the protocol stream.
@@ -194,7 +228,15 @@ def main() -> None:
     def send(message: Message) -> None:
         protocol.write(encode(message) + "\n")
 
-    send(Hello(preload()))
+    has_cuda = preload()
+    if has_cuda and _cuda_initialised() and not os.environ.get(LEAN):
+        # a library initialised CUDA at import after all: start again, preloading only what does not
+        print("memprof: a library initialised CUDA while the zygote preloaded it; restarting it without (cells "
+              "import it themselves)", file=sys.stderr)
+        os.dup2(protocol.fileno(), 1)  # the executor reads this process's stdout
+        os.environ[LEAN] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "memprof.run.zygote"])
+    send(Hello(has_cuda))
     for line in sys.stdin:
         if not line.strip():
             continue
