@@ -324,5 +324,5 @@ def test_on_cuda_the_device_never_holds_an_unquantised_linear() -> None:
     assert all(p.device == cuda and p.quant_state.absmax.device == cuda for p in four_bit)
     values = bnb_f.dequantize_4bit(four_bit[0].data, four_bit[0].quant_state).float()
     assert torch.isfinite(values).all() and abs(values.std().item() - 0.02) < 0.002
-    assert weight_bytes(model) == weight_bytes(host_build(WIDE, qlora, "bf16", cuda))
-    assert layout(model) == layout(host_build(WIDE, qlora, "bf16", cuda))
+    before = host_build(WIDE, qlora, "bf16", cuda)  # built once: 13 s of CPU init on a 2-core machine
+    assert weight_bytes(model) == weight_bytes(before) and layout(model) == layout(before)

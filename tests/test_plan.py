@@ -224,6 +224,10 @@ def test_largest_is_exact_for_a_threshold() -> None:
             return n <= answer
         assert plan.largest(fits, limit=4096) == answer
         assert len(calls) == (1 if answer == 0 else 2 * int(math.log2(answer)) + 2)
+        calls.clear()  # from a start that does not fit: halving down to the answer, then bisecting
+        assert plan.largest(fits, start=answer + 5, limit=4096) == answer
+        assert calls[0] == answer + 5 and all(n <= answer + 5 for n in calls)
+        assert len(calls) <= 2 * int(math.log2(answer + 5)) + 2
 
 
 @pytest.mark.parametrize("argv,where", [

@@ -1,8 +1,9 @@
 """`memprof fit`: the largest batch size (or sequence length) that really trains on this device.
 
 Each trial is a cell run in a fresh process by the local executor, so one trial's allocations never help or hurt
-the next. The search doubles until a trial fails, then bisects between the last success and the first failure
-(``memprof.plan.predict.largest``): ``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit. A trial fits
+the next. From ``--start`` the search doubles until a trial fails (or, when the first does, halves until one fits),
+then bisects between the last success and the first failure (``memprof.plan.predict.largest``): from 1,
+``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit. A trial fits
 when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit. On the CPU the limit is
 ``--memory-budget``, which also caps the worker's address space (an allocation beyond it is a real OOM); on CUDA
 it is the budget or the card's memory, and the peak is NVML's figure for the process (else the allocator's

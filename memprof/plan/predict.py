@@ -432,21 +432,27 @@ def eager_attention_bytes(request: CellConfig, exact: Exact) -> int:
 
 
 def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH) -> int:
-    """The largest n in [start, limit] with ``fits(n)`` (0 when not even ``start`` fits), for a monotone
-    ``fits``: doubling, then bisection."""
-    if not fits(start):
-        return 0
-    good = start
-    bad = None
-    while bad is None:
-        nxt = min(good * 2, limit)
-        if nxt == good:
-            return good
-        if fits(nxt):
-            good = nxt
-        else:
-            bad = nxt
-    while bad - good > 1:
+    """The largest n in [1, limit] with ``fits(n)`` (0 when not even 1 fits), for a monotone ``fits``, searched from
+    ``start``: doubling while it fits, or halving until it does, then bisection."""
+    good, bad = 0, None
+    if fits(start):
+        good = start
+        while bad is None:
+            nxt = min(good * 2, limit)
+            if nxt == good:
+                return good
+            if fits(nxt):
+                good = nxt
+            else:
+                bad = nxt
+    else:
+        bad = start
+        while good == 0 and bad > 1:
+            if fits(bad // 2):
+                good = bad // 2
+            else:
+                bad //= 2
+    while bad - good > 1 and good:
         mid = (good + bad) // 2
         if fits(mid):
             good = mid
