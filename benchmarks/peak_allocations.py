@@ -27,7 +27,7 @@ TOP = 40
 def where(frames: list[dict[str, Any]]) -> str:
     """The innermost three Python lines outside torch, or '(no Python frames)'."""
     lines = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
-             if "/torch/" not in f["filename"] or "/autograd/" in f["filename"]]
+             if f["filename"].endswith(".py") and "/torch/" not in f["filename"]]
     return " < ".join(lines[:3]) or "(no Python frames)"
 
 
@@ -64,7 +64,7 @@ def main() -> None:
             values[key] = text
     cell = suite.load(args.suite).cells[args.cell].with_values(values)
     torch.cuda.init()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
     record = run_cell(cell).record
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)

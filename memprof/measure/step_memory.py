@@ -514,11 +514,16 @@ def forward_softmax_parts(s: StepShape) -> dict[str, int]:
 
 
 def mlp_backward_parts(s: StepShape) -> dict[str, int]:
-    """An estimate from the CPU replay (alloc_sim.py; never the peak in the H200 cells) of the top of the last
-    layer's MLP backward: the whole layer's saved tensors plus about one fp32 [T, i] gradient and a few [T, h] ones;
-    under checkpointing two fp32 [T, i] tensors of the recompute are still alive when the first node runs."""
+    """An estimate from the CPU replay (alloc_sim.py) of the top of the last layer's MLP backward, checked on CUDA
+    once (small-llama fp32, where it is the peak): the whole layer's saved tensors plus about one fp32 [T, i]
+    gradient (two on CUDA) and a few [T, h] ones; under checkpointing two fp32 [T, i] tensors of the recompute are
+    still alive when the first node runs."""
     T, h, i, a = s.tokens, s.hidden, s.intermediate, s.adapter_bytes
     transient = (2 * T * i * a + 3 * T * h * a) if s.checkpointing else (T * i * a + T * h * (a + s.stream_bytes))
+    if s.device != "cpu" and not s.checkpointing:
+        # one more [T, i] gradient on CUDA: at small-llama's fp32 peak on an H200 (2026-11-28, allocator history) 18
+        # such blocks were alive, where the layers save 16 and the CPU replay has one transient
+        transient += T * i * a
     parts = {"layer_saved": layer_saved_bytes(s), "mlp_bwd_transient": transient}
     if s.adapter == "qlora":  # down_proj's grad_input dequantises its 4-bit weight
         parts.update(qlora_matmul_transient(s, h, i, backward=True))
