@@ -574,3 +574,20 @@ def test_the_example_workflow_runs_commands_memprof_accepts_and_names_every_fail
         assert args.command == "run" and args.compare_to is not None
     handled = {int(code) for script in scripts for code in re.findall(r"^\s*(\d+)\)", script, re.M)}
     assert {1, 2, cli.EXIT_CELLS_FAILED} <= handled
+
+
+def test_after_cuda_initialised_the_zygote_refuses_to_fork_and_keeps_no_pipe(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path) -> None:
+    """The branch a CUDA host takes when something initialised CUDA in the zygote, forced on the CPU: torch says it
+    is initialised, so no child is forked (it could not use the GPU) and the request's pipe is closed again."""
+    import torch
+
+    from memprof.run import zygote
+    from memprof.run.messages import RunCell
+
+    cell = suite_mod.load("quick").cells[0]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="CUDA was initialised"):
+        zygote._fork(RunCell(cell, str(tmp_path / "cell.log"), 0.01), 60.0, lambda message: None)
+    assert set(os.listdir("/proc/self/fd")) == before

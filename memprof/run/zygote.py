@@ -130,8 +130,13 @@ def _fork(request: RunCell | CheckModels, timeout_s: float,
         with os.fdopen(write_fd, "w", buffering=1) as pipe:
             return work(request, pipe)
 
-    pid = processes.fork(child)
-    os.close(write_fd)
+    try:
+        pid = processes.fork(child)
+    except BaseException:  # it refused (CUDA initialised here): the pipe is nobody's
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
     _child_pid, _interrupted = pid, False
     deadline = time.monotonic() + timeout_s
     pending, answer, timed_out = b"", None, False
