@@ -80,13 +80,15 @@ def variants(device: torch.device) -> dict[str, list[Source]]:
     return out
 
 
-def block(built: Training, steps: int, sources: list[Source], reads: list[float]) -> list[float]:
-    """Step times of ``steps`` steps with a sampler over ``sources`` (none: no sampler), the first left out."""
-    sampler = Sampler([timed(s, reads) for s in sources], INTERVAL_S) if sources else nullcontext()
-    with sampler:
+def block(built: Training, steps: int, sources: list[Source], reads: list[float]) -> tuple[list[float], float, float]:
+    """Step times of ``steps`` steps with a sampler over ``sources`` (none: no sampler), the first left out; the
+    sampler thread's CPU seconds and the block's wall seconds."""
+    sampler = Sampler([timed(s, reads) for s in sources], INTERVAL_S) if sources else None
+    t0 = time.perf_counter()
+    with sampler or nullcontext():
         logs = train(built.model, built.optimizer, None, built.batches, steps, built.cell.shape.grad_accum,
                      built.cell.training.max_grad_norm, built.device, NullProbe(), loss=built.loss)
-    return [log.step_time_s for log in logs[1:]]
+    return [log.step_time_s for log in logs[1:]], sampler.busy_s if sampler else 0.0, time.perf_counter() - t0
 
 
 def measure(built: Training, rounds: int, steps: int,
@@ -95,24 +97,29 @@ def measure(built: Training, rounds: int, steps: int,
     names = list(plan)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     reads: dict[str, list[float]] = {name: [] for name in names}
+    busy: dict[str, list[float]] = {name: [0.0, 0.0] for name in names}  # sampler CPU s, wall s
     for r in range(rounds + 1):  # round 0 warms up every variant and is left out
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            step_times = block(built, steps, plan[name], reads[name])
+            step_times, cpu_s, wall_s = block(built, steps, plan[name], reads[name])
             if r:
                 times[name].append(step_times)
+                busy[name][0] += cpu_s
+                busy[name][1] += wall_s
         if r:
-            on_round(summarise(times, reads))
-    return summarise(times, reads)
+            on_round(summarise(times, reads, busy))
+    return summarise(times, reads, busy)
 
 
-def summarise(times: dict[str, list[list[float]]], reads: dict[str, list[float]]) -> dict[str, Any]:
+def summarise(times: dict[str, list[list[float]]], reads: dict[str, list[float]],
+              busy: dict[str, list[float]]) -> dict[str, Any]:
     bare = [statistics.median(b) for b in times["bare"]]
     out: dict[str, Any] = {}
     for name, blocks in times.items():
         medians = [statistics.median(b) for b in blocks]
         durations = sorted(reads[name])
         out[name] = {
+            "sampler_cpu_share": busy[name][0] / busy[name][1] if busy[name][1] else 0.0,
             "median_step_s": statistics.median(t for b in blocks for t in b),
             "round_ratio_median": statistics.median(m / base for m, base in zip(medians, bare)),
             "round_ratios": [m / base for m, base in zip(medians, bare)],
@@ -131,9 +138,10 @@ def markdown(result: dict[str, Any]) -> str:
              f"torch {machine['versions']['torch']})", "",
              f"Cell `{result['cell']}` on {result['device']}; {result['rounds']} rounds (after one left out) of one "
              f"block of {result['block_steps']} steps per variant (its first step left out), variants rotated from "
-             "round to round; the sampler's interval 10 ms.", "",
-             "| variant | median step | vs bare (median over rounds) | rounds' ratios | reads | read median | "
-             "read p90 | read max |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "round to round; the sampler's interval 10 ms. The sampler thread's CPU time over the blocks' wall time bounds the "
+             "share of the GIL it held, which on a launch-bound step is what it can cost.", "",
+             "| variant | median step | vs bare (median over rounds) | rounds' ratios | sampler thread CPU | reads | "
+             "read median | read p90 | read max |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
 
     def us(value: float | None) -> str:
         return "" if value is None else f"{value:,.0f} µs"
@@ -141,7 +149,7 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in result["variants"].items():
         ratios = " ".join(f"{x:.3f}" for x in r["round_ratios"])
         lines.append(f"| {name} | {r['median_step_s'] * 1e3:.2f} ms | {r['round_ratio_median']:.4f} | {ratios} | "
-                     f"{r['reads']} | {us(r['read_median_us'])} | {us(r['read_p90_us'])} | {us(r['read_max_us'])} |")
+                     f"{r['sampler_cpu_share']:.2%} | {r['reads']} | {us(r['read_median_us'])} | {us(r['read_p90_us'])} | {us(r['read_max_us'])} |")
     return "\n".join(lines) + "\n"
 
 

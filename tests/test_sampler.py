@@ -34,6 +34,7 @@ def test_a_slow_source_is_read_at_its_period_and_at_both_ends() -> None:
     assert rows[0]["slow"] == 100 and rows[-1]["slow"] == 101 and rows[1]["slow"] is None
     assert all(row["never"] is None for row in rows) and rows[-1]["phase"] == "forward"
     assert sampler.peaks == {"fast": reads["fast"], "slow": 101, "never": None}
+    assert 0 < sampler.busy_s < 0.1  # its thread's CPU time: sampling every 2 ms is far from a whole CPU
 
 
 def test_a_source_with_a_due_check_is_read_only_when_it_says_so_besides_both_ends() -> None:

@@ -36,6 +36,7 @@ class Sampler:
         self.timeline: list[dict[str, float | int | str | None]] = []
         self._where: tuple[int, str] = (-1, "setup")  # one attribute: a sample reads step and phase together
         self._last_read = [-float("inf")] * len(self.sources)
+        self.busy_s = 0.0  # CPU time of the sampling thread: an upper bound on the GIL it held
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memprof-sampler", daemon=True)
         self._t0 = time.perf_counter()
@@ -62,8 +63,10 @@ class Sampler:
         self.timeline.append(row)
 
     def _run(self) -> None:
+        start = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self.sample()
+        self.busy_s = time.thread_time() - start
 
     def __enter__(self) -> Sampler:
         self.sample(every_source=True)
