@@ -243,6 +243,11 @@ def test_an_lr_sweep_line_is_one_configuration_and_its_best_lr_is_best_lrs(tmp_p
     for row, r in ((row, next(r for r in records if f"adamw_torch {r.config.adapter.name}" == row[0]))
                    for row in table.rows):
         assert float(row[-2]) == best[report.lr_group(r)] == (1e-3 if r.config.adapter.kind == "lora" else 1e-2)
+    # equal losses: the sweep's lines and best_lrs take the same (lowest) LR, whatever order the records came in
+    tied = [Record(c, final_eval_loss=2.0) for c in reversed(cells)]
+    tied_best = report.best_lrs(tied)
+    tied_table = report.lr_rank_table(report.Run(tmp_path, tied, {}))
+    assert set(tied_best.values()) == {1e-3} and {float(row[-2]) for row in tied_table.rows} == {1e-3}
     # without the alpha variant, lines are told apart by the adapter's kind
     alike = report.Run(tmp_path, [r for r in records if r.config.adapter.name != "l8a"], {})
     assert sorted(report.lr_rank_grid(alike) or {}) == [("adamw_torch lora", 4), ("adamw_torch lora", 8),

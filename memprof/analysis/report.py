@@ -231,8 +231,13 @@ def best_lrs(records: Sequence[Record]) -> dict[str, float]:
     for group, by_lr in losses.items():
         means = {lr: m for lr, values in by_lr.items() if (m := _mean(values)) is not None}
         if len(by_lr) > 1 and means:
-            out[group] = min(means, key=means.__getitem__)
+            out[group] = lowest_loss_lr(means)
     return out
+
+
+def lowest_loss_lr(losses: dict[float, float]) -> float:
+    """The LR with the lowest loss; of equal losses, the lowest LR."""
+    return min(losses, key=lambda lr: (losses[lr], lr))
 
 
 def lr_group(r: Record) -> str:
@@ -306,9 +311,9 @@ def lr_rank_table(run: Run) -> TableData | None:
     for (line, rank), points in grid.items():
         row = [line, str(rank)]
         row += [f"{p.loss:.3f}" if p.loss is not None else ", ".join(p.failed) or "–" for p in points]
-        present = [(p.lr, p.loss) for p in points if p.loss is not None]
+        present = {p.lr: p.loss for p in points if p.loss is not None}
         if present:
-            lr_star = min(present, key=lambda p: p[1])[0]
+            lr_star = lowest_loss_lr(present)
             best_lr[(line, rank)] = lr_star
             best_cells.add((len(rows), 2 + lrs.index(lr_star)))
             base = next(best_lr[k] for k in best_lr if k[0] == line)
