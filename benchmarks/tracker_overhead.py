@@ -36,7 +36,7 @@ from typing import Any
 from memprof.run.zygote import preload  # first: it asks torch to count GPUs through NVML, without initialising CUDA
 from memprof import suite
 from memprof.config.spec import CellConfig
-from memprof.measure.readings import ALLOCATOR_PERIOD_S, NVML_IDLE_S, NVML_PERIOD_S
+from memprof.measure.readings import NVML_IDLE_S, NVML_PERIOD_S, SAMPLE_INTERVAL_S
 from memprof.results import env
 from memprof.run import processes
 
@@ -172,9 +172,10 @@ def markdown(result: dict[str, Any], suite_name: str, index: int, machine: dict[
     cuda = result["device"] == "cuda"
     gpu = f"{machine['gpus'][0]['name']}, " if cuda and machine["gpus"] else ""
     where = "on the GPU" if cuda else "on the CPU"
-    sampled = (f"host RSS every 10 ms, the allocator's current bytes every {ALLOCATOR_PERIOD_S * 1e3:.0f} ms, NVML "
-               f"when the allocator's reserved bytes move (at most every {NVML_PERIOD_S * 1e3:.0f} ms) or every "
-               f"{NVML_IDLE_S:.0f} s" if cuda else "host RSS every 10 ms")
+    every = f"every {SAMPLE_INTERVAL_S['cuda' if cuda else 'cpu'] * 1e3:.0f} ms"
+    sampled = (f"host RSS and the allocator's current bytes {every}, NVML when the allocator's reserved bytes move "
+               f"(at most every {NVML_PERIOD_S * 1e3:.0f} ms) or every {NVML_IDLE_S:.0f} s" if cuda
+               else f"host RSS {every}")
     shared = " (a 2-core machine shared with other work)" if result["machine"]["cpu_count"] <= 2 else ""
     load_before, load_after = result["load_average_before"], result["load_average_after"]
     ratio, low, high = result["pair_ratio_median"], result["pair_ratio_min"], result["pair_ratio_max"]

@@ -132,8 +132,8 @@ def test_memprof_run_on_a_cuda_host_measures_what_the_in_process_run_measures(
         for name in ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
                      "optimizer_state_paged_bytes", "activation_bytes"):
             assert getattr(r, name) == getattr(before, name), (r.key, name)
-        # the sampler read host RSS at every sample, the allocator and NVML less often, both ends included
+        # the sampler read the allocator at every sample and NVML when the allocator's reserved bytes moved, both ends
+        # included
         timeline = pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "timeline.csv")
-        assert timeline["rss_bytes"].notna().all() and timeline["allocated_bytes"].max() > 0
-        assert 2 <= timeline["allocated_bytes"].notna().sum() < len(timeline)
+        assert timeline["allocated_bytes"].max() > 0 and timeline["allocated_bytes"].notna().all()
         assert 2 <= timeline["nvml_device_used_bytes"].notna().sum() < len(timeline)

@@ -24,7 +24,7 @@ from memprof.measure.activations import SavedActivations
 from memprof.measure.attribution import attribute
 from memprof.measure.host import heap_free_bytes, rss_bytes
 from memprof.measure.load import CpuPressure
-from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
+from memprof.measure.readings import exact_values, memory_sources, peak_values, sample_interval, step_summary
 from memprof.measure.sampler import Sampler
 from memprof.results import env as env_mod
 from memprof.results.record import CellResult, Record, Status, StepLog
@@ -45,7 +45,7 @@ class Tracking:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | None = None,
                  name: str = "track", batch_size: int = 0, seq_len: int = 0, warmup_steps: int = 1,
-                 sample_interval_s: float = 0.01, optimizer_spec: OptimizerSpec | None = None) -> None:
+                 sample_interval_s: float | None = None, optimizer_spec: OptimizerSpec | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.optimizer_spec = optimizer_spec
@@ -63,7 +63,7 @@ class Tracking:
         self._stack = ExitStack()
         self._saved: SavedActivations | None = None
         self._measured = memory_sources(self.device)
-        self._sampler = Sampler(self._measured.sources, sample_interval_s)
+        self._sampler = Sampler(self._measured.sources, sample_interval(self.device, sample_interval_s))
         self._pressure = CpuPressure()
         self._baseline = 0
         self._heap_baseline: int | None = None
@@ -154,7 +154,7 @@ class Tracking:
 
 def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | None = None, *,
           name: str = "track", batch_size: int = 0, seq_len: int = 0, warmup_steps: int = 1,
-          sample_interval_s: float = 0.01, optimizer_spec: OptimizerSpec | None = None) -> Tracking:
+          sample_interval_s: float | None = None, optimizer_spec: OptimizerSpec | None = None) -> Tracking:
     """Measure a training loop you already have.
 
     Args:
@@ -166,7 +166,7 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | 
         batch_size, seq_len: recorded with the run; their product is the tokens per step unless ``step`` is
             given ``tokens``.
         warmup_steps: steps left out of the timing; activations and gradients are counted at the step after.
-        sample_interval_s: memory sampling interval.
+        sample_interval_s: memory sampling interval (default: 10 ms on the CPU, 50 ms on CUDA).
         optimizer_spec: what the optimizer was asked for, by name and settings (a Trainer's ``args.optim``);
             without it the record names the optimizer by its class path and its defaults.
 

@@ -59,7 +59,7 @@ class LocalExecutor:
     copied to ``zygote.log`` there on ``close``.
     """
 
-    def __init__(self, log_dir: Path | None = None, sample_interval_s: float = 0.01,
+    def __init__(self, log_dir: Path | None = None, sample_interval_s: float | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.log_dir: Path | None = None
         self.sample_interval_s = sample_interval_s
@@ -202,7 +202,7 @@ class LocalPool:
     many jobs ran at once (their timings were taken side by side). One job changes nothing in the environment.
     """
 
-    def __init__(self, jobs: int = 1, sample_interval_s: float = 0.01) -> None:
+    def __init__(self, jobs: int = 1, sample_interval_s: float | None = None) -> None:
         gpus = visible_gpus()
         if gpus and jobs > len(gpus):
             raise UserError("--jobs", f"{jobs} jobs but {len(gpus)} GPU(s): cells never share a GPU")

@@ -13,7 +13,7 @@ from memprof.run.worker import measure_cell
 from memprof.train.training import resolve_device
 
 
-def run_cell(cell: CellConfig, sample_interval_s: float = 0.01,
+def run_cell(cell: CellConfig, sample_interval_s: float | None = None,
              on_step: Callable[[int, float], None] | None = None) -> CellResult:
     """Measure ``cell``; a sharded one on each of its ranks (``memprof.run.ranks`` forks them before anything
     computes). Never raises for a fault inside the cell: those are the Record's ``status``. ``on_step(step,

@@ -29,7 +29,7 @@ class Hello:
 class RunCell:
     cell: CellConfig
     log: str  # where the forked process writes its stdout and stderr
-    sample_interval_s: float = 0.01
+    sample_interval_s: float | None = None  # None: by device (memprof.measure.readings)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from memprof.run.worker import measure_cell
 EXIT_CELL_FAILED = 3  # a rank whose cell did not end ok: the others would wait in a collective until the timeout
 
 
-def run_ranks(cell: CellConfig, sample_interval_s: float,
+def run_ranks(cell: CellConfig, sample_interval_s: float | None,
               on_step: Callable[[int, float], None] | None = None) -> CellResult:
     """Run ``cell`` on ``world_size`` ranks and merge their records; a rank that dies takes the others down and
     makes the cell ``crashed``. Rank 0 reports its steps to ``on_step``."""
@@ -71,7 +71,7 @@ def _join(pids: dict[int, int]) -> dict[int, int]:
     return codes
 
 
-def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_interval_s: float,
+def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_interval_s: float | None,
           on_step: Callable[[int, float], None] | None) -> int:
     import torch.distributed as dist
 

@@ -44,7 +44,7 @@ LOG_TAIL_BYTES = 1 << 20
 _worker: tuple[tuple[str | None, int, float], LocalExecutor] | None = None
 
 
-def run_cell_task(cell: CellConfig, threads: int, sample_interval_s: float) -> CellDone:
+def run_cell_task(cell: CellConfig, threads: int, sample_interval_s: float | None) -> CellDone:
     """A Ray task: one cell in a process forked from this worker's zygote; its result and the tail of its log."""
     executor = _worker_executor(threads, sample_interval_s)
     log = executor.log_path(cell)
@@ -58,7 +58,7 @@ def run_cell_task(cell: CellConfig, threads: int, sample_interval_s: float) -> C
     return CellDone(result, log.name, _take_tail(log))
 
 
-def run_preflight_task(cells: list[CellConfig], sample_interval_s: float) -> list[Problem]:
+def run_preflight_task(cells: list[CellConfig], sample_interval_s: float | None) -> list[Problem]:
     """A Ray task: the suite's model checks (``LocalExecutor.preflight``), by this worker's zygote."""
     try:
         return _worker_executor(CPUS_PER_RANK, sample_interval_s).preflight(cells)
@@ -69,7 +69,7 @@ def run_preflight_task(cells: list[CellConfig], sample_interval_s: float) -> lis
         raise
 
 
-def _worker_executor(threads: int, sample_interval_s: float) -> LocalExecutor:
+def _worker_executor(threads: int, sample_interval_s: float | None) -> LocalExecutor:
     """This Ray worker's zygote; a new one when this task has other GPUs (Ray sets ``CUDA_VISIBLE_DEVICES`` per
     task) or cores than the zygote was started with."""
     global _worker
@@ -117,7 +117,7 @@ class RayPool:
     is already connected, that connection is used and kept.
     """
 
-    def __init__(self, address: str | None = None, sample_interval_s: float = 0.01) -> None:
+    def __init__(self, address: str | None = None, sample_interval_s: float | None = None) -> None:
         if ray is None:
             raise UserError("--executor", 'ray is not installed: pip install "memprof[ray]"')
         self.sample_interval_s = sample_interval_s

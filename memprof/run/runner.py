@@ -43,7 +43,7 @@ class RunOutcome:
     interrupted: bool
 
 
-def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_interval_s: float, observer: Observer,
+def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_interval_s: float | None, observer: Observer,
               resume: Path | None = None, jobs: int = 1, executor: str = "local",
               address: str | None = None) -> RunOutcome:
     """Run every cell (``resume``: an earlier run folder of the same suite and cells, which gets only the cells it
@@ -100,7 +100,7 @@ def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_inte
     return RunOutcome(run_dir, writer.records, interrupted)
 
 
-def make_pool(executor: str, jobs: int, address: str | None, sample_interval_s: float) -> Pool:
+def make_pool(executor: str, jobs: int, address: str | None, sample_interval_s: float | None) -> Pool:
     """``LocalPool`` (``jobs`` local processes) or, for ``executor == "ray"``, a ``RayPool`` on ``address``."""
     if executor == "ray":
         from memprof.run.ray_pool import RayPool

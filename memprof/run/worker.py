@@ -28,7 +28,7 @@ def is_oom(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: float = 0.01,
+def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: float | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> CellResult:
     """Build the cell's model and optimizer on ``device``, train it, and measure everything on the way: the
     whole cell, or one of a sharded cell's ranks (``memprof.run.launch`` decides).
@@ -40,7 +40,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     from memprof.measure import formulas
     from memprof.measure.load import CpuPressure
     from memprof.measure.probe import CellProbe
-    from memprof.measure.readings import exact_values, memory_sources, peak_values, step_summary
+    from memprof.measure.readings import exact_values, memory_sources, peak_values, sample_interval, step_summary
     from memprof.measure.sampler import Sampler
     from memprof.train import models, optim
     from memprof.train.loop import Diverged
@@ -55,7 +55,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
 
     status, probe, built = Status.OK, None, Training(cell, device)
-    sampler, pressure = Sampler(measured.sources, sample_interval_s), CpuPressure()
+    sampler, pressure = Sampler(measured.sources, sample_interval(device, sample_interval_s)), CpuPressure()
     with ExitStack() as stack:
         stack.enter_context(sampler)
         if allocator is not None:
