@@ -7,7 +7,8 @@ Enters: a ``StepShape`` (``step_shape`` makes one from a ``CellConfig``). Leaves
 (``activation_bytes``, what ``SavedActivations`` measures) and, for each moment a step's peak can fall at, the named
 parts alive then (``moments``, ``peak_parts``). ``memprof.measure.attribution`` names a measured peak's parts with it;
 ``memprof.plan`` predicts one. Checked to the byte against 21 cells measured on an NVIDIA H200 (torch 2.11 cu130,
-transformers 5.17, peft 0.21, bitsandbytes 0.50.2): ``tests/test_step_memory.py`` and
+transformers 5.17, peft 0.21, bitsandbytes 0.50.2), and within 0.19% against 19 on an H100 (2026-11-28, the 70B
+QLoRA cell the farthest): ``tests/test_attribution.py``, ``tests/test_plan_accuracy.py`` and
 ``benchmarks/plan_accuracy.py``. The tensor-level reasoning behind each formula is in ``docs/step-memory.md``. The
 chunked loss's parts were checked only on the CPU (against torch.profiler's allocator events and SavedActivations,
 ``tests/test_loss_chunk.py``); on CUDA they are the same autograd graph's tensors, not measured, so its moments are
