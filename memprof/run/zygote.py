@@ -42,17 +42,19 @@ def preload() -> bool:
 
     On a CUDA host bitsandbytes asks torch for each card's compute capability at import (peft imports it), and
     torch's answer initialises CUDA, after which no forked cell could use the GPU: during these imports NVML answers
-    instead, so cells skip seconds of imports. With ``MEMPROF_ZYGOTE_LEAN`` set, a CUDA host preloads torch and
-    transformers alone (the zygote sets it and starts again when a library initialised CUDA anyway)."""
+    instead, so cells skip seconds of imports. With ``MEMPROF_ZYGOTE_LEAN`` set, or where NVML cannot say, a CUDA host
+    preloads torch and transformers alone (the zygote sets it and starts again when a library initialised CUDA
+    anyway)."""
     import torch
 
     has_cuda = torch.cuda.device_count() > 0  # asks NVML: does not initialise CUDA
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    if has_cuda and os.environ.get(LEAN):
+    highest = _highest_capability() if has_cuda and not os.environ.get(LEAN) else None
+    if has_cuda and highest is None:
         return has_cuda
-    with _capability_from_nvml() if has_cuda else nullcontext():
+    with _capability_answered(highest) if has_cuda else nullcontext():
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
         from transformers import Trainer  # noqa: F401
@@ -61,16 +63,24 @@ def preload() -> bool:
     return has_cuda
 
 
+def _highest_capability() -> tuple[int, int] | None:
+    """The highest CUDA compute capability among the host's cards, from NVML (None where NVML cannot say)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return max(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                   for i in range(pynvml.nvmlDeviceGetCount()))
+    except Exception:  # noqa: BLE001 - no answer from NVML: the lean preload
+        return None
+
+
 @contextmanager
-def _capability_from_nvml() -> Iterator[None]:
-    """``torch.cuda.get_device_capability`` answered by NVML inside the block, with the highest capability of the
-    host's cards: bitsandbytes asks it only to learn that a card exists (it picks its library by the CUDA version)."""
-    import pynvml
+def _capability_answered(highest: tuple[int, int]) -> Iterator[None]:
+    """``torch.cuda.get_device_capability`` answering ``highest`` inside the block: bitsandbytes asks it only to learn
+    that a card exists (it picks its library by the CUDA version)."""
     import torch
 
-    pynvml.nvmlInit()
-    highest = max(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                  for i in range(pynvml.nvmlDeviceGetCount()))
     asked = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda device=None: highest
     try:
