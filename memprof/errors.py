@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+# what str.splitlines() breaks a line at, each as its escape: a value the user wrote (a model named "\x85") keeps
+# an error on one line and says what the value held
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 class UserError(Exception):
     """A mistake in what the user gave us (a suite, a flag, a path).
 
@@ -14,7 +19,7 @@ class UserError(Exception):
     def __init__(self, where: str, what: str) -> None:
         self.where = where
         self.what = what
-        super().__init__(f"{where}: {what}" if where else what)
+        super().__init__((f"{where}: {what}" if where else what).translate(_LINE_BREAKS))
 
 
 def one_line(err: BaseException) -> str:

@@ -471,6 +471,15 @@ def test_the_valid_base_of_the_property_test_is_valid(tmp_path: Path) -> None:
     assert len(suite_mod.load(str(path)).cells) == 2
 
 
+def test_a_value_holding_a_line_break_is_escaped_and_the_error_stays_one_line(tmp_path: Path) -> None:
+    """Found by the property test below on a fresh clone: a model named "\\x85" (NEL, a line break to
+    str.splitlines) split the error in two."""
+    path = tmp_path / "bad.toml"
+    path.write_text(render({**VALID, "grid": {**VALID["grid"], "model": ["\x85", "a\u2028b"]}}), encoding="utf-8")
+    code, stderr = _run_bad(path, tmp_path / "results")
+    _assert_refused(code, stderr, path, tmp_path / "results", "unknown model '\\x85'")
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutation=malformed_suites())
 def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple[str, str]) -> None:
