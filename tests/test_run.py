@@ -96,7 +96,10 @@ def test_results_folder_has_records_csv_steps_and_env(quick_run: Path) -> None:
     assert list(steps["step"]) == list(range(12)) and steps["loss"].notna().all()
     timeline = pd.read_csv(quick_run / "cells" / "0000" / "timeline.csv")
     assert {"t_s", "step", "phase", "rss_bytes"} <= set(timeline.columns)
-    assert {"forward", "backward", "optimizer"} <= set(timeline["phase"])
+    # samples every 10 ms carry the loop's phase; a tiny cell's optimizer step (a few ms) may fall between two
+    # samples in all 12 steps of a loaded machine (a fresh clone's run once saw none), its forward and backward not
+    phases = set(timeline["phase"].dropna())
+    assert {"forward", "backward"} <= phases <= {"setup", "forward", "backward", "optimizer", "zero_grad", "eval"}
     env = json.loads((quick_run / "env.json").read_text())
     assert env["versions"]["torch"].startswith("2.") and env["versions"]["bitsandbytes"]
     assert "git_revision" in env and "cpu" in env
