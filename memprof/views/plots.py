@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
 from memprof.analysis.memory import GROUP_AXES  # noqa: E402
-from memprof.analysis.report import Run, by_config, group_title, label_of, lr_rank_grid, one_per_config  # noqa: E402
+from memprof.analysis.report import (Run, by_config, group_title, label_of, lowest_loss_lr,  # noqa: E402
+                                     lr_rank_grid, one_per_config)
 from memprof.config.spec import varying  # noqa: E402
 from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
 from memprof.results.record import Record, Status, StepLog  # noqa: E402
@@ -215,14 +216,13 @@ def lr_sweep_figure(run: Run) -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=DPI)
     for index, (colour, ((line, rank), points)) in enumerate(zip(itertools.cycle(COLOURS), grid.items())):
-        present = [(p.lr, p.loss) for p in points if p.loss is not None]
+        present = {p.lr: p.loss for p in points if p.loss is not None}
         if not present:
             continue
-        lrs, losses = zip(*present)
-        ax.plot(lrs, losses, "o-", color=colour, label=f"{line} r={rank}")
-        best = min(present, key=lambda p: p[1])
+        ax.plot(list(present), list(present.values()), "o-", color=colour, label=f"{line} r={rank}")
+        best = lowest_loss_lr(present)
         # each later star smaller and on top: lines whose best LRs and losses coincide show every star, nested
-        ax.plot(*best, "*", color=colour, markersize=max(7, 18 - 3 * index), markeredgecolor="black",
+        ax.plot(best, present[best], "*", color=colour, markersize=max(7, 18 - 3 * index), markeredgecolor="black",
                 zorder=3 + index)
     ax.set_xscale("log")
     lrs = sorted({p.lr for points in grid.values() for p in points})
