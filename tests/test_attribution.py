@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
+from memprof.measure import step_memory
 from memprof.measure.attribution import PARTS, attribute_run
 from memprof.results.record import SCHEMA_VERSION, Status
 from memprof.results.store import read_records
@@ -49,8 +50,8 @@ def test_the_70b_qlora_peak_is_layer_0s_recomputed_mlp_with_every_other_layers_g
     2.3%, as the end of backward)."""
     (r,) = attribute_run(H200.parent / "h100-2026-11-28" / "qlora-70b")
     assert r.peak_moment == "layer 0 recomputed MLP backward"
-    layers = 80  # Llama-3.1-70B
-    assert r.breakdown["gradients"] == r.gradient_bytes * (layers - 1) // layers
+    layers = step_memory.step_shape(r.config, "cuda").layers
+    assert layers == 80 and r.breakdown["gradients"] == r.gradient_bytes * (layers - 1) // layers
     assert abs(r.breakdown["other"]) <= 0.005 * r.peak_allocated_bytes, r.breakdown
 
 

@@ -40,10 +40,10 @@ def memory_sources(device: torch.device) -> MemorySources:
     """Host RSS everywhere; on CUDA also the allocator's current figures and NVML's (when NVML answers).
 
     Each sample reads ``/proc/self/statm`` (26 µs on the H200's host) and on CUDA the allocator's counters (83 µs),
-    which only fill the timeline (its peaks are exact). What NVML reports moves when the caching allocator reserves or frees a segment (rarely, after the first step), so
-    it is read when the reserved bytes moved (at most every ``NVML_PERIOD_S``), else every ``NVML_IDLE_S`` for
-    memory allocated outside PyTorch; the last sample, taken after training while the cache is still held, sees the
-    highest figure of a run whose cache only grew.
+    which only fill the timeline (its peaks are exact). What NVML reports moves when the caching allocator reserves
+    or frees a segment (rarely, after the first step), so it is read when the reserved bytes moved (at most every
+    ``NVML_PERIOD_S``), else every ``NVML_IDLE_S`` for memory allocated outside PyTorch; the last sample, taken after
+    training while the cache is still held, sees the highest figure of a run whose cache only grew.
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
     if device.type != "cuda":

@@ -573,22 +573,19 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
     freed = sum(outside.get(name, 0) for name in ("log_softmax_out", "nll_target", "nll_total_weight", "loss_labels",
                                                   "loss_token_count", "loss_hidden"))
     if s.checkpointing:
+        layer_input = s.tokens * s.hidden * s.stream_bytes  # what a checkpointed layer keeps; also a residual grad
         kept = {"ckpt_kept": A - freed - outside["final_norm"],
                 "rope_cos_sin": 2 * s.seq * s.head_dim * s.stream_bytes}
-        out["recomputed attention backward"] = {**base, **kept,
-                                                                       **attention_backward_parts(s)}
-        out["recompute forward"] = {**base, **kept, **recompute_forward_parts(s),
-                                                                    "residual_grad": s.tokens * s.hidden *
-                                                                    s.stream_bytes}
+        out["recomputed attention backward"] = {**base, **kept, **attention_backward_parts(s)}
+        out["recompute forward"] = {**base, **kept, **recompute_forward_parts(s), "residual_grad": layer_input}
         out["recomputed MLP backward"] = {**base, **kept, **mlp_backward_parts(s)}
         # the last layer backward reaches (layer 0): the other layers' inputs are freed and their gradients made, which
         # for a large adapter outweighs them (the 70B QLoRA r64 cell on an H100: its allocator peak, 51.66 GB, within
         # 0.07% of this moment's MLP backward, 1.2 GB above the end of backward)
-        first = {"ckpt_kept": kept["ckpt_kept"] - (s.layers - 1) * s.tokens * s.hidden * s.stream_bytes,
+        first = {"ckpt_kept": kept["ckpt_kept"] - (s.layers - 1) * layer_input,
                  "rope_cos_sin": kept["rope_cos_sin"], "gradients": G * (s.layers - 1) // s.layers}
         out["layer 0 recomputed attention backward"] = {**base, **first, **attention_backward_parts(s)}
-        out["layer 0 recompute forward"] = {**base, **first, **recompute_forward_parts(s),
-                                            "residual_grad": s.tokens * s.hidden * s.stream_bytes}
+        out["layer 0 recompute forward"] = {**base, **first, **recompute_forward_parts(s), "residual_grad": layer_input}
         out["layer 0 recomputed MLP backward"] = {**base, **first, **mlp_backward_parts(s)}
     else:
         # all other layers' saved tensors stay; the last layer's attention-side ones are listed in the parts
@@ -603,9 +600,7 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
                 **base, "activations_so_far": A - freed - norm_saved(s), **merge}
     fwd = forward_softmax_parts(s)
     if fwd:
-        if s.checkpointing:
-            kept = {"ckpt_kept": A - freed - outside["final_norm"],
-                    "rope_cos_sin": 2 * s.seq * s.head_dim * s.stream_bytes}
+        if s.checkpointing:  # the layers' kept inputs, as at the recompute above
             out["softmax forward"] = {**base, **kept, **fwd}
         else:
             out["softmax forward"] = {**base, "activations_so_far": A - freed - norm_saved(s),

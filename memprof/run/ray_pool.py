@@ -41,7 +41,7 @@ except ImportError:  # an optional extra: RayPool says how to install it
 CPUS_PER_RANK = 1
 LOG_TAIL_BYTES = 1 << 20
 
-_worker: tuple[tuple[str | None, int, float], LocalExecutor] | None = None
+_worker: tuple[tuple[str | None, int, float | None], LocalExecutor] | None = None
 
 
 def run_cell_task(cell: CellConfig, threads: int, sample_interval_s: float | None) -> CellDone:
