@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from memprof.results.metrics import Rule, parse_spec
 from memprof.analysis.contention import contended
 from memprof.results.record import SCHEMA_VERSION, Record, Status
 from memprof.results.store import read_records
-from memprof.analysis.stats import mann_whitney_p, smallest_p
+from memprof.analysis.stats import mann_whitney_p, median_interval, smallest_p
 
 REPEATS = 14  # split into two interleaved halves of 7: the fewest that can reach the default p < 0.002
 OPTIMIZERS = '["adamw_torch", "adafactor"]'
@@ -213,6 +214,15 @@ def test_mann_whitney_p_values_by_hand() -> None:
     # U = 7 for 5 and 5: P(U <= 7) = 39 / 252
     assert mann_whitney_p([1.1, 2.5, 3.3, 4.2, 5.0], [2.0, 2.6, 6, 7, 8]) == pytest.approx(78 / 252)
     assert mann_whitney_p([3, 1, 2], [2, 1, 3]) == pytest.approx(1.0)
+
+
+def test_median_interval_by_order_statistics_and_its_coverage() -> None:
+    assert median_interval([1, 2, 3, 4, 5]) is None  # 2 of the 32 sign patterns put all five on one side: over 5%
+    assert median_interval([6, 1, 5, 2, 4, 3]) == (1, 6)  # 6 values: min and max, 1 - 2/64 = 96.9%
+    assert median_interval(list(range(20))) == (5, 14)  # 1 - 2 P(Binomial(20, 1/2) <= 5) = 95.9%; k = 7 gives 88%
+    rng = random.Random(0)
+    draws = [median_interval([rng.gauss(0, 1) for _ in range(20)]) for _ in range(2000)]
+    assert 0.945 <= sum(lo <= 0 <= hi for lo, hi in draws) / len(draws) <= 0.975
 
 
 def test_repeats_of_a_pure_rerun_do_not_make_a_throughput_verdict(

@@ -31,6 +31,20 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, t * sd / math.sqrt(n)
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of ``values``: the ``k``-th smallest and ``k``-th largest, with
+    ``k`` the largest whose binomial tails leave at least ``confidence`` between them; None for too few values
+    (below 6 at 95%)."""
+    n, ordered = len(values), sorted(values)
+    tail, k = 0.0, 0
+    while k < n // 2:
+        tail += math.comb(n, k) / 2 ** n  # P(at most k of n values fall below the median)
+        if 2 * tail > 1 - confidence:
+            break
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
+
+
 def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of the Mann-Whitney U test that ``a`` and ``b`` come from the same distribution.
 
