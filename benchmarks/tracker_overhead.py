@@ -137,7 +137,7 @@ def design_runs(cell: CellConfig, pairs: int, tmp: Path) -> Iterator[dict[str, A
         for arm in ("off", "on"):
             with CpuPressure() as pressure:
                 t0 = time.perf_counter()
-                row[arm] = next(iter(forked(lambda out, arm=arm: run_arm(arm, cell, out), tmp / f"{pair}-{arm}.log")))
+                (row[arm],) = forked(lambda out, arm=arm: run_arm(arm, cell, out), tmp / f"{pair}-{arm}.log")
                 row[f"{arm}_wall_s"] = time.perf_counter() - t0
             row[f"{arm}_cpu_pressure"] = pressure.share
         yield row
