@@ -5,20 +5,17 @@ memprof measures them, the loss's moments as the CPU allocator's events show the
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli, short_suite
 from pydantic import ValidationError
-from torch.profiler import ProfilerActivity, profile
 
 from memprof import suite
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec, ParallelSpec, ShapeSpec
 from memprof.measure import step_memory
-from memprof.measure.activations import SavedActivations
+from memprof.measure.replay import replay_step
 from memprof.results.record import Status
 from memprof.run.launch import run_cell
 from memprof.train import models
@@ -142,37 +139,6 @@ def test_both_cells_train_alike_and_save_what_step_memory_says(results: list) ->
     assert chunked.to_row()["loss_chunk"] == CHUNK and full.to_row()["loss_chunk"] == 0
 
 
-def _peaks(model: torch.nn.Module, loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
-           x: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """(the activations memprof counts, the highest live bytes in forward and in backward above what was allocated
-    before forward), from the CPU allocator's events as torch.profiler records them, on the second of two steps."""
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        with SavedActivations(model) as saved:
-            out = loss(model, x)
-        out.backward()
-    model.zero_grad(set_to_none=True)
-    del out
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with torch.profiler.record_function("forward"):
-            out = loss(model, x)
-        with torch.profiler.record_function("backward"):
-            out.backward()
-    with tempfile.TemporaryDirectory() as folder:
-        prof.export_chrome_trace(str(Path(folder) / "trace.json"))
-        events = json.loads((Path(folder) / "trace.json").read_text())["traceEvents"]
-    spans = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("ph") == "X" and e.get("name") in ("forward", "backward")}
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: (e["ts"], e["args"]["Ev Idx"]))
-    live, peaks = 0, {"forward": 0, "backward": 0}
-    for event in memory:
-        live += event["args"]["Bytes"]
-        for phase, (start, end) in spans.items():
-            if start <= event["ts"] <= end:
-                peaks[phase] = max(peaks[phase], live)
-    return saved.bytes, peaks
-
-
 @pytest.mark.parametrize(("adapter", "precision", "moment"),
                          [("lora", "bf16", "chunked loss backward"), ("none", "fp32", "chunked loss head backward")])
 def test_the_chunked_loss_moments_are_exact_on_the_cpu(adapter: str, precision: str, moment: str) -> None:
@@ -181,23 +147,24 @@ def test_the_chunked_loss_moments_are_exact_on_the_cpu(adapter: str, precision: 
                       shape=ShapeSpec(batch_size=2, seq_len=64, precision=precision), levers=Levers(loss_chunk=CHUNK))
     model = models.build_model(cell.model, cell.adapter, precision, CPU, cell.levers)
     x = torch.randint(0, VOCAB, (2, 64))
-    activations, chunked = _peaks(model, models.loss_function(cell.levers), x)
-    _, full = _peaks(model, full_loss, x)
+    chunked = replay_step(model, models.loss_function(cell.levers), x)
+    full = replay_step(model, full_loss, x)
+    activations = chunked.activation_bytes
     shape = step_memory.step_shape(cell, "cpu")
     assert activations == step_memory.activation_bytes(shape)
     # the input batch was allocated before the profile; the parts it leaves out are a few scalars (a full
     # fine-tune's embedding keeps the input batch, which the moments count twice: once as input_ids)
     every = step_memory.moments(shape, weights=0, optimizer=0, activations=activations)
     predicted = {name: sum(parts.values()) - parts["input_ids"] for name, parts in every.items()}
-    assert abs(chunked["forward"] - predicted["chunked loss forward"]) <= 4096
-    assert abs(chunked["backward"] - max(predicted[m] for m in every if step_memory.phase(m) == "backward")) <= 4096
+    assert abs(chunked.forward_bytes - predicted["chunked loss forward"]) <= 4096
+    assert abs(chunked.backward_bytes - max(predicted[m] for m in every if step_memory.phase(m) == "backward")) <= 4096
     assert max((m for m in every if step_memory.phase(m) == "backward"), key=predicted.get) == moment
-    assert chunked["forward"] < full["forward"]
+    assert chunked.forward_bytes < full.forward_bytes
     if adapter == "none":  # a trainable head's gradient summed out of place: at 128 tokens its two extra [V, h]
         # copies outweigh what chunking the logits saves
-        assert chunked["backward"] > full["backward"]
+        assert chunked.backward_bytes > full.backward_bytes
     else:
-        assert chunked["backward"] < full["backward"] / 2
+        assert chunked.backward_bytes < full.backward_bytes / 2
 
 
 def test_plan_shows_the_chunked_loss_smaller(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
