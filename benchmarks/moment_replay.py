@@ -24,6 +24,7 @@ import torch
 
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec, ShapeSpec
 from memprof.measure import step_memory
+from memprof.measure.accounting import weight_bytes
 from memprof.measure.replay import replay_step
 from memprof.results import env
 from memprof.train import models
@@ -42,8 +43,7 @@ def replay(preset: str, vocab: int, batch: int, seq: int, adapter: str, precisio
     model = models.build_model(cell.model, cell.adapter, precision, torch.device("cpu"), cell.levers)
     peaks = replay_step(model, models.loss_function(cell.levers), torch.randint(0, vocab, (batch, seq)))
     every = step_memory.moments(step_memory.step_shape(cell, "cpu"), weights=0, optimizer=0,
-                                gradients=sum(p.numel() * p.element_size() for p in model.parameters()
-                                              if p.requires_grad),
+                                gradients=weight_bytes(model).trainable.total,
                                 activations=peaks.activation_bytes)
     predicted = {name: sum(parts.values()) - parts["input_ids"] for name, parts in every.items()}
     row: dict[str, Any] = {"adapter": adapter, "precision": precision, "loss_chunk": chunk,

@@ -36,7 +36,7 @@ from memprof.measure.host import rss_bytes
 from memprof.measure.readings import NVML_PERIOD_S, memory_sources
 from memprof.measure.sampler import Sampler, Source
 from memprof.results import env
-from memprof.train.loop import NullProbe, train
+from memprof.train.loop import NullProbe
 from memprof.train.training import Training, resolve_device
 
 def timed(source: Source, reads: list[float]) -> Source:
@@ -100,12 +100,7 @@ def small_ops(steps: int) -> list[float]:
 
 
 def training_steps(built: Training) -> Callable[[int], list[float]]:
-    def run(steps: int) -> list[float]:
-        logs = train(built.model, built.optimizer, None, built.batches, steps, built.cell.shape.grad_accum,
-                     built.cell.training.max_grad_norm, built.device, NullProbe(), loss=built.loss)
-        return [log.step_time_s for log in logs]
-
-    return run
+    return lambda steps: [log.step_time_s for log in built.train(NullProbe(), steps)]
 
 
 def block(run: Callable[[int], list[float]], steps: int, sources: list[Source], interval_s: float,

@@ -80,7 +80,7 @@ def run_blocks(cell: CellConfig, pairs: int, block: int, out: TextIO) -> None:
     from memprof.measure.probe import CellProbe
     from memprof.measure.readings import memory_sources, sample_interval
     from memprof.measure.sampler import Sampler
-    from memprof.train.loop import NullProbe, Probe, train
+    from memprof.train.loop import NullProbe, Probe
     from memprof.train.training import Training, resolve_device
 
     device = resolve_device(cell.budget.device)
@@ -89,9 +89,7 @@ def run_blocks(cell: CellConfig, pairs: int, block: int, out: TextIO) -> None:
     interval = sample_interval(device)
 
     def steps(n: int, probe: Probe) -> list[float]:
-        logs = train(built.model, built.optimizer, None, built.batches, n, cell.shape.grad_accum,
-                     cell.training.max_grad_norm, device, probe, loss=built.loss)
-        return [log.step_time_s for log in logs]
+        return [log.step_time_s for log in built.train(probe, n)]
 
     def on() -> list[float]:
         with Sampler(measured.sources, interval) as sampler, measured.allocator or nullcontext():

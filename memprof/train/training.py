@@ -1,6 +1,6 @@
 """A cell's training objects, built the one way every caller builds them: the worker, ``memprof crosscheck`` and
-the tracker-overhead benchmark. Enters: a ``CellConfig`` and a device. Leaves: the model (adapted, quantised,
-sharded), its loss, optimizer, schedule and batches, and ``train(probe)``, which runs the loop of
+the tracker-overhead and sampler-cost benchmarks. Enters: a ``CellConfig`` and a device. Leaves: the model (adapted,
+quantised, sharded), its loss, optimizer, schedule and batches, and ``train(probe)``, which runs the loop of
 ``memprof.train.loop``."""
 
 from __future__ import annotations
@@ -78,11 +78,15 @@ class Training:
         self.held_out = data.eval_batches(corpus.eval, shape.batch_size, shape.seq_len, training.eval_batches)
         return self
 
-    def train(self, probe: Probe) -> list[StepLog]:
-        """The cell's steps (and held-out evaluation) with ``probe`` observing; raises what ``train`` raises."""
+    def train(self, probe: Probe, steps: int | None = None) -> list[StepLog]:
+        """The cell's steps (and held-out evaluation) with ``probe`` observing; raises what ``train`` raises. With
+        ``steps``: that many more steps of what is built, without the schedule or the held-out evaluation (the
+        benchmarks that time blocks of steps on one build)."""
         from memprof.train.loop import train
 
-        training = self.cell.training
-        return train(self.model, self.optimizer, self.scheduler, self.batches, training.steps,
-                     self.cell.shape.grad_accum, training.max_grad_norm, self.device, probe, self.held_out,
-                     training.eval_every, self.loss)
+        training, shape = self.cell.training, self.cell.shape
+        if steps is not None:
+            return train(self.model, self.optimizer, None, self.batches, steps, shape.grad_accum,
+                         training.max_grad_norm, self.device, probe, loss=self.loss)
+        return train(self.model, self.optimizer, self.scheduler, self.batches, training.steps, shape.grad_accum,
+                     training.max_grad_norm, self.device, probe, self.held_out, training.eval_every, self.loss)
