@@ -1,6 +1,6 @@
 """``memprof.measure.step_memory``'s moments against a CPU replay of the step (``memprof.measure.replay``: the
-profiler's allocator events, exact on the CPU): for each combination of adapter, precision, chunked loss and
-gradient checkpointing, the highest live bytes in forward and in backward against the largest predicted moment of
+profiler's allocator events, exact on the CPU): for each model and combination of adapter, precision, chunked loss
+and gradient checkpointing, the highest live bytes in forward and in backward against the largest predicted moment of
 that phase. Weights, optimizer state and the input batch are left out of both sides (allocated before the replay).
 
 The GPU differs where kernels differ (cuBLAS workspaces, flash attention, one more [tokens, intermediate] gradient in
@@ -46,7 +46,7 @@ def replay(preset: str, vocab: int, batch: int, seq: int, adapter: str, precisio
                                 gradients=weight_bytes(model).trainable.total,
                                 activations=peaks.activation_bytes)
     predicted = {name: sum(parts.values()) - parts["input_ids"] for name, parts in every.items()}
-    row: dict[str, Any] = {"adapter": adapter, "precision": precision, "loss_chunk": chunk,
+    row: dict[str, Any] = {"model": preset, "adapter": adapter, "precision": precision, "loss_chunk": chunk,
                            "checkpointing": checkpointing, "activation_bytes": peaks.activation_bytes}
     for phase, measured in (("forward", peaks.forward_bytes), ("backward", peaks.backward_bytes)):
         moment = max((m for m in every if step_memory.phase(m) == phase), key=predicted.__getitem__)
@@ -58,17 +58,17 @@ def replay(preset: str, vocab: int, batch: int, seq: int, adapter: str, precisio
 def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines = [f"# step_memory's moments against a CPU replay ({machine['cpu']}, torch {machine['versions']['torch']})",
-             "", f"{result['preset']} with a {result['vocab']:,}-token vocabulary, "
+             "", f"{' and '.join(result['presets'])} with a {result['vocab']:,}-token vocabulary, "
              f"b{result['batch']} × s{result['seq']}; "
              "LoRA is r16 on every linear layer. Measured: the highest live bytes of the replayed step's forward and "
              "backward (torch.profiler's allocator events), above the weights and the input batch. Predicted: the "
              "largest moment of that phase.", "",
-             "| adapter | precision | loss chunk | checkpointing | forward measured | forward moment | error | "
-             "backward measured | backward moment | error |", "|---|---|---:|---|---:|---|---:|---:|---|---:|"]
+             "| model | adapter | precision | loss chunk | checkpointing | forward measured | forward moment | error | "
+             "backward measured | backward moment | error |", "|---|---|---|---:|---|---:|---|---:|---:|---|---:|"]
     for r in result["rows"]:
         f, b = r["forward"], r["backward"]
         checkpointing = "on" if r["checkpointing"] else "off"
-        lines.append(f"| {r['adapter']} | {r['precision']} | {r['loss_chunk']} | {checkpointing} "
+        lines.append(f"| {r['model']} | {r['adapter']} | {r['precision']} | {r['loss_chunk']} | {checkpointing} "
                      f"| {f['measured_bytes'] / 2**20:.2f} MiB | {f['moment']} | {f['error']:+.1%} "
                      f"| {b['measured_bytes'] / 2**20:.2f} MiB | {b['moment']} | {b['error']:+.1%} |")
     return "\n".join(lines) + "\n"
@@ -76,7 +76,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small-llama")
+    parser.add_argument("--presets", nargs="+", default=["small-llama", "tiny-qwen3"])
     parser.add_argument("--vocab", type=int, default=32_000, help="a real model's vocabulary, against its width")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=512)
@@ -84,10 +84,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for moment_replay.{json,md}")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the replay's order of allocations does not depend on it; its time does
-    rows = [replay(args.preset, args.vocab, args.batch, args.seq, adapter, precision, chunk, checkpointing)
-            for adapter, precision, chunk, checkpointing in itertools.product(
-                ("lora", "none"), ("fp32", "bf16"), (0, args.chunk), (False, True))]
-    result = {"machine": env.capture(), "preset": args.preset, "vocab": args.vocab, "batch": args.batch,
+    rows = [replay(preset, args.vocab, args.batch, args.seq, adapter, precision, chunk, checkpointing)
+            for preset, adapter, precision, chunk, checkpointing in itertools.product(
+                args.presets, ("lora", "none"), ("fp32", "bf16"), (0, args.chunk), (False, True))]
+    result = {"machine": env.capture(), "presets": args.presets, "vocab": args.vocab, "batch": args.batch,
               "seq": args.seq, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moment_replay.json").write_text(json.dumps(result, indent=2) + "\n")

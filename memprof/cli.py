@@ -398,8 +398,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fallback = [p for p in plans if not p.moment]
     if fallback:
         out.print(f"[dim]{len(fallback)} of {len(plans)} plans fall back on coefficients fitted to CPU runs (the "
-                  f"analytic model covers Llama-family decoders without DoRA, dropout or per-module LoRA "
-                  f"settings{' on a GPU' if args.device == 'cuda' else ''}): {calibration.note}[/]", highlight=False)
+                  f"analytic model covers Llama, Qwen2, Qwen3 and Mistral decoders without DoRA, dropout or "
+                  f"per-module LoRA settings{' on a GPU' if args.device == 'cuda' else ''}): {calibration.note}[/]",
+                  highlight=False)
     return 0
 
 

@@ -84,7 +84,7 @@ def structure(state: Any) -> dict[str, Any] | None:
 QUANT_VARIANTS = [{}, {"quant_type": "fp4"}, {"double_quant": False}, {"compute_dtype": "bfloat16"},
                   {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"},
                   {"prepare_for_kbit_training": False}]  # the embeddings, norms and head left in the model's dtype
-PRESETS = ("tiny-llama", "tiny-qwen2", "small-llama")
+PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "small-llama")
 CASES = ([(name, adapter("qlora", **q), precision) for name in PRESETS for q in QUANT_VARIANTS
           for precision in ("bf16", "fp32") if name != "small-llama" or not q]  # quantising small-llama is slow
          + [(name, adapter(kind), precision) for name in PRESETS for kind in ("lora", "dora", "none")
@@ -103,7 +103,7 @@ def test_the_same_model_to_the_byte_as_building_it_on_the_host(name: str, adapte
     assert weight_bytes(after) == weight_bytes(before)
     assert layout(after) == layout(before)
     assert str(after) == str(before)  # the module tree, 4-bit layers and adapters included
-    assert is_tied(after) == is_tied(before) == (name == "tiny-qwen2")
+    assert is_tied(after) == is_tied(before) == (name in ("tiny-qwen2", "tiny-qwen3"))
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -112,7 +112,7 @@ def is_tied(model: nn.Module) -> bool:
     return base.get_output_embeddings().weight is base.get_input_embeddings().weight
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_non_persistent_buffers_are_computed_not_left_uninitialised(name: str, kind: str) -> None:
     from transformers import AutoModelForCausalLM
@@ -194,7 +194,7 @@ def holding(weight: torch.Tensor) -> nn.Module:
     return module
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_a_4bit_build_dequantises_to_what_transformers_init_asks_for(name: str) -> None:
     import bitsandbytes.functional as bnb_f
 

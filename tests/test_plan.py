@@ -243,6 +243,23 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytes
     assert where in " ".join(err.split()) and "Traceback" not in err
 
 
+def test_qwen3_plans_analytically_and_a_mixture_of_experts_falls_back(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Qwen3 (per-head q/k norms, tests/test_step_memory.py) is in the analytic model; Mixtral's experts, which
+    peft adapts as parameters (its ParamWrapper), are not: fitted coefficients, said so, no traceback."""
+    (qwen,) = _plan_json("--model", "qwen3-8b", "--adapter", "qlora", "--batch-size", "2", "--seq-len", "2048",
+                         "--gradient-checkpointing", "--gpu", "24GB", capsys=capsys)
+    assert qwen["trainable_params"] == 36 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 12288))
+    assert qwen["moment"] == "loss backward"
+    assert qwen["parts"]["loss_logits"]["bytes"] == 2 * 2048 * 151936 * 8  # two fp32 [tokens, vocab] gradients
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+        "num_experts_per_tok": 2}))
+    (moe,) = _plan_json("--model", str(tmp_path), "--batch-size", "2", "--seq-len", "64", capsys=capsys)
+    assert moe["moment"] == "" and moe["trainable_params"] > 0
+
+
 def test_model_that_is_not_a_causal_lm(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 32128}))
     proc = subprocess.run([sys.executable, "-m", "memprof", "plan", "--model", str(tmp_path)],

@@ -1,7 +1,7 @@
-"""What a training step holds in memory, part by part: the analytic model of a Llama-family decoder step under
-memprof's loop (forward ``model(input_ids=x, labels=x).loss`` or, with ``loss_chunk``, memprof's chunked loss,
-backward, clip, optimizer step, ``zero_grad(set_to_none=True)``), as formulas of the model config, the micro-batch
-and the training setup.
+"""What a training step holds in memory, part by part: the analytic model of a Llama-family decoder step (Llama,
+Qwen2, Qwen3, Mistral) under memprof's loop (forward ``model(input_ids=x, labels=x).loss`` or, with ``loss_chunk``,
+memprof's chunked loss, backward, clip, optimizer step, ``zero_grad(set_to_none=True)``), as formulas of the model
+config, the micro-batch and the training setup.
 
 Enters: a ``StepShape`` (``step_shape`` makes one from a ``CellConfig``). Leaves: the bytes autograd saves
 (``activation_bytes``, what ``SavedActivations`` measures) and, for each moment a step's peak can fall at, the named
@@ -72,6 +72,8 @@ class StepShape:
     softmax_bwd_tmp: bool | None = None  # CUDA's softmax backward allocates tmp = grad * output (CPU's does not)
     bnb_fused_max_rows: int | None = None  # bitsandbytes' fused 4-bit GEMM up to this many rows (CUDA 1536; CPU 0)
     loss_chunk: int = 0  # tokens per chunk of memprof's chunked loss; 0: transformers' loss over the whole logits
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+    tied_embeddings: bool = False  # the output head is the input embedding (one weight, one gradient)
 
     def __post_init__(self) -> None:
         cuda = self.device == "cuda"
@@ -235,15 +237,20 @@ def dora_parts(s: StepShape, first: bool = False) -> dict[str, int]:
 def layer_saved_parts(s: StepShape, first: bool = False) -> dict[str, int]:
     """Storages one decoder layer saves for backward without checkpointing (memprof's activation_bytes per layer).
     Verified to the byte on the H200 records (sdpa, eager, LoRA, QLoRA) and against memprof on the CPU
-    (check_cpu.py). ``first``: the first layer under an adapter, whose input needs no grad; its "norms" still count two
-    norms when its post-attention norm saves (the final norm stands in for its input norm, which saves nothing)."""
+    (tests/test_step_memory.py). ``first``: the first layer under an adapter, whose input needs no grad; its "norms"
+    still count two norms when its post-attention norm saves (the final norm stands in for its input norm, which saves
+    nothing)."""
     T, h, i, nh, nkv, d = s.tokens, s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim
     p = s.proj_bytes
     g = _needs_grad(s, first)
     # input_layernorm + post_attention_layernorm (first layer: the final norm + its post norm when that saves)
     parts: dict[str, int] = {"norms": (2 if g["mid"] else 1) * norm_saved(s)}
+    if s.qk_norm:  # as norm_saved over each head: the fp32 copy of q_proj's (k_proj's) output and the rsqrt
+        parts["qk_norms"] = g["q"] * T * nh * (d + 1) * 4 + g["k"] * T * nkv * (d + 1) * 4
     if s.adapter == "none":
         parts["norm_normed"] = 2 * T * h * s.stream_bytes  # trainable norm weight: mul saves x.to(input dtype)
+        if s.qk_norm:
+            parts["qk_norm_normed"] = T * (nh + nkv) * d * p
         parts["linear_x_qkv"] = T * h * s.norm_out_bytes  # q/k/v share one input; weights train -> saved once
         parts["linear_x_gate_up"] = T * h * s.norm_out_bytes  # gate/up share the post-attention norm output
         parts["linear_x_o"] = 0 if s.sdpa_backend == "flash" else T * nh * d * p  # flash output's storage
@@ -448,6 +455,18 @@ def largest_trainable_bytes(s: StepShape) -> int:
                 for m in ALL_LINEAR if s.lora(m)), default=0)
 
 
+def gradients_before_first_layer(s: StepShape, gradients: int) -> int:
+    """The gradients made when backward reaches layer 0, of ``gradients`` (all of the step's): an adapter's are its
+    layers', L - 1 of L made; a full fine-tune's are also the head's, made first, and not the embedding's, made last,
+    unless the two are one weight (benchmarks/moment_replay.py)."""
+    if s.adapter != "none":
+        return gradients * (s.layers - 1) // s.layers
+    head = s.vocab * s.hidden * s.model_bytes
+    embedding = 0 if s.tied_embeddings else head
+    layers = gradients - head - embedding - s.hidden * s.model_bytes  # less the final norm's weight
+    return gradients - embedding - layers // s.layers
+
+
 def attention_backward_parts(s: StepShape) -> dict[str, int]:
     """What one layer holds at the top of its attention backward (the layer's MLP, post-attention norm and o_proj
     are done and their saved tensors freed): the attention-side saved tensors still needed plus the transients.
@@ -520,7 +539,8 @@ def mlp_backward_parts(s: StepShape) -> dict[str, int]:
     gradient (two on CUDA) and a few [T, h] ones; under checkpointing two fp32 [T, i] tensors of the recompute are
     still alive when the first node runs (benchmarks/moment_replay.py: 0.1% to 10.8% over the replayed backward
     peak where this moment is the largest)."""
-    T, h, i, a = s.tokens, s.hidden, s.intermediate, s.adapter_bytes
+    T, h, i = s.tokens, s.hidden, s.intermediate
+    a = s.adapter_bytes if s.adapter != "none" else s.proj_bytes  # a full fine-tune's gradients: the model's dtype
     transient = (2 * T * i * a + 3 * T * h * a) if s.checkpointing else (T * i * a + T * h * (a + s.stream_bytes))
     if s.device != "cpu" and not s.checkpointing:
         # one more [T, i] gradient on CUDA: at small-llama's fp32 peak on an H200 (2026-11-28, allocator history) 18
@@ -584,7 +604,7 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
         # for a large adapter outweighs them (the 70B QLoRA r64 cell on an H100: its allocator peak, 51.66 GB, within
         # 0.07% of this moment's MLP backward, 1.2 GB above the end of backward)
         first = {"ckpt_kept": kept["ckpt_kept"] - (s.layers - 1) * layer_input,
-                 "rope_cos_sin": kept["rope_cos_sin"], "gradients": G * (s.layers - 1) // s.layers}
+                 "rope_cos_sin": kept["rope_cos_sin"], "gradients": gradients_before_first_layer(s, G)}
         out["layer 0 recomputed attention backward"] = {**base, **first, **attention_backward_parts(s)}
         out["layer 0 recompute forward"] = {**base, **first, **recompute_forward_parts(s), "residual_grad": layer_input}
         out["layer 0 recomputed MLP backward"] = {**base, **first, **mlp_backward_parts(s)}
@@ -665,7 +685,8 @@ def phase(moment: str) -> str:
 
 
 
-MODELLED = ("llama", "qwen2", "mistral")  # decoder layers as Llama's: RMSNorm, RoPE, q/k/v/o, SwiGLU gate/up/down
+# decoder layers as Llama's: RMSNorm, RoPE, q/k/v/o, SwiGLU gate/up/down (Qwen3: and an RMSNorm per q and k head)
+MODELLED = ("llama", "qwen2", "qwen3", "mistral")
 _MODULES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
             "down_proj": "down"}
 _FULL_NAMES = {short: f"model.layers.0.{'mlp' if short in ('gate', 'up', 'down') else 'self_attn'}.{name}"
@@ -708,7 +729,9 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      kbit_prepare=adapter.quant.prepare_for_kbit_training,
                      compute_bytes=MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]],
                      fused_optimizer=_fused(cell.optimizer.name), device=device,
-                     cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk)
+                     cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk,
+                     qk_norm=config.model_type == "qwen3",
+                     tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
 def _fused(optimizer: str) -> bool:

@@ -78,7 +78,9 @@ def frozen_weight_bytes(model: nn.Module) -> int:
 
 def adapted_numel(model: nn.Module) -> int:
     """Elements of the base weights that carry a LoRA/DoRA adapter (DoRA saves one weight-sized tensor for each
-    per forward, whatever the batch); 4-bit ones count the values they stand for."""
+    per forward, whatever the batch); 4-bit ones count the values they stand for. An adapter on a parameter
+    (peft's ``ParamWrapper``, e.g. a mixture of experts' fused expert weights) counts that parameter."""
     from peft.tuners.lora import LoraLayer
 
-    return sum(m.get_base_layer().weight.numel() for m in model.modules() if isinstance(m, LoraLayer))
+    return sum(getattr(m.get_base_layer(), getattr(m, "parameter_name", "weight")).numel()
+               for m in model.modules() if isinstance(m, LoraLayer))
