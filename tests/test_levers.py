@@ -4,6 +4,7 @@ following each of them."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,27 @@ def test_plan_follows_checkpointing_attention_and_context(runs: tuple) -> None:
         tolerance = 0.10 if cell.levers.attn_implementation == "eager" else 0.05
         assert act == pytest.approx(measured, rel=tolerance), cell.key
         assert any(p.name == "layer" for p in predicted.parts) == (cell.levers.gradient_checkpointing != "off")
+
+
+def test_a_kernel_the_architecture_lacks_is_unavailable_and_the_suite_goes_on(tmp_path: Path) -> None:
+    """Gemma2 has no sdpa path in transformers: that cell is "unavailable" (a result, exit 0), its eager one trains."""
+    path = tmp_path / "gemma2.toml"
+    path.write_text(short_suite("gemma2-attn") + """
+[grid]
+model = ["gemma2"]
+adapter = ["lora"]
+optimizer = ["adamw_torch"]
+batch_size = [1]
+seq_len = [32]
+attn_implementation = ["sdpa", "eager"]
+
+[models.gemma2]
+config = { model_type = "gemma2", vocab_size = 256, hidden_size = 64, intermediate_size = 128, num_hidden_layers = 1, \
+num_attention_heads = 2, num_key_value_heads = 1, head_dim = 32 }
+""")
+    assert run_cli("run", str(path), "--out", str(tmp_path / "out")) == 0
+    (run_dir,) = (tmp_path / "out").iterdir()
+    status = {r.config.levers.attn_implementation: r for r in read_records(run_dir)}
+    assert status["eager"].status is Status.OK, status["eager"].error
+    assert status["sdpa"].status is Status.UNAVAILABLE
+    assert "Gemma2ForCausalLM does not support" in status["sdpa"].error and "eager does" in status["sdpa"].error

@@ -30,7 +30,7 @@ class Status(str, enum.Enum):
     CRASHED = "crashed"            # an exception from a library, a signal (segfault, SIGKILL), a bad exit
     TIMEOUT = "timeout"            # ran past the suite's timeout_s and was killed
     INTERRUPTED = "interrupted"    # Ctrl-C / SIGTERM while it ran
-    UNAVAILABLE = "unavailable"    # its optimizer's library is not installed, or it needs CUDA
+    UNAVAILABLE = "unavailable"    # its optimizer's library or a lever is missing here, or it needs CUDA
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,9 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
     except ValueError as err:
+        if attn != "eager" and "does not support" in str(err):  # transformers: this architecture has no such kernel
+            first = str(err).split(". ")[0]  # the sentence that says so, without transformers' advice
+            raise LeverUnavailable(f"attn_implementation {attn}: {first} (eager does)") from err
         raise ModelLoadError(f"cannot load {spec.path or 'the model'}: {err}") from err
     model.config.use_cache = False
     keep_training_layout(model)
