@@ -193,8 +193,8 @@ MIN_KIND_CELLS = 3  # an adapter kind's own offset to the remainder needs this m
 
 def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     """What the analytic model leaves to measurement, from the runs' ok cells it covers (None when it covers none):
-    the unnamed remainder (attribution at the peak) as a constant and a per-token-width slope, the allocator cache model and the memory outside
-    PyTorch (CUDA runs).
+    the unnamed remainder (attribution at the peak) as a constant and a per-token-width slope, the allocator cache
+    model and the memory outside PyTorch (CUDA runs).
 
     Raises:
         UserError: runs from a CPU and a GPU together, or a folder that is not a memprof run.

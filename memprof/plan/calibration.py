@@ -61,17 +61,26 @@ class Shape:
     vocab: int
     max_positions: int
     heads: int = 0  # query heads: eager attention keeps one seq × seq matrix per head and layer
+    model_type: str = ""
+    experts: int = 0  # a mixture of experts' experts per layer
 
     @classmethod
     def from_config(cls, config: Any) -> Shape:
+        """The widths of ``config``; a mixture of experts' MLP width is what each token passes through: its
+        experts per token times one expert's width."""
         hidden = config.hidden_size
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(layers=config.num_hidden_layers, hidden=hidden,
-                   intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+        intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        if experts:
+            expert = getattr(config, "moe_intermediate_size", None) or intermediate
+            intermediate = (getattr(config, "num_experts_per_tok", None) or 1) * expert
+        return cls(layers=config.num_hidden_layers, hidden=hidden, intermediate=intermediate,
                    kv_width=kv_heads * head_dim, vocab=config.vocab_size,
-                   max_positions=getattr(config, "max_position_embeddings", None) or 0, heads=heads)
+                   max_positions=getattr(config, "max_position_embeddings", None) or 0, heads=heads,
+                   model_type=config.model_type, experts=experts)
 
     def activation_features(self) -> tuple[int, ...]:
         """The per-token features: the first five of ``ACTIVATION_FEATURES``."""
