@@ -1,11 +1,12 @@
-"""How far `memprof plan`'s fallback is off on architectures it was not fitted to: for decoder architectures outside
+"""How far `memprof plan` is off on architectures outside its analytic model: for decoder architectures outside
 ``memprof.measure.step_memory.MODELLED`` (Gemma2, Gemma3, Phi-3, OLMo2, Granite, and the mixtures of experts
-Mixtral and Qwen3-MoE), the saved activations the fallback's coefficients (fitted to Llama-family CPU runs) predict
-against what autograd saves in one real step on the CPU (``SavedActivations``, exact), for LoRA, QLoRA and a full
-fine-tune, with and without checkpointing. A byte-level vocabulary keeps the loss's share small, so the error is the
-layers' (at a real model's depth the layers hold most of the activations). The largest miss, as a share of the
-prediction, is the plan's stated uncertainty for such models (``memprof.plan.predict.ARCHITECTURE_ERROR``, and
-``MOE_ERROR`` for mixtures of experts). Writes fallback_accuracy.{json,md} to ``--out``.
+Mixtral and Qwen3-MoE), the saved activations the plan states (measured on the meta device where it can,
+``memprof.measure.meta_step``) and those the coefficients fitted to Llama-family CPU runs predict, against what
+autograd saves in one real step on the CPU (``SavedActivations``, exact), for LoRA, QLoRA and a full fine-tune, with
+and without checkpointing. A byte-level vocabulary keeps the loss's share small, so the error is the layers' (at a
+real model's depth the layers hold most of the activations). The fitted coefficients' largest miss, as a share of
+their prediction, is the plan's stated uncertainty where it has to use them (``memprof.plan.predict``'s
+``ARCHITECTURE_ERROR``, and ``MOE_ERROR`` for mixtures of experts). Writes fallback_accuracy.{json,md} to ``--out``.
 
     python benchmarks/fallback_accuracy.py --out results/benchmarks
 """
@@ -59,11 +60,13 @@ def measure(name: str, adapter: str, checkpointing: bool, batch: int, seq: int) 
     with SavedActivations(model) as saved:
         loss = models.full_loss(model, torch.randint(0, 256, (batch, seq)))
     loss.backward()
-    fallback = replace(calibration.load(), devices={})  # the coefficients alone, as plan uses them for such models
-    (plan,) = predict.plan_requests([cell], fallback, "cpu")
-    predicted = next(p.bytes for p in plan.parts if p.name == "activations")
-    return {"architecture": name, "adapter": adapter, "checkpointing": checkpointing,
-            "measured_bytes": saved.bytes, "predicted_bytes": predicted, "miss": saved.bytes / predicted - 1}
+    shipped = calibration.load()
+    (plan,) = predict.plan_requests([cell], replace(shipped, devices={}), "cpu")  # as it plans such a model
+    planned = next(p for p in plan.parts if p.name == "activations")
+    fitted, _, _ = predict.fitted_activations(cell, plan.exact, shipped)
+    return {"architecture": name, "adapter": adapter, "checkpointing": checkpointing, "measured_bytes": saved.bytes,
+            "planned_bytes": planned.bytes, "planned_how": planned.how, "fitted_bytes": fitted,
+            "miss": saved.bytes / fitted - 1}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -71,20 +74,28 @@ def markdown(result: dict[str, Any]) -> str:
     moe = {name for name, config in ARCHITECTURES.items() if "num_experts_per_tok" in config}
     worst = {kind: max((r for r in rows if (r["architecture"] in moe) == (kind == "moe")), key=lambda r: abs(r["miss"]))
              for kind in ("dense", "moe")}
-    lines = [f"# The plan's fallback on architectures it was not fitted to ({result['machine']['cpu']}, "
+    lines = [f"# The plan on architectures outside its analytic model ({result['machine']['cpu']}, "
              f"torch {result['machine']['versions']['torch']})", "",
              f"Saved activations of one bf16 step, b{result['batch']} × s{result['seq']}, each architecture at "
              "small-llama's widths (hidden 512, 4 layers, a byte vocabulary, so the layers' bytes dominate); LoRA r16 "
-             "on every linear layer. Measured: `SavedActivations` (exact). Predicted: the fallback's coefficients, "
-             "fitted to Llama-family CPU runs. Miss: measured / predicted - 1.", "",
+             "on every linear layer. Measured: `SavedActivations` (exact). Planned: what `memprof plan` states "
+             "(measured on the meta device where it can run the model). Fitted: the coefficients fitted to "
+             "Llama-family CPU runs, which the plan uses where it cannot. Miss: measured / fitted - 1.", "",
+             f"The plan measured {sum(r['planned_how'].startswith('measured on the meta') for r in rows)} of the "
+             f"{len(rows)} rows on the meta device and equals the measurement in "
+             f"{sum(r['planned_bytes'] == r['measured_bytes'] for r in rows)}; the rest (mixtures of experts) it "
+             "fitted.", "",
+             "The fitted coefficients:", "",
              *(f"- largest miss, {label}: {w['miss']:+.1%} of the prediction ({w['architecture']}, {w['adapter']}"
                f"{', checkpointing' if w['checkpointing'] else ''})." for label, w in
                (("dense architectures", worst["dense"]), ("mixtures of experts", worst["moe"]))), "",
-             "The plan states these as the uncertainty of its fallback's activations for such models.", "",
-             "| architecture | adapter | checkpointing | measured | predicted | miss |", "|---|---|---|---:|---:|---:|"]
+             "The plan states these as their uncertainty where it has to use them.", "",
+             "| architecture | adapter | checkpointing | measured | planned | fitted | miss |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
+        planned = "= measured" if r["planned_bytes"] == r["measured_bytes"] else f"{r['planned_bytes'] / 2**20:.2f} MiB"
         lines.append(f"| {r['architecture']} | {r['adapter']} | {'on' if r['checkpointing'] else 'off'} "
-                     f"| {r['measured_bytes'] / 2**20:.2f} MiB | {r['predicted_bytes'] / 2**20:.2f} MiB "
+                     f"| {r['measured_bytes'] / 2**20:.2f} MiB | {planned} | {r['fitted_bytes'] / 2**20:.2f} MiB "
                      f"| {r['miss']:+.1%} |")
     return "\n".join(lines) + "\n"
 

@@ -397,10 +397,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   f"model was not trained for that length[/]", highlight=False)
     fallback = [p for p in plans if not p.moment]
     if fallback:
-        out.print(f"[dim]{len(fallback)} of {len(plans)} plans fall back on coefficients fitted to CPU runs (the "
-                  f"analytic model covers Llama, Qwen2, Qwen3 and Mistral decoders without DoRA, dropout or "
-                  f"per-module LoRA settings{' on a GPU' if args.device == 'cuda' else ''}): {calibration.note}[/]",
-                  highlight=False)
+        out.print(f"[dim]{len(fallback)} of {len(plans)} plans are outside the analytic model (Llama, Qwen2, Qwen3 "
+                  f"and Mistral decoders without DoRA, dropout or per-module LoRA settings"
+                  f"{' on a GPU' if args.device == 'cuda' else ''}): their saved activations are measured on the "
+                  f"meta device (a mixture of experts' are fitted), the step's temporaries fitted. "
+                  f"{calibration.note}[/]", highlight=False)
     return 0
 
 

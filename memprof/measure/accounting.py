@@ -34,8 +34,9 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Which storage ``t`` views: its device and address (a meta storage has none: its own object's)."""
     storage = local(t).untyped_storage()
-    return (str(t.device), storage.data_ptr())
+    return (str(t.device), storage._cdata if t.device.type == "meta" else storage.data_ptr())
 
 
 def count_bytes(tensors: Iterable[torch.Tensor], exclude: set[tuple[str, int]] | None = None) -> ByteCount:

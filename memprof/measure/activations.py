@@ -21,13 +21,13 @@ class SavedActivations:
     Parameters and buffers that autograd saves are not activations and are left out, FSDP2's all-gathered
     (unsharded) parameters too; every other storage is counted once, however many ops save it. Under gradient
     checkpointing the inputs each checkpointed layer keeps for its recomputation count as well: non-reentrant
-    checkpointing holds them outside autograd's saved tensors.
+    checkpointing holds them outside autograd's saved tensors. On the meta device (shapes, no memory) it counts the
+    same storages, each known by its own object (``memprof.measure.meta_step``).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._exclude = {storage_key(t) for t in [*model.parameters(), *model.buffers()]
-                         if t.device.type != "meta"}
+        self._exclude = {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
         self._saved: dict[tuple[str, int], tuple[int, int]] = {}  # storage key -> (StorageImpl, bytes)
         # weak references to the tensors saved from each storage: a storage whose tensors all died (a graph dropped
         # within forward, as DoRA's weight-norm branch is) gave its address back, and does not count
@@ -48,7 +48,7 @@ class SavedActivations:
         return t
 
     def _count(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta" or isinstance(t, nn.Parameter) or self._at_backward is not None:
+        if isinstance(t, nn.Parameter) or self._at_backward is not None:
             return
         key = storage_key(t)
         refs = self._refs.get(key, [])

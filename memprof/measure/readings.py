@@ -136,7 +136,8 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline:
     values["nvml_peak_device_used_bytes"] = sampler.peaks.get("nvml_device_used_bytes")
     values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
     peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    values.update(rss_baseline_bytes=rss_baseline, peak_rss_bytes=peak_rss, peak_rss_delta_bytes=peak_rss - rss_baseline)
+    values.update(rss_baseline_bytes=rss_baseline, peak_rss_bytes=peak_rss,
+                  peak_rss_delta_bytes=peak_rss - rss_baseline)
     heap = [row for row in sampler.timeline if row.get("heap_free_bytes") is not None]
     if heap_baseline is not None and heap:
         at_peak = max(heap, key=lambda row: row["rss_bytes"])

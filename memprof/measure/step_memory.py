@@ -125,22 +125,27 @@ class StepShape:
 
     @property
     def sdpa_backend(self) -> str | None:
-        """The kernel F.scaled_dot_product_attention runs on sm80+ for these calls (no mask, is_causal=True;
-        transformers passes enable_gqa=True when there is no mask and nkv < nh instead of repeating k/v)."""
-        if self.attn != "sdpa":
-            return None
-        if self.device == "cpu":
-            # torch's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu) takes fp32, bf16 and fp16 and
-            # enable_gqa natively: it saves q, k, v (kv-head size), out and an fp32 logsumexp, no rng state
-            return "flash"
-        if self.proj_bytes == 2:
-            return "flash"  # flash (or cuDNN on recent torch/cuDNN: the same saved bytes); both take GQA natively
-        # fp32 q/k/v: flash and cuDNN need 16-bit; with enable_gqa the mem-efficient kernel is not eligible either
-        # (torch 2.11), so the math path runs: the measured QLoRA activations match it to the byte.
-        return "math" if self.kv_heads < self.heads else "efficient"
+        return sdpa_backend(self.attn, self.device, self.proj_bytes, self.kv_heads < self.heads)
 
     def lora(self, module: str) -> bool:
         return self.adapter in ("lora", "qlora", "dora") and module in self.lora_targets
+
+
+def sdpa_backend(attn: str, device: str, qkv_bytes: int, gqa: bool) -> str | None:
+    """The kernel F.scaled_dot_product_attention runs on sm80+ for these calls (no mask, is_causal=True;
+    transformers passes enable_gqa=True when there is no mask and nkv < nh instead of repeating k/v); None for
+    another attention implementation."""
+    if attn != "sdpa":
+        return None
+    if device == "cpu":
+        # torch's CPU flash kernel (_scaled_dot_product_flash_attention_for_cpu) takes fp32, bf16 and fp16 and
+        # enable_gqa natively: it saves q, k, v (kv-head size), out and an fp32 logsumexp, no rng state
+        return "flash"
+    if qkv_bytes == 2:
+        return "flash"  # flash (or cuDNN on recent torch/cuDNN: the same saved bytes); both take GQA natively
+    # fp32 q/k/v: flash and cuDNN need 16-bit; with enable_gqa the mem-efficient kernel is not eligible either
+    # (torch 2.11), so the math path runs: the measured QLoRA activations match it to the byte.
+    return "math" if gqa else "efficient"
 
 
 def _bytes_s2(s: StepShape) -> int:

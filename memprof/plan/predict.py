@@ -311,8 +311,12 @@ ANALYTIC_ERROR = 0.002       # the analytic moments matched the H200's allocator
 ESTIMATE_ERROR = 0.15        # moments estimated from CPU replays, never checked against a measured peak
 NON_PYTORCH_ERROR = 0.05     # NVML's non-PyTorch figure moved 2% between the H200's cells
 ASSUMED_ERROR = 0.5          # nothing measured
-# the fallback's activations on architectures outside the analytic model, whose layers it was not fitted to: the
-# largest miss in benchmarks/fallback_accuracy.py (Gemma2 +86% of the prediction; Qwen3-MoE's QLoRA +169%)
+# saved activations measured on the meta device (memprof.measure.meta_step): on the CPU equal to a real step's to the
+# byte (tests/test_meta_step.py); on CUDA they follow the attention-kernel rules of the analytic model
+META_ERROR = {"cpu": ANALYTIC_ERROR, "cuda": ESTIMATE_ERROR}
+# the fitted activations on architectures outside the analytic model, whose layers they were not fitted to (where
+# the meta device cannot run them): the largest miss in benchmarks/fallback_accuracy.py (Gemma2 +86% of the
+# prediction; Qwen3-MoE's QLoRA +169%)
 ARCHITECTURE_ERROR = 0.9
 MOE_ERROR = 1.7
 
@@ -386,28 +390,33 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, m
 
 
 def _fitted(request: CellConfig, exact: Exact, calibration: Calibration, device: str) -> Plan:
-    """The fallback: activations and temporaries from coefficients fitted to CPU runs (a model the analytic
-    formulas do not cover, or a device kind without a calibration)."""
+    """The fallback (a model the analytic formulas do not cover, or a device kind without a calibration): saved
+    activations measured on the meta device, else from coefficients fitted to CPU runs; temporaries fitted."""
+    from memprof.measure import meta_step
+
     group = calibration.group(request.shape.precision, request.adapter.kind)
     tokens, checkpointing = request.shape.tokens, request.levers.gradient_checkpointing != "off"
-    act = group.activation_bytes(exact.shape, tokens, exact.adapted_numel, checkpointing, exact.residual_itemsize)
-    act_how, act_error = f"fitted ({calibration.device} calibration)", group.activation_max_error
-    if exact.shape.model_type not in step_memory.MODELLED:
-        act_error = max(act_error, MOE_ERROR if exact.shape.experts else ARCHITECTURE_ERROR)
-        act_how += f", not fitted to {exact.shape.model_type} layers"
-    if request.levers.attn_implementation == "eager":
-        act += eager_attention_bytes(request, exact)
-        act_how += ", + eager attention's seq×seq matrices (derived)"
+    measured = meta_step.activation_bytes(request, device)
+    if measured is not None:
+        act, act_how, act_error = measured, "measured on the meta device (the model's own graph)", META_ERROR[device]
+    else:
+        act, act_how, act_error = fitted_activations(request, exact, calibration)
     fitted = f"fitted ({calibration.device} calibration, {calibration.source.get('machine', '?')})"
     parts = _weights(request, exact) + [
         Part("gradients", exact.gradient_bytes, "exact" + (", per rank" if request.levers.parallel.strategy ==
                                                             "fsdp2" else "")),
         Part("activations", act, act_how, act_error)]
     if checkpointing:
-        recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
-        if request.levers.attn_implementation == "eager":
-            recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
-        parts.append(Part("layer", recompute, "fitted: one layer's activations, alive again in backward", act_error))
+        layer = meta_step.layer_bytes(request, device) if measured is not None else None
+        if layer is not None:
+            parts.append(Part("layer", layer, "measured on the meta device: one layer's activations, alive again "
+                                              "in backward", act_error))
+        else:
+            recompute = group.recompute_bytes(exact.shape, tokens, exact.adapted_numel)
+            if request.levers.attn_implementation == "eager":
+                recompute += eager_attention_bytes(request, exact) // max(exact.shape.layers, 1)
+            parts.append(Part("layer", recompute, "fitted: one layer's activations, alive again in backward",
+                              act_error))
     # the [tokens, vocab] logits of the loss: with loss_chunk, one chunk's at a time
     chunk = request.levers.loss_chunk
     logits = step_memory.logit_tokens(tokens, chunk)
@@ -422,6 +431,22 @@ def _fitted(request: CellConfig, exact: Exact, calibration: Calibration, device:
                           else calibration.cuda_context_source,
                           NON_PYTORCH_ERROR if measured else ASSUMED_ERROR, allocated=False))
     return Plan(request, exact, tuple(parts), calibration.path or calibration.device, device)
+
+
+def fitted_activations(request: CellConfig, exact: Exact, calibration: Calibration) -> tuple[int, str, float]:
+    """Saved activations from the coefficients fitted to CPU runs of Llama-family layers, with how they were got
+    and their error (wider for layers of another architecture: benchmarks/fallback_accuracy.py)."""
+    group = calibration.group(request.shape.precision, request.adapter.kind)
+    act = group.activation_bytes(exact.shape, request.shape.tokens, exact.adapted_numel,
+                                 request.levers.gradient_checkpointing != "off", exact.residual_itemsize)
+    how, error = f"fitted ({calibration.device} calibration)", group.activation_max_error
+    if exact.shape.model_type not in step_memory.MODELLED:
+        error = max(error, MOE_ERROR if exact.shape.experts else ARCHITECTURE_ERROR)
+        how += f", not fitted to {exact.shape.model_type} layers"
+    if request.levers.attn_implementation == "eager":
+        act += eager_attention_bytes(request, exact)
+        how += ", + eager attention's seq×seq matrices (derived)"
+    return act, how, error
 
 
 def _if_fsdp2(request: CellConfig, text: str) -> str:
