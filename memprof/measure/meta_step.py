@@ -103,15 +103,18 @@ def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, c
 
     from memprof.train import models
 
-    config = models.build_config(ModelSpec.model_validate_json(model_json))
+    spec = ModelSpec.model_validate_json(model_json)
+    config = models.build_config(spec)
     if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
         return None
     adapter, precision = _stand_in(AdapterSpec.model_validate_json(adapter_json), precision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision], attn_implementation=attn,
-                                                 trust_remote_code=ModelSpec.model_validate_json(model_json)
-                                                 .trust_remote_code)
-        model = models.attach_adapter(model, adapter)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision], attn_implementation=attn,
+                                                     trust_remote_code=spec.trust_remote_code)
+            model = models.attach_adapter(model, adapter)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a module that needs real tensors to build
+        return None
     model.config.use_cache = False
     model.train()
     if checkpointing != "off":
@@ -167,29 +170,25 @@ def _period(config: Any) -> int:
                  if all(types[i] == types[i % p] for i in range(len(types)))), 1)
 
 
-def _saved(cell: CellConfig, device: str, checkpointing: str | None = None) -> int | None:
-    """``_measured`` for the whole model, from models of its first few layers: once every kind of layer has run (and
-    made what its kind shares, as an attention mask), each further period of the layer pattern adds the same
-    bytes."""
+def activation_bytes(cell: CellConfig, device: str) -> int | None:
+    """What one micro-batch of ``cell`` saves in forward on ``device`` (cpu or cuda), measured on the meta device;
+    None for a model whose forward the meta device cannot run (a mixture of experts, an op that reads values).
+
+    The whole model would take seconds to build: it is measured on models of its first few layers. Once every kind of
+    layer has run (and made what its kind shares, as an attention mask), each further period of the layer pattern
+    adds the same bytes."""
     from memprof.train import models
 
     config = models.build_config(cell.model)
     layers, period = config.num_hidden_layers, _period(config)
     if layers <= 2 * period + 1:
-        return _measured(_with_layers(cell, layers, config, checkpointing), device)
+        return _measured(_with_layers(cell, layers, config), device)
     rest = (layers - period - 1) % period
-    base, start, block = (_measured(_with_layers(cell, n, config, checkpointing), device)
+    base, start, block = (_measured(_with_layers(cell, n, config), device)
                           for n in (period + 1 + rest, period + 1, 2 * period + 1))
     if base is None or start is None or block is None:
         return None
     return base + (layers - period - 1 - rest) // period * (block - start)
-
-
-def activation_bytes(cell: CellConfig, device: str) -> int | None:
-    """What one micro-batch of ``cell`` saves in forward on ``device`` (cpu or cuda), measured on the meta device
-    (on models of its first few layers: the whole would take seconds to build); None for a model whose forward the
-    meta device cannot run (a mixture of experts, an op that reads values)."""
-    return _saved(cell, device)
 
 
 def layer_bytes(cell: CellConfig, device: str) -> int | None:
@@ -200,6 +199,5 @@ def layer_bytes(cell: CellConfig, device: str) -> int | None:
     config = models.build_config(cell.model)
     period = _period(config)
     saved = [_measured(_with_layers(cell, n, config, "off"), device) for n in range(period + 1, 2 * period + 2)]
-    if any(b is None for b in saved):
-        return None
-    return max(b - a for a, b in zip(saved, saved[1:]))  # type: ignore[operator]
+    known = [b for b in saved if b is not None]
+    return max(b - a for a, b in zip(known, known[1:])) if len(known) == len(saved) else None
