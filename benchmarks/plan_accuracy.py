@@ -46,7 +46,7 @@ def _errors(records: list[Record], calibration: calibration_mod.Calibration, dev
         if r.status is not Status.OK:
             continue
         predicted = plan.plan_requests([r.config], calibration, device)[0]
-        row: dict[str, Any] = {"cell": r.key, "moment": predicted.moment or "fallback (fitted)"}
+        row: dict[str, Any] = {"cell": r.key, "moment": predicted.moment or "outside the analytic model"}
         if device == "cuda":
             row["allocated_error"] = predicted.allocated_bytes / r.peak_allocated_bytes - 1
             # the device's figure where NVML lists processes by host PID (this one is then not found)

@@ -33,7 +33,7 @@ def context(acceptance, tmp_path: Path, rehearse: bool = True):  # noqa: ANN001,
     return acceptance.Context(rehearse, tmp_path / "work", tmp_path / "out", time.monotonic() + 60, {})
 
 
-@pytest.mark.parametrize("name", ["reference", "levers-gpu", "qlora-70b"])
+@pytest.mark.parametrize("name", ["reference", "levers-gpu", "qlora-70b", "architectures"])
 def test_a_rehearsal_runs_a_small_cpu_copy_of_each_gpu_suite(acceptance, tmp_path: Path, name: str) -> None:
     shipped = suite.load(name)
     small = suite.load(str(acceptance.suite_path(context(acceptance, tmp_path), name)))

@@ -95,7 +95,7 @@ def _stand_in(adapter: AdapterSpec, precision: str) -> tuple[AdapterSpec, str]:
     return lora, "fp32" if adapter.quant.prepare_for_kbit_training else precision
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=64)
 def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str) -> nn.Module | None:
     """The model on the meta device as a cell builds it (None for a mixture of experts), kept for the next micro-batch
     shape: building and wrapping it takes seconds, a meta forward a fraction of one."""
@@ -193,11 +193,10 @@ def activation_bytes(cell: CellConfig, device: str) -> int | None:
 
 def layer_bytes(cell: CellConfig, device: str) -> int | None:
     """What one decoder layer but the first saves without checkpointing: what a checkpointed layer holds again while
-    backward recomputes it (the largest of the pattern's kinds); None as above."""
+    backward recomputes it (the mean over a period of the layer pattern); None as above."""
     from memprof.train import models
 
     config = models.build_config(cell.model)
     period = _period(config)
-    saved = [_measured(_with_layers(cell, n, config, "off"), device) for n in range(period + 1, 2 * period + 2)]
-    known = [b for b in saved if b is not None]
-    return max(b - a for a, b in zip(known, known[1:])) if len(known) == len(saved) else None
+    start, block = (_measured(_with_layers(cell, n, config, "off"), device) for n in (period + 1, 2 * period + 1))
+    return None if start is None or block is None else (block - start) // period

@@ -502,9 +502,10 @@ def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
                         calibration, plan.device)
         return sized.needed_bytes + sized.uncertainty_bytes <= gpu.capacity_bytes
 
-    max_batch = largest(lambda b: fits(b, request.shape.seq_len))
+    # searched from the request's own values: the answer is the same, in fewer plans
+    max_batch = largest(lambda b: fits(b, request.shape.seq_len), start=request.shape.batch_size)
     cap = exact.shape.max_positions or MAX_SEARCH
-    max_seq = largest(lambda s: fits(request.shape.batch_size, s), limit=cap)
+    max_seq = largest(lambda s: fits(request.shape.batch_size, s), start=min(request.shape.seq_len, cap), limit=cap)
     return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, plan.pageable_bytes, max_batch, max_seq,
                   max_seq == cap)
 
