@@ -346,6 +346,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from memprof.plan import calibration as calibration_mod
     from memprof.plan import gpus as gpus_mod
     from memprof.plan import predict as plan_mod
+    from memprof.train.models import LeverUnavailable
     from memprof.views import plan as plan_views
 
     if args.calibrate:
@@ -378,8 +379,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
-    plans = plan_mod.plan_requests(requests, calibration, args.device)
-    verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
+    try:
+        plans = plan_mod.plan_requests(requests, calibration, args.device)
+        verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
+    except LeverUnavailable as err:  # a run would record the cell as unavailable; a plan has nothing to say of it
+        raise UserError(args.suite or "--attn", str(err)) from None
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
                          indent=2))

@@ -265,6 +265,22 @@ def test_qwen3_plans_analytically_and_a_mixture_of_experts_falls_back(tmp_path: 
     assert (shape.intermediate, shape.experts) == (2 * 128, 4)
 
 
+def test_an_architecture_outside_the_model_is_measured_on_the_meta_device(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Gemma2 with eager attention: its saved activations measured, not fitted; with sdpa, which transformers has no
+    path for in Gemma2, one line saying so and exit 2 (a run records such a cell as unavailable)."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gemma2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}))
+    (gemma,) = _plan_json("--model", str(tmp_path), "--attn", "eager", "--seq-len", "64", capsys=capsys)
+    assert gemma["parts"]["activations"]["how"] == "measured on the meta device (the model's own graph)"
+    assert gemma["parts"]["activations"]["error"] == plan.META_ERROR["cuda"]
+    assert run_cli("plan", "--model", str(tmp_path), "--seq-len", "64") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --attn: attn_implementation sdpa: Gemma2ForCausalLM does not support")
+    assert error.endswith("(eager does)") and "\n" not in error
+
+
 def test_the_fallbacks_stated_uncertainty_covers_its_committed_miss() -> None:
     """results/benchmarks/fallback_accuracy.json: the fitted activations against autograd's on seven architectures
     outside the analytic model; the plan's stated error for them covers every miss."""

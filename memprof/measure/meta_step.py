@@ -113,7 +113,9 @@ def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, c
             model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[precision], attn_implementation=attn,
                                                      trust_remote_code=spec.trust_remote_code)
             model = models.attach_adapter(model, adapter)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a module that needs real tensors to build
+    except ValueError as err:
+        raise models.kernel_unavailable(err, attn) or err
+    except (RuntimeError, NotImplementedError, TypeError):  # a module that needs real tensors to build
         return None
     model.config.use_cache = False
     model.train()
@@ -173,6 +175,9 @@ def _period(config: Any) -> int:
 def activation_bytes(cell: CellConfig, device: str) -> int | None:
     """What one micro-batch of ``cell`` saves in forward on ``device`` (cpu or cuda), measured on the meta device;
     None for a model whose forward the meta device cannot run (a mixture of experts, an op that reads values).
+
+    Raises:
+        LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa).
 
     The whole model would take seconds to build: it is measured on models of its first few layers. Once every kind of
     layer has run (and made what its kind shares, as an attention mask), each further period of the layer pattern

@@ -57,6 +57,15 @@ def build_config(spec: ModelSpec):
     return config
 
 
+def kernel_unavailable(err: ValueError, attn: str) -> LeverUnavailable | None:
+    """transformers' refusal to build an architecture with an attention kernel it has no path for, as the lever
+    being unavailable; None for any other error."""
+    if attn == "eager" or "does not support" not in str(err):
+        return None
+    first = str(err).split(". ")[0]  # the sentence that says so, without transformers' advice
+    return LeverUnavailable(f"attn_implementation {attn}: {first} (eager does)")
+
+
 def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: torch.device,
                 levers: Levers = Levers()) -> nn.Module:
     """The model on ``device``, quantised and wrapped in its peft adapter as ``adapter`` says, with the attention
@@ -93,10 +102,7 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
     except ImportError as err:  # transformers' answer to a kernel whose package is not installed
         raise LeverUnavailable(f"attn_implementation {attn}: {err}") from err
     except ValueError as err:
-        if attn != "eager" and "does not support" in str(err):  # transformers: this architecture has no such kernel
-            first = str(err).split(". ")[0]  # the sentence that says so, without transformers' advice
-            raise LeverUnavailable(f"attn_implementation {attn}: {first} (eager does)") from err
-        raise ModelLoadError(f"cannot load {spec.path or 'the model'}: {err}") from err
+        raise kernel_unavailable(err, attn) or ModelLoadError(f"cannot load {spec.path or 'the model'}: {err}") from err
     model.config.use_cache = False
     keep_training_layout(model)
     if levers.gradient_checkpointing != "off":
