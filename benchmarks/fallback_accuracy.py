@@ -24,10 +24,9 @@ import torch
 
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec, ShapeSpec
 from memprof.measure import step_memory
-from memprof.measure.activations import SavedActivations
+from memprof.measure.replay import saved_bytes
 from memprof.plan import calibration, predict
 from memprof.results import env
-from memprof.train import models
 
 # small-llama's widths (hidden 512, 4 layers, 8 heads, 4 KV heads, byte vocabulary) in each architecture
 WIDTHS = {"vocab_size": 256, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
@@ -55,18 +54,14 @@ def measure(name: str, adapter: str, checkpointing: bool, batch: int, seq: int) 
                       levers=Levers(gradient_checkpointing=checkpointing,
                                     attn_implementation=ATTENTION.get(name, "sdpa")))
     assert step_memory.step_shape(cell, "cpu") is None, f"{name} is in the analytic model"
-    torch.manual_seed(0)
-    model = models.build_model(cell.model, cell.adapter, "bf16", torch.device("cpu"), cell.levers)
-    with SavedActivations(model) as saved:
-        loss = models.full_loss(model, torch.randint(0, 256, (batch, seq)))
-    loss.backward()
+    measured = saved_bytes(cell)
     shipped = calibration.load()
     (plan,) = predict.plan_requests([cell], replace(shipped, devices={}), "cpu")  # as it plans such a model
     planned = next(p for p in plan.parts if p.name == "activations")
     fitted, _, _ = predict.fitted_activations(cell, plan.exact, shipped)
-    return {"architecture": name, "adapter": adapter, "checkpointing": checkpointing, "measured_bytes": saved.bytes,
+    return {"architecture": name, "adapter": adapter, "checkpointing": checkpointing, "measured_bytes": measured,
             "planned_bytes": planned.bytes, "planned_how": planned.how, "fitted_bytes": fitted,
-            "miss": saved.bytes / fitted - 1}
+            "miss": measured / fitted - 1}
 
 
 def markdown(result: dict[str, Any]) -> str:

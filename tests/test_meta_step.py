@@ -6,12 +6,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec, ShapeSpec
 from memprof.measure import meta_step, step_memory
-from memprof.measure.activations import SavedActivations
-from memprof.train import models
+from memprof.measure.replay import saved_bytes
 
 SMALL = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 344, "num_attention_heads": 4,
          "num_key_value_heads": 2, "pad_token_id": 0}
@@ -44,13 +42,8 @@ def test_the_meta_step_saves_what_a_cpu_step_saves(name: str) -> None:
                                               ("lora", "fp32", False)]:
         cell = _cell(model, adapter, precision, checkpointing, "eager" if name == "gemma2" else "sdpa")
         assert step_memory.step_shape(cell, "cpu") is None  # outside the analytic model
-        torch.manual_seed(0)
-        real = models.build_model(cell.model, cell.adapter, precision, torch.device("cpu"), cell.levers)
-        with SavedActivations(real) as saved:
-            loss = models.full_loss(real, torch.randint(0, 256, (2, 64)))
-        loss.backward()
-        if meta_step.activation_bytes(cell, "cpu") != saved.bytes:
-            wrong.append((adapter, precision, checkpointing, saved.bytes, meta_step.activation_bytes(cell, "cpu")))
+        if meta_step.activation_bytes(cell, "cpu") != (saved := saved_bytes(cell)):
+            wrong.append((adapter, precision, checkpointing, saved, meta_step.activation_bytes(cell, "cpu")))
     assert not wrong
 
 
@@ -77,15 +70,8 @@ def test_a_recomputed_layer_saves_what_a_further_layer_saves(name: str) -> None:
     """What a checkpointed layer holds again in backward: a real model's bytes with one layer more, less without
     (Gemma2's two kinds of layer alike with eager attention); on a model shorter than the pattern it measures too."""
     config = {**SMALL, **ARCHITECTURES[name]}
-    saved = []
-    for layers in (3, 4):
-        cell = _cell(ModelSpec(name=name, config={**config, "num_hidden_layers": layers}), "lora", "bf16", False,
-                     "eager" if name == "gemma2" else "sdpa")
-        real = models.build_model(cell.model, cell.adapter, "bf16", torch.device("cpu"), cell.levers)
-        with SavedActivations(real) as counted:
-            loss = models.full_loss(real, torch.randint(0, 256, (2, 64)))
-        loss.backward()
-        saved.append(counted.bytes)
+    saved = [saved_bytes(_cell(ModelSpec(name=name, config={**config, "num_hidden_layers": layers}), "lora", "bf16",
+                               False, "eager" if name == "gemma2" else "sdpa")) for layers in (3, 4)]
     two_layers = _cell(ModelSpec(name=name, config={**config, "num_hidden_layers": 2}), "lora", "bf16", True,
                        "eager" if name == "gemma2" else "sdpa")
     assert meta_step.layer_bytes(two_layers, "cpu") == saved[1] - saved[0]

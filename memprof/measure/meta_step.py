@@ -105,7 +105,7 @@ def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, c
 
     spec = ModelSpec.model_validate_json(model_json)
     config = models.build_config(spec)
-    if getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+    if models.experts(config):
         return None
     adapter, precision = _stand_in(AdapterSpec.model_validate_json(adapter_json), precision)
     try:

@@ -1,6 +1,7 @@
-"""One training step replayed under ``torch.profiler`` (``profile_memory``): the highest live bytes in its forward
-and in its backward, summed from the allocator's own events. On the CPU these are exact, which makes the replay the
-check of ``memprof.measure.step_memory``'s moments where no GPU measured them (``benchmarks/moment_replay.py``)."""
+"""One training step replayed: what its forward saves for backward (``saved_bytes``), and under ``torch.profiler``
+(``profile_memory``) the highest live bytes in its forward and in its backward, summed from the allocator's own
+events. On the CPU these are exact, which makes the replay the check of ``memprof.measure.step_memory``'s moments
+and of ``memprof.measure.meta_step`` where no GPU measured them (``benchmarks/moment_replay.py``, the tests)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from memprof.config.spec import CellConfig
 from memprof.measure.activations import SavedActivations
+
+Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -27,17 +31,32 @@ class StepPeaks:
     backward_bytes: int
 
 
-def replay_step(model: nn.Module, loss: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                x: torch.Tensor) -> StepPeaks:
+def step_saved_bytes(model: nn.Module, loss: Loss, x: torch.Tensor) -> int:
+    """What one forward of ``loss(model, x)`` saves for backward (``SavedActivations``); its backward runs after."""
+    with SavedActivations(model) as saved:
+        out = loss(model, x)
+    out.backward()
+    return saved.bytes
+
+
+def saved_bytes(cell: CellConfig) -> int:
+    """What one micro-batch of ``cell`` saves in forward on the CPU: its model built as a run builds it (seeded), a
+    batch of byte tokens of its shape, its loss."""
+    from memprof.train import models
+
+    torch.manual_seed(0)
+    model = models.build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"), cell.levers)
+    x = torch.randint(0, models.BYTE_VOCAB, (cell.shape.batch_size, cell.shape.seq_len))
+    return step_saved_bytes(model, models.loss_function(cell.levers), x)
+
+
+def replay_step(model: nn.Module, loss: Loss, x: torch.Tensor) -> StepPeaks:
     """Two steps' forward and backward to warm up (lazy buffers, the first step's one-time allocations), then one
     more under the profiler, gradients set to None before it as the loop's ``zero_grad`` leaves them."""
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        with SavedActivations(model) as saved:
-            out = loss(model, x)
-        out.backward()
+        activation_bytes = step_saved_bytes(model, loss, x)
     model.zero_grad(set_to_none=True)
-    del out
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.profiler.record_function("forward"):
             out = loss(model, x)
@@ -55,4 +74,4 @@ def replay_step(model: nn.Module, loss: Callable[[nn.Module, torch.Tensor], torc
         for phase, (start, end) in spans.items():
             if start <= event["ts"] <= end:
                 peaks[phase] = max(peaks[phase], live)
-    return StepPeaks(saved.bytes, peaks["forward"], peaks["backward"])
+    return StepPeaks(activation_bytes, peaks["forward"], peaks["backward"])

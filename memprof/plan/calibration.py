@@ -68,12 +68,14 @@ class Shape:
     def from_config(cls, config: Any) -> Shape:
         """The widths of ``config``; a mixture of experts' MLP width is what each token passes through: its
         experts per token times one expert's width."""
+        from memprof.train.models import experts as experts_of
+
         hidden = config.hidden_size
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+        experts = experts_of(config)
         if experts:
             expert = getattr(config, "moe_intermediate_size", None) or intermediate
             intermediate = (getattr(config, "num_experts_per_tok", None) or 1) * expert

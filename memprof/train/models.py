@@ -4,6 +4,7 @@ bitsandbytes for 4-bit (QLoRA) base weights."""
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,11 @@ def build_config(spec: ModelSpec):
     if getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
         raise ModelLoadError(f"vocab_size {config.vocab_size} < 256: memprof's corpora are byte-level")
     return config
+
+
+def experts(config: Any) -> int:
+    """A mixture of experts' experts per layer (transformers names them two ways); 0 for a dense model."""
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
 def kernel_unavailable(err: ValueError, attn: str) -> LeverUnavailable | None:
