@@ -77,14 +77,14 @@ def markdown(result: dict[str, Any]) -> str:
              "(measured on the meta device where it can run the model). Fitted: the coefficients fitted to "
              "Llama-family CPU runs, which the plan uses where it cannot. Miss: measured / fitted - 1.", "",
              f"The plan measured {sum(r['planned_how'].startswith('measured on the meta') for r in rows)} of the "
-             f"{len(rows)} rows on the meta device and equals the measurement in "
-             f"{sum(r['planned_bytes'] == r['measured_bytes'] for r in rows)}; the rest (mixtures of experts) it "
-             "fitted.", "",
+             f"{len(rows)} rows on the meta device (the rest it fitted) and equals the measurement in "
+             f"{sum(r['planned_bytes'] == r['measured_bytes'] for r in rows)}.", "",
              "The fitted coefficients:", "",
              *(f"- largest miss, {label}: {w['miss']:+.1%} of the prediction ({w['architecture']}, {w['adapter']}"
                f"{', checkpointing' if w['checkpointing'] else ''})." for label, w in
                (("dense architectures", worst["dense"]), ("mixtures of experts", worst["moe"]))), "",
-             "The plan states these as their uncertainty where it has to use them.", "",
+             "The plan states these as their uncertainty where it has to use them (a model the meta device cannot "
+             "run).", "",
              "| architecture | adapter | checkpointing | measured | planned | fitted | miss |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:

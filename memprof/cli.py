@@ -404,7 +404,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print(f"[dim]{len(fallback)} of {len(plans)} plans are outside the analytic model (Llama, Qwen2, Qwen3 "
                   f"and Mistral decoders without DoRA, dropout or per-module LoRA settings"
                   f"{' on a GPU' if args.device == 'cuda' else ''}): their saved activations are measured on the "
-                  f"meta device (a mixture of experts' are fitted), the step's temporaries fitted. "
+                  f"meta device, the step's temporaries fitted. "
                   f"{calibration.note}[/]", highlight=False)
     return 0
 

@@ -17,10 +17,10 @@ import torch
 from conftest import run_cli
 from memprof.plan import calibration, predict as plan
 from memprof.train import meta
-from memprof.train.models import build_config, build_model
+from memprof.train.models import build_model
 from memprof.results.record import Status
 from memprof.results.store import read_records
-from memprof.config.spec import AdapterSpec, ModelSpec
+from memprof.config.spec import AdapterSpec, CellConfig, ModelSpec, OptimizerSpec, ShapeSpec
 from memprof.suite import parse
 from memprof.suite.schema import AdapterTable
 from memprof.measure.accounting import weight_bytes
@@ -243,11 +243,13 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytes
     assert where in " ".join(err.split()) and "Traceback" not in err
 
 
-def test_qwen3_plans_analytically_and_a_mixture_of_experts_falls_back(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_qwen3_plans_analytically_and_a_mixture_of_experts_on_the_meta_device(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Qwen3 (per-head q/k norms, tests/test_step_memory.py) is in the analytic model; Mixtral's experts, which
-    peft adapts as parameters (its ParamWrapper), are not: fitted coefficients over the width each token passes
-    through (2 experts of 128), with the uncertainty benchmarks/fallback_accuracy.py measured, and no traceback."""
+    peft adapts as parameters (its ParamWrapper), are not: their saved activations measured on the meta device
+    (tests/test_meta_step.py), no traceback. Where the meta device could not run them, the fitted coefficients
+    would take the width each token passes through (2 experts of 128), with the uncertainty
+    benchmarks/fallback_accuracy.py measured for mixtures of experts."""
     (qwen,) = _plan_json("--model", "qwen3-8b", "--adapter", "qlora", "--batch-size", "2", "--seq-len", "2048",
                          "--gradient-checkpointing", "--gpu", "24GB", capsys=capsys)
     assert qwen["trainable_params"] == 36 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 12288))
@@ -259,10 +261,15 @@ def test_qwen3_plans_analytically_and_a_mixture_of_experts_falls_back(tmp_path: 
         "num_experts_per_tok": 2}))
     (moe,) = _plan_json("--model", str(tmp_path), "--batch-size", "2", "--seq-len", "64", capsys=capsys)
     assert moe["moment"] == "" and moe["trainable_params"] > 0
-    activations = moe["parts"]["activations"]
-    assert activations["error"] == plan.MOE_ERROR and "not fitted to mixtral layers" in activations["how"]
-    shape = calibration.Shape.from_config(build_config(ModelSpec(name="moe", path=str(tmp_path))))
-    assert (shape.intermediate, shape.experts) == (2 * 128, 4)
+    assert moe["parts"]["activations"]["how"] == "measured on the meta device (the model's own graph)"
+    request = CellConfig(model=ModelSpec(name="moe", path=str(tmp_path)),
+                         adapter=AdapterSpec(name="lora", kind="lora", lora={"r": 8, "target_modules": "all-linear"}),
+                         optimizer=OptimizerSpec(label="adamw_torch", name="adamw_torch"),
+                         shape=ShapeSpec(batch_size=2, seq_len=64, precision="bf16"))
+    (planned,) = plan.plan_requests([request], calibration.load())
+    _, how, error = plan.fitted_activations(request, planned.exact, calibration.load())
+    assert error == plan.MOE_ERROR and "not fitted to mixtral layers" in how
+    assert (planned.exact.shape.intermediate, planned.exact.shape.experts) == (2 * 128, 4)
 
 
 def test_an_architecture_outside_the_model_is_measured_on_the_meta_device(tmp_path: Path,

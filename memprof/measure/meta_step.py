@@ -7,8 +7,13 @@ saves what that kernel saves. The plan uses it for architectures ``step_memory``
 
 QLoRA is measured as LoRA on the model its 4-bit weights stand in for: bitsandbytes' 4-bit matmul saves nothing but
 its packed weight, as a frozen linear saves only its weight, and peft's k-bit preparation makes the residual
-stream fp32 (the whole model is built in fp32 then). A mixture of experts routes tokens by their values, which the
-meta device does not have: ``None``.
+stream fp32 (the whole model is built in fp32 then).
+
+A mixture of experts routes tokens by their values, which the meta device has not, but transformers' grouped experts
+never read them: tokens are sorted by expert and each expert's share is given by offsets into one grouped matmul,
+whose saved tensors are the same whatever the routing. Two ops need help on the meta device: peft's LoRA on the
+fused expert weights folds its factors under ``torch.autocast(device_type="meta")``, which has no autocast, and
+grouped_mm's meta kernel checks CUDA's bf16-only rule (see ``_experts_on_meta``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,41 @@ def _sdpa_as(device: str) -> Iterator[None]:
         F.scaled_dot_product_attention = real
 
 
+class _GroupedMatmul(torch.autograd.Function):
+    """``F.grouped_mm(a, b, offs=offs)`` of a 2-D ``a`` and 3-D ``b``, saving what aten's formula saves: ``b`` when
+    ``a`` needs a gradient, ``a`` when ``b`` does, and the offsets."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        needs_a, needs_b, _ = ctx.needs_input_grad
+        ctx.save_for_backward(*([b] if needs_a else []), offs, *([a] if needs_b else []))
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:  # never run: the meta step has no backward
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _experts_on_meta() -> Iterator[None]:
+    """A mixture's experts as they run on a real device: ``torch.autocast`` on the meta device as a no-op (peft folds
+    LoRA factors into the expert weights with autocast off), and grouped matmuls in the dtypes the CPU kernel takes
+    (QLoRA's and fp32's experts are fp32) where the meta kernel takes only bf16."""
+    autocast, grouped_mm = torch.autocast, F.grouped_mm
+
+    def no_autocast_on_meta(device_type: str, *args: Any, **kwargs: Any) -> Any:
+        return contextlib.nullcontext() if device_type == "meta" else autocast(device_type, *args, **kwargs)
+
+    def any_dtype(a: torch.Tensor, b: torch.Tensor, *, offs: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(a, b, offs=offs) if a.dtype == torch.bfloat16 else _GroupedMatmul.apply(a, b, offs)
+
+    torch.autocast, F.grouped_mm = no_autocast_on_meta, any_dtype
+    try:
+        yield
+    finally:
+        torch.autocast, F.grouped_mm = autocast, grouped_mm
+
+
 @contextlib.contextmanager
 def _unpacked() -> Iterator[None]:
     """transformers looks for packed sequences in the position ids by their values, which the meta device has not;
@@ -97,16 +137,14 @@ def _stand_in(adapter: AdapterSpec, precision: str) -> tuple[AdapterSpec, str]:
 
 @functools.lru_cache(maxsize=64)
 def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str) -> nn.Module | None:
-    """The model on the meta device as a cell builds it (None for a mixture of experts), kept for the next micro-batch
-    shape: building and wrapping it takes seconds, a meta forward a fraction of one."""
+    """The model on the meta device as a cell builds it (None where a module needs real tensors to build), kept for
+    the next micro-batch shape: building and wrapping it takes seconds, a meta forward a fraction of one."""
     from transformers import AutoModelForCausalLM
 
     from memprof.train import models
 
     spec = ModelSpec.model_validate_json(model_json)
     config = models.build_config(spec)
-    if models.experts(config):
-        return None
     adapter, precision = _stand_in(AdapterSpec.model_validate_json(adapter_json), precision)
     try:
         with torch.device("meta"):
@@ -136,7 +174,7 @@ def _forward(model_json: str, adapter_json: str, precision: str, attn: str, chec
     x = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     loss_function = models.loss_function(Levers(loss_chunk=loss_chunk))
     try:
-        with _unpacked(), _sdpa_as(device), SavedActivations(model) as saved:
+        with _unpacked(), _sdpa_as(device), _experts_on_meta(), SavedActivations(model) as saved:
             loss = loss_function(model, x)  # held, as the loop holds it until backward
     except (RuntimeError, NotImplementedError):  # an op with no meta kernel, or one that needs values
         return None
@@ -174,7 +212,7 @@ def _period(config: Any) -> int:
 
 def activation_bytes(cell: CellConfig, device: str) -> int | None:
     """What one micro-batch of ``cell`` saves in forward on ``device`` (cpu or cuda), measured on the meta device;
-    None for a model whose forward the meta device cannot run (a mixture of experts, an op that reads values).
+    None for a model whose forward the meta device cannot run (an op that reads values).
 
     Raises:
         LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa).
