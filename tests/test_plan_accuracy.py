@@ -34,6 +34,12 @@ def test_the_plan_of_every_h200_cell_is_within_the_targets(rows: list[dict]) -> 
     assert all(row["within_uncertainty"] for row in rows)
 
 
+def test_the_fallbacks_stated_uncertainty_on_cuda_covers_its_miss_on_the_h200_cells(rows: list[dict]) -> None:
+    """The plan an architecture outside the analytic model gets, made for the H200's Llama cells: its temporaries,
+    fitted to CPU runs, overshoot the allocator's peak; the plan states how far (a share of their bytes)."""
+    assert max(row["fallback_temporaries_miss"] for row in rows) <= plan_accuracy.plan.FITTED_TEMPORARIES_CUDA_ERROR
+
+
 def test_the_shipped_cuda_calibration_is_what_the_h200_runs_give() -> None:
     shipped = calibration.load().devices["cuda"]
     assert fit_device(list(plan_accuracy.GPU_RUNS)) == shipped
