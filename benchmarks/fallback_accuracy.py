@@ -1,11 +1,12 @@
 """How far `memprof plan` is off on architectures outside its analytic model: for decoder architectures outside
 ``memprof.measure.step_memory.MODELLED`` (Gemma2, Gemma3, Phi-3, OLMo2, Granite, and the mixtures of experts
-Mixtral and Qwen3-MoE), the saved activations the plan states (measured on the meta device where it can,
-``memprof.measure.meta_step``) and those the coefficients fitted to Llama-family CPU runs predict, against what
+Mixtral and Qwen3-MoE), what forward saves in the step the plan runs on the meta device
+(``memprof.measure.meta_step``) and what the coefficients fitted to Llama-family CPU runs predict, against what
 autograd saves in one real step on the CPU (``SavedActivations``, exact), for LoRA, QLoRA and a full fine-tune, with
 and without checkpointing. A byte-level vocabulary keeps the loss's share small, so the error is the layers' (at a
 real model's depth the layers hold most of the activations). The fitted coefficients' largest miss, as a share of
-their prediction, is the plan's stated uncertainty where it has to use them (``memprof.plan.predict``'s
+their prediction, is the plan's stated uncertainty where it has to use them (a model the meta device cannot run;
+``memprof.plan.predict``'s
 ``ARCHITECTURE_ERROR``, and ``MOE_ERROR`` for mixtures of experts). Writes fallback_accuracy.{json,md} to ``--out``.
 
     python benchmarks/fallback_accuracy.py --out results/benchmarks
@@ -16,14 +17,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec, ShapeSpec
-from memprof.measure import step_memory
+from memprof.measure import meta_step, step_memory
 from memprof.measure.replay import saved_bytes
 from memprof.plan import calibration, predict
 from memprof.results import env
@@ -55,13 +55,10 @@ def measure(name: str, adapter: str, checkpointing: bool, batch: int, seq: int) 
                                     attn_implementation=ATTENTION.get(name, "sdpa")))
     assert step_memory.step_shape(cell, "cpu") is None, f"{name} is in the analytic model"
     measured = saved_bytes(cell)
-    shipped = calibration.load()
-    (plan,) = predict.plan_requests([cell], replace(shipped, devices={}), "cpu")  # as it plans such a model
-    planned = next(p for p in plan.parts if p.name == "activations")
-    fitted, _, _ = predict.fitted_activations(cell, plan.exact, shipped)
+    step = meta_step.step_peak(cell, "cpu")  # the step the plan runs for such a model
+    fitted, _, _ = predict.fitted_activations(cell, predict.exact_parts(cell), calibration.load())
     return {"architecture": name, "adapter": adapter, "checkpointing": checkpointing, "measured_bytes": measured,
-            "planned_bytes": planned.bytes, "planned_how": planned.how, "fitted_bytes": fitted,
-            "miss": measured / fitted - 1}
+            "meta_bytes": step.saved if step else None, "fitted_bytes": fitted, "miss": measured / fitted - 1}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -73,22 +70,23 @@ def markdown(result: dict[str, Any]) -> str:
              f"torch {result['machine']['versions']['torch']})", "",
              f"Saved activations of one bf16 step, b{result['batch']} × s{result['seq']}, each architecture at "
              "small-llama's widths (hidden 512, 4 layers, a byte vocabulary, so the layers' bytes dominate); LoRA r16 "
-             "on every linear layer. Measured: `SavedActivations` (exact). Planned: what `memprof plan` states "
-             "(measured on the meta device where it can run the model). Fitted: the coefficients fitted to "
-             "Llama-family CPU runs, which the plan uses where it cannot. Miss: measured / fitted - 1.", "",
-             f"The plan measured {sum(r['planned_how'].startswith('measured on the meta') for r in rows)} of the "
-             f"{len(rows)} rows on the meta device (the rest it fitted) and equals the measurement in "
-             f"{sum(r['planned_bytes'] == r['measured_bytes'] for r in rows)}.", "",
+             "on every linear layer. Measured: `SavedActivations` (exact). Meta device: what forward saves in the "
+             "step `memprof plan` runs on the meta device for such a model. Fitted: the coefficients fitted to "
+             "Llama-family CPU runs, which the plan uses where the meta device cannot run the model. Miss: "
+             "measured / fitted - 1.", "",
+             f"The meta device ran {sum(r['meta_bytes'] is not None for r in rows)} of the {len(rows)} rows and "
+             f"equals the measurement in {sum(r['meta_bytes'] == r['measured_bytes'] for r in rows)}.", "",
              "The fitted coefficients:", "",
              *(f"- largest miss, {label}: {w['miss']:+.1%} of the prediction ({w['architecture']}, {w['adapter']}"
                f"{', checkpointing' if w['checkpointing'] else ''})." for label, w in
                (("dense architectures", worst["dense"]), ("mixtures of experts", worst["moe"]))), "",
              "The plan states these as their uncertainty where it has to use them (a model the meta device cannot "
              "run).", "",
-             "| architecture | adapter | checkpointing | measured | planned | fitted | miss |",
+             "| architecture | adapter | checkpointing | measured | meta device | fitted | miss |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        planned = "= measured" if r["planned_bytes"] == r["measured_bytes"] else f"{r['planned_bytes'] / 2**20:.2f} MiB"
+        meta = r["meta_bytes"]
+        planned = "= measured" if meta == r["measured_bytes"] else "—" if meta is None else f"{meta / 2**20:.2f} MiB"
         lines.append(f"| {r['architecture']} | {r['adapter']} | {'on' if r['checkpointing'] else 'off'} "
                      f"| {r['measured_bytes'] / 2**20:.2f} MiB | {planned} | {r['fitted_bytes'] / 2**20:.2f} MiB "
                      f"| {r['miss']:+.1%} |")

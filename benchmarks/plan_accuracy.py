@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import statistics
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +47,25 @@ def _errors(records: list[Record], calibration: calibration_mod.Calibration, dev
             continue
         predicted = plan.plan_requests([r.config], calibration, device)[0]
         row: dict[str, Any] = {"cell": r.key, "moment": predicted.moment or "outside the analytic model"}
+        # the plans a model outside the analytic model gets, made for the same cell: from its step run on the meta
+        # device, and (where that cannot run) from coefficients fitted to CPU runs
+        meta = plan.meta_plan(r.config, predicted.exact, calibration, device)
+        fitted = plan.fitted_plan(r.config, predicted.exact, calibration, device)
         if device == "cuda":
             row["allocated_error"] = predicted.allocated_bytes / r.peak_allocated_bytes - 1
-            # the plan a model outside the analytic model gets (saved activations measured on the meta device,
-            # temporaries fitted to CPU runs), on the same cell: how far its temporaries are off, as their share
-            fallback = plan.plan_requests([r.config], replace(calibration, devices={}), device)[0]
-            temporaries = next(p.bytes for p in fallback.parts if p.name == "temporaries")
-            row["fallback_error"] = fallback.allocated_bytes / r.peak_allocated_bytes - 1
-            row["fallback_temporaries_miss"] = (fallback.allocated_bytes - r.peak_allocated_bytes) / temporaries
+            row["meta_error"] = meta.allocated_bytes / r.peak_allocated_bytes - 1
+            row["fitted_error"] = fitted.allocated_bytes / r.peak_allocated_bytes - 1
+            temporaries = next(p.bytes for p in fitted.parts if p.name == "temporaries")
+            row["fitted_temporaries_miss"] = (fitted.allocated_bytes - r.peak_allocated_bytes) / temporaries
             # the device's figure where NVML lists processes by host PID (this one is then not found)
             nvml = r.nvml_peak_process_used_bytes or r.nvml_peak_device_used_bytes
             if nvml is not None:
                 row["total_error"] = predicted.total_bytes / nvml - 1
+                row["meta_total_error"] = meta.total_bytes / nvml - 1
                 row["within_uncertainty"] = abs(predicted.total_bytes - nvml) <= predicted.uncertainty_bytes
         else:
             row["allocated_error"] = predicted.allocated_bytes / r.peak_rss_delta_bytes - 1
+            row["meta_error"] = meta.allocated_bytes / r.peak_rss_delta_bytes - 1
             row["error_bytes"] = predicted.allocated_bytes - r.peak_rss_delta_bytes
         rows.append(row)
     return rows
@@ -105,9 +108,11 @@ def measure(runs: list[Path], cpu: bool) -> dict[str, Any]:
     if not all_rows:
         raise SystemExit(f"no ok CUDA cells in {', '.join(map(str, runs))}")
     result["gpu"] = {"rows": all_rows, "allocated": _summary(all_rows, "allocated_error"),
-                     "total": _summary(all_rows, "total_error"), "fallback": _summary(all_rows, "fallback_error"),
-                     "fallback_temporaries_miss": max(row["fallback_temporaries_miss"] for row in all_rows),
-                     "fallback_over": sum(row["fallback_error"] > 0 for row in all_rows),
+                     "total": _summary(all_rows, "total_error"), "meta": _summary(all_rows, "meta_error"),
+                     "meta_total": _summary(all_rows, "meta_total_error"),
+                     "fitted": _summary(all_rows, "fitted_error"),
+                     "fitted_temporaries_miss": max(abs(row["fitted_temporaries_miss"]) for row in all_rows),
+                     "fitted_over": sum(row["fitted_error"] > 0 for row in all_rows),
                      "within_uncertainty": sum(r.get("within_uncertainty", False) for r in all_rows)}
     for predict_on in runs if len(runs) > 1 else []:
         fit_on = [run for run in runs if run != predict_on]
@@ -121,6 +126,7 @@ def measure(runs: list[Path], cpu: bool) -> dict[str, Any]:
         cpu_rows = _errors(cpu_records, shipped, "cpu")
         ok = [r.peak_rss_delta_bytes for r in cpu_records if r.status is Status.OK]
         result["cpu"] = {"run": CPU_RUN.name, "rows": cpu_rows, "allocated": _summary(cpu_rows, "allocated_error"),
+                         "meta": _summary(cpu_rows, "meta_error"),
                          "rms_error_bytes": math.sqrt(statistics.mean(row["error_bytes"] ** 2 for row in cpu_rows)),
                          "peak_bytes": [min(ok), max(ok)]}
     return result
@@ -149,12 +155,24 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"CPU peaks are {low:.0f}–{high:.0f} MB of RSS growth; the plan's error there is "
                   f"{cpu['rms_error_bytes'] / 1e6:.1f} MB rms, the size of glibc's retention of freed pages, which "
                   "differs by tens of MB between repeats of one cell (docs/step-memory.md)."]
-    lines += ["", "The plan a model outside the analytic model gets (Gemma, Phi-3, mixtures of experts: saved "
-              "activations measured on the meta device, the step's temporaries from coefficients fitted to CPU runs), "
-              f"made for the same GPU cells: allocator peak {gpu['fallback']['median']:.1%} median abs error, "
-              f"{gpu['fallback']['max']:.1%} max, over in {gpu['fallback_over']} of {gpu['fallback']['cells']} "
-              f"cells; its temporaries overshoot by up to {gpu['fallback_temporaries_miss']:.0%} of their own bytes "
-              "(the plan states that as their uncertainty on CUDA)."]
+    lines += ["", "## Outside the analytic model", "",
+              "The plans a model outside the analytic model gets (Gemma, Phi-3, mixtures of experts, ...), made for "
+              "the same cells: from its step run on the meta device (`memprof.measure.meta_step`, what the plan "
+              "uses), and where the meta device cannot run the model, from coefficients fitted to CPU runs.", "",
+              "| plan | median abs error | max abs error |", "|---|---:|---:|",
+              f"| GPU allocator peak, step on the meta device | {gpu['meta']['median']:.2%} | "
+              f"{gpu['meta']['max']:.2%} |",
+              f"| GPU total, step on the meta device | {gpu['meta_total']['median']:.2%} | "
+              f"{gpu['meta_total']['max']:.2%} |",
+              f"| GPU allocator peak, fitted coefficients | {gpu['fitted']['median']:.2%} | "
+              f"{gpu['fitted']['max']:.2%} |"]
+    if cpu:
+        lines.append(f"| CPU RSS growth, step on the meta device | {cpu['meta']['median']:.2%} | "
+                     f"{cpu['meta']['max']:.2%} |")
+    lines += ["", f"The fitted coefficients are over in {gpu['fitted_over']} of {gpu['fitted']['cells']} GPU cells: "
+              "their temporaries were fitted to CPU RSS growth (glibc's heap included) and are off by up to "
+              f"{gpu['fitted_temporaries_miss']:.0%} of their own bytes, which the plan states as their uncertainty on "
+              "CUDA."]
     lines += ["", f"The measured NVML peak lies within the plan's stated uncertainty in {gpu['within_uncertainty']} "
               f"of {gpu['total']['cells']} GPU cells.", "", "## GPU cells", "",
               "| cell | peak at | allocator peak error | total error |", "|---|---|---:|---:|"]

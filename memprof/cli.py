@@ -383,7 +383,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plans = plan_mod.plan_requests(requests, calibration, args.device)
         verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
     except LeverUnavailable as err:  # a run would record the cell as unavailable; a plan has nothing to say of it
-        raise UserError(args.suite or "--attn", str(err)) from None
+        flag = "--loss-chunk" if str(err).startswith("loss_chunk") else "--attn"
+        raise UserError(args.suite or flag, str(err)) from None
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
                          indent=2))
@@ -399,13 +400,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out.print(f"[yellow]{p.request.model.name}: seq_len {p.request.shape.seq_len:,} is beyond its "
                   f"max_position_embeddings ({p.exact.shape.max_positions:,}): the plan counts the bytes, but the "
                   f"model was not trained for that length[/]", highlight=False)
-    fallback = [p for p in plans if not p.moment]
-    if fallback:
-        out.print(f"[dim]{len(fallback)} of {len(plans)} plans are outside the analytic model (Llama, Qwen2, Qwen3 "
+    outside = [p for p in plans if p.method != "analytic"]
+    if outside:
+        fitted = sum(p.method == "fitted" for p in outside)
+        out.print(f"[dim]{len(outside)} of {len(plans)} plans are outside the analytic model (Llama, Qwen2, Qwen3 "
                   f"and Mistral decoders without DoRA, dropout or per-module LoRA settings"
-                  f"{' on a GPU' if args.device == 'cuda' else ''}): their saved activations are measured on the "
-                  f"meta device, the step's temporaries fitted. "
-                  f"{calibration.note}[/]", highlight=False)
+                  f"{' on a GPU' if args.device == 'cuda' else ''}): their step is run on the meta device"
+                  + (f", {fitted} of them (which it cannot run) fitted to CPU runs. {calibration.note}" if fitted
+                     else ".") + "[/]", highlight=False)
     return 0
 
 

@@ -190,23 +190,20 @@ def test_plan_and_fit_take_the_lever_as_a_flag(capsys: pytest.CaptureFixture[str
     assert "--loss-chunk: must be 0 (off) or a number of tokens" in capsys.readouterr().err
 
 
-def test_the_fitted_fallback_plans_the_loss_in_chunks_too() -> None:
-    from dataclasses import replace
-
+def test_the_plans_outside_the_analytic_model_plan_the_loss_in_chunks_too() -> None:
     from memprof.plan import calibration
-    from memprof.plan.predict import cell_from_flags, exact_parts, predict
+    from memprof.plan.predict import cell_from_flags, exact_parts, fitted_plan, meta_plan
 
-    fallback = replace(calibration.load(), devices={})  # no device calibration: every model gets the fallback
-    group = fallback.group("bf16", "lora")
-    plans = [predict(cell, exact_parts(cell), fallback, "cuda") for cell in
-             (cell_from_flags("llama-3.2-1b", "lora", batch_size=4, seq_len=512, loss_chunk=chunk)
-              for chunk in (0, 256))]
-    full, chunked = ({p.name: p for p in plan.parts}["temporaries"] for plan in plans)
-    assert plans[0].moment == plans[1].moment == ""  # the fallback: no analytic moment
-    # the fitted temporaries grow with tokens x vocab (chunked, with 256 of the 2,048 tokens) and with the saved
-    # activations, which the chunked loss also changes (measured on the meta device: no [tokens, vocab] log_softmax)
-    act_full, act_chunked = ({p.name: p for p in plan.parts}["activations"].bytes for plan in plans)
-    assert act_full - act_chunked > 2048 * 128_256 * 4 - 2048 * 2048 * 4 - 4096  # log_softmax's out, less the hidden
-    assert full.bytes - chunked.bytes == pytest.approx(group.temporaries[1] * (2048 - 256) * 128_256
-                                                       + group.temporaries[0] * (act_full - act_chunked), rel=1e-6)
-    assert chunked.bytes < full.bytes and "256 tokens at a time" in chunked.how
+    shipped = calibration.load()
+    group = shipped.group("bf16", "lora")
+    cells = [cell_from_flags("llama-3.2-1b", "lora", batch_size=4, seq_len=512, loss_chunk=chunk) for chunk in (0, 256)]
+    # the step on the meta device: one chunk's logits at a time
+    full, chunked = (meta_plan(cell, exact_parts(cell), shipped, "cuda") for cell in cells)
+    logits = [{p.name: p.bytes for p in plan.parts}.get("loss_logits", 0) for plan in (full, chunked)]
+    assert full.moment == "loss backward (meta device)" and logits[0] >= 2 * 2048 * 128_256 * 4
+    assert logits[1] < logits[0] / 4 and chunked.allocated_bytes < full.allocated_bytes
+    # the fitted temporaries grow with tokens x vocab (chunked, with 256 of the 2,048 tokens)
+    full, chunked = ({p.name: p for p in fitted_plan(cell, exact_parts(cell), shipped, "cuda").parts}["temporaries"]
+                     for cell in cells)
+    assert full.bytes - chunked.bytes == pytest.approx(group.temporaries[1] * (2048 - 256) * 128_256, rel=1e-6)
+    assert "256 tokens at a time" in chunked.how

@@ -246,7 +246,7 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytes
 def test_qwen3_plans_analytically_and_a_mixture_of_experts_on_the_meta_device(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Qwen3 (per-head q/k norms, tests/test_step_memory.py) is in the analytic model; Mixtral's experts, which
-    peft adapts as parameters (its ParamWrapper), are not: their saved activations measured on the meta device
+    peft adapts as parameters (its ParamWrapper), are not: its step run on the meta device
     (tests/test_meta_step.py), no traceback. Where the meta device could not run them, the fitted coefficients
     would take the width each token passes through (2 experts of 128), with the uncertainty
     benchmarks/fallback_accuracy.py measured for mixtures of experts."""
@@ -260,8 +260,8 @@ def test_qwen3_plans_analytically_and_a_mixture_of_experts_on_the_meta_device(
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
         "num_experts_per_tok": 2}))
     (moe,) = _plan_json("--model", str(tmp_path), "--batch-size", "2", "--seq-len", "64", capsys=capsys)
-    assert moe["moment"] == "" and moe["trainable_params"] > 0
-    assert moe["parts"]["activations"]["how"] == "measured on the meta device (the model's own graph)"
+    assert moe["moment"].endswith("(meta device)") and moe["trainable_params"] > 0
+    assert moe["parts"]["activations"]["how"] == "measured on the meta device"
     request = CellConfig(model=ModelSpec(name="moe", path=str(tmp_path)),
                          adapter=AdapterSpec(name="lora", kind="lora", lora={"r": 8, "target_modules": "all-linear"}),
                          optimizer=OptimizerSpec(label="adamw_torch", name="adamw_torch"),
@@ -274,18 +274,23 @@ def test_qwen3_plans_analytically_and_a_mixture_of_experts_on_the_meta_device(
 
 def test_an_architecture_outside_the_model_is_measured_on_the_meta_device(tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """Gemma2 with eager attention: its saved activations measured, not fitted; with sdpa, which transformers has no
-    path for in Gemma2, one line saying so and exit 2 (a run records such a cell as unavailable)."""
+    """Gemma2 with eager attention: its step run on the meta device, nothing fitted but the remainder; with sdpa,
+    which transformers has no path for in Gemma2, one line saying so and exit 2 (a run records such a cell as
+    unavailable); with the chunked loss, which its soft-capped logits refuse, one line naming --loss-chunk."""
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "gemma2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}))
     (gemma,) = _plan_json("--model", str(tmp_path), "--attn", "eager", "--seq-len", "64", capsys=capsys)
-    assert gemma["parts"]["activations"]["how"] == "measured on the meta device (the model's own graph)"
+    assert gemma["moment"].endswith("(meta device)")
+    assert gemma["parts"]["activations"]["how"] == "measured on the meta device"
     assert gemma["parts"]["activations"]["error"] == plan.META_ERROR["cuda"]
     assert run_cli("plan", "--model", str(tmp_path), "--seq-len", "64") == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --attn: attn_implementation sdpa: Gemma2ForCausalLM does not support")
     assert error.endswith("(eager does)") and "\n" not in error
+    assert run_cli("plan", "--model", str(tmp_path), "--attn", "eager", "--seq-len", "64", "--loss-chunk", "32") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --loss-chunk: loss_chunk: the model transforms its logits") and "\n" not in error
 
 
 def test_the_fallbacks_stated_uncertainty_covers_its_committed_miss() -> None:

@@ -1,13 +1,15 @@
-"""Saved activations of any dense decoder, measured on the meta device: the model built at its real size from its
-config (shapes, no memory), one forward of a micro-batch under ``SavedActivations``. Autograd saves on the meta
-device what it saves on a real one, op by op, except inside ``F.scaled_dot_product_attention``, whose meta kernel is
-the math path; there the kernel a real device would run (``step_memory.sdpa_backend``) is stood in for by one that
-saves what that kernel saves. The plan uses it for architectures ``step_memory``'s formulas do not cover
-(``tests/test_meta_step.py`` holds it to a real CPU step, byte for byte).
+"""One training step of any decoder, run on the meta device: the model built at its real size from its config
+(shapes, no memory), one micro-batch's forward and backward under ``_LiveBytes``, which counts the bytes of every
+storage an op makes while it lives, by what made it. Autograd saves and frees on the meta device what it does on a
+real one, op by op, except inside ``F.scaled_dot_product_attention``, whose meta kernel is the math path; there the
+kernel a real device would run (``step_memory.sdpa_backend``) is stood in for by one that saves what that kernel
+saves and makes the gradients it makes. What kernels allocate inside themselves (cuBLAS's workspaces, a flash
+kernel's scratch) no op makes: the plan adds what it knows of them. The plan uses the step for the architectures
+``step_memory``'s formulas do not cover (``tests/test_meta_step.py`` holds it to a real CPU step).
 
-QLoRA is measured as LoRA on the model its 4-bit weights stand in for: bitsandbytes' 4-bit matmul saves nothing but
-its packed weight, as a frozen linear saves only its weight, and peft's k-bit preparation makes the residual
-stream fp32 (the whole model is built in fp32 then).
+QLoRA is run as LoRA on the model its 4-bit weights stand in for: bitsandbytes' 4-bit matmul saves nothing but its
+packed weight, as a frozen linear saves only its weight, and peft's k-bit preparation makes the residual stream
+fp32 (the whole model is built in fp32 then); the weight it dequantises for a matmul is the plan's to add.
 
 A mixture of experts routes tokens by their values, which the meta device has not, but transformers' grouped experts
 never read them: tokens are sorted by expert and each expert's share is given by offsets into one grouped matmul,
@@ -20,12 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec
 from memprof.measure import step_memory
@@ -52,8 +58,9 @@ class _SavesLikeAKernel(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:  # never run: the meta step has no backward
-        raise NotImplementedError
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v = ctx.saved_tensors[:3]
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None, None, None
 
 
 @contextlib.contextmanager
@@ -86,11 +93,13 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         needs_a, needs_b, _ = ctx.needs_input_grad
         ctx.save_for_backward(*([b] if needs_a else []), offs, *([a] if needs_b else []))
+        ctx.shapes = a.shape, b.shape
         return a.new_empty(a.shape[0], b.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[None, ...]:  # never run: the meta step has no backward
-        raise NotImplementedError
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (a, b), (needs_a, needs_b, _) = ctx.shapes, ctx.needs_input_grad
+        return grad.new_empty(a) if needs_a else None, grad.new_empty(b) if needs_b else None, None
 
 
 @contextlib.contextmanager
@@ -135,6 +144,101 @@ def _stand_in(adapter: AdapterSpec, precision: str) -> tuple[AdapterSpec, str]:
     return lora, "fp32" if adapter.quant.prepare_for_kbit_training else precision
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in an op's arguments or results (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages ops make while they live (a view or an in-place result keeps an input's storage and
+    is not counted again), by what made them, and those bytes at their highest total: the step's peak above what was
+    allocated before it (weights, the batch). What ops make is named by the step's moment (``moment``, moved on by
+    ``_measure``'s hooks): activations in forward, the loss's logits from the output head's forward until the decoder's
+    output has its gradient, then the layer at work (activations' gradients, recomputed layers); a storage becomes a
+    gradient when autograd accumulates it into a parameter's ``.grad``."""
+
+    KINDS = {"forward": "activations", "loss forward": "loss_logits", "loss backward": "loss_logits",
+             "backward": "layer"}
+
+    def __init__(self, params: list[nn.Parameter], scratch: dict[Any, Any]) -> None:
+        super().__init__()
+        self.scratch = scratch  # op -> the bytes its kernel allocates inside itself beside its outputs
+        self.moment = "forward"
+        self.live = {"activations": 0, "loss_logits": 0, "layer": 0, "gradients": 0}
+        self.peak, self.peak_moment = dict(self.live), self.moment
+        self.most = dict(self.live)  # each kind's own highest bytes
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [kind, bytes]
+        self._params = params
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> _LiveBytes:
+        self._hooks = [p.register_post_accumulate_grad_hook(self._gradient) for p in self._params]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            if id(st := t.untyped_storage()) not in inputs and st not in self._storages:
+                entry = [self.KINDS[self.moment], st.nbytes()]
+                self._storages[st] = entry
+                weakref.finalize(st, self._freed, entry)
+                self.live[entry[0]] += entry[1]
+                self.most[entry[0]] = max(self.most[entry[0]], self.live[entry[0]])
+        kind, scratch = self.KINDS[self.moment], self.scratch[func](*args) if func in self.scratch else 0
+        self.live[kind] += scratch
+        if sum(self.live.values()) > sum(self.peak.values()):
+            self.peak, self.peak_moment = dict(self.live), self.moment
+        self.live[kind] -= scratch
+        return out
+
+    def _freed(self, entry: list[Any]) -> None:
+        self.live[entry[0]] -= entry[1]
+
+    def _gradient(self, param: nn.Parameter) -> None:
+        entry = self._storages.get(param.grad.untyped_storage())
+        if entry is not None and entry[0] != "gradients":
+            self.live[entry[0]] -= entry[1]
+            self.live["gradients"] += entry[1]
+            entry[0] = "gradients"
+
+
+# What CUDA kernels allocate inside themselves, which no op makes on the meta device (step_memory's rules, checked on
+# an H200): softmax's backward makes tmp = grad * output, the size of its gradient (eager attention's fp32 scores)
+SCRATCH = {"cpu": {}, "cuda": {
+    torch.ops.aten._softmax_backward_data.default: lambda grad, *rest: grad.numel() * grad.element_size()}}
+
+
+@dataclass(frozen=True)
+class StepPeak:
+    """One micro-batch's forward and backward on the meta device: what forward saved for backward, and at the step's
+    highest live bytes (above the weights and the batch) the moment and what held them (``_LiveBytes``' kinds)."""
+
+    saved: int
+    moment: str
+    parts: dict[str, int]
+    pressure: int  # the smaller of the loss's and a layer's own highest bytes: freed blocks the caching allocator
+    #                cannot reuse for each other
+    largest_gradient: int  # the largest trainable tensor's bytes
+    largest_frozen_linear: int  # the most elements of a frozen linear layer's weight in the decoder (QLoRA: 4-bit)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.parts.values())
+
+
 @functools.lru_cache(maxsize=64)
 def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str) -> nn.Module | None:
     """The model on the meta device as a cell builds it (None where a module needs real tensors to build), kept for
@@ -162,84 +266,67 @@ def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, c
     return model
 
 
+def _measure(model: nn.Module, x: torch.Tensor, loss_function: Any, scratch: dict[Any, Any]) -> StepPeak:
+    """One forward and backward of ``loss_function(model, x)`` under ``SavedActivations`` and ``_LiveBytes`` (with
+    ``scratch``'s kernels' own allocations), its gradients set to None after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    live = _LiveBytes(trainable, scratch)
+
+    def layers_begin(grad: torch.Tensor) -> None:
+        live.moment = "backward"
+
+    def decoder_out(module: nn.Module, args: Any, out: Any) -> None:
+        out[0].register_hook(layers_begin)
+
+    def head_in(module: nn.Module, args: Any) -> None:
+        live.moment = "loss forward" if live.moment == "forward" else live.moment
+
+    hooks = [model.get_decoder().register_forward_hook(decoder_out),
+             model.get_output_embeddings().register_forward_pre_hook(head_in)]
+    try:
+        with live:
+            with SavedActivations(model) as saved:
+                loss = loss_function(model, x)
+            live.moment = "loss backward"
+            loss.backward()
+            del loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+    frozen = (m.weight.numel() for m in model.get_decoder().modules()
+              if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+    return StepPeak(saved.bytes, live.peak_moment, live.peak, min(live.most["loss_logits"], live.most["layer"]),
+                    max((p.numel() * p.element_size() for p in trainable), default=0), max(frozen, default=0))
+
+
 @functools.lru_cache(maxsize=1024)
-def _forward(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str, loss_chunk: int,
-             batch: int, seq: int, device: str) -> int | None:
-    """One forward of a micro-batch on the meta model under ``SavedActivations``: the bytes saved."""
+def _step(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str, loss_chunk: int,
+          batch: int, seq: int, device: str) -> StepPeak | None:
+    """``_measure`` of a micro-batch on the meta model, its kernels standing in for ``device``'s."""
     from memprof.train import models
 
     model = _meta_model(model_json, adapter_json, precision, attn, checkpointing)
     if model is None:
         return None
+    levers = Levers(loss_chunk=loss_chunk)
+    if refusal := models.loss_chunk_unavailable(model.config, levers):
+        raise refusal
     x = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    loss_function = models.loss_function(Levers(loss_chunk=loss_chunk))
     try:
-        with _unpacked(), _sdpa_as(device), _experts_on_meta(), SavedActivations(model) as saved:
-            loss = loss_function(model, x)  # held, as the loop holds it until backward
+        with _unpacked(), _sdpa_as(device), _experts_on_meta():
+            return _measure(model, x, models.loss_function(levers), SCRATCH[device])
     except (RuntimeError, NotImplementedError):  # an op with no meta kernel, or one that needs values
         return None
-    del loss
-    return saved.bytes
 
 
-def _measured(cell: CellConfig, device: str) -> int | None:
-    """What ``cell``'s micro-batch saves on its meta model."""
-    return _forward(cell.model.model_dump_json(), cell.adapter.model_dump_json(), cell.shape.precision,
-                    cell.levers.attn_implementation, cell.levers.gradient_checkpointing, cell.levers.loss_chunk,
-                    cell.shape.batch_size, cell.shape.seq_len, device)
-
-
-def _with_layers(cell: CellConfig, layers: int, config: Any, checkpointing: str | None = None) -> CellConfig:
-    """``cell`` on ``layers`` decoder layers of its model, in its pattern of layer kinds (and ``checkpointing``, when
-    given)."""
-    overrides: dict[str, Any] = {"num_hidden_layers": layers}
-    types = getattr(config, "layer_types", None)
-    if types:
-        overrides["layer_types"] = [types[i % len(types)] for i in range(layers)]
-    levers = cell.levers.model_copy(update={"gradient_checkpointing": checkpointing or
-                                            cell.levers.gradient_checkpointing})
-    return cell.model_copy(update={"levers": levers, "model": cell.model.model_copy(
-        update={"overrides": {**cell.model.overrides, **overrides}})})
-
-
-def _period(config: Any) -> int:
-    """The length of the repeating pattern of ``config``'s layer types (Gemma's sliding and full attention); 1 for
-    layers all alike."""
-    types = list(getattr(config, "layer_types", None) or [])
-    return next((p for p in range(1, len(types) + 1)
-                 if all(types[i] == types[i % p] for i in range(len(types)))), 1)
-
-
-def activation_bytes(cell: CellConfig, device: str) -> int | None:
-    """What one micro-batch of ``cell`` saves in forward on ``device`` (cpu or cuda), measured on the meta device;
-    None for a model whose forward the meta device cannot run (an op that reads values).
+def step_peak(cell: CellConfig, device: str) -> StepPeak | None:
+    """One micro-batch of ``cell`` on ``device`` (cpu or cuda), run on the meta device at the model's full depth (a
+    second or so); None for a model whose step the meta device cannot run (an op that reads values).
 
     Raises:
-        LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa).
-
-    The whole model would take seconds to build: it is measured on models of its first few layers. Once every kind of
-    layer has run (and made what its kind shares, as an attention mask), each further period of the layer pattern
-    adds the same bytes."""
-    from memprof.train import models
-
-    config = models.build_config(cell.model)
-    layers, period = config.num_hidden_layers, _period(config)
-    if layers <= 2 * period + 1:
-        return _measured(_with_layers(cell, layers, config), device)
-    rest = (layers - period - 1) % period
-    base, start, block = (_measured(_with_layers(cell, n, config), device)
-                          for n in (period + 1 + rest, period + 1, 2 * period + 1))
-    if base is None or start is None or block is None:
-        return None
-    return base + (layers - period - 1 - rest) // period * (block - start)
-
-
-def layer_bytes(cell: CellConfig, device: str) -> int | None:
-    """What one decoder layer but the first saves without checkpointing: what a checkpointed layer holds again while
-    backward recomputes it (the mean over a period of the layer pattern); None as above."""
-    from memprof.train import models
-
-    config = models.build_config(cell.model)
-    period = _period(config)
-    start, block = (_measured(_with_layers(cell, n, config, "off"), device) for n in (period + 1, 2 * period + 1))
-    return None if start is None or block is None else (block - start) // period
+        LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa), or the
+            chunked loss is asked of a model that transforms its logits."""
+    return _step(cell.model.model_dump_json(), cell.adapter.model_dump_json(), cell.shape.precision,
+                 cell.levers.attn_implementation, cell.levers.gradient_checkpointing, cell.levers.loss_chunk,
+                 cell.shape.batch_size, cell.shape.seq_len, device)

@@ -364,11 +364,15 @@ def activation_bytes(s: StepShape) -> int:
 
 
 def workspace_bytes(s: StepShape) -> int:
-    # cuBLAS workspace, allocated through the caching allocator once per (handle, stream): one handle for the
-    # forward (main) thread and one for autograd's CUDA device thread that runs backward; none on the CPU
-    if s.device == "cpu":
+    return cublas_workspace_bytes(s.device, s.cuda_major)
+
+
+def cublas_workspace_bytes(device: str, cuda_major: int = 9) -> int:
+    """cuBLAS workspace, allocated through the caching allocator once per (handle, stream): one handle for the
+    forward (main) thread and one for autograd's CUDA device thread that runs backward; none on the CPU."""
+    if device == "cpu":
         return 0
-    return 2 * (CUBLAS_WORKSPACE_SM90 if s.cuda_major >= 9 else CUBLAS_WORKSPACE_OTHER)
+    return 2 * (CUBLAS_WORKSPACE_SM90 if cuda_major >= 9 else CUBLAS_WORKSPACE_OTHER)
 
 
 def logits_bytes(s: StepShape) -> int:
@@ -433,8 +437,7 @@ def qlora_matmul_transient(s: StepShape, out_features: int, in_features: int, ba
     absmax), the [T, out] output in the compute dtype and its cast back to the input dtype (the stream's).
     Backward: always dequantises the weight ([out, in] c B, plus absmax) for grad_input = grad @ W."""
     T, c = s.tokens, s.compute_bytes
-    dequant = {"dequantised_weight": out_features * in_features * c,
-               "absmax_fp32": out_features * in_features // 64 * 4}
+    dequant = dequantised_weight_parts(out_features * in_features, c)
     if backward:
         return {**dequant, "grad_input": T * in_features * c}
     cast = c != s.stream_bytes  # .to(compute dtype) and .to(input dtype) are no-ops when they agree
@@ -442,6 +445,22 @@ def qlora_matmul_transient(s: StepShape, out_features: int, in_features: int, ba
     if T > s.bnb_fused_max_rows:
         parts.update(dequant)
     return parts
+
+
+def dequantised_weight_parts(numel: int, compute_bytes: int) -> dict[str, int]:
+    """A 4-bit weight of ``numel`` elements as bitsandbytes dequantises it for a matmul: in the compute dtype, with
+    its fp32 absmax (one per 64-element block)."""
+    return {"dequantised_weight": numel * compute_bytes, "absmax_fp32": numel // 64 * 4}
+
+
+def optimizer_temporaries(device: str, fused: bool, gradients: int, largest_trainable: int) -> int:
+    """What an optimizer step makes beside the gradients and its state: foreach AdamW (CUDA's default) about one more
+    list of parameter-sized tensors; on the CPU torch's AdamW defaults to the single-tensor loop: about two temporaries
+    of the largest trainable tensor (exp_avg_sq.sqrt() and its division by the bias correction); a fused optimizer
+    (bitsandbytes', adamw_torch_fused) updates each tensor in place in one kernel."""
+    if fused:
+        return 0
+    return 2 * largest_trainable if device == "cpu" else gradients
 
 
 def lora_grad_bytes(s: StepShape, modules: tuple[str, ...]) -> int:
@@ -639,17 +658,10 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
             **qlora_matmul_transient(s, s.intermediate, s.hidden)}
     # end of backward: every gradient made (LoRA: small; full fine-tune: the whole model's)
     out["backward end"] = {**base, "gradients": G}
-    # optimizer step: gradients complete; foreach AdamW (CUDA's default) makes about one more list of parameter-sized
-    # tensors; on the CPU torch's AdamW defaults to the single-tensor loop: about two temporaries of the largest
-    # trainable tensor (exp_avg_sq.sqrt() and its division by the bias correction); a fused optimizer (bitsandbytes',
-    # adamw_torch_fused) updates each tensor in place in one kernel
-    if s.fused_optimizer:
-        out["optimizer step"] = {**base, "gradients": G}
-    elif s.device == "cpu":
-        out["optimizer step"] = {**base, "gradients": G,
-                                                "per_tensor_temporaries": 2 * largest_trainable_bytes(s)}
-    else:
-        out["optimizer step"] = {**base, "gradients": G, "foreach_temporaries": G}
+    # optimizer step: gradients complete, and the optimizer's own temporaries
+    temporaries = optimizer_temporaries(s.device, s.fused_optimizer, G, largest_trainable_bytes(s))
+    name = "per_tensor_temporaries" if s.device == "cpu" else "foreach_temporaries"
+    out["optimizer step"] = {**base, "gradients": G, **({name: temporaries} if temporaries else {})}
     # held-out evaluation under no_grad: the logits, their fp32 copy and log_softmax's output (no saved tensors);
     # chunked: one chunk's, with the final hidden states the chunks are cut from
     if s.loss_chunk:
@@ -699,7 +711,7 @@ _FULL_NAMES = {short: f"model.layers.0.{'mlp' if short in ('gate', 'up', 'down')
 # LoRA settings the formulas do not follow: a cell with any of them is attributed and planned without them
 _NOT_MODELLED = ("rank_pattern", "layers_to_transform", "modules_to_save", "layers_pattern")
 MODEL_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_QUANT_COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+QUANT_COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape | None:
@@ -732,14 +744,15 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      model_bytes=MODEL_BYTES[cell.shape.precision], rank=int(lora.get("r", 8)) if lora else 8,
                      lora_targets=targets, lora_dropout=float(lora.get("lora_dropout") or 0.0),
                      kbit_prepare=adapter.quant.prepare_for_kbit_training,
-                     compute_bytes=MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]],
-                     fused_optimizer=_fused(cell.optimizer.name), device=device,
+                     compute_bytes=MODEL_BYTES[QUANT_COMPUTE[adapter.quant.compute_dtype]],
+                     fused_optimizer=fused_optimizer(cell.optimizer.name), device=device,
                      cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk,
                      qk_norm=config.model_type == "qwen3",
                      tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def _fused(optimizer: str) -> bool:
+def fused_optimizer(optimizer: str) -> bool:
+    """Whether ``optimizer`` updates each tensor in place in one kernel (bitsandbytes', torch's ``_fused``)."""
     entry = CATALOGUE.get(optimizer)
     return optimizer.endswith("_fused") or (entry is not None and entry.library == "bitsandbytes")
 

@@ -221,16 +221,17 @@ def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     # what the analytic model leaves to measurement: the remainder and, on the CPU, glibc's free heap (the plan
     # predicts both as one fitted part)
     others = np.array([r.breakdown["other"] + r.breakdown.get("heap_free", 0) for r in cells], float)
-    x = np.array([(1.0, other_feature(s)) for s in shapes])
-    c, d = (float(v) for v in nonnegative_lstsq(x, others)) if len({other_feature(s) for s in shapes}) > 1 \
+    features = [other_feature(s.tokens, s.layers, s.hidden, s.intermediate) for s in shapes]
+    x = np.array([(1.0, f) for f in features])
+    c, d = (float(v) for v in nonnegative_lstsq(x, others)) if len(set(features)) > 1 \
         else (float(np.median(others)), 0.0)
     residuals: dict[str, list[float]] = {}
-    for o, s in zip(others, shapes):
-        residuals.setdefault(s.adapter, []).append(o - (c + d * other_feature(s)))
+    for o, s, f in zip(others, shapes, features):
+        residuals.setdefault(s.adapter, []).append(o - (c + d * f))
     by_adapter = {kind: float(np.median(v)) for kind, v in sorted(residuals.items()) if len(v) >= MIN_KIND_CELLS}
     out = DeviceCalibration(device, ", ".join(sorted(machines)), tuple(r.name for r in run_dirs), len(cells),
                             (c, d), 0.0, by_adapter)
-    spread = max(abs(o - out.other_bytes(s)) / p for o, s, p in zip(others, shapes, peaks))
+    spread = max(abs(o - out.other_bytes(f, s.adapter)) / p for o, s, f, p in zip(others, shapes, features, peaks))
     out = replace(out, other_spread=spread)
     if device != "cuda":
         return out

@@ -159,18 +159,19 @@ class DeviceCalibration:
     def source(self) -> str:
         return f"{self.cells} cells on {self.machine} ({', '.join(self.runs)})"
 
-    def other_bytes(self, shape: StepShape) -> int:
+    def other_bytes(self, feature: int, adapter: str) -> int:
+        """The unnamed remainder of a step with ``other_feature`` ``feature`` under an ``adapter`` kind."""
         c, d = self.other
-        return round(c + d * other_feature(shape) + self.other_by_adapter.get(shape.adapter, 0.0))
+        return round(c + d * feature + self.other_by_adapter.get(adapter, 0.0))
 
     def cache_bytes(self, peak_bytes: int, pressure_bytes: int) -> int:
         a, b, c = self.cache
         return max(0, round(a * peak_bytes + b * pressure_bytes + c))
 
 
-def other_feature(shape: StepShape) -> int:
+def other_feature(tokens: int, layers: int, hidden: int, intermediate: int) -> int:
     """What the unnamed remainder grows with: the step's per-layer working widths over its tokens."""
-    return shape.tokens * shape.layers * (shape.hidden + shape.intermediate)
+    return tokens * layers * (hidden + intermediate)
 
 
 def cache_pressure(shape: StepShape) -> int:

@@ -63,6 +63,15 @@ def experts(config: Any) -> int:
     return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
 
 
+def loss_chunk_unavailable(config: Any, levers: Levers) -> LeverUnavailable | None:
+    """The chunked loss asked of a model that transforms its logits (Gemma2's soft-capping), which it does not."""
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(config.get_text_config(), name, None) is not None]
+    if levers.loss_chunk and transforms:
+        return LeverUnavailable(f"loss_chunk: the model transforms its logits ({', '.join(transforms)}), which the "
+                                "chunked loss does not")
+    return None
+
+
 def kernel_unavailable(err: ValueError, attn: str) -> LeverUnavailable | None:
     """transformers' refusal to build an architecture with an attention kernel it has no path for, as the lever
     being unavailable; None for any other error."""
@@ -83,11 +92,8 @@ def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: t
         raise LeverUnavailable("flash_attention_2 needs a CUDA device")
     dtype = DTYPES[precision]
     config = build_config(spec)
-    if levers.loss_chunk:
-        transforms = [name for name in LOGIT_TRANSFORMS if getattr(config.get_text_config(), name, None) is not None]
-        if transforms:
-            raise LeverUnavailable(f"loss_chunk: the model transforms its logits ({', '.join(transforms)}), which "
-                                   f"the chunked loss does not")
+    if refusal := loss_chunk_unavailable(config, levers):
+        raise refusal
     qlora = adapter.kind == "qlora"
     try:
         if spec.path:
