@@ -87,17 +87,19 @@ def test_the_meta_steps_peak_is_a_cpu_replays_but_for_the_cpu_kernels_scratch(na
     kernel's own scratch (sdpa's), and at most the plan's stated error below (17% on Phi-3's recomputed layer)."""
     config = {**SMALL, "num_hidden_layers": 4, **ARCHITECTURES.get(name, {"model_type": "llama"})}
     below = []
-    combos = [("lora", False, 0), ("lora", True, 0), ("none", False, 0), ("qlora", False, 0), ("none", True, 64)]
-    for adapter, checkpointing, chunk in combos:
+    combos = [("lora", False, 0, 1), ("lora", True, 0, 1), ("none", False, 0, 1), ("qlora", False, 0, 1),
+              ("none", True, 64, 1), ("none", True, 0, 2)]  # the last: a later micro-batch, beside the gradients
+    for adapter, checkpointing, chunk, accumulation in combos:
         cell = _cell(ModelSpec(name=name, config=config), adapter, "bf16", checkpointing,
                      "eager" if name == "gemma2" else "sdpa", batch=2, seq=256)
-        cell = cell.model_copy(update={"levers": cell.levers.model_copy(update={"loss_chunk": chunk})})
+        cell = cell.model_copy(update={"levers": cell.levers.model_copy(update={"loss_chunk": chunk}),
+                                       "shape": cell.shape.model_copy(update={"grad_accum": accumulation})})
         if models.loss_chunk_unavailable(models.build_config(cell.model), cell.levers):
             continue  # Gemma2's soft-capped logits
         torch.manual_seed(0)
         model = models.build_model(cell.model, cell.adapter, "bf16", torch.device("cpu"), cell.levers)
         x = torch.randint(0, models.BYTE_VOCAB, (2, 256))
-        replay = replay_step(model, models.loss_function(cell.levers), x)
+        replay = replay_step(model, models.loss_function(cell.levers), x, accumulating=accumulation > 1)
         real, meta = max(replay.forward_bytes, replay.backward_bytes), meta_step.step_peak(cell, "cpu").bytes
         below.append((real - meta) / real)
     assert min(below) < 1e-3 and all(0 <= b <= predict.META_ERROR["cpu"] for b in below), below

@@ -268,7 +268,7 @@ def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, c
 
 def _measure(model: nn.Module, x: torch.Tensor, loss_function: Any, scratch: dict[Any, Any]) -> StepPeak:
     """One forward and backward of ``loss_function(model, x)`` under ``SavedActivations`` and ``_LiveBytes`` (with
-    ``scratch``'s kernels' own allocations), its gradients set to None after."""
+    ``scratch``'s kernels' own allocations); gradients already there are not counted."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     live = _LiveBytes(trainable, scratch)
 
@@ -293,7 +293,6 @@ def _measure(model: nn.Module, x: torch.Tensor, loss_function: Any, scratch: dic
     finally:
         for hook in hooks:
             hook.remove()
-        model.zero_grad(set_to_none=True)
     frozen = (m.weight.numel() for m in model.get_decoder().modules()
               if isinstance(m, nn.Linear) and not m.weight.requires_grad)
     return StepPeak(saved.bytes, live.peak_moment, live.peak, min(live.most["loss_logits"], live.most["layer"]),
@@ -302,8 +301,9 @@ def _measure(model: nn.Module, x: torch.Tensor, loss_function: Any, scratch: dic
 
 @functools.lru_cache(maxsize=1024)
 def _step(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str, loss_chunk: int,
-          batch: int, seq: int, device: str) -> StepPeak | None:
-    """``_measure`` of a micro-batch on the meta model, its kernels standing in for ``device``'s."""
+          batch: int, seq: int, accumulating: bool, device: str) -> StepPeak | None:
+    """``_measure`` of a micro-batch on the meta model, its kernels standing in for ``device``'s; when
+    ``accumulating``, of the second micro-batch of a step, the first one's gradients there."""
     from memprof.train import models
 
     model = _meta_model(model_json, adapter_json, precision, attn, checkpointing)
@@ -313,20 +313,26 @@ def _step(model_json: str, adapter_json: str, precision: str, attn: str, checkpo
     if refusal := models.loss_chunk_unavailable(model.config, levers):
         raise refusal
     x = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    loss_function = models.loss_function(levers)
     try:
         with _unpacked(), _sdpa_as(device), _experts_on_meta():
-            return _measure(model, x, models.loss_function(levers), SCRATCH[device])
+            if accumulating:
+                loss_function(model, x).backward()
+            return _measure(model, x, loss_function, SCRATCH[device])
     except (RuntimeError, NotImplementedError):  # an op with no meta kernel, or one that needs values
         return None
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def step_peak(cell: CellConfig, device: str) -> StepPeak | None:
     """One micro-batch of ``cell`` on ``device`` (cpu or cuda), run on the meta device at the model's full depth (a
-    second or so); None for a model whose step the meta device cannot run (an op that reads values).
+    second or so; with gradient accumulation, a later micro-batch, whose gradients from the first are not in the
+    parts); None for a model whose step the meta device cannot run (an op that reads values).
 
     Raises:
         LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa), or the
             chunked loss is asked of a model that transforms its logits."""
     return _step(cell.model.model_dump_json(), cell.adapter.model_dump_json(), cell.shape.precision,
                  cell.levers.attn_implementation, cell.levers.gradient_checkpointing, cell.levers.loss_chunk,
-                 cell.shape.batch_size, cell.shape.seq_len, device)
+                 cell.shape.batch_size, cell.shape.seq_len, cell.shape.grad_accum > 1, device)

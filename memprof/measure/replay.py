@@ -50,13 +50,16 @@ def saved_bytes(cell: CellConfig) -> int:
     return step_saved_bytes(model, models.loss_function(cell.levers), x)
 
 
-def replay_step(model: nn.Module, loss: Loss, x: torch.Tensor) -> StepPeaks:
+def replay_step(model: nn.Module, loss: Loss, x: torch.Tensor, accumulating: bool = False) -> StepPeaks:
     """Two steps' forward and backward to warm up (lazy buffers, the first step's one-time allocations), then one
-    more under the profiler, gradients set to None before it as the loop's ``zero_grad`` leaves them."""
+    more under the profiler, gradients set to None before it as the loop's ``zero_grad`` leaves them; or, when
+    ``accumulating``, a later micro-batch of a step: the gradients of the one before it still there (and left out
+    of the peaks, as allocated before)."""
     for _ in range(2):
         model.zero_grad(set_to_none=True)
         activation_bytes = step_saved_bytes(model, loss, x)
-    model.zero_grad(set_to_none=True)
+    if not accumulating:
+        model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.profiler.record_function("forward"):
             out = loss(model, x)

@@ -74,6 +74,7 @@ class StepShape:
     loss_chunk: int = 0  # tokens per chunk of memprof's chunked loss; 0: transformers' loss over the whole logits
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head of q and of k, before RoPE
     tied_embeddings: bool = False  # the output head is the input embedding (one weight, one gradient)
+    accumulating: bool = False  # grad_accum > 1: a later micro-batch runs beside the earlier ones' gradients
 
     def __post_init__(self) -> None:
         cuda = self.device == "cuda"
@@ -668,7 +669,10 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
         out["eval"] = {**base, **loss_forward_transient(s), "eval_hidden": s.tokens * s.hidden * s.norm_out_bytes}
     else:
         out["eval"] = {**base, **loss_forward_transient(s), "log_softmax_out": s.tokens * s.vocab * 4}
-
+    if s.accumulating:  # every gradient is there from the first micro-batch on (eval comes after zero_grad)
+        for name, parts in out.items():
+            if name != "eval":
+                parts["gradients"] = G
     return out
 
 
@@ -748,7 +752,8 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      fused_optimizer=fused_optimizer(cell.optimizer.name), device=device,
                      cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk,
                      qk_norm=config.model_type == "qwen3",
-                     tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                     tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                     accumulating=cell.shape.grad_accum > 1)
 
 
 def fused_optimizer(optimizer: str) -> bool:

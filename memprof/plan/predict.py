@@ -411,12 +411,15 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
     if request.adapter.kind == "qlora" and in_layer:
         compute = step_memory.MODEL_BYTES[step_memory.QUANT_COMPUTE[request.adapter.quant.compute_dtype]]
         dequantised = sum(step_memory.dequantised_weight_parts(step.largest_frozen_linear, compute).values())
-    how = "measured on the meta device"
+    how, at_peak = "measured on the meta device", dict(step.parts)
+    if request.shape.grad_accum > 1:  # a later micro-batch runs beside every gradient of the first
+        at_peak["gradients"] += gradients
+        how += " (a later micro-batch, beside every gradient)"
     moments = {
         f"{step.moment} (meta device)": [
             Part(name, nbytes + (dequantised if name == "layer" else 0),
                  how + (" + the 4-bit weight bitsandbytes dequantises (derived)" if name == "layer" and dequantised
-                        else ""), META_ERROR[device]) for name, nbytes in step.parts.items()],
+                        else ""), META_ERROR[device]) for name, nbytes in at_peak.items()],
         "backward end": [Part("gradients", gradients, "exact")],
         "optimizer step": [Part("gradients", gradients, "exact"), Part(
             "optimizer_temporaries", step_memory.optimizer_temporaries(
