@@ -3,6 +3,7 @@ refitting the calibration, and one-line errors for bad input."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -213,6 +214,23 @@ def test_more_tokens_never_plan_less() -> None:
     assert totals == sorted(totals) and totals[0] < totals[-1]
     checkpointed = request.with_values({"shape.batch_size": 8, "levers.gradient_checkpointing": "on"})
     assert plan.predict(checkpointed, exact, cal).total_bytes < totals[-1]
+
+
+@pytest.mark.parametrize("kind", ["linear", "quadratic", "stepped"])
+def test_largest_within_is_exact_and_follows_a_smooth_margin(kind: str) -> None:
+    """The search the plan's verdict uses (each step a plan, a second each outside the analytic model): the answer
+    of a brute-force scan for a margin that falls with n as a plan's bytes grow (linearly with the batch, and with
+    the length squared for eager attention) or in steps; on a straight margin, at most five plans."""
+    for answer, start in itertools.product((1, 7, 100, 1326, 4095), (1, 4, 1024, 4096)):
+        slope = 1000.0
+        margin = {"linear": lambda n: slope * (answer + 0.5 - n),
+                  "quadratic": lambda n: slope * (answer + 0.5) ** 2 - slope * n * n,
+                  "stepped": lambda n: slope * (answer // 64 * 64 + 63 - n // 64 * 64) if n <= answer else -1.0}[kind]
+        calls: list[int] = []
+        got = plan.largest_within(lambda n: (calls.append(n), margin(n))[1], start=start, limit=4096)
+        assert got == max(n for n in range(1, 4097) if margin(n) >= 0), (answer, start)
+        if kind == "linear":
+            assert len(calls) <= 5, (answer, start, calls)
 
 
 def test_largest_is_exact_for_a_threshold() -> None:

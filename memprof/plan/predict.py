@@ -545,20 +545,76 @@ def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH
     return good
 
 
+def largest_within(margin: Callable[[int], float], start: int = 1, limit: int = MAX_SEARCH) -> int:
+    """The largest n in [1, limit] with ``margin(n) >= 0`` (0 when not even 1), for a decreasing ``margin`` (what a
+    card has left). A plan's bytes grow smoothly with the batch and the length, so the search follows the line
+    through the last two margins to where it crosses zero, bisecting whenever that does not halve the bracket: the
+    same answer as ``largest``, in fewer plans (a plan outside the analytic model takes about a second)."""
+    seen: dict[int, float] = {}
+
+    def fits(n: int) -> bool:
+        seen[n] = margin(n)
+        return seen[n] >= 0
+
+    def crossing(a: int, b: int) -> int | None:
+        """Where the line through the margins at a and b crosses zero (rounded down), None where it does not fall."""
+        slope = (seen[b] - seen[a]) / (b - a)
+        return None if slope >= 0 else a + int(-seen[a] / slope) if seen[a] >= 0 else a - int(seen[a] / slope) - 1
+
+    good, bad, last = 0, 0, None
+    if fits(start):
+        good = start
+        while not bad:
+            if good == limit:
+                return good
+            guess = crossing(last, good) if last is not None else None
+            nxt = min(max(2 * good if guess is None else guess + 1, good + 1), limit)
+            last = good
+            if fits(nxt):
+                good = nxt
+            else:
+                bad = nxt
+    else:
+        bad = start
+        while not good and bad > 1:
+            guess = crossing(last, bad) if last is not None else None
+            nxt = max(min(bad // 2 if guess is None else guess, bad - 1), 1)
+            last = bad
+            if fits(nxt):
+                good = nxt
+            else:
+                bad = nxt
+        if not good:
+            return 0
+    # regula falsi, Illinois' way: the end kept twice has its margin halved, so the line leans towards the other
+    mg, mb, kept, slow = seen[good], seen[bad], 0, 0
+    while bad - good > 1:
+        width = bad - good
+        guess = good + int(mg / (mg - mb) * width) if slow < 4 else (good + bad) // 2
+        mid = min(max(guess, good + 1), bad - 1)
+        if fits(mid):
+            good, mg, mb, kept = mid, seen[mid], mb / 2 if kept == 1 else mb, 1
+        else:
+            bad, mb, mg, kept = mid, seen[mid], mg / 2 if kept == -1 else mg, -1
+        slow = slow + 1 if bad - good > width // 2 else 0
+    return good
+
+
 def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
     """``plan`` against ``gpu``, with the largest batch (same length) and length (same batch) that surely fit
     (their plan's total plus its uncertainty within the card)."""
     request, exact = plan.request, plan.exact
 
-    def fits(batch_size: int, seq_len: int) -> bool:
+    def left(batch_size: int, seq_len: int) -> int:
         sized = predict(request.with_values({"shape.batch_size": batch_size, "shape.seq_len": seq_len}), exact,
                         calibration, plan.device)
-        return sized.needed_bytes + sized.uncertainty_bytes <= gpu.capacity_bytes
+        return gpu.capacity_bytes - sized.needed_bytes - sized.uncertainty_bytes
 
     # searched from the request's own values: the answer is the same, in fewer plans
-    max_batch = largest(lambda b: fits(b, request.shape.seq_len), start=request.shape.batch_size)
+    max_batch = largest_within(lambda b: left(b, request.shape.seq_len), start=request.shape.batch_size)
     cap = exact.shape.max_positions or MAX_SEARCH
-    max_seq = largest(lambda s: fits(request.shape.batch_size, s), start=min(request.shape.seq_len, cap), limit=cap)
+    max_seq = largest_within(lambda s: left(request.shape.batch_size, s), start=min(request.shape.seq_len, cap),
+                             limit=cap)
     return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, plan.pageable_bytes, max_batch, max_seq,
                   max_seq == cap)
 
