@@ -386,11 +386,8 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, c
                        if name not in exact_names]
     parts += _sharding(request, exact)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
-    other = measured.other_bytes(other_feature(shape.tokens, shape.layers, shape.hidden, shape.intermediate),
-                                 shape.adapter)
-    heap = "" if measured.device == "cuda" else " (with glibc's free heap, which the RSS peak holds)"
-    parts.append(Part("other", other, f"fitted to {measured.cells} cells{heap}",
-                      measured.other_spread * peak / max(other, 1)))
+    parts.append(_other(measured, other_feature(shape.tokens, shape.layers, shape.hidden, shape.intermediate),
+                        shape.adapter, peak))
     if measured.device == "cuda":
         parts += _outside_pytorch(calibration, peak, cache_pressure(shape))
     return Plan(request, exact, tuple(parts), measured.source, measured.device, moment)
@@ -433,14 +430,19 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
     if measured is not None:
         widths = exact.shape
-        other = measured.other_bytes(other_feature(request.shape.tokens, widths.layers, widths.hidden,
-                                                   widths.intermediate), request.adapter.kind)
-        parts.append(Part("other", other, f"fitted to {measured.cells} cells", measured.other_spread * peak /
-                          max(other, 1)))
+        parts.append(_other(measured, other_feature(request.shape.tokens, widths.layers, widths.hidden,
+                                                    widths.intermediate), request.adapter.kind, peak))
     if device == "cuda":
         parts += _outside_pytorch(calibration, peak, step.pressure)
     return Plan(request, exact, tuple(parts), measured.source if measured else calibration.path or calibration.device,
                 device, moment, "meta")
+
+
+def _other(measured: DeviceCalibration, feature: int, adapter: str, peak: int) -> Part:
+    """The unnamed remainder a device's cells left beside a ``peak`` (on the CPU with glibc's free heap)."""
+    other = measured.other_bytes(feature, adapter)
+    heap = "" if measured.device == "cuda" else " (with glibc's free heap, which the RSS peak holds)"
+    return Part("other", other, f"fitted to {measured.cells} cells{heap}", measured.other_spread * peak / max(other, 1))
 
 
 def _outside_pytorch(calibration: Calibration, peak: int, pressure: int) -> list[Part]:
