@@ -43,7 +43,8 @@ class _SavesLikeAKernel(torch.autograd.Function):
     is, as the kernels lay theirs out: for a q viewed from [batch, seq, heads, dim] o_proj's input is then a view of
     it), an fp32 logsumexp (the mem-efficient kernel's padded to 32 rows), on CUDA the dropout seed and offset, and
     the attention mask when there is one (sliding-window layers), as sdpa turns a boolean mask into an additive one
-    in q's dtype on every call."""
+    in q's dtype on every call. Its backward makes the gradients of q, k and v (what a kernel allocates beside them
+    is its own scratch, not modelled)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -242,7 +243,7 @@ class StepPeak:
 @functools.lru_cache(maxsize=64)
 def _meta_model(model_json: str, adapter_json: str, precision: str, attn: str, checkpointing: str) -> nn.Module | None:
     """The model on the meta device as a cell builds it (None where a module needs real tensors to build), kept for
-    the next micro-batch shape: building and wrapping it takes seconds, a meta forward a fraction of one."""
+    the next micro-batch shape: building and wrapping it takes seconds, a step on it about one."""
     from transformers import AutoModelForCausalLM
 
     from memprof.train import models
