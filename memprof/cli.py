@@ -404,7 +404,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if outside:
         fitted = sum(p.method == "fitted" for p in outside)
         out.print(f"[dim]{len(outside)} of {len(plans)} plans are outside the analytic model (Llama, Qwen2, Qwen3 "
-                  f"and Mistral decoders without DoRA, dropout or per-module LoRA settings"
+                  f"and Mistral decoders without per-module LoRA ranks, layer subsets or modules to save"
                   f"{' on a GPU' if args.device == 'cuda' else ''}): their step is run on the meta device"
                   + (f", {fitted} of them (which it cannot run) fitted to CPU runs. {calibration.note}" if fitted
                      else ".") + "[/]", highlight=False)
