@@ -47,6 +47,16 @@ def test_the_fitted_fallbacks_stated_uncertainty_on_cuda_covers_its_miss_on_the_
     assert max(abs(row["fitted_temporaries_miss"]) for row in rows) <= plan_accuracy.plan.FITTED_TEMPORARIES_CUDA_ERROR
 
 
+def test_on_the_h100s_cells_too_the_meta_plan_holds_and_the_fitted_one_states_its_miss() -> None:
+    """The H100's reference cells and its 70B QLoRA cell (results/gpu/h100-2026-11-28), which no calibration was
+    fitted to: the plan from the step on the meta device within 0.5% of every allocator peak."""
+    h100 = plan_accuracy.ROOT / "results" / "gpu" / "h100-2026-11-28"
+    rows = [row for run in ("reference", "qlora-70b")
+            for row in plan_accuracy._errors(attribute_run(h100 / run), calibration.load(), "cuda")]
+    assert len(rows) == 17 and max(abs(row["meta_error"]) for row in rows) <= 0.005
+    assert max(abs(row["fitted_temporaries_miss"]) for row in rows) <= plan_accuracy.plan.FITTED_TEMPORARIES_CUDA_ERROR
+
+
 def test_the_shipped_cuda_calibration_is_what_the_h200_runs_give() -> None:
     shipped = calibration.load().devices["cuda"]
     assert fit_device(list(plan_accuracy.GPU_RUNS)) == shipped
