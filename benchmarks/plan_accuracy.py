@@ -50,8 +50,8 @@ def _errors(records: list[Record], calibration: calibration_mod.Calibration, dev
         # the plans a model outside the analytic model gets, made for the same cell: from its step run on the meta
         # device, and (where that cannot run) from coefficients fitted to CPU runs
         meta = plan.meta_plan(r.config, predicted.exact, calibration, device)
-        fitted = plan.fitted_plan(r.config, predicted.exact, calibration, device)
         if device == "cuda":
+            fitted = plan.fitted_plan(r.config, predicted.exact, calibration, device)
             row["allocated_error"] = predicted.allocated_bytes / r.peak_allocated_bytes - 1
             row["meta_error"] = meta.allocated_bytes / r.peak_allocated_bytes - 1
             row["fitted_error"] = fitted.allocated_bytes / r.peak_allocated_bytes - 1

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from memprof.config.catalogue import CATALOGUE
 
 if TYPE_CHECKING:
-    from memprof.config.spec import CellConfig
+    from memprof.config.spec import AdapterSpec, CellConfig
 
 MiB = 1 << 20
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -715,7 +715,7 @@ _FULL_NAMES = {short: f"model.layers.0.{'mlp' if short in ('gate', 'up', 'down')
 # LoRA settings the formulas do not follow: a cell with any of them is attributed and planned without them
 _NOT_MODELLED = ("rank_pattern", "layers_to_transform", "modules_to_save", "layers_pattern")
 MODEL_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-QUANT_COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_QUANT_COMPUTE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape | None:
@@ -748,12 +748,17 @@ def step_shape(cell: CellConfig, device: str, cuda_major: int = 9) -> StepShape 
                      model_bytes=MODEL_BYTES[cell.shape.precision], rank=int(lora.get("r", 8)) if lora else 8,
                      lora_targets=targets, lora_dropout=float(lora.get("lora_dropout") or 0.0),
                      kbit_prepare=adapter.quant.prepare_for_kbit_training,
-                     compute_bytes=MODEL_BYTES[QUANT_COMPUTE[adapter.quant.compute_dtype]],
+                     compute_bytes=compute_bytes(adapter),
                      fused_optimizer=fused_optimizer(cell.optimizer.name), device=device,
                      cuda_major=cuda_major, loss_chunk=cell.levers.loss_chunk,
                      qk_norm=config.model_type == "qwen3",
                      tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
                      accumulating=cell.shape.grad_accum > 1)
+
+
+def compute_bytes(adapter: AdapterSpec) -> int:
+    """The element size of bitsandbytes' compute dtype under a QLoRA ``adapter``."""
+    return MODEL_BYTES[_QUANT_COMPUTE[adapter.quant.compute_dtype]]
 
 
 def fused_optimizer(optimizer: str) -> bool:

@@ -406,7 +406,7 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
     in_layer = step.moment in ("forward", "backward")
     dequantised = 0  # a layer's 4-bit matmul dequantises its weight, inside bitsandbytes' kernel
     if request.adapter.kind == "qlora" and in_layer:
-        compute = step_memory.MODEL_BYTES[step_memory.QUANT_COMPUTE[request.adapter.quant.compute_dtype]]
+        compute = step_memory.compute_bytes(request.adapter)
         dequantised = sum(step_memory.dequantised_weight_parts(step.largest_frozen_linear, compute).values())
     how, at_peak = "measured on the meta device", dict(step.parts)
     if request.shape.grad_accum > 1:  # a later micro-batch runs beside every gradient of the first
@@ -517,28 +517,38 @@ def eager_attention_bytes(request: CellConfig, exact: Exact) -> int:
     return exact.shape.layers * exact.shape.heads * square
 
 
+def _bracket(fits: Callable[[int], bool], start: int, limit: int,
+             toward: Callable[[int, int], int | None] | None = None) -> tuple[int, int]:
+    """(good, bad) around where ``fits`` stops holding in [1, limit], searched from ``start``: doubling while it fits,
+    or halving until it does, or going where ``toward(last, n)`` points (the last two tried) when it names a point.
+    bad is 0 when ``limit`` fits; good is 0 when not even 1 does."""
+    last = None
+    if fits(start):
+        good = start
+        while good < limit:
+            guess = toward(last, good) if toward and last is not None else None
+            nxt = min(max(2 * good if guess is None else guess + 1, good + 1), limit)
+            last = good
+            if not fits(nxt):
+                return good, nxt
+            good = nxt
+        return good, 0
+    bad = start
+    while bad > 1:
+        guess = toward(last, bad) if toward and last is not None else None
+        nxt = max(min(bad // 2 if guess is None else guess, bad - 1), 1)
+        last = bad
+        if fits(nxt):
+            return nxt, bad
+        bad = nxt
+    return 0, bad
+
+
 def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH) -> int:
     """The largest n in [1, limit] with ``fits(n)`` (0 when not even 1 fits), for a monotone ``fits``, searched from
     ``start``: doubling while it fits, or halving until it does, then bisection."""
-    good, bad = 0, None
-    if fits(start):
-        good = start
-        while bad is None:
-            nxt = min(good * 2, limit)
-            if nxt == good:
-                return good
-            if fits(nxt):
-                good = nxt
-            else:
-                bad = nxt
-    else:
-        bad = start
-        while good == 0 and bad > 1:
-            if fits(bad // 2):
-                good = bad // 2
-            else:
-                bad //= 2
-    while bad - good > 1 and good:
+    good, bad = _bracket(fits, start, limit)
+    while good and bad - good > 1:
         mid = (good + bad) // 2
         if fits(mid):
             good = mid
@@ -563,31 +573,9 @@ def largest_within(margin: Callable[[int], float], start: int = 1, limit: int = 
         slope = (seen[b] - seen[a]) / (b - a)
         return None if slope >= 0 else a + int(-seen[a] / slope) if seen[a] >= 0 else a - int(seen[a] / slope) - 1
 
-    good, bad, last = 0, 0, None
-    if fits(start):
-        good = start
-        while not bad:
-            if good == limit:
-                return good
-            guess = crossing(last, good) if last is not None else None
-            nxt = min(max(2 * good if guess is None else guess + 1, good + 1), limit)
-            last = good
-            if fits(nxt):
-                good = nxt
-            else:
-                bad = nxt
-    else:
-        bad = start
-        while not good and bad > 1:
-            guess = crossing(last, bad) if last is not None else None
-            nxt = max(min(bad // 2 if guess is None else guess, bad - 1), 1)
-            last = bad
-            if fits(nxt):
-                good = nxt
-            else:
-                bad = nxt
-        if not good:
-            return 0
+    good, bad = _bracket(fits, start, limit, crossing)
+    if not good or not bad:
+        return good
     # regula falsi, Illinois' way: the end kept twice has its margin halved, so the line leans towards the other
     mg, mb, kept, slow = seen[good], seen[bad], 0, 0
     while bad - good > 1:
