@@ -168,6 +168,24 @@ def test_a_library_exception_is_crashed_with_a_one_line_error(fault_run: dict[st
     assert "Traceback" in log and "faulty.py" in log  # the whole story is in the cell's log
 
 
+def test_the_results_table_says_where_each_failed_cell_stopped(fault_run: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from memprof.views.tables import results_table
+
+    failed = [r for r in fault_run["records"] if r.status is not Status.OK]
+    at_setup = replace(fault_run["by"]["raise"], fail_phase="setup", fail_step=None)  # a model that does not build
+    console = Console(width=200, record=True)
+    console.print(results_table([*failed, at_setup, fault_run["by"]["sgd"]]))
+    values = tuple(s.value for s in Status)
+    statuses = [cell.strip() for line in console.export_text().splitlines() for cell in line.split("│")
+                if cell.strip().startswith(values)]
+    assert statuses == ["oom forward@0", "crashed", "crashed optimizer@0", "timeout",
+                        "diverged forward@1", "crashed setup", "ok"]
+
+
 def test_a_cell_past_its_timeout_is_killed_and_recorded(fault_run: dict[str, Any]) -> None:
     r = fault_run["by"]["sleep"]
     assert r.error == "ran past timeout_s = 5 and was killed"

@@ -121,6 +121,14 @@ class Record:
         """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
 
+    @property
+    def failed_at(self) -> str:
+        """Where a cell that did not end ok stopped: its phase, and the step where there was one (``backward@3``,
+        ``setup``); "" for an ok cell or one whose phase is unknown."""
+        if self.status is Status.OK or not self.fail_phase:
+            return ""
+        return self.fail_phase if self.fail_step is None else f"{self.fail_phase}@{self.fail_step}"
+
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready data, in the current schema (its key and hash beside, for readers)."""
         data = asdict(self)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from memprof.config.spec import CellConfig, varying
-from memprof.results.record import CellResult, Record, Status
+from memprof.results.record import CellResult, Record
 from memprof.run.messages import StepDone
 from memprof.views.tables import STATUS_STYLE
 
@@ -59,8 +59,7 @@ class ProgressView:
         self._cells_done += 1
         left = self._steps.get(index, 0) - self._seen.pop(index, 0)  # a cell that stopped early: its steps end here
         style = STATUS_STYLE[r.status]
-        outcome = f"[{style}]{r.status.value}[/]" + (f" [dim]{r.fail_phase}@{r.fail_step}[/]"
-                                                     if r.status is not Status.OK and r.fail_phase else "")
+        outcome = f"[{style}]{r.status.value}[/]" + (f" [dim]{r.failed_at}[/]" if r.failed_at else "")
         self._update(left, now=f"last: {self._labels.get(index, r.key)} {outcome}")
 
     def close(self) -> None:

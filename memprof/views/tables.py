@@ -106,8 +106,8 @@ def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]
     """The figures of one results row (its names come from the varying axes)."""
     ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
     status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
-    if r.status is not Status.OK and r.fail_phase:
-        status += f" [dim]{r.fail_phase}@{r.fail_step}[/dim]"
+    if r.failed_at:
+        status += f" [dim]{r.failed_at}[/dim]"
     loss = _num(r.final_loss_smoothed, ".3f")
     if r.first_loss is not None and r.status is Status.OK:
         loss = f"{_num(r.first_loss, '.2f')}→{loss}"
