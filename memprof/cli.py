@@ -343,6 +343,7 @@ def _request(args: argparse.Namespace) -> CellConfig:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
+    from memprof.measure.meta_step import StepFails
     from memprof.plan import calibration as calibration_mod
     from memprof.plan import gpus as gpus_mod
     from memprof.plan import predict as plan_mod
@@ -385,6 +386,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except LeverUnavailable as err:  # a run would record the cell as unavailable; a plan has nothing to say of it
         flag = "--loss-chunk" if str(err).startswith("loss_chunk") else "--attn"
         raise UserError(args.suite or flag, str(err)) from None
+    except StepFails as err:
+        raise UserError(args.suite or "--model", str(err)) from None
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
                          indent=2))

@@ -103,3 +103,20 @@ def test_the_meta_steps_peak_is_a_cpu_replays_but_for_the_cpu_kernels_scratch(na
         real, meta = max(replay.forward_bytes, replay.backward_bytes), meta_step.step_peak(cell, "cpu").bytes
         below.append((real - meta) / real)
     assert min(below) < 1e-3 and all(0 <= b <= predict.META_ERROR["cpu"] for b in below), below
+
+
+def test_a_step_that_fails_on_its_own_is_said_as_a_run_of_it_fails() -> None:
+    """peft wraps PhiMoE's router (an ``nn.Linear`` that returns a tuple) under all-linear, and its forward then
+    breaks: the meta step says so with the library's line, where a real CPU step raises the same error; without the
+    router in its targets the step runs."""
+    model = ModelSpec(name="phimoe", config={**SMALL, "model_type": "phimoe", "num_hidden_layers": 2,
+                                             "num_local_experts": 4})
+    cell = _cell(model, "lora", "bf16", False)
+    with pytest.raises(AttributeError) as real:
+        saved_bytes(cell)
+    with pytest.raises(meta_step.StepFails) as meta:
+        meta_step.step_peak(cell, "cuda")
+    assert str(meta.value).startswith("phimoe / lora: the step fails")
+    assert f"AttributeError: {real.value} (peft/tuners/lora/layer.py:" in str(meta.value)
+    attention = AdapterSpec(name="attn", kind="lora", lora={**LORA, "target_modules": "attention"})
+    assert meta_step.step_peak(cell.model_copy(update={"adapter": attention}), "cuda").bytes > 0  # the router's part

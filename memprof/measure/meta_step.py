@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import traceback
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from memprof.config.spec import AdapterSpec, CellConfig, Levers, ModelSpec
 from memprof.measure import step_memory
 from memprof.measure.activations import SavedActivations
+
+
+class StepFails(Exception):
+    """The cell's step raises on the meta device for a reason of its own, not the meta device's (peft's LoRA on a
+    linear layer that returns a tuple, a shape that does not fit): a run of the cell crashes the same way."""
 
 
 class _SavesLikeAKernel(torch.autograd.Function):
@@ -322,8 +328,17 @@ def _step(model_json: str, adapter_json: str, precision: str, attn: str, checkpo
             return _measure(model, x, loss_function, SCRATCH[device])
     except (RuntimeError, NotImplementedError):  # an op with no meta kernel, or one that needs values
         return None
+    except Exception as err:  # noqa: BLE001 - any other failure is the step's own
+        raise StepFails(_where(err)) from err
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def _where(err: BaseException) -> str:
+    """``err`` in one line with the line of code that raised it (the path from the package down)."""
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    path = frame.filename.split("site-packages/")[-1]
+    return f"{type(err).__name__}: {' '.join(str(err).split())} ({path}:{frame.lineno})"
 
 
 def step_peak(cell: CellConfig, device: str) -> StepPeak | None:
@@ -333,7 +348,12 @@ def step_peak(cell: CellConfig, device: str) -> StepPeak | None:
 
     Raises:
         LeverUnavailable: the architecture has no path for the cell's attention kernel (Gemma2 and sdpa), or the
-            chunked loss is asked of a model that transforms its logits."""
-    return _step(cell.model.model_dump_json(), cell.adapter.model_dump_json(), cell.shape.precision,
-                 cell.levers.attn_implementation, cell.levers.gradient_checkpointing, cell.levers.loss_chunk,
-                 cell.shape.batch_size, cell.shape.seq_len, cell.shape.grad_accum > 1, device)
+            chunked loss is asked of a model that transforms its logits.
+        StepFails: the step itself raises, naming the cell."""
+    try:
+        return _step(cell.model.model_dump_json(), cell.adapter.model_dump_json(), cell.shape.precision,
+                     cell.levers.attn_implementation, cell.levers.gradient_checkpointing, cell.levers.loss_chunk,
+                     cell.shape.batch_size, cell.shape.seq_len, cell.shape.grad_accum > 1, device)
+    except StepFails as err:
+        raise StepFails(f"{cell.model.name} / {cell.adapter.name}: the step fails on the meta device, as a run's "
+                        f"would: {err}") from err.__cause__
