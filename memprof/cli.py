@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.run_dir is None:
         console.print("interrupted before any cell ran; nothing was written")
         return EXIT_INTERRUPTED
-    out.print(results_table(outcome.records, title=f"{suite.name} — {outcome.run_dir}"))
+    out.print(results_table(outcome.records, out.width, title=f"{suite.name} — {outcome.run_dir}"))
     hint = ""
     if outcome.interrupted:
         again = " --executor ray" + (f" --address {args.address}" if args.address else "") \
@@ -224,7 +224,7 @@ def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) 
         return result.exit_code
     for line in compare_views.header_lines(result):
         out.print(line, highlight=False, soft_wrap=True)
-    out.print(compare_views.comparison_table(result, getattr(args, "all", False)))
+    out.print(compare_views.comparison_table(result, out.width, getattr(args, "all", False)))
     out.print(compare_views.summary_line(result), highlight=False)
     return result.exit_code
 

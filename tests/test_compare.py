@@ -327,6 +327,35 @@ def test_table_csv_input_and_missing_and_new_cells(
     assert "not comparable" in shown and "failed" in shown and "→ regression" in shown
 
 
+def test_a_narrow_terminal_gets_the_comparison_as_lines_with_no_name_or_figure_broken(
+        runs: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from memprof.analysis.compare import compare, load
+    from memprof.results.metrics import resolve_rules
+    from memprof.views.compare import comparison_table
+
+    base = runs["base"][0]
+    grown = [replace(r, peak_rss_delta_bytes=r.peak_rss_delta_bytes * 2, gradient_bytes=r.gradient_bytes + 4)
+             for r in read_records(base)]
+    result = compare(load(base), load(write_records(tmp_path / "grown", grown, like=base)), resolve_rules([], "t"))
+    shown = {}
+    for width in (80, 200):
+        console = Console(width=width, record=True)
+        console.print(comparison_table(result, width))
+        shown[width] = console.export_text()
+        assert max(len(line) for line in shown[width].splitlines()) <= width
+    assert "┃ cell" in shown[200] and "┃" not in shown[80]  # the table where it fits, lines where it does not
+    moved = [m for cell in result.cells for m in cell.metrics if m.verdict.value != "unchanged"]
+    assert {m.metric for m in moved} == {"peak_rss_delta_bytes", "gradient_bytes"}
+    for m in moved:  # every metric that moved is whole on one line of each, its name and figures together
+        assert any(m.metric in line and "→" in line for line in shown[80].splitlines()), m.metric
+        assert any(m.metric in line for line in shown[200].splitlines())
+    for cell in result.cells:
+        assert any(line.startswith(f"{cell.key.split('/')[2]} regressed") for line in shown[80].splitlines())
+    assert f"{grown[0].gradient_bytes:,} B" in shown[80]  # 4 bytes more: to the byte, where rounding hides it
+
+
 @pytest.mark.parametrize("case", ["missing folder", "not a result", "other schema", "empty csv", "bad rule",
                                   "missing baseline for --compare-to"])
 def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_path: Path,

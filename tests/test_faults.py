@@ -178,7 +178,7 @@ def test_the_results_table_says_where_each_failed_cell_stopped(fault_run: dict[s
     failed = [r for r in fault_run["records"] if r.status is not Status.OK]
     at_setup = replace(fault_run["by"]["raise"], fail_phase="setup", fail_step=None)  # a model that does not build
     console = Console(width=200, record=True)
-    console.print(results_table([*failed, at_setup, fault_run["by"]["sgd"]]))
+    console.print(results_table([*failed, at_setup, fault_run["by"]["sgd"]], 200))
     values = tuple(s.value for s in Status)
     statuses = [cell.strip() for line in console.export_text().splitlines() for cell in line.split("│")
                 if cell.strip().startswith(values)]

@@ -48,12 +48,12 @@ def test_busy_loops_beyond_the_cores_show_as_pressure_and_the_table_flags_the_ce
             p.wait()
     assert busy.status is Status.OK and busy.cpu_pressure is not None and busy.cpu_pressure > 0.5
     console = Console(width=200, record=True)
-    console.print(results_table([busy]))
+    console.print(results_table([busy], 200))
     text = console.export_text()
     assert f"{busy.tokens_per_s:,.0f} *" in text and "*: timed while other work held the CPUs" in text
     quiet = replace(busy, cpu_pressure=CONTENDED / 2)
     console = Console(width=200, record=True)
-    console.print(results_table([quiet]))
+    console.print(results_table([quiet], 200))
     assert " *" not in console.export_text()
     table = report.repeats_table(report.Run(Path("."), [busy], {}))
     assert table.rows[0][table.columns.index("tokens/s")].endswith(" *")

@@ -36,13 +36,15 @@ class Run:
 
 @dataclass(frozen=True)
 class TableData:
-    """A table as strings, ready for any renderer; ``best`` marks (row, column) cells to emphasise."""
+    """A table as strings, ready for any renderer; ``best`` marks (row, column) cells to emphasise, ``styles`` gives
+    cells a terminal style (a status's colour)."""
 
     title: str
     columns: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     best: set[tuple[int, int]] = field(default_factory=set)
+    styles: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
 def load_run(run_dir: Path) -> Run:

@@ -4,7 +4,9 @@ Read by ``memprof.analysis.compare`` (which judges) and ``memprof.suite`` (which
 table before anything runs). The rules:
 - exact accounting (state, weight and gradient bytes) must be identical: any change is a regression (update the
   baseline when the change is intended);
-- memory peaks may move by a relative threshold (5%), and only between runs on the same machine;
+- memory peaks may move by a relative threshold, and only between runs on the same machine: 5% for the CUDA
+  allocator's, 20% for the CPU's resident memory, where glibc keeps freed pages by tens of MB more or less from one
+  run of a cell to the next (a quick-suite cell's ~100 MB peak moves by up to ~15%);
 - timings are noisy: a verdict needs a factor (1.1) *and* a significant Mann-Whitney U test over the repeats
   (p < 0.002, as asv);
 - the smoothed final loss may move by an absolute tolerance, compared seed by seed (a seed fixes the loss).
@@ -50,6 +52,7 @@ class Metric:
 
 _EXACT = Rule("exact")
 _PEAK = Rule("relative", 0.05)
+_RSS_PEAK = Rule("relative", 0.2)
 _TIMING = Rule("noisy", 1.1)
 
 METRICS: dict[str, Metric] = {
@@ -60,7 +63,7 @@ METRICS: dict[str, Metric] = {
     "predicted_state_bytes": Metric(_EXACT),
     "peak_allocated_bytes": Metric(_PEAK, machine_bound=True),
     "peak_reserved_bytes": Metric(_PEAK, machine_bound=True),
-    "peak_rss_delta_bytes": Metric(_PEAK, machine_bound=True),
+    "peak_rss_delta_bytes": Metric(_RSS_PEAK, machine_bound=True),
     # attention kernels (and so the tensors they save) differ between GPU models
     "activation_bytes": Metric(_PEAK, machine_bound=True),
     "tokens_per_s": Metric(_TIMING, higher_is_better=True, machine_bound=True),

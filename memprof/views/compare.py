@@ -6,8 +6,10 @@ import math
 from collections import Counter
 from typing import Any
 
+from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from memprof.analysis.compare import DIFFERENT_MACHINES, METRICS, Comparison, MetricDelta, ResultSet, Verdict
 from memprof.results.env import machine_label
@@ -43,23 +45,47 @@ def summary_line(c: Comparison) -> str:
     return f"{len(c.cells)} cells: {counts} → {result}"
 
 
-def comparison_table(c: Comparison, show_all: bool = False) -> Table:
-    """One row per metric that moved (every metric with ``show_all``), one row for a cell where none did."""
+def comparison_table(c: Comparison, width: int, show_all: bool = False) -> Table | Group:
+    """One row per metric that moved (every metric with ``show_all``), one row for a cell where none did; where the
+    table's figures do not fit in ``width`` columns, the same rows as lines (a cell, then its metrics), so no name
+    or figure is ever broken."""
     pattern, short = _short_keys([cell.key for cell in c.cells])
-    table = Table(title="memprof compare" + (f": cells {escape(pattern)}" if pattern else ""), header_style="bold")
+    title = "memprof compare" + (f": cells {pattern}" if pattern else "")
+    rows = _rows(c, show_all)
+    caption = _repeated_notes(c)
+    figures = [[short[r[0]], *r[1:6]] for cell_rows in rows for r in cell_rows]
+    need = sum(max(len(name), *(len(f[j]) for f in figures)) + 3 for j, name in enumerate(_COLUMNS[:6]))
+    if need + len("note") + 4 > width:
+        return _lines(title, rows, short, caption)
+    table = Table(title=escape(title), header_style="bold")
     for name in _COLUMNS:
         table.add_column(name, justify="right" if name in ("baseline", "current", "change") else "left",
-                         overflow="fold")
-    for cell_rows in _rows(c, show_all):
+                         no_wrap=name != "note", overflow="fold")
+    for cell_rows in rows:
         for i, (key, verdict, metric, base, cur, change, note, style) in enumerate(cell_rows):
             table.add_row(escape(short[key]) if i == 0 else "", f"[{style}]{verdict}[/]" if i == 0 else "", metric,
                           base, cur, change, f"[dim]{escape(note)}[/]")
         if len(cell_rows) > 1:
             table.add_section()
-    caption = _repeated_notes(c)
     if caption:
         table.caption = escape(caption)
     return table
+
+
+def _lines(title: str, rows: list[list[tuple[str, ...]]], short: dict[str, str], caption: str) -> Group:
+    """The table's rows for a narrow terminal: each cell's verdict on a line, each metric that moved under it."""
+    parts = [Text(title, style="bold")]
+    for cell_rows in rows:
+        key, verdict, metric, *_, note, style = cell_rows[0]
+        if not metric:  # nothing moved: the cell's note says why
+            parts.append(Text.assemble((short[key], "bold"), " ", (verdict, style), (f": {note}", "dim")))
+            continue
+        parts.append(Text.assemble((short[key], "bold"), " ", (verdict, style)))
+        parts.extend(Text.assemble(f"  {metric}: {base} → {cur}, {change}: ", (note, "dim"))
+                     for _, _, metric, base, cur, change, note, _ in cell_rows)
+    if caption:
+        parts.append(Text(caption, style="dim"))
+    return Group(*parts)
 
 
 def markdown(c: Comparison) -> str:
@@ -126,8 +152,8 @@ def _rows(c: Comparison, show_all: bool) -> list[list[tuple[str, ...]]]:
         verdict = cell.verdict.value
         shown = [m for m in cell.metrics if show_all or (m.verdict is not Verdict.UNCHANGED
                                                            and m.note != DIFFERENT_MACHINES)]
-        rows = [(cell.key, verdict, m.metric, _value(m.metric, m.baseline), _value(m.metric, m.current),
-                 _change(m), _metric_note(m), _STYLE[cell.verdict]) for m in shown]
+        rows = [(cell.key, verdict, m.metric, *_values(m), _change(m), _metric_note(m), _STYLE[cell.verdict])
+                for m in shown]
         if not rows:
             within = sum(m.verdict is Verdict.UNCHANGED for m in cell.metrics)
             note = cell.note or (f"{within} metrics within their rules" if cell.metrics else "")
@@ -166,6 +192,14 @@ def _value(metric: str, value: float | None) -> str:
     if metric.endswith("_s"):
         return f"{value * 1e3:.1f} ms"
     return f"{value:.4g}"
+
+
+def _values(m: MetricDelta) -> tuple[str, str]:
+    """Baseline and current as they read best; bytes to the byte where rounding would show them equal."""
+    base, cur = _value(m.metric, m.baseline), _value(m.metric, m.current)
+    if base == cur and m.baseline != m.current and m.metric.endswith("_bytes"):
+        return f"{m.baseline:,.0f} B", f"{m.current:,.0f} B"
+    return base, cur
 
 
 def _change(m: MetricDelta) -> str:

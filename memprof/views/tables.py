@@ -46,33 +46,29 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def results_table(records: Iterable[Record], title: str = "memprof results") -> Group:
-    """One table per model/adapter/shape group, comparing its cells (against AdamW's state in the same group). A
-    row is named by every axis that varies inside its group (always the optimizer), and names are never cut: the
-    figures give way first."""
+def results_table(records: Iterable[Record], width: int, title: str = "memprof results") -> Group:
+    """One table per model/adapter/shape group, comparing its cells (against AdamW's state in the same group), for
+    a terminal ``width`` columns wide. A row is named by every axis that varies inside its group (always the
+    optimizer), and names are never cut: the figures give way first, the rightmost first (``rich_tables``)."""
     records = list(records)
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault(group_key(r.config), []).append(r)
     ratios = state_vs_baseline(records)
     show_paged = any(r.optimizer_state_paged_bytes for r in records)
-    parts: list = [Text(title, style="bold")]
+    tables = []
     for rows in groups.values():
         head = rows[0].config
         trainable = next((r.trainable_params for r in rows if r.trainable_params), None)
-        table = Table(title=f"[bold cyan]{head.model.name} / {head.adapter.name}[/]  b{head.shape.batch_size}×"
-                            f"s{head.shape.seq_len} {head.shape.precision}, {_num(trainable, ',')} trainable params",
-                      title_justify="left", header_style="bold")
         axes = [a for a in varying([r.config for r in rows], always=("optimizer",)) if a.name not in GROUP_AXES]
-        names = [[a.text(r.config) for a in axes] for r in rows]
-        for i, axis in enumerate(axes):
-            table.add_column(axis.title, no_wrap=True, min_width=max(len(n[i]) for n in names))
-        for name in ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
-                ["peak", "tokens/s", "step p50", "loss"]:
-            table.add_column(name, justify="left" if name == "status" else "right", overflow="fold")
-        for r, label in zip(rows, names):
-            table.add_row(*label, *_row(r, ratios.get(r.config.index), show_paged))
-        parts.append(table)
+        columns = [a.title for a in axes] + ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
+            ["peak", "tokens/s", "loss", "step p50"]
+        tables.append(TableData(
+            f"{head.model.name} / {head.adapter.name}  b{head.shape.batch_size}×s{head.shape.seq_len} "
+            f"{head.shape.precision}, {_num(trainable, ',')} trainable params", columns,
+            [[a.text(r.config) for a in axes] + _row(r, ratios.get(r.config.index), show_paged) for r in rows],
+            styles={(i, len(axes)): STATUS_STYLE[r.status] for i, r in enumerate(rows)}))
+    parts: list = [Text(title, style="bold"), rich_tables(tables, width)]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
                           style="dim"))
@@ -105,19 +101,17 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
 def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]:
     """The figures of one results row (its names come from the varying axes)."""
     ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
-    status = f"[{STATUS_STYLE[r.status]}]{r.status.value}[/]"
-    if r.failed_at:
-        status += f" [dim]{r.failed_at}[/dim]"
+    status = f"{r.status.value} {r.failed_at}".strip()
     loss = _num(r.final_loss_smoothed, ".3f")
     if r.first_loss is not None and r.status is Status.OK:
-        loss = f"{_num(r.first_loss, '.2f')}→{loss}"
+        loss = f"{_num(r.first_loss, '.3f')}→{loss}"
     step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
     cells = [status, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
     busy = mark([r])
-    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + busy,
-                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else "") + busy, loss]
+    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + busy, loss,
+                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else "") + busy]
 
 
 def cells_table(cells: Iterable[CellConfig], title: str) -> Table:
@@ -218,7 +212,9 @@ def breakdown_markdown(records: Iterable[Record]) -> str:
 
 
 _NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
-NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?( ± [\d,.]+)?×?( \(\d+/\d+\))?( \*)?$")
+# a figure, with its unit, spread, count or mark (right-aligned in every renderer): 1.13 MiB, 0.30×, 39.5 ms *
+NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?(→[\d,.]+)?( ± [\d,.]+)?( ?(×|%|B|KiB|MiB|GiB|TiB|ms|s))?"
+                    r"( \(\d+/\d+\))?( \*)?$")
 
 
 def rich_tables(tables: list[TableData], width: int) -> Group:
@@ -237,13 +233,14 @@ def rich_tables(tables: list[TableData], width: int) -> Group:
                 table.add_column(t.columns[j], justify="right" if numeric else "left", no_wrap=True,
                                  min_width=max(_widest(t, j), len(t.columns[j])))
         for i, row in enumerate(t.rows):
-            table.add_row(*(f"[bold green]{row[j]}[/]" if (i, j) in t.best else row[j] for j in keep))
+            table.add_row(*(Text(row[j], style="bold green" if (i, j) in t.best else t.styles.get((i, j), ""))
+                            for j in keep))
         parts.append(table)
         parts.extend(Text(note, style="dim") for note in t.notes)
         left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep]
         if left_out:
             parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
-                              "report.html, has them)", style="yellow"))
+                              f"report.html, has {'them' if len(left_out) > 1 else 'it'})", style="yellow"))
     return Group(*parts)
 
 
