@@ -145,6 +145,25 @@ def test_shipped_calibration_says_where_it_came_from() -> None:
     assert cal.source["versions"]["torch"]
 
 
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda d: [1, 2], "not a JSON object"),
+    (lambda d: {**d, "devices": "x"}, "devices: Input should be a valid dictionary"),
+    (lambda d: {**d, "devices": {"cuda": {**d["devices"]["cuda"], "other": "abc"}}}, "devices.cuda.other:"),
+    (lambda d: {**d, "devices": {"cuda": {**d["devices"]["cuda"], "cells": "many"}}}, "devices.cuda.cells:"),
+    (lambda d: {k: v for k, v in d.items() if k != "groups"}, "groups: Field required"),
+    (lambda d: {**d, "groups": {"fp32/lora": {**d["groups"]["fp32/lora"], "activation": [1.0]}}},
+     "groups.fp32/lora.activation: 6 coefficients"),
+])
+def test_a_calibration_file_is_checked_field_by_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      change: object, named: str) -> None:
+    shipped = json.loads(calibration.DEFAULT_PATH.read_text())
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(change(shipped)))
+    assert run_cli("plan", "--model", "tiny-llama", "--calibration", str(path)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {path}: not a memprof calibration file: ") and named in line
+
+
 def _plan_json(*argv: str, capsys: pytest.CaptureFixture[str]) -> list[dict]:
     assert run_cli("plan", *argv, "--json") == 0
     return json.loads(capsys.readouterr().out)

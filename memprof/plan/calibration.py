@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 
 from memprof.errors import UserError
 from memprof.measure import step_memory
@@ -224,28 +225,33 @@ class Calibration:
 
 
 def load(path: Path = DEFAULT_PATH) -> Calibration:
-    """Read a calibration file.
+    """Read a calibration file, every field checked against its type.
 
     Raises:
-        UserError: when it cannot be read or is not a memprof calibration.
+        UserError: when it cannot be read or is not a memprof calibration, naming the field at fault.
     """
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         if data.get("schema_version") not in (1, SCHEMA_VERSION):
             raise ValueError(f"schema_version {data.get('schema_version')} (this memprof reads 1 and "
                              f"{SCHEMA_VERSION})")
+        fields = {k: v for k, v in data.items() if k != "schema_version"}
+        calibration = TypeAdapter(Calibration).validate_python({**fields, "path": str(path)}, strict=False)
         expected = Calibration({}, {}).features
-        if any(tuple(v) != expected.get(k) for k, v in data["features"].items()) or \
-                ("devices" in data and "other" not in data["features"]):
-            raise ValueError(f"features {data['features']} are not the ones this memprof fits")
-        groups = {name: Group(tuple(g["activation"]), tuple(g["temporaries"]), g["records"],
-                              g["activation_max_error"], g["peak_max_error"]) for name, g in data["groups"].items()}
-        devices = {name: DeviceCalibration(**{**d, "runs": tuple(d["runs"]), "other": tuple(d["other"]),
-                                                   "cache": tuple(d["cache"])})
-                   for name, d in data.get("devices", {}).items()}
-        return Calibration(groups, data["source"], data["cuda_context_bytes"], data["cuda_context_source"],
-                           data.get("note", ""), str(path), devices)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        if "features" not in data or calibration.features != expected:
+            raise ValueError(f"features {data.get('features')} are not the ones this memprof fits")
+        for name, group in calibration.groups.items():
+            for part, features in (("activation", ACTIVATION_FEATURES), ("temporaries", TEMPORARY_FEATURES)):
+                if len(getattr(group, part)) != len(features):
+                    raise ValueError(f"groups.{name}.{part}: {len(features)} coefficients, one per feature")
+        return calibration
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise UserError(str(path), f"not a memprof calibration file: {where}: {first['msg']}") from None
+    except (OSError, ValueError) as err:
         raise UserError(str(path), f"not a memprof calibration file: {err}") from None
 
 
