@@ -14,6 +14,7 @@ from memprof.views.tables import human_bytes
 from conftest import run_cli
 
 from memprof.analysis import diagnose, report, stats
+from memprof.analysis.contention import mark
 from memprof import suite
 from memprof.results.record import Record, Status
 
@@ -82,6 +83,15 @@ def test_the_page_embeds_every_figure_and_the_pngs_are_written(run_dir: Path) ->
     assert "src='http" not in page and "<script" not in page  # self-contained
 
 
+def test_loss_lines_that_coincide_are_striped_each_at_its_own_offset_and_the_others_solid() -> None:
+    from memprof.views.plots import _coinciding_styles
+
+    adamw = [5.0, 4.0, 3.0]
+    styles = _coinciding_styles([adamw, [x + 1e-3 for x in adamw], [5.0, 4.5, 4.0], adamw, []])
+    assert styles[0] == styles[2] == styles[4] == "-"
+    assert "-" != styles[1] != styles[3] != "-"
+
+
 def test_memory_is_the_first_section_with_state_against_adamw_and_each_peak(run_dir: Path) -> None:
     from memprof.analysis.report import load_run
     from memprof.views.report import memory_table
@@ -140,9 +150,10 @@ def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -
         mean, half = stats.t_interval([r.final_loss_smoothed for r in rs])
         assert row[column["final loss"]] == f"{mean:.3f} ± {half:.3f}" and half > 0  # two seeds, two curves
         tokens, tokens_half = stats.t_interval([r.tokens_per_s for r in rs])
-        assert row[column["tokens/s"]] == f"{tokens:,.0f} ± {tokens_half:,.0f}"
+        busy = mark(rs)  # timings taken while other work held the CPUs are marked
+        assert row[column["tokens/s"]] == f"{tokens:,.0f} ± {tokens_half:,.0f}{busy}"
         step, step_half = stats.t_interval([r.step_time_median_s * 1e3 for r in rs])
-        assert row[column["step ms"]] == f"{step:.1f} ± {step_half:.1f}"
+        assert row[column["step ms"]] == f"{step:.1f} ± {step_half:.1f}{busy}"
         assert f">{row[column['final loss']]}</td>" in page
 
 

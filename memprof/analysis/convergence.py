@@ -6,7 +6,9 @@ mean over ``diagnose.SMOOTH_WINDOW`` steps, the same window as the Record's ``fi
 
 from __future__ import annotations
 
+import itertools
 import math
+import statistics
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +35,19 @@ def steps_to_target(losses: Sequence[float], target: float) -> int | None:
     return None
 
 
-def seconds_to_target(step_times_s: Sequence[float], steps: int | None) -> float | None:
-    """Training time (evaluation excluded) of the first ``steps`` steps."""
-    return None if steps is None else sum(step_times_s[:steps])
+def elapsed_s(step_times_s: Sequence[float], warmup_steps: int) -> list[float]:
+    """Training time (evaluation excluded) at the end of each step, each warm-up step counted at the median time of
+    the steps after it: a warm-up step's own time holds one-off start-up (kernel selection, lazy initialisation, on
+    a GPU the first cell's CUDA context), which the step timings leave out and a long run pays once."""
+    timed = step_times_s[warmup_steps:]
+    usual = statistics.median(timed) if timed else None
+    times = [usual if i < warmup_steps and usual is not None else t for i, t in enumerate(step_times_s)]
+    return list(itertools.accumulate(times))
+
+
+def seconds_to_target(step_times_s: Sequence[float], steps: int | None, warmup_steps: int) -> float | None:
+    """Training time of the first ``steps`` steps, as ``elapsed_s`` counts it."""
+    return None if steps is None else elapsed_s(step_times_s, warmup_steps)[steps - 1]
 
 
 def loss_auc(losses: Sequence[float]) -> float | None:
@@ -56,7 +68,8 @@ def verdict(codes: Sequence[str], target: float | None, reached: int | None) -> 
     return "missed target" if target is not None and reached is None else ""
 
 
-def summarise(logs: Sequence[StepLog], floor: float | None, target: float | None) -> dict[str, Any]:
+def summarise(logs: Sequence[StepLog], floor: float | None, target: float | None,
+              warmup_steps: int) -> dict[str, Any]:
     """The Record's convergence fields for one cell's logs."""
     losses = [log.loss for log in logs]
     evals = [(log.step, log.eval_loss) for log in logs if log.eval_loss is not None]
@@ -70,7 +83,7 @@ def summarise(logs: Sequence[StepLog], floor: float | None, target: float | None
         "entropy_floor_nats": floor,
         "floor_gap_nats": final - floor if floor is not None and math.isfinite(final) else None,
         "steps_to_target": reached,
-        "seconds_to_target": seconds_to_target([log.step_time_s for log in logs], reached),
+        "seconds_to_target": seconds_to_target([log.step_time_s for log in logs], reached, warmup_steps),
         "loss_auc": loss_auc(losses),
         "diagnosis": ",".join(codes),
         "verdict": verdict(codes, target, reached) if logs else "",

@@ -167,8 +167,8 @@ def target_table(run: Run) -> TableData:
     for rs in by_config(run.records).values():
         reached = [convergence.steps_to_target([s.loss for s in run.steps.get(r.config.index, [])], relative)
                    if relative is not None and r.status is Status.OK else None for r in rs]
-        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n)
-                   for r, n in zip(rs, reached)]
+        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n,
+                                                 r.config.training.warmup_steps) for r, n in zip(rs, reached)]
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
             row += [_reached([r.steps_to_target for r in rs]),

@@ -97,7 +97,8 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)
     values.update(step_summary(logs, cell.training.warmup_steps, cell.tokens_per_step))
     if status in (Status.OK, Status.DIVERGED):  # a curve cut short by a crash or OOM says nothing about learning
-        values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.training.target_loss))
+        values.update(convergence.summarise(logs, built.entropy_floor_nats, cell.training.target_loss,
+                                            cell.training.warmup_steps))
     values["cell_wall_s"] = time.perf_counter() - t_start
     values["cpu_pressure"] = pressure.share
     record = attribute(Record(cell, status=status, **values), values.get("peak_phase", ""))

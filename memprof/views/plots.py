@@ -1,5 +1,5 @@
 """Figures of a run as PNG bytes (matplotlib, Agg backend: no display needed). They plot what the records and
-per-step rows hold; they compute nothing but cumulative training time for the time axis."""
+per-step rows hold; they compute nothing but the time axis (``convergence.elapsed_s``, as the time to target)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
+from memprof.analysis import convergence  # noqa: E402
 from memprof.analysis.memory import GROUP_AXES  # noqa: E402
 from memprof.analysis.report import (Run, by_config, group_title, label_of, lowest_loss_lr,  # noqa: E402
                                      lr_rank_grid, one_per_config)
 from memprof.config.spec import varying  # noqa: E402
 from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
 from memprof.results.record import Record, Status, StepLog  # noqa: E402
-from memprof.views.tables import scale_unit  # noqa: E402
+from memprof.views.tables import human_bytes, scale_unit  # noqa: E402
 
 DPI = 100
 COLOURS = plt.get_cmap("tab10").colors
@@ -76,8 +77,10 @@ def memory_figure(run: Run) -> Figure | None:
                 ax.barh(y, nbytes / scale, left=left, height=0.7, linewidth=0.6, **_style(part))
                 present[part] = (PARTS | OUTSIDE)[part].label
                 left += nbytes / scale
-            ax.text(left, y, f" {left:.2f} {unit}" + ("" if r.status is Status.OK else f" ({r.status.value})"),
-                    va="center", fontsize=8)
+            outside = sum(max(_segments(r).get(name, 0), 0) for name in OUTSIDE) / scale
+            total = f" {left - outside:.2f} {unit} peak, {left:.2f} in all" if outside else f" {left:.2f} {unit}"
+            ax.text(left, y, total + ("" if r.status is Status.OK else f" ({r.status.value})"), va="center",
+                    fontsize=8)
         ax.set_yticks(range(len(rs)), labels, fontsize=9)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10, loc="left")
@@ -88,7 +91,8 @@ def memory_figure(run: Run) -> Figure | None:
     if states:
         axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
     measure = "allocator" if shown[0].peak_allocated_bytes is not None else "RSS growth"
-    axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}; hatched: outside the torch allocator)")
+    hatched = "; hatched: outside the torch allocator, in all with them" if set(present) & set(OUTSIDE) else ""
+    axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}{hatched})")
     handles = [plt.Rectangle((0, 0), 1, 1, **_style(p)) for p in present]
     columns = 4
     rows = math.ceil(len(present) / columns)
@@ -111,14 +115,15 @@ def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> None:
         ax.barh(y, (state - paged) / scale, height=0.7, linewidth=0.6, **_style("optimizer_state"))
         ax.barh(y, paged / scale, left=(state - paged) / scale, height=0.7, linewidth=0.6,
                 **_style("optimizer_state_paged_bytes"))
-        label = f" {state / scale:.1f}" + (f" ({paged / scale:.1f} paged)" if paged else "")
+        label = f" {human_bytes(state)}" + (f" ({human_bytes(paged)} paged)" if paged else "")
         ax.text(state / scale, y, label, va="center", fontsize=8)
     ax.set_yticks(range(len(rs)), [""] * len(rs))
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    ax.set_xlim(0, most * 1.9 or 1)
+    ax.set_xlim(0, most * 2.2 or 1)
     if rs[-1] is shown[-1]:
-        ax.set_xlabel(f"{unit} (hatched: paged)", fontsize=9)
+        paged = any(r.optimizer_state_paged_bytes for r in shown)
+        ax.set_xlabel(unit + (" (hatched: paged)" if paged else ""), fontsize=9)
 
 
 def _style(part: str) -> dict[str, Any]:
@@ -151,13 +156,16 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     Repeats of a configuration share its colour."""
     fig, (by_step, by_time, lr_axis) = plt.subplots(1, 3, figsize=(16, 5.4), dpi=DPI)
     finite: list[float] = []
-    for colour, rs in zip(itertools.cycle(COLOURS), by_config(records).values()):
+    configs = list(by_config(records).values())
+    styles = _coinciding_styles([[s.loss for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
+    for colour, style, rs in zip(itertools.cycle(COLOURS), styles, configs):
         for n, r in enumerate(rs):
             rows = run.steps.get(r.config.index, [])
             if not rows:
                 continue
             label = label_of(r) if n == 0 else None
-            _curves(by_step, by_time, rows, colour, label, alpha=0.9 if len(rs) == 1 else 0.6)
+            _curves(by_step, by_time, rows, r.config.training.warmup_steps, style,
+                    dict(color=colour, label=label, alpha=0.9 if len(rs) == 1 else 0.6))
             if n == 0:
                 lr_axis.plot([s.step for s in rows], [s.lr for s in rows], color=colour, label=label)
             finite += [s.loss for s in rows if math.isfinite(s.loss)]
@@ -169,14 +177,15 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
     by_step.set_xlabel("step")
-    by_step.set_title("loss vs step (lines: train, dots: eval)")
-    by_time.set_xlabel("training time (s, evaluation excluded)")
+    striped = ", striped: lines that coincide" if any(style != "-" for style in styles) else ""
+    by_step.set_title(f"loss vs step (lines: train, dots: eval{striped})")
+    by_time.set_xlabel("training time (s; warm-up steps at the median step's time, evaluation excluded)")
     by_time.set_title("loss vs time")
     lr_axis.set_xlabel("step")
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_title("LR applied at each step")
     lr_axis.grid(alpha=0.3)
-    handles, labels = by_step.get_legend_handles_labels()
+    handles, labels = by_time.get_legend_handles_labels()  # solid there: every colour shows
     columns = max(1, min(len(labels), 4))  # a folder without per-step rows has no line to label
     fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=9, frameon=False)
     fig.suptitle(title)
@@ -185,17 +194,40 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     return Figure(f"loss-{index:02d}", title, _png(fig))
 
 
-def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], colour: tuple, label: str | None,
-            alpha: float) -> None:
-    seconds = list(itertools.accumulate(s.step_time_s for s in rows))
+def _coinciding_styles(curves: list[list[float]]) -> list[Any]:
+    """A line style per curve: solid, but where curves coincide on the plot (within 0.5% of the losses' range: the
+    AdamW variants that take the same steps), the later ones dashed, each at its own offset over the first, so the
+    line shows every colour in turn."""
+    finite = [x for curve in curves for x in curve if math.isfinite(x)]
+    tolerance = 0.005 * (max(finite) - min(finite)) if finite else 0.0
+    heads: dict[int, list[int]] = {}
+    for i, curve in enumerate(curves):
+        head = next((h for h in heads if _within(curves[h], curve, tolerance)), None) if curve else None
+        heads.setdefault(i if head is None else head, []).append(i)
+    styles: list[Any] = ["-"] * len(curves)
+    for members in heads.values():
+        period = 5 * len(members)
+        for j, i in enumerate(members[1:], start=1):
+            styles[i] = (period - 5 * j, (5, period - 5))
+    return styles
+
+
+def _within(a: list[float], b: list[float], tolerance: float) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
+
+
+def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], warmup_steps: int, step_style: Any,
+            line: dict[str, Any]) -> None:
+    """One cell's training loss (and eval markers) against step, in ``step_style``, and against time."""
+    seconds = convergence.elapsed_s([s.step_time_s for s in rows], warmup_steps)
     losses = [s.loss for s in rows]
-    by_step.plot([s.step for s in rows], losses, color=colour, alpha=alpha, linewidth=1.2, label=label)
-    by_time.plot(seconds, losses, color=colour, alpha=alpha, linewidth=1.2)
+    by_step.plot([s.step for s in rows], losses, linewidth=1.2, linestyle=step_style, **{**line, "label": None})
+    by_time.plot(seconds, losses, linewidth=1.2, **line)
     evals = [(s.step, t, s.eval_loss) for s, t in zip(rows, seconds) if s.eval_loss is not None]
     if evals:
         steps, times, values = zip(*evals)
-        by_step.plot(steps, values, "o", color=colour, markersize=6, markeredgecolor="black")
-        by_time.plot(times, values, "o", color=colour, markersize=6, markeredgecolor="black")
+        by_step.plot(steps, values, "o", color=line["color"], markersize=6, markeredgecolor="black")
+        by_time.plot(times, values, "o", color=line["color"], markersize=6, markeredgecolor="black")
 
 
 def _loss_limits(ax: Axes, finite: list[float], floor: float | None, first: list[float]) -> None:
