@@ -52,11 +52,27 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
     (["--memory-budget", "1000000", "--world-size", "0"], "--world-size: must be positive"),
     (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
     (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
+    (["--memory-budget", "1000000", "--start", "8", "--max", "4"], "--start: must be at most --max (4), got 8"),
+    (["--memory-budget", "1000000", "--start", "0"], "--start: must be positive, got 0"),
+    (["--memory-budget", "1000000", "--max", "-1"], "--max: must be at least the granularity (1), got -1"),
+    (["--memory-budget", "1000000", "--search", "seq_len", "--max", "64", "--granularity", "128"],
+     "--max: must be at least the granularity (128), got 64"),
+    (["--memory-budget", "1000000", "--granularity", "0"], "--granularity: must be positive, got 0"),
 ])
 def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("fit", "--model", "tiny-llama", "--device", "cpu", *argv) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_fit_never_tries_past_max(capsys: pytest.CaptureFixture[str]) -> None:
+    # everything fits under 512 MiB at 64 tokens: doubling from 3 stops at --max, which is the answer
+    code = run_cli("fit", "--model", "tiny-llama", "--seq-len", "64", "--device", "cpu", "--memory-budget", "512MiB",
+                   "--start", "3", "--max", "5", "--json")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(t["value"], t["fits"]) for t in result["trials"]] == [(3, True), (5, True)]
+    assert result["best"] == 5
 
 
 @pytest.mark.parametrize("text,size", [("400MiB", 400 * MIB), ("512mb", 512 * MIB), ("24GB", 24 * GIB),

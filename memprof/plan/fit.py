@@ -3,8 +3,8 @@
 Each trial is a cell run in a fresh process by the local executor, so one trial's allocations never help or hurt
 the next. From ``--start`` the search doubles until a trial fails (or, when the first does, halves until one fits),
 then bisects between the last success and the first failure (``memprof.plan.predict.largest``): from 1,
-``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit. A trial fits
-when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit. On the CPU the limit is
+``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit, and never a value past ``--max``. A trial
+fits when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit. On the CPU the limit is
 ``--memory-budget``, which also caps the worker's address space (an allocation beyond it is a real OOM); on CUDA
 it is the budget or the card's memory, and the peak is NVML's figure for the process (else the allocator's
 reserved bytes).
@@ -76,11 +76,13 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
            steps: int, device: str, cap_address_space: bool, start: int = 1, maximum: int = 1 << 16,
            granularity: int = 1, timeout_s: float = 600.0,
            on_trial: Callable[[Trial], None] | None = None) -> Search:
-    """Find the largest ``axis`` value (a multiple of ``granularity``, from ``start``) whose trial fits.
+    """Find the largest ``axis`` value, a multiple of ``granularity`` from ``start`` (rounded down to one, at least
+    ``granularity``) to ``maximum`` (rounded down), whose trial fits.
 
     Args:
         run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
         cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
+        maximum: at least ``start`` and ``granularity`` (``run_search`` checks both).
     """
     out = Search(axis, limit_bytes, margin, request.repeat_key_without(axis), device, cap_address_space)
     t0 = time.perf_counter()
@@ -99,7 +101,7 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
             on_trial(trial)
         return ok
 
-    out.best = largest(fits, max(1, start // granularity), max(1, maximum // granularity)) * granularity
+    out.best = largest(fits, max(1, start // granularity), maximum // granularity) * granularity
     out.wall_s = time.perf_counter() - t0
     return out
 
@@ -121,6 +123,14 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--margin", f"must be in [0, 1), got {margin}")
     if steps < 1:
         raise UserError("--steps", f"must be at least 1, got {steps}")
+    if granularity < 1:
+        raise UserError("--granularity", f"must be positive, got {granularity}")
+    if start < 1:
+        raise UserError("--start", f"must be positive, got {start}")
+    if maximum < granularity:
+        raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
+    if start > maximum:
+        raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
