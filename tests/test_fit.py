@@ -52,6 +52,8 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
     (["--memory-budget", "1000000", "--world-size", "0"], "--world-size: must be positive"),
     (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
     (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
+    (["--memory-budget", "1000000", "--timeout", "0"], "--timeout: must be positive, got 0.0"),
+    (["--memory-budget", "1000000", "--timeout", "-1"], "--timeout: must be positive, got -1.0"),
     (["--memory-budget", "1000000", "--start", "8", "--max", "4"], "--start: must be at most --max (4), got 8"),
     (["--memory-budget", "1000000", "--start", "0"], "--start: must be positive, got 0"),
     (["--memory-budget", "1000000", "--max", "-1"], "--max: must be at least the granularity (1), got -1"),

@@ -131,6 +131,8 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
     if start > maximum:
         raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
+    if not timeout_s > 0:
+        raise UserError("--timeout", f"must be positive, got {timeout_s}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
