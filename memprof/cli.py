@@ -295,12 +295,14 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
                      "x the limit (default 0.05)")
     fit.add_argument("--steps", type=int, default=2, help="optimizer steps per trial (default 2)")
     fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    fit.add_argument("--start", type=int, default=None, help="first value tried (default: 1 batch, or the "
-                     "granularity for lengths)")
-    fit.add_argument("--max", type=int, default=1 << 16, help="largest value tried (default 65536)")
+    fit.add_argument("--start", type=int, default=None, help="first value tried, at most --max, rounded down to a "
+                     "multiple of the granularity (default: 1 batch, or the granularity for lengths)")
+    fit.add_argument("--max", type=int, default=1 << 16, help="largest value tried, never exceeded: the answer is at "
+                     "most its largest multiple of the granularity (default 65536; at least the granularity)")
     fit.add_argument("--granularity", type=int, default=None, help="search in multiples of this (default: 1 for "
                      "batch sizes, 64 for lengths)")
-    fit.add_argument("--timeout", type=float, default=600.0, help="seconds per trial (default 600)")
+    fit.add_argument("--timeout", type=float, default=600.0, help="seconds per trial (default 600); a trial that "
+                     "runs longer stops the search, as a crash does")
     fit.add_argument("--json", action="store_true", help="print the search as JSON on stdout")
     fit.set_defaults(func=cmd_fit)
     for p in (plan, fit):
@@ -423,26 +425,33 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from memprof.views import plan as plan_views
 
     request = _request(args)
-    granularity = args.granularity or (1 if args.search == "batch_size" else 64)
-    if granularity <= 0:
-        raise UserError("--granularity", f"must be positive, got {granularity}")
+    granularity = args.granularity if args.granularity is not None else 1 if args.search == "batch_size" else 64
 
     def progress(trial: fit_mod.Trial) -> None:
-        console.print(f"  {args.search} {trial.value}: {trial.status}" + ("" if trial.fits else " (does not fit)"),
-                      highlight=False)
+        verdict = " (does not fit)" if trial.fits is False else ""
+        console.print(f"  {args.search} {trial.value}: {trial.status}{verdict}", highlight=False)
 
     budget = None if args.memory_budget is None else \
         gpus_mod.parse_gpu(args.memory_budget, "--memory-budget").capacity_bytes
     result = fit_mod.run_search(request, args.search, budget, args.margin, args.steps, args.device,
-                                args.start or granularity, args.max, granularity, args.timeout, progress)
+                                granularity if args.start is None else args.start, args.max, granularity,
+                                args.timeout, progress)
     if args.json:
         print(json.dumps(asdict(result), indent=2))
+    else:
+        out.print(plan_views.search_table(result))
+        if result.failed is None:
+            answer = f"{result.best:,}" if result.best else "none (the smallest value did not fit)"
+            out.print(f"largest {args.search} that fits: [bold]{answer}[/] ({len(result.trials)} trials, "
+                      f"{result.wall_s:.1f} s)", highlight=False)
+    if result.failed is None:
         return 0
-    out.print(plan_views.search_table(result))
-    answer = f"{result.best:,}" if result.best else "none (the smallest value did not fit)"
-    out.print(f"largest {args.search} that fits: [bold]{answer}[/] ({len(result.trials)} trials, "
-              f"{result.wall_s:.1f} s)", highlight=False)
-    return 0
+    # like a crashed cell of `memprof run`: the harness failed, and the search has no answer
+    t = result.failed
+    message = (f"{args.search} {t.value}: {t.status}, so the search stopped (only an oom or a peak over the limit "
+               f"says a value does not fit): {t.error}")
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return EXIT_CELLS_FAILED
 
 
 def _add_attribute_command(sub: argparse._SubParsersAction) -> None:

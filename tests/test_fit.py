@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 from rich.console import Console
 
-from memprof.plan.fit import Search, Trial
+from memprof.config.spec import CellConfig
+from memprof.plan.fit import Search, Trial, search
 from memprof.plan.gpus import GIB, MIB, parse_gpu
+from memprof.plan.predict import cell_from_flags
+from memprof.results.record import Record
+from memprof.run.executor import LocalExecutor
 from memprof.views.plan import search_table
 
 # tiny-llama, LoRA, AdamW, 2 steps of 1024-token sequences: each sequence adds ~110 MB of resident memory, and the
@@ -52,11 +58,70 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
     (["--memory-budget", "1000000", "--world-size", "0"], "--world-size: must be positive"),
     (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
     (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
+    (["--memory-budget", "1000000", "--timeout", "0"], "--timeout: must be positive, got 0.0"),
+    (["--memory-budget", "1000000", "--timeout", "-1"], "--timeout: must be positive, got -1.0"),
+    (["--memory-budget", "1000000", "--start", "8", "--max", "4"], "--start: must be at most --max (4), got 8"),
+    (["--memory-budget", "1000000", "--start", "0"], "--start: must be positive, got 0"),
+    (["--memory-budget", "1000000", "--max", "-1"], "--max: must be at least the granularity (1), got -1"),
+    (["--memory-budget", "1000000", "--search", "seq_len", "--max", "64", "--granularity", "128"],
+     "--max: must be at least the granularity (128), got 64"),
+    (["--memory-budget", "1000000", "--granularity", "0"], "--granularity: must be positive, got 0"),
 ])
 def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("fit", "--model", "tiny-llama", "--device", "cpu", *argv) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_fit_never_tries_past_max(capsys: pytest.CaptureFixture[str]) -> None:
+    # everything fits under 512 MiB at 64 tokens: doubling from 3 stops at --max, which is the answer
+    code = run_cli("fit", "--model", "tiny-llama", "--seq-len", "64", "--device", "cpu", "--memory-budget", "512MiB",
+                   "--start", "3", "--max", "5", "--json")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(t["value"], t["fits"]) for t in result["trials"]] == [(3, True), (5, True)]
+    assert result["best"] == 5 and result["failed"] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA, where a CUDA trial crashes")
+def test_a_crashed_trial_stops_the_search_with_one_line_and_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli("fit", "--model", "tiny-llama", "--seq-len", "64", "--device", "cuda", "--memory-budget", "512MiB",
+                   "--json")
+    captured = capsys.readouterr()
+    assert code == 3  # as `memprof run` exits for a crashed cell
+    result = json.loads(captured.out)
+    crashed = {"value": 1, "status": "crashed", "fits": None}
+    assert [{k: t[k] for k in crashed} for t in result["trials"]] == [crashed]
+    assert result["failed"] == result["trials"][0] and result["best"] is None
+    lines = captured.err.splitlines()
+    assert lines[0] == "  batch_size 1: crashed"  # not "does not fit": a crash says nothing about memory
+    assert lines[1].startswith("error: batch_size 1: crashed, so the search stopped") and len(lines) == 2
+    assert "Torch not compiled with CUDA enabled" in lines[1]
+
+
+def test_a_trial_past_its_timeout_stops_the_search_and_keeps_the_trials_before(tmp_path: Path) -> None:
+    request = cell_from_flags("tiny-llama", "lora", 16, "all-linear", "adamw_torch", 1, 64, "fp32", 1, False, "sdpa",
+                              1, None, 0)
+    executor = LocalExecutor(tmp_path)
+
+    def run(cell: CellConfig) -> Record:
+        """A real trial; from batch 4 on, with a timeout no trial can meet."""
+        if cell.shape.batch_size >= 4:
+            cell = cell.with_values({"budget.timeout_s": 0.01})
+        return executor.run(cell).record
+
+    try:
+        result = search(request, "batch_size", run, 512 * MIB, 0.0, 2, "cpu", cap_address_space=True)
+    finally:
+        executor.close()
+    assert [(t.value, t.status, t.fits) for t in result.trials] == [(1, "ok", True), (2, "ok", True),
+                                                                    (4, "timeout", None)]
+    assert result.failed == result.trials[-1] and result.best is None
+    assert result.failed.error == "ran past timeout_s = 0.01 and was killed"
+    console = Console(width=100, record=True)
+    console.print(search_table(result))
+    row = next(line for line in console.export_text().splitlines() if "timeout" in line)
+    assert [cell.strip() for cell in row.split("│")[1:-2]] == ["3", "4", "timeout", "–", "512.00 MiB", "–"]
 
 
 @pytest.mark.parametrize("text,size", [("400MiB", 400 * MIB), ("512mb", 512 * MIB), ("24GB", 24 * GIB),

@@ -3,11 +3,12 @@
 Each trial is a cell run in a fresh process by the local executor, so one trial's allocations never help or hurt
 the next. From ``--start`` the search doubles until a trial fails (or, when the first does, halves until one fits),
 then bisects between the last success and the first failure (``memprof.plan.predict.largest``): from 1,
-``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit. A trial fits
-when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit. On the CPU the limit is
-``--memory-budget``, which also caps the worker's address space (an allocation beyond it is a real OOM); on CUDA
-it is the budget or the card's memory, and the peak is NVML's figure for the process (else the allocator's
-reserved bytes).
+``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit, and never a value past ``--max``. A trial
+fits when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit, and does not when it ends ``oom``
+or its peak is over that; any other end (crashed, timed out, diverged...) says nothing about memory and stops the
+search without an answer. On the CPU the limit is ``--memory-budget``, which also caps the worker's address space
+(an allocation beyond it is a real OOM); on CUDA it is the budget or the card's memory, and the peak is NVML's
+figure for the process (else the allocator's reserved bytes).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ class Trial:
     value: int
     status: str
     peak_bytes: int | None
-    fits: bool
+    fits: bool | None  # None: it ended neither ok nor oom, which says nothing about memory
     wall_s: float
     error: str = ""
 
 
 @dataclass
 class Search:
-    """The trials of one search and its answer (0 when even the smallest value failed)."""
+    """The trials of one search and its answer: 0 when even the smallest value does not fit, None when ``failed``
+    stopped the search first."""
 
     axis: str
     limit_bytes: int
@@ -51,8 +53,9 @@ class Search:
     device: str = "cpu"
     capped_address_space: bool = False  # the CPU's limit: each trial's address space, not its resident memory
     trials: list[Trial] = field(default_factory=list)
-    best: int = 0
+    best: int | None = None
     wall_s: float = 0.0
+    failed: Trial | None = None  # the trial that stopped the search (the last one): crashed, timed out...
 
 
 def measured_peak(record: Record) -> int | None:
@@ -72,15 +75,22 @@ def trial_cell(request: CellConfig, axis: str, value: int, index: int, steps: in
                                 "budget.memory_budget_bytes": budget_bytes})
 
 
+class _Stopped(Exception):
+    """A trial ended neither ok nor oom: the search cannot go on."""
+
+
 def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], limit_bytes: int, margin: float,
            steps: int, device: str, cap_address_space: bool, start: int = 1, maximum: int = 1 << 16,
            granularity: int = 1, timeout_s: float = 600.0,
            on_trial: Callable[[Trial], None] | None = None) -> Search:
-    """Find the largest ``axis`` value (a multiple of ``granularity``, from ``start``) whose trial fits.
+    """Find the largest ``axis`` value, a multiple of ``granularity`` from ``start`` (rounded down to one, at least
+    ``granularity``) to ``maximum`` (rounded down), whose trial fits; stop at the first trial that neither fits nor
+    runs out of memory.
 
     Args:
         run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
         cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
+        maximum: at least ``start`` and ``granularity`` (``run_search`` checks both).
     """
     out = Search(axis, limit_bytes, margin, request.repeat_key_without(axis), device, cap_address_space)
     t0 = time.perf_counter()
@@ -92,14 +102,21 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
         t = time.perf_counter()
         record = run(cell)
         peak = measured_peak(record)
-        ok = record.status is Status.OK and peak is not None and peak <= (1 - margin) * limit_bytes
+        ok: bool | None = None
+        if record.status in (Status.OK, Status.OOM):
+            ok = record.status is Status.OK and peak is not None and peak <= (1 - margin) * limit_bytes
         trial = Trial(value, record.status.value, peak, ok, time.perf_counter() - t, record.error)
         out.trials.append(trial)
         if on_trial is not None:
             on_trial(trial)
+        if ok is None:
+            raise _Stopped
         return ok
 
-    out.best = largest(fits, max(1, start // granularity), max(1, maximum // granularity)) * granularity
+    try:
+        out.best = largest(fits, max(1, start // granularity), maximum // granularity) * granularity
+    except _Stopped:
+        out.failed = out.trials[-1]
     out.wall_s = time.perf_counter() - t0
     return out
 
@@ -121,6 +138,16 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--margin", f"must be in [0, 1), got {margin}")
     if steps < 1:
         raise UserError("--steps", f"must be at least 1, got {steps}")
+    if granularity < 1:
+        raise UserError("--granularity", f"must be positive, got {granularity}")
+    if start < 1:
+        raise UserError("--start", f"must be positive, got {start}")
+    if maximum < granularity:
+        raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
+    if start > maximum:
+        raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
+    if not timeout_s > 0:
+        raise UserError("--timeout", f"must be positive, got {timeout_s}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)

@@ -134,7 +134,7 @@ def search_table(search: Search) -> Table:
         table.add_column(name, justify="left" if name in ("status", "fits") else "right")
     for n, t in enumerate(search.trials, 1):
         table.add_row(str(n), f"{t.value:,}", t.status, human_bytes(t.peak_bytes), human_bytes(search.limit_bytes),
-                      "[green]yes[/]" if t.fits else "[red]no[/]", f"{t.wall_s:.1f} s")
+                      "–" if t.fits is None else "[green]yes[/]" if t.fits else "[red]no[/]", f"{t.wall_s:.1f} s")
     return table
 
 
