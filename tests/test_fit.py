@@ -73,6 +73,15 @@ def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys:
     assert message in " ".join(err.split()) and "Traceback" not in err
 
 
+def test_fit_on_cuda_without_a_gpu_or_a_budget_says_neither_is_there(capsys: pytest.CaptureFixture[str]) -> None:
+    from memprof.results import env
+
+    if env.capture()["gpus"]:
+        pytest.skip("NVML names a GPU here: its memory is the limit")
+    assert run_cli("fit", "--model", "tiny-llama", "--device", "cuda") == 2
+    assert "--memory-budget: required where NVML names no GPU" in " ".join(capsys.readouterr().err.split())
+
+
 def test_fit_never_tries_past_max(capsys: pytest.CaptureFixture[str]) -> None:
     # everything fits under 512 MiB at 64 tokens: doubling from 3 stops at --max, which is the answer
     code = run_cli("fit", "--model", "tiny-llama", "--seq-len", "64", "--device", "cpu", "--memory-budget", "512MiB",

@@ -155,6 +155,9 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     if limit is None and cuda:
         gpus = env_mod.capture()["gpus"]
         limit = gpus[0]["memory_bytes"] if gpus else None
+    if limit is None and cuda:
+        raise UserError("--memory-budget", "required where NVML names no GPU to take the limit from (--device "
+                        "cuda on a host without one?)")
     if limit is None:
         raise UserError("--memory-budget", "required on the CPU: trials are capped at this many bytes of address "
                         "space (without it the search would run until the host swaps)")
