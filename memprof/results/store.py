@@ -184,11 +184,18 @@ def read_records(run_dir: Path) -> list[Record]:
             if n == len(lines):
                 break
             raise UserError(str(path), f"line {n}: not valid JSON") from None
+        if not isinstance(data, dict):
+            raise UserError(str(path), f"line {n}: not a JSON object")
         try:
             records.append(read_record(data))
         except (ValueError, TypeError, KeyError) as err:
-            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+            raise UserError(str(path), f"line {n}: {_reason(err, 'field')}") from None
     return records
+
+
+def _reason(err: Exception, name: str) -> str:
+    """Why a record did not read, for a one-line error: a missing key is named as a missing ``name``."""
+    return f"no {name} {err}" if isinstance(err, KeyError) else one_line_text(err)
 
 
 def read_csv_records(path: Path) -> list[Record]:
@@ -211,10 +218,12 @@ def read_csv_records(path: Path) -> list[Record]:
         raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
     records = []
     for n, row in enumerate(rows, 2):
+        if None in row or None in row.values():  # csv's marks of a row longer or shorter than the header
+            raise UserError(str(path), f"line {n}: not as many cells as the header has columns ({len(columns)})")
         try:
             records.append(read_row(row))
         except (ValueError, TypeError, KeyError) as err:
-            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+            raise UserError(str(path), f"line {n}: {_reason(err, 'column')}") from None
     return records
 
 
