@@ -466,9 +466,10 @@ def _add_levers_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from memprof.measure.attribution import attribute_run
+    from memprof.results.store import some_records
     from memprof.views.tables import breakdown_markdown, breakdown_table
 
-    records = attribute_run(args.run_dir)
+    records = some_records(attribute_run(args.run_dir), args.run_dir / "records.jsonl")
     if args.markdown:
         print(breakdown_markdown(records))
     else:
@@ -482,10 +483,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def cmd_levers(args: argparse.Namespace) -> int:
-    from memprof.results.store import read_records
+    from memprof.results.store import read_records, some_records
     from memprof.views.tables import levers_markdown
 
-    print(levers_markdown(read_records(args.run_dir)))
+    print(levers_markdown(some_records(read_records(args.run_dir), args.run_dir / "records.jsonl")))
     return 0
 
 

@@ -409,15 +409,24 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
     elif case == "unknown status":
         lines[0] = json.dumps({**first, "status": 5})
         said = f"{records}: line 1: status: 5 is not one of ok, oom, "
-    else:
+    elif case == "no config":
         lines[0] = json.dumps({k: v for k, v in first.items() if k != "config"})
         said = f"{records}: line 1: no field 'config'"
+    elif case == "env array":
+        (folder / "env.json").write_text("[1, 2]")
+        return f"{folder / 'env.json'}: not a JSON object", ("report", "compare")
+    elif case == "empty records":
+        lines = []
+        said = f"{records}: no records (empty file)"
+    else:  # no records.jsonl: the run stopped before its first cell; compare reads the cells.csv beside it
+        records.unlink()
+        return f"{records}: no records (no such file", ("report", "levers", "attribute")
     records.write_text("".join(line + "\n" for line in lines))
     return said, READERS
 
 
 @pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "bytes in a float", "unknown status",
-                                  "no config"])
+                                  "no config", "env array", "empty records", "no records.jsonl"])
 def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     folder = tmp_path / "run"

@@ -1,14 +1,14 @@
 """Regression tracking: two result sets matched cell by cell and judged by one written rule per metric.
 
 The rules live in ``memprof.results.metrics`` and nowhere else. Too few repeats to ever reach a timing rule's
-significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM, crash...) is ``failed``; a cell on one side only is
-``new`` or ``missing``. Rules are overridden by a suite's ``[compare]`` table, then by ``--rule metric:spec``.
+significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM,
+crash...) is ``failed``; a cell on one side only is ``new`` or ``missing``. Rules are overridden by a suite's
+``[compare]`` table, then by ``--rule metric:spec``.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
 import statistics
 import tomllib
@@ -21,10 +21,10 @@ from memprof.analysis.contention import worst
 from memprof.analysis import stats
 from memprof.config.spec import LIMITS
 from memprof.errors import UserError
-from memprof.results.env import machine_label
+from memprof.results.env import machine_label, read_env
 from memprof.results.metrics import METRICS, Metric, Rule
 from memprof.results.record import Record, Status
-from memprof.results.store import read_csv_records, read_records
+from memprof.results.store import read_csv_records, read_records, some_records
 from memprof.suite.restore import with_suite_configs
 
 
@@ -71,23 +71,11 @@ def load(path: Path) -> ResultSet:
         folder, source = path.parent, path
     else:
         raise UserError(str(path), "expected a result folder, its records.jsonl or a cells.csv")
-    records = with_suite_configs(read_csv_records(source) if source.suffix == ".csv" else read_records(folder), folder)
-    if not records:
-        raise UserError(str(source), "no records (empty file)")
+    from_csv = source.suffix == ".csv"
+    records = some_records(read_csv_records(source) if from_csv else read_records(folder), source)
     suite_path = folder / "suite.toml"
-    return ResultSet(path, tuple(records), _read_env(folder / "env.json"), _suite_rules(suite_path), suite_path)
-
-
-def _read_env(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(str(path), f"cannot read: {err}") from None
-    if not isinstance(env, dict):
-        raise UserError(str(path), "not a JSON object")
-    return env
+    return ResultSet(path, tuple(with_suite_configs(records, folder)), read_env(folder / "env.json"),
+                     _suite_rules(suite_path), suite_path)
 
 
 def _suite_rules(path: Path) -> tuple[tuple[str, str], ...]:

@@ -193,6 +193,20 @@ def read_records(run_dir: Path) -> list[Record]:
     return records
 
 
+def some_records(records: list[Record], source: Path) -> list[Record]:
+    """``records``, read from ``source`` (a records.jsonl or cells.csv), refused when there are none: a report or
+    comparison of nothing would pass for one of a run.
+
+    Raises:
+        UserError: naming ``source``, when ``records`` is empty.
+    """
+    if records:
+        return records
+    if not source.exists():
+        raise UserError(str(source), "no records (no such file: the run stopped before its first cell finished)")
+    raise UserError(str(source), "no records" + (" (empty file)" if source.stat().st_size == 0 else ""))
+
+
 def _reason(err: Exception, name: str) -> str:
     """Why a record did not read, for a one-line error: a missing key is named as a missing ``name``."""
     return f"no {name} {err}" if isinstance(err, KeyError) else one_line_text(err)
