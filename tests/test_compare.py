@@ -465,3 +465,22 @@ def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err.strip()
     assert err == f"error: {path}: {said}"
 
+
+def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A run killed while writing its last record: every reader leaves the line out, says so, and reads the rest."""
+    folder = tmp_path / "run"
+    shutil.copytree(REFERENCE, folder)
+    lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
+    (folder / "records.jsonl").write_text(lines[0] + lines[1][:300])
+    warning = f"warning: {folder / 'records.jsonl'}: its last line is torn (a run killed while writing it): left out"
+    for argv in (["report", str(folder), "--out", str(tmp_path / "report")], ["levers", str(folder)],
+                 ["attribute", str(folder)]):
+        capsys.readouterr()
+        assert run_cli(*argv) == 0
+        shown = capsys.readouterr()
+        assert [line for line in shown.err.splitlines() if line.startswith("warning")] == [warning], argv
+    assert shown.out.count("adamw") == 1  # the one whole record
+    code, result = compare_json(capsys, str(REFERENCE), str(folder))
+    assert code == 0 and result["warnings"] == [warning.removeprefix("warning: ")]
+    assert [cell["verdict"] for cell in result["cells"]] == ["unchanged", "missing"]

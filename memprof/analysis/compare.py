@@ -24,7 +24,7 @@ from memprof.errors import UserError
 from memprof.results.env import machine_label, read_env
 from memprof.results.metrics import METRICS, Metric, Rule
 from memprof.results.record import Record, Status
-from memprof.results.store import read_csv_records, read_records, some_records
+from memprof.results.store import read_csv_records, read_records, some_records, torn_last_line
 from memprof.suite.restore import with_suite_configs
 
 
@@ -53,6 +53,7 @@ class ResultSet:
     env: dict[str, Any] | None
     suite_rules: tuple[tuple[str, str], ...]
     suite_path: Path
+    warning: str = ""  # a line to show with the comparison: records.jsonl's torn last line, left out
 
 
 def load(path: Path) -> ResultSet:
@@ -75,7 +76,7 @@ def load(path: Path) -> ResultSet:
     records = some_records(read_csv_records(source) if from_csv else read_records(folder), source)
     suite_path = folder / "suite.toml"
     return ResultSet(path, tuple(with_suite_configs(records, folder)), read_env(folder / "env.json"),
-                     _suite_rules(suite_path), suite_path)
+                     _suite_rules(suite_path), suite_path, "" if from_csv else torn_last_line(folder))
 
 
 def _suite_rules(path: Path) -> tuple[tuple[str, str], ...]:
@@ -152,6 +153,7 @@ class Comparison:
             "baseline": str(self.baseline.path), "current": str(self.current.path),
             "machines": list(self.machines), "peaks_compared": self.peaks_compared,
             "environment": list(self.environment), "rules": {k: str(v) for k, v in self.rules.items()},
+            "warnings": [side.warning for side in (self.baseline, self.current) if side.warning],
             "counts": self.counts(), "exit_code": self.exit_code,
             "cells": [{
                 "key": c.key, "verdict": c.verdict.value, "note": c.note,
