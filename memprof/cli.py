@@ -475,9 +475,10 @@ def _add_levers_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from memprof.measure.attribution import attribute_run
+    from memprof.results.store import some_records, torn_last_line
     from memprof.views.tables import breakdown_markdown, breakdown_table
 
-    records = attribute_run(args.run_dir)
+    records = some_records(attribute_run(args.run_dir), args.run_dir / "records.jsonl")
     if args.markdown:
         print(breakdown_markdown(records))
     else:
@@ -487,15 +488,23 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
         copy_run(args.run_dir, args.out, records)
         console.print(f"attributed records: {args.out}")
+    _warn(torn_last_line(args.run_dir))
     return 0
 
 
 def cmd_levers(args: argparse.Namespace) -> int:
-    from memprof.results.store import read_records
+    from memprof.results.store import read_records, some_records, torn_last_line
     from memprof.views.tables import levers_markdown
 
-    print(levers_markdown(read_records(args.run_dir)))
+    print(levers_markdown(some_records(read_records(args.run_dir), args.run_dir / "records.jsonl")))
+    _warn(torn_last_line(args.run_dir))
     return 0
+
+
+def _warn(warning: str) -> None:
+    """A warning (what a command read but left out) as one yellow line on stderr; '' says nothing."""
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 def _add_report_command(sub: argparse._SubParsersAction) -> None:
@@ -512,6 +521,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from memprof.analysis import report
     from memprof.measure.attribution import attribute
+    from memprof.results.store import torn_last_line
     from memprof.views import plots, report as report_views
     from memprof.views.tables import rich_tables
 
@@ -525,6 +535,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     page = report_views.write(run, sections, args.out or args.run_dir / "report")
     out.print(rich_tables(memory + tables, out.width))
     console.print(f"report: {page}")
+    _warn(torn_last_line(args.run_dir))
     return 0
 
 

@@ -3,6 +3,8 @@ is named (the loss's fp32 logits gradients, the recomputed layer), and `memprof 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,20 @@ def test_memprof_attribute_prints_and_rewrites_an_old_folder(tmp_path: Path, cap
     assert {r.schema_version for r in again} == {SCHEMA_VERSION} and len(again) == 10
     assert all(r.breakdown for r in again if r.status is Status.OK)
     assert (tmp_path / "again" / "cells" / "0000" / "timeline.csv").exists()
+
+
+@pytest.mark.parametrize("markdown", [False, True], ids=["table", "markdown"])
+def test_memprof_attribute_of_a_run_with_no_peak_lists_its_cells_and_their_status(
+        tmp_path: Path, capsys: pytest.CaptureFixture, markdown: bool) -> None:
+    """A failed run is a result too: its cells and how each ended, exit 0 (no ``max()`` of no peaks)."""
+    folder = tmp_path / "failed"
+    shutil.copytree(H200 / "levers-gpu", folder)
+    lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
+    failed = [line for line in lines if json.loads(line)["status"] != Status.OK.value]
+    (folder / "records.jsonl").write_text("".join(failed))
+    assert len(failed) == 6 and run_cli("attribute", str(folder), *(["--markdown"] if markdown else [])) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("unavailable") == 6 and shown.count("adamw_torch") == 6
 
 
 def test_the_paged_part_of_the_state_is_the_tensors_that_reach_bitsandbytes_threshold() -> None:

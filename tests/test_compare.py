@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import shutil
@@ -366,7 +367,8 @@ def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_
     elif case == "not a result":
         argv, where = ["compare", base, str(tmp_path)], str(tmp_path)
     elif case == "other schema":
-        lines = (runs["base"][0] / "records.jsonl").read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99')
+        lines = (runs["base"][0] / "records.jsonl").read_text().replace(f'"schema_version": {SCHEMA_VERSION}',
+                                                                         '"schema_version": 99')
         write_records(tmp_path / "v99", [], like=runs["base"][0])
         (tmp_path / "v99" / "records.jsonl").write_text(lines)
         argv, where = ["compare", base, str(tmp_path / "v99")], "schema_version 99"
@@ -384,3 +386,101 @@ def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and where in err, err
     assert not (tmp_path / "out").exists()  # --compare-to checks the baseline before it runs anything
+
+
+REFERENCE = Path(__file__).parent.parent / "results" / "gpu" / "h200-2026-11-28" / "reference"  # two schema-2 cells
+READERS = ("report", "levers", "attribute", "compare")
+
+
+def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
+    """Spoil the copy of a result folder as ``case`` says; the one line its readers must say, and those readers."""
+    records = folder / "records.jsonl"
+    lines = records.read_text().splitlines()
+    first = json.loads(lines[0])
+    if case in ("array line", "null line"):
+        lines[1] = "[1, 2, 3]" if case == "array line" else "null"
+        said = f"{records}: line 2: not a JSON object"
+    elif case == "text for bytes":
+        lines[0] = json.dumps({**first, "peak_allocated_bytes": "abc"})
+        said = f'{records}: line 1: peak_allocated_bytes: "abc" is not int | None'
+    elif case == "bytes in a float":
+        lines[0] = json.dumps({**first, "breakdown": {**first["breakdown"], "other": 1.5}})
+        said = f"{records}: line 1: breakdown: "
+    elif case == "unknown status":
+        lines[0] = json.dumps({**first, "status": 5})
+        said = f"{records}: line 1: status: 5 is not one of ok, oom, "
+    elif case == "no config":
+        lines[0] = json.dumps({k: v for k, v in first.items() if k != "config"})
+        said = f"{records}: line 1: no field 'config'"
+    elif case == "env array":
+        (folder / "env.json").write_text("[1, 2]")
+        return f"{folder / 'env.json'}: not a JSON object", ("report", "compare")
+    elif case == "empty records":
+        lines = []
+        said = f"{records}: no records (empty file)"
+    else:  # no records.jsonl: the run stopped before its first cell; compare reads the cells.csv beside it
+        records.unlink()
+        return f"{records}: no records (no such file", ("report", "levers", "attribute")
+    records.write_text("".join(line + "\n" for line in lines))
+    return said, READERS
+
+
+@pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "bytes in a float", "unknown status",
+                                  "no config", "env array", "empty records", "no records.jsonl"])
+def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(REFERENCE, folder)
+    said, readers = _spoil(folder, case)
+    for command in readers:
+        argv = {"report": ["report", str(folder), "--out", str(tmp_path / "report")],
+                "compare": ["compare", str(REFERENCE), str(folder)]}.get(command, [command, str(folder)])
+        capsys.readouterr()
+        assert run_cli(*argv) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {said}") and "\n" not in err, (command, err)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("case", ["text in a number column", "no config column", "a short row"])
+def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    with open(REFERENCE / "cells.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if case == "text in a number column":
+        rows[1]["peak_allocated_bytes"] = "abc"
+        said = "line 3: column peak_allocated_bytes: invalid literal for int() with base 10: 'abc'"
+    elif case == "no config column":
+        rows = [{k: v for k, v in row.items() if k != "config"} for row in rows]
+        said = "line 2: no column 'config'"
+    path = tmp_path / "cells.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if case == "a short row":
+        path.write_text(path.read_text() + "2,a/b\n")
+        said = f"line 4: not as many cells as the header has columns ({len(rows[0])})"
+    capsys.readouterr()
+    assert run_cli("compare", str(path), str(REFERENCE)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {path}: {said}"
+
+
+def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A run killed while writing its last record: every reader leaves the line out, says so, and reads the rest."""
+    folder = tmp_path / "run"
+    shutil.copytree(REFERENCE, folder)
+    lines = (folder / "records.jsonl").read_text().splitlines(keepends=True)
+    (folder / "records.jsonl").write_text(lines[0] + lines[1][:300])
+    warning = f"warning: {folder / 'records.jsonl'}: its last line is torn (a run killed while writing it): left out"
+    for argv in (["report", str(folder), "--out", str(tmp_path / "report")], ["levers", str(folder)],
+                 ["attribute", str(folder)]):
+        capsys.readouterr()
+        assert run_cli(*argv) == 0
+        shown = capsys.readouterr()
+        assert [line for line in shown.err.splitlines() if line.startswith("warning")] == [warning], argv
+    assert shown.out.count("adamw") == 1  # the one whole record
+    code, result = compare_json(capsys, str(REFERENCE), str(folder))
+    assert code == 0 and result["warnings"] == [warning.removeprefix("warning: ")]
+    assert [cell["verdict"] for cell in result["cells"]] == ["unchanged", "missing"]

@@ -1,14 +1,14 @@
 """Regression tracking: two result sets matched cell by cell and judged by one written rule per metric.
 
 The rules live in ``memprof.results.metrics`` and nowhere else. Too few repeats to ever reach a timing rule's
-significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM, crash...) is ``failed``; a cell on one side only is
-``new`` or ``missing``. Rules are overridden by a suite's ``[compare]`` table, then by ``--rule metric:spec``.
+significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM,
+crash...) is ``failed``; a cell on one side only is ``new`` or ``missing``. Rules are overridden by a suite's
+``[compare]`` table, then by ``--rule metric:spec``.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
 import statistics
 import tomllib
@@ -21,10 +21,10 @@ from memprof.analysis.contention import worst
 from memprof.analysis import stats
 from memprof.config.spec import LIMITS
 from memprof.errors import UserError
-from memprof.results.env import machine_label
+from memprof.results.env import machine_label, read_env
 from memprof.results.metrics import METRICS, Metric, Rule
 from memprof.results.record import Record, Status
-from memprof.results.store import read_csv_records, read_records
+from memprof.results.store import read_csv_records, read_records, some_records, torn_last_line
 from memprof.suite.restore import with_suite_configs
 
 
@@ -53,6 +53,7 @@ class ResultSet:
     env: dict[str, Any] | None
     suite_rules: tuple[tuple[str, str], ...]
     suite_path: Path
+    warning: str = ""  # a line to show with the comparison: records.jsonl's torn last line, left out
 
 
 def load(path: Path) -> ResultSet:
@@ -71,23 +72,11 @@ def load(path: Path) -> ResultSet:
         folder, source = path.parent, path
     else:
         raise UserError(str(path), "expected a result folder, its records.jsonl or a cells.csv")
-    records = with_suite_configs(read_csv_records(source) if source.suffix == ".csv" else read_records(folder), folder)
-    if not records:
-        raise UserError(str(source), "no records (empty file)")
+    from_csv = source.suffix == ".csv"
+    records = some_records(read_csv_records(source) if from_csv else read_records(folder), source)
     suite_path = folder / "suite.toml"
-    return ResultSet(path, tuple(records), _read_env(folder / "env.json"), _suite_rules(suite_path), suite_path)
-
-
-def _read_env(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(str(path), f"cannot read: {err}") from None
-    if not isinstance(env, dict):
-        raise UserError(str(path), "not a JSON object")
-    return env
+    return ResultSet(path, tuple(with_suite_configs(records, folder)), read_env(folder / "env.json"),
+                     _suite_rules(suite_path), suite_path, "" if from_csv else torn_last_line(folder))
 
 
 def _suite_rules(path: Path) -> tuple[tuple[str, str], ...]:
@@ -164,6 +153,7 @@ class Comparison:
             "baseline": str(self.baseline.path), "current": str(self.current.path),
             "machines": list(self.machines), "peaks_compared": self.peaks_compared,
             "environment": list(self.environment), "rules": {k: str(v) for k, v in self.rules.items()},
+            "warnings": [side.warning for side in (self.baseline, self.current) if side.warning],
             "counts": self.counts(), "exit_code": self.exit_code,
             "cells": [{
                 "key": c.key, "verdict": c.verdict.value, "note": c.note,

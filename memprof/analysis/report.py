@@ -13,12 +13,14 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from memprof.analysis import convergence, diagnose, stats
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
 from memprof.analysis.contention import contention_notes, mark
 from memprof.results.record import Record, Status, StepLog
-from memprof.results.store import read_records
+from memprof.results.env import read_env
+from memprof.results.store import read_records, some_records
 from memprof.suite.restore import with_suite_configs
 
 # The relative target: within 5% of the lowest final (smoothed) training loss reached by any cell of the run.
@@ -27,11 +29,13 @@ RELATIVE_TARGET_MARGIN = 0.05
 
 @dataclass(frozen=True)
 class Run:
-    """A result folder as the report reads it: records, and each cell's per-step rows by cell index."""
+    """A result folder as the report reads it: records, each cell's per-step rows by cell index, and the
+    environment it ran in (None without env.json)."""
 
     run_dir: Path
     records: list[Record]
     steps: dict[int, list[StepLog]]
+    env: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,12 @@ def load_run(run_dir: Path) -> Run:
     """Read a result folder.
 
     Raises:
-        UserError: not a result folder, or records of another schema version.
+        UserError: not a result folder, no records, records of another schema version, or an env.json that is not
+            a JSON object.
     """
-    records = with_suite_configs(read_records(run_dir), run_dir)
+    records = with_suite_configs(some_records(read_records(run_dir), run_dir / "records.jsonl"), run_dir)
     steps = {r.config.index: read_steps(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv") for r in records}
-    return Run(run_dir, records, steps)
+    return Run(run_dir, records, steps, read_env(run_dir / "env.json"))
 
 
 def read_steps(path: Path) -> list[StepLog]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from memprof.errors import UserError
 
 PACKAGES = ("memprof", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "schedulefree",
             "nvidia-ml-py", "pandas", "rich")
@@ -38,6 +41,23 @@ def capture() -> dict[str, Any]:
         "memory_env": {name: os.environ[name] for name in MEMORY_ENV if os.environ.get(name)},
         **_git(),
     }
+
+
+def read_env(path: Path) -> dict[str, Any] | None:
+    """A run's env.json (None when the folder has none).
+
+    Raises:
+        UserError: naming the file, when it is not JSON or not a JSON object.
+    """
+    if not path.exists():
+        return None
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    if not isinstance(env, dict):
+        raise UserError(str(path), "not a JSON object")
+    return env
 
 
 def machine_label(env: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from memprof.config.presets import PRESETS
 from memprof.config.spec import (ADAPTER_KINDS, AdapterSpec, Budget, CellConfig, Levers, ModelSpec, OptimizerSpec,
                                  ParallelSpec, ShapeSpec, TrainingSpec)
-from memprof.results.record import SCHEMA_VERSION, Record, Status
+from memprof.results.record import SCHEMA_VERSION, Record, Status, check_types
 
 READABLE = (1, SCHEMA_VERSION)
 
@@ -55,7 +55,9 @@ def from_schema_1(data: dict[str, Any]) -> Record:
     """A schema-1 record (one line of its records.jsonl) as a current Record."""
     known = {f.name for f in fields(Record)}
     values = {k: v for k, v in data.items() if k in known and k not in _CONFIG_FIELDS}
-    values.update(config=_config(data), status=Status(data.get("status", "ok")), schema_version=1)
+    values.update(config=_config(data), schema_version=1)
+    check_types(values)
+    values["status"] = Status(values.get("status", "ok"))
     return Record(**values)
 
 
@@ -70,14 +72,17 @@ def from_schema_1_row(row: dict[str, str]) -> Record:
     ranks: dict[int, dict[str, Any]] = {}
     for key, text in row.items():
         value = _number(text)
-        if key.startswith("optimizer_state_bytes."):
-            if text:
-                by_dtype[key.split(".", 1)[1]] = int(text)
-        elif key.startswith("rank") and "." in key:
-            rank, name = key.split(".", 1)
-            ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = value
-        else:
-            data[key] = value
+        try:
+            if key.startswith("optimizer_state_bytes."):
+                if text:
+                    by_dtype[key.split(".", 1)[1]] = int(text)
+            elif key.startswith("rank") and "." in key:
+                rank, name = key.split(".", 1)
+                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = value
+            else:
+                data[key] = value
+        except ValueError as err:
+            raise ValueError(f"column {key}: {err}") from None
     # names and labels stay text even when they look like numbers
     for key in ("model", "adapter", "optimizer", "optim", "schedule", "precision", "suite", "cell_key", "host",
                 "device", "device_name", "error", "diagnosis", "verdict", "visible_devices", "fail_phase",

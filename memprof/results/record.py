@@ -6,8 +6,9 @@ from __future__ import annotations
 import enum
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
 
 from memprof.config.spec import AXES, CellConfig, Spec
 
@@ -141,12 +142,14 @@ class Record:
         """A record from ``to_dict``'s data (``memprof.results.migrate.read_record`` reads older schemas too).
 
         Raises:
-            ValueError: another schema, or a configuration that does not validate.
+            ValueError: another schema, a field missing or of another type (``check_types``), or a configuration
+                that does not validate.
         """
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        check_types(values)
         values["config"] = CellConfig.model_validate(data["config"], strict=False)
         values["status"] = Status(values.get("status", "ok"))
         return cls(**values)
@@ -181,8 +184,8 @@ class Record:
         """The inverse of ``to_row`` for a row read back from CSV text (an empty cell is None).
 
         Raises:
-            ValueError: a cell that is not a number where the field is one, or a configuration that does not
-                validate.
+            ValueError: naming the column: text that is not a number where the field is one, an unknown status,
+                a configuration that does not validate; or no column config.
         """
         types = {f.name: str(f.type) for f in fields(cls)}
         values: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{name: {} for name in DICT_COLUMNS}}
@@ -190,17 +193,24 @@ class Record:
         ranks: dict[int, dict[str, Any]] = {}
         for key, text in row.items():
             head, _, rest = key.partition(".")
-            if head in by_column and rest:
-                if text:
-                    values[by_column[head]][rest] = int(text)
-            elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
-                rank, name = key.split(".", 1)
-                ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
-                                                                                       text)
-            elif key in types and key not in ("config", "schema_version"):
-                values[key] = parse_cell(types[key], text)
-        values["config"] = CellConfig.model_validate_json(row["config"], strict=False)
-        values["status"] = Status(values.get("status") or "ok")
+            try:
+                if head in by_column and rest:
+                    if text:
+                        values[by_column[head]][rest] = int(text)
+                elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
+                    rank, name = key.split(".", 1)
+                    ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
+                                                                                           text)
+                elif key == "config":
+                    values["config"] = CellConfig.model_validate_json(text, strict=False)
+                elif key == "status":
+                    values["status"] = Status(text or "ok")
+                elif key in types and key != "schema_version":
+                    values[key] = parse_cell(types[key], text)
+            except ValueError as err:
+                raise ValueError(f"column {key}: {err}") from None
+        if "config" not in values:
+            raise ValueError("no column 'config'")
         # a CSV has the rank columns of its most sharded cell: the others' are empty
         values["ranks"] = [ranks[r] for r in sorted(ranks) if any(v is not None for v in ranks[r].values())]
         return cls(**values)
@@ -216,6 +226,48 @@ class StepLog:
     grad_norm: float  # before clipping
     step_time_s: float  # evaluation excluded
     eval_loss: float | None = None  # on steps with an evaluation
+
+
+def check_types(values: dict[str, Any]) -> None:
+    """Check values read from JSON against the Record's field types: every field without a default present, each
+    value of its field's type (an int where a float is, a status by its value); ``config`` is the configuration's
+    own model's to validate.
+
+    Raises:
+        ValueError: naming the first field that is missing or holds a value of another type.
+    """
+    hints = get_type_hints(Record)
+    for f in fields(Record):
+        hint = hints[f.name]
+        if f.name not in values:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"no field '{f.name}'")
+        elif f.name != "config" and not _fits(values[f.name], hint):
+            expected = f"one of {', '.join(m.value for m in hint)}" if _is_enum(hint) else f.type
+            raise ValueError(f"{f.name}: {json.dumps(values[f.name], default=str)[:60]} is not {expected}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON is of the type ``hint`` (one of the Record's field types)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is types.UnionType:
+        return any(_fits(value, arg) for arg in args)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if hint is Any:
+        return True
+    if _is_enum(hint):
+        return value in [member.value for member in hint]
+    if hint is float:
+        hint = (int, float)
+    # JSON's true and false read as bools, which Python counts as ints: never a count of bytes
+    return isinstance(value, hint) and (not isinstance(value, bool) or hint is bool)
+
+
+def _is_enum(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, enum.Enum)
 
 
 def parse_cell(type_text: str, text: str) -> Any:

@@ -176,19 +176,65 @@ def read_records(run_dir: Path) -> list[Record]:
     if not path.exists():
         raise UserError(str(run_dir), "not a memprof result folder (no records.jsonl)")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise UserError(str(path), f"line {n}: not valid JSON") from None
+    for n, data in enumerate(_json_lines(path)[0], 1):
+        if not isinstance(data, dict):
+            raise UserError(str(path), f"line {n}: not a JSON object")
         try:
             records.append(read_record(data))
         except (ValueError, TypeError, KeyError) as err:
-            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+            raise UserError(str(path), f"line {n}: {_reason(err, 'field')}") from None
     return records
+
+
+def torn_last_line(run_dir: Path) -> str:
+    """A warning when the last line of the folder's records.jsonl is torn, which ``read_records`` leaves out: a run
+    killed while writing it, or a file cut short; '' when there is none.
+
+    Raises:
+        UserError: a line before the last that is not JSON.
+    """
+    path = run_dir / "records.jsonl"
+    if not path.exists() or not _json_lines(path)[1]:
+        return ""
+    return f"{path}: its last line is torn (a run killed while writing it): left out"
+
+
+def _json_lines(path: Path) -> tuple[list[Any], bool]:
+    """The JSON value of each line of a records.jsonl, and whether its last line was torn (not JSON), which is left
+    out.
+
+    Raises:
+        UserError: a line before the last that is not JSON.
+    """
+    lines = path.read_text(encoding="utf-8").splitlines()
+    values = []
+    for n, line in enumerate(lines, 1):
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                return values, True
+            raise UserError(str(path), f"line {n}: not valid JSON") from None
+    return values, False
+
+
+def some_records(records: list[Record], source: Path) -> list[Record]:
+    """``records``, read from ``source`` (a records.jsonl or cells.csv), refused when there are none: a report or
+    comparison of nothing would pass for one of a run.
+
+    Raises:
+        UserError: naming ``source``, when ``records`` is empty.
+    """
+    if records:
+        return records
+    if not source.exists():
+        raise UserError(str(source), "no records (no such file: the run stopped before its first cell finished)")
+    raise UserError(str(source), "no records" + (" (empty file)" if source.stat().st_size == 0 else ""))
+
+
+def _reason(err: Exception, name: str) -> str:
+    """Why a record did not read, for a one-line error: a missing key is named as a missing ``name``."""
+    return f"no {name} {err}" if isinstance(err, KeyError) else one_line_text(err)
 
 
 def read_csv_records(path: Path) -> list[Record]:
@@ -211,10 +257,12 @@ def read_csv_records(path: Path) -> list[Record]:
         raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
     records = []
     for n, row in enumerate(rows, 2):
+        if None in row or None in row.values():  # csv's marks of a row longer or shorter than the header
+            raise UserError(str(path), f"line {n}: not as many cells as the header has columns ({len(columns)})")
         try:
             records.append(read_row(row))
         except (ValueError, TypeError, KeyError) as err:
-            raise UserError(str(path), f"line {n}: {one_line_text(err)}") from None
+            raise UserError(str(path), f"line {n}: {_reason(err, 'column')}") from None
     return records
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +97,10 @@ def _classes(text: str, best: bool) -> str:
 
 
 def _env_line(run: Run) -> str:
-    try:
-        env = json.loads((run.run_dir / "env.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if run.env is None:
         return ""
-    torch_version = env.get("versions", {}).get("torch", "?")
-    return html.escape(f"; torch {torch_version}, {env.get('cpu') or 'cpu'}")
+    torch_version = (run.env.get("versions") or {}).get("torch", "?")
+    return html.escape(f"; torch {torch_version}, {run.env.get('cpu') or 'cpu'}")
 
 
 def write(run: Run, sections: list[Section], out_dir: Path) -> Path:

@@ -165,27 +165,32 @@ def levers_markdown(records: Iterable[Record]) -> str:
 
 
 def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[str], list[list[str]], list[str]]:
-    """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per attributed cell,
-    named by the axes that vary; figures in GiB, or MiB when every peak is under 1 GiB (the CPU's). Parts below
-    ``fold`` of every row's peak share one "small" column; the moment of the peak comes last."""
-    records = [r for r in records if r.breakdown]
+    """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per cell, named by the
+    axes that vary; figures in GiB, or MiB when every peak is under 1 GiB (the CPU's). Parts below ``fold`` of every
+    row's peak share one "small" column; the moment of the peak comes last, or the status of a cell that has no
+    parts (it failed before its peak was measured)."""
+    records = list(records)
+    attributed = [r for r in records if r.breakdown]
     axes = varying([r.config for r in records], always=("optimizer",))
-    unit, scale = scale_unit(max((r.peak_bytes or 0) for r in records))
+    unit, scale = scale_unit(max((r.peak_bytes or 0 for r in records), default=0))
     digits = 3 if unit == "GiB" else 1
-    present = [name for name in PARTS if any(r.breakdown.get(name) for r in records)]
+    present = [name for name in PARTS if any(r.breakdown.get(name) for r in attributed)]
     small = [name for name in present if name != "other"
-             and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in records)]
+             and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in attributed)]
     parts = [name for name in present if name not in small]
 
     def amount(n: int | None) -> str:
         return f"{n / scale:.{digits}f}" if n else "–"
+
+    def moment(r: Record) -> str:
+        return r.peak_moment or ("–" if r.status is Status.OK else f"{r.status.value} {r.failed_at}".strip())
 
     titles = [a.title for a in axes] + [f"peak {unit}"] + [PARTS[name].short for name in parts]
     titles += ["small"] if small else []
     rows = [[a.text(r.config) for a in axes] + [amount(r.peak_bytes)]
             + [amount(r.breakdown.get(name)) for name in parts]
             + ([amount(sum(r.breakdown.get(name, 0) for name in small))] if small else [])
-            + [r.peak_moment or "–"] for r in records]
+            + [moment(r)] for r in records]
     return titles + ["at"], rows, parts + small
 
 
@@ -196,8 +201,8 @@ def breakdown_table(records: Iterable[Record], title: str, width: int) -> Group:
     titles, rows, parts = _breakdown_rows(records, fold=0.001)
     legend = "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts if PARTS[name].short in titles)
     small = [PARTS[name].label for name in parts if PARTS[name].short not in titles]
-    return rich_tables([TableData(title, titles, rows, [legend + (f"; small: {', '.join(small)}" if small else "")])],
-                       width)
+    notes = [legend + (f"; small: {', '.join(small)}" if small else "")] if parts else []
+    return rich_tables([TableData(title, titles, rows, notes)], width)
 
 
 def breakdown_markdown(records: Iterable[Record]) -> str:
@@ -207,7 +212,7 @@ def breakdown_markdown(records: Iterable[Record]) -> str:
     align = ["---" if i < first_figure or t == "at" else "---:" for i, t in enumerate(titles)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)]
+    lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)] if parts else []
     return "\n".join(lines)
 
 
