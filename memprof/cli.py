@@ -214,6 +214,8 @@ def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) 
 
     rules = _rules(args, current.suite_rules, str(current.suite_path))
     result = compare.compare(baseline, current, rules, args.allow_different_machines)
+    for side in (baseline, current):
+        _warn(side.warning)
     if args.markdown:
         try:
             args.markdown.write_text(compare_views.markdown(result), encoding="utf-8")

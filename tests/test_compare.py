@@ -484,3 +484,5 @@ def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Pat
     code, result = compare_json(capsys, str(REFERENCE), str(folder))
     assert code == 0 and result["warnings"] == [warning.removeprefix("warning: ")]
     assert [cell["verdict"] for cell in result["cells"]] == ["unchanged", "missing"]
+    assert run_cli("compare", str(REFERENCE), str(folder)) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == [warning]

@@ -187,7 +187,7 @@ class Record:
             ValueError: naming the column: text that is not a number where the field is one, an unknown status,
                 a configuration that does not validate; or no column config.
         """
-        types = {f.name: str(f.type) for f in fields(cls)}
+        kinds = {f.name: str(f.type) for f in fields(cls)}
         values: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **{name: {} for name in DICT_COLUMNS}}
         by_column = {column: name for name, column in DICT_COLUMNS.items()}
         ranks: dict[int, dict[str, Any]] = {}
@@ -199,14 +199,14 @@ class Record:
                         values[by_column[head]][rest] = int(text)
                 elif key.startswith("rank") and "." in key:  # rank0.optimizer_state_bytes: a RANK_FIELDS figure
                     rank, name = key.split(".", 1)
-                    ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(types.get(name, "str"),
+                    ranks.setdefault(int(rank.removeprefix("rank")), {})[name] = parse_cell(kinds.get(name, "str"),
                                                                                            text)
                 elif key == "config":
                     values["config"] = CellConfig.model_validate_json(text, strict=False)
                 elif key == "status":
                     values["status"] = Status(text or "ok")
-                elif key in types and key != "schema_version":
-                    values[key] = parse_cell(types[key], text)
+                elif key in kinds and key != "schema_version":
+                    values[key] = parse_cell(kinds[key], text)
             except ValueError as err:
                 raise ValueError(f"column {key}: {err}") from None
         if "config" not in values:
