@@ -21,6 +21,7 @@ from memprof.errors import UserError
 from memprof.plan.calibration import (ACTIVATION_FEATURES, ASSUMED_CUDA_CONTEXT_BYTES, ASSUMED_CUDA_CONTEXT_SOURCE,
                                       SHAPES_NEEDED, Calibration, DeviceCalibration, Group, Shape,
                                       cache_pressure, other_feature)
+from memprof.results import env as env_mod
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,6 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
     Raises:
         UserError: for a folder that is not a memprof run, or runs measured on different kinds of device.
     """
-    from memprof.results import env as env_mod
     from memprof.results.store import read_records
     from memprof.suite import parse
     from memprof.train import models
@@ -62,9 +62,9 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
         suite_path = run_dir / "suite.toml"
         try:
             cells = {c.key: c for c in parse(suite_path.read_text(encoding="utf-8"), suite_path).cells}
-            env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
         except OSError as err:
             raise UserError(str(run_dir), f"not a complete memprof result folder: {err}") from None
+        env = _env(run_dir)
         source.update(host=env.get("host"), machine=env_mod.machine_label(env), versions=env.get("versions", {}))
         for r in records:
             cell = cells.get(r.key)  # the suite's own cell: a schema-1 record kept only the names of its tables
@@ -201,7 +201,6 @@ def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
     """
     from memprof.measure import step_memory
     from memprof.measure.attribution import attribute_run
-    from memprof.results import env as env_mod
 
     cells, machines = [], set()
     for run_dir in run_dirs:
@@ -247,10 +246,8 @@ def fit_device(run_dirs: Sequence[Path]) -> DeviceCalibration | None:
 
 
 def _env(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    """The run's env.json (``env_mod.read_env``: one line naming it when it does not read), {} without one."""
+    return env_mod.read_env(run_dir / "env.json") or {}
 
 
 def calibrate(run_dirs: Sequence[Path], base: Calibration) -> Calibration:
