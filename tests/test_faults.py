@@ -395,8 +395,8 @@ VALID = {
     "override": [{"match": {"optimizer": "fast"}, "set": {"steps": 4}}],
 }
 # Where a number <= 0 is impossible, and a wrong value for each kind of leaf.
-# An adapter table is peft's LoraConfig: peft refuses r <= 0 but takes any lora_alpha (a scaling of 0 trains nothing,
-# which is a result, not a malformed suite).
+# An adapter table is peft's LoraConfig: r <= 0 is refused (at load), a lora_alpha of 0 is not (a scaling of 0 trains
+# nothing, which is a result, not a malformed suite).
 POSITIVE = [("suite", "steps"), ("suite", "repeats"), ("suite", "timeout_s"), ("grid", "batch_size", 0),
             ("grid", "seq_len", 0), ("grid", "lr", 0), ("adapters", "mylora", "r"), ("override", 0, "set", "steps")]
 
@@ -517,6 +517,9 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
         _assert_refused(code, stderr, path, out)
 
 
+_X, _GRID = '[suite]\nname = "x"\n', '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+
+
 @pytest.mark.parametrize(("extra_suite", "fragments"), [
     ('[suite]\nname = "x"\nsteps = 3\n[grid\n', ["malformed TOML"]),
     ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.stepz", "unknown key"]),
@@ -536,6 +539,15 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
      '[[override]]\nmatch = { optimizer = "sgd" }\nset = { steps = 2 }\n', ["override[0].set", "warmup_steps"]),
     ('[suite]\nname = "x"\n[data]\nsource = "file"\npath = "/nonexistent/corpus.txt"\n'
      '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["data", "no such file"]),
+    (_X + '[data]\nsource = "file"\npath = "/tmp"\n' + _GRID, ["data.path: is a directory"]),
+    (_X + _GRID + 'lr = [inf]\n', ["grid.lr[0]", "finite"]),
+    (_X + _GRID + 'schedule = ["cosinee"]\n', ["grid.schedule[0]: unknown schedule 'cosinee'"]),
+    (_X + _GRID + 'batch_size = [2, 2]\n', ["grid.batch_size[1]", "given twice"]),
+    (_X + _GRID + '[[exclude]]\noptimizer = "adamw_torch"\n', ["exclude[0]: matches no cell"]),
+    (_X + _GRID + '[adapters.lora]\nr = 0\n', ["adapters.lora.r:"]),
+    (_X + _GRID + '[adapters.lora]\ndropout = 1.5\n', ["adapters.lora.dropout:"]),
+    (_X + _GRID + '[adapters.lora]\nalpha = -1\n', ["adapters.lora.alpha:"]),
+    (_X + _GRID + '[adapters.lora]\nquant_type = "fp4"\n', ["adapters.lora.quant_type:"]),
     ('[suite]\nname = "../../escape"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.name"]),
 ])
 def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite: str, fragments: list[str]) -> None:
