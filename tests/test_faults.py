@@ -548,6 +548,12 @@ _X, _GRID = '[suite]\nname = "x"\n', '[grid]\nmodel = ["tiny-llama"]\noptimizer 
     (_X + _GRID + '[adapters.lora]\ndropout = 1.5\n', ["adapters.lora.dropout:"]),
     (_X + _GRID + '[adapters.lora]\nalpha = -1\n', ["adapters.lora.alpha:"]),
     (_X + _GRID + '[adapters.lora]\nquant_type = "fp4"\n', ["adapters.lora.quant_type:"]),
+    (_X + _GRID + '[adapters.lora]\nrnk = 4\n', ["adapters.lora.rnk: not a field of peft's LoraConfig"]),
+    (_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "adamw_torch"\n'
+     'kwargs = { nosuch_arg = 3 }\n', ["optimizers.mine.kwargs: optimizer 'mine' (adamw_torch) does not build",
+                                       "nosuch_arg"]),
+    (_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "adamw_torch"\nkwargs = { betas = "x" }\n',
+     ["optimizers.mine.kwargs: optimizer 'mine' (adamw_torch) does not build"]),
     ('[suite]\nname = "../../escape"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.name"]),
 ])
 def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite: str, fragments: list[str]) -> None:
@@ -558,6 +564,31 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     _assert_refused(code, stderr, path, out, *fragments)
     with pytest.raises(UserError):  # --debug shows the traceback instead
         run_cli("--debug", "run", str(path), "--out", str(out))
+
+
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["crosscheck"]])
+@pytest.mark.parametrize(("extra_suite", "fragment"), [
+    ('[adapters.lora]\nrnk = 4\n', "adapters.lora.rnk: not a field of peft's LoraConfig"),
+    ('[adapters.lora]\nr = "16"\n', "adapters.lora.r: Input should be a valid integer"),
+])
+def test_commands_that_run_no_cell_refuse_the_adapter_a_run_refuses(tmp_path: Path, command: list[str],
+                                                                     extra_suite: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID + extra_suite)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli(command[0], str(path), *command[1:])
+    _assert_refused(code, err.getvalue(), path, tmp_path / "results", fragment)
+
+
+def test_crosscheck_refuses_optimizer_kwargs_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "sgd"\n'
+                    'kwargs = { nesterov = true }\n')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli("crosscheck", str(path))
+    _assert_refused(code, err.getvalue(), path, tmp_path / "results", "optimizers.mine.kwargs", "Nesterov momentum")
 
 
 def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
@@ -572,19 +603,24 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
     from memprof.run.preflight import check_all
 
-    path = _suite(tmp_path, "pre", ["sgd"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
+    path = _suite(tmp_path, "pre", ["sgd", "bad"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
-                  '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n')
+                  '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n'
+                  '[optimizers.bad]\noptim = "adamw_torch"\nkwargs = { eps = -1 }\n')
     path.write_text(path.read_text().replace('model = ["tiny-llama"]', 'model = ["mine", "tiny-qwen2"]')
                     .replace('adapter = ["lora"]', 'adapter = ["wide", "none_here", "none"]'))
     suite = suite_mod.load(str(path))
     problems = check_all(suite.preflight_pairs())
+    # the optimizer is checked once, over the first pair that builds and fits (not mine's, which does not build)
     assert [(p.model, p.adapter, p.field) for p in problems] == [("mine", "wide", "model"),
+                                                                 ("tiny-qwen2", "wide", "optimizer:bad"),
                                                                  ("tiny-qwen2", "none_here", "target_modules")]
     assert "/nonexistent/model-dir" in problems[0].error
     errors = [str(suite.preflight_error(p.model, p.adapter, p.field, p.error)) for p in problems]
     assert errors[0].startswith(f"{path}: models.mine: model 'mine' does not build: ")
-    assert errors[1].startswith(
+    assert errors[1] == f"{path}: optimizers.bad.kwargs: optimizer 'bad' (adamw_torch) does not build: Invalid " \
+                        "epsilon value: -1"
+    assert errors[2].startswith(
         f"{path}: adapters.none_here.target_modules: adapter 'none_here' does not fit model 'tiny-qwen2': ")
 
 

@@ -28,6 +28,7 @@ PACKAGED_SUITES = Path(__file__).parent.parent / "suites"
 SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
+OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
 HELD_OUT_FRACTION = 0.1  # of a corpus, never trained on (memprof.train.data splits it so)
 
 
@@ -50,16 +51,20 @@ class Suite:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def preflight_pairs(self) -> list[CellConfig]:
-        """One cell for each distinct (model, adapter) pair, for the checks that need the libraries
-        (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match)."""
-        pairs: dict[tuple[str, str], CellConfig] = {}
+        """One cell for each distinct (model, adapter, optimizer), for the checks that need the libraries
+        (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match, does
+        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits)."""
+        cells: dict[tuple[str, str, str], CellConfig] = {}
         for c in self.cells:
-            pairs.setdefault((c.model.name, c.adapter.name), c)
-        return list(pairs.values())
+            cells.setdefault((c.model.name, c.adapter.name, c.optimizer.label), c)
+        return list(cells.values())
 
     def preflight_error(self, model: str, adapter: str, field: str, error: str) -> UserError:
-        """A problem ``memprof.run.preflight`` found in ``model`` or ``adapter`` (``field``: ``model``,
-        ``adapter``, or the adapter's key at fault), as a UserError naming the key that defines the culprit."""
+        """A problem ``memprof.run.preflight`` found in ``model``, ``adapter`` or an optimizer (``field``:
+        ``model``, ``adapter``, the adapter's key at fault, or ``OPTIMIZER_FIELD`` + the optimizer's label), as a
+        UserError naming the key that defines the culprit."""
+        if field.startswith(OPTIMIZER_FIELD):
+            return self.optimizer_error(field.removeprefix(OPTIMIZER_FIELD), error)
         if field == "model":
             return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
                                              f"{error}")
@@ -72,8 +77,16 @@ class Suite:
             error = f"adapter '{adapter}' does not fit model '{model}': {error}"
         return UserError(str(self.path), f"{where}: {error}")
 
+    def optimizer_error(self, label: str, error: str) -> UserError:
+        """An optimizer that does not build (``memprof.train.optim.OptimizerRefused``), naming its kwargs where the
+        suite gives some."""
+        table = self.spec.optimizers.get(label)
+        where = self._defined_at("optimizer", label) + (".kwargs" if table is not None and table.kwargs else "")
+        name = f"'{label}'" + (f" ({table.optim})" if table is not None and table.optim != label else "")
+        return UserError(str(self.path), f"{where}: optimizer {name} does not build: {error}")
+
     def _defined_at(self, axis: str, name: str) -> str:
-        tables = self.spec.models if axis == "model" else self.spec.adapters
+        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers}[axis]
         if name in tables:
             return f"{axis}s.{name}"
         names = getattr(self.spec.grid, axis)
