@@ -116,11 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         cells = [c.with_values({"budget.device": args.device}) for c in cells]
     _budget_on_the_cpu_only(cells, suite.path)
+    _check_run_flags(args)
     if args.dry_run:
         from memprof.views.tables import cells_table
 
         _refuse_adapter_configs(suite, cells)
-
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
     baseline = None
@@ -128,13 +128,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from memprof.analysis import compare
 
         baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
-        _rules(args, ())
-    if args.jobs < 1:
-        raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
-    if args.executor == "ray" and args.jobs != 1:
-        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
-    if args.address is not None and args.executor != "ray":
-        raise UserError("--address", "needs --executor ray")
     from memprof.run.runner import run_suite
     from memprof.views.progress import ProgressView
     from memprof.views.tables import results_table
@@ -166,6 +159,25 @@ def cmd_run(args: argparse.Namespace) -> int:
                       highlight=False, soft_wrap=True)
     code = _compare(baseline, compare.load(outcome.run_dir), args) if baseline is not None else 0
     return EXIT_CELLS_FAILED if failed and not args.allow_failures else code
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """``memprof run``'s flags, checked before anything runs (``--dry-run`` included)."""
+    import math
+
+    if args.jobs < 1:
+        raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
+    if args.executor == "ray" and args.jobs != 1:
+        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address", "needs --executor ray")
+    if args.sample_interval is not None and not (math.isfinite(args.sample_interval) and args.sample_interval > 0):
+        raise UserError("--sample-interval", f"must be a positive number of seconds (got {args.sample_interval})")
+    _rules(args, ())  # with or without --compare-to: a rule that is never checked is a mistake too
+    if args.resume is None:  # a resumed run writes in its own folder
+        taken = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
+        if taken is not None and not taken.is_dir():
+            raise UserError("--out", f"{taken} is a file, not a folder")
 
 
 def _refuse_adapter_configs(suite: Suite, cells: list[CellConfig]) -> None:

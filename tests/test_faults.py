@@ -566,6 +566,29 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
         run_cli("--debug", "run", str(path), "--out", str(out))
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--sample-interval", "-1"], "error: --sample-interval: must be a positive number of seconds"),
+    (["--sample-interval", "0"], "error: --sample-interval: must be a positive number of seconds"),
+    (["--rule", "peak:lots"], "error: --rule: unknown metric 'peak'"),
+    (["--rule", "peak:lots", "--dry-run"], "error: --rule: unknown metric 'peak'"),
+    (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
+    (["--out", "{file}/results"], "error: --out: {file} is a file, not a folder"),
+])
+def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Path, flags: list[str],
+                                                                    expected: str) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(_X + _GRID)
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    flags = [flag.format(file=taken) for flag in flags]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli("run", str(path), *(flags if "--out" in flags else [*flags, "--out", str(tmp_path / "r")]))
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(file=taken)), err.getvalue()
+    assert not (tmp_path / "r").exists() and taken.read_text() == ""
+
+
 @pytest.mark.parametrize("command", [["run", "--dry-run"], ["crosscheck"]])
 @pytest.mark.parametrize(("extra_suite", "fragment"), [
     ('[adapters.lora]\nrnk = 4\n', "adapters.lora.rnk: not a field of peft's LoraConfig"),
