@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from memprof.analysis.compare import ResultSet
     from memprof.results.metrics import Rule
     from memprof.config.spec import CellConfig
+    from memprof.suite import Suite
 
 # Exit codes (README "Exit codes"): a crashed or timed-out cell is the harness failing, not an answer the user asked
 # for; an OOM, a divergence or an optimizer unavailable here are answers, and never change the code.
@@ -115,9 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device:
         cells = [c.with_values({"budget.device": args.device}) for c in cells]
     _budget_on_the_cpu_only(cells, suite.path)
+    _check_run_flags(args)
     if args.dry_run:
         from memprof.views.tables import cells_table
 
+        _refuse_adapter_configs(suite, cells)
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
     baseline = None
@@ -125,13 +128,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from memprof.analysis import compare
 
         baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
-        _rules(args, ())
-    if args.jobs < 1:
-        raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
-    if args.executor == "ray" and args.jobs != 1:
-        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
-    if args.address is not None and args.executor != "ray":
-        raise UserError("--address", "needs --executor ray")
     from memprof.run.runner import run_suite
     from memprof.views.progress import ProgressView
     from memprof.views.tables import results_table
@@ -163,6 +159,35 @@ def cmd_run(args: argparse.Namespace) -> int:
                       highlight=False, soft_wrap=True)
     code = _compare(baseline, compare.load(outcome.run_dir), args) if baseline is not None else 0
     return EXIT_CELLS_FAILED if failed and not args.allow_failures else code
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """``memprof run``'s flags, checked before anything runs (``--dry-run`` included)."""
+    import math
+
+    if args.jobs < 1:
+        raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
+    if args.executor == "ray" and args.jobs != 1:
+        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
+    if args.address is not None and args.executor != "ray":
+        raise UserError("--address", "needs --executor ray")
+    if args.sample_interval is not None and not (math.isfinite(args.sample_interval) and args.sample_interval > 0):
+        raise UserError("--sample-interval", f"must be a positive number of seconds (got {args.sample_interval})")
+    _rules(args, ())  # with or without --compare-to: a rule that is never checked is a mistake too
+    if args.resume is None:  # a resumed run writes in its own folder
+        taken = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
+        if taken is not None and not taken.is_dir():
+            raise UserError("--out", f"{taken} is a file, not a folder")
+
+
+def _refuse_adapter_configs(suite: Suite, cells: list[CellConfig]) -> None:
+    """What peft says of the suite's adapter tables without a model, for a command that runs no cell (a run's
+    preflight checks it, with the rest)."""
+    from memprof.run.preflight import config_problems
+
+    problem = next(iter(config_problems(cells)), None)
+    if problem is not None:
+        raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
 
 
 def _budget_on_the_cpu_only(cells: list[CellConfig], source: Path) -> None:
@@ -238,6 +263,11 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     if not 0 <= args.cell < len(suite.cells):
         raise UserError(f"{suite.path}: --cell", f"{args.cell} is not a cell index (0..{len(suite.cells) - 1})")
     cell = suite.cells[args.cell]
+    from memprof.run.preflight import check_all
+
+    problem = next(iter(check_all([cell])), None)  # what a run checks before any cell: one line, not a traceback
+    if problem is not None:
+        raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
     from memprof.measure.crosscheck import crosscheck, exit_code
     from memprof.train.optim import OptimizerUnavailable
     from memprof.views.tables import crosscheck_table
@@ -352,6 +382,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from memprof.plan import gpus as gpus_mod
     from memprof.plan import predict as plan_mod
     from memprof.train.models import LeverUnavailable
+    from memprof.train.optim import OptimizerRefused
     from memprof.views import plan as plan_views
 
     if args.calibrate:
@@ -370,7 +401,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         if args.model:
             raise UserError("--model", "give either a suite or --model, not both")
-        requests = plan_mod.requests_from_cells(suite_mod.load(args.suite).cells)
+        suite = suite_mod.load(args.suite)
+        _refuse_adapter_configs(suite, suite.cells)
+        requests = plan_mod.requests_from_cells(suite.cells)
         levers: dict[str, object] = {}
         if args.gradient_checkpointing:
             levers["levers.gradient_checkpointing"] = "on"
@@ -392,6 +425,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(args.suite or flag, str(err)) from None
     except StepFails as err:
         raise UserError(args.suite or "--model", str(err)) from None
+    except OptimizerRefused as err:
+        raise suite.optimizer_error(err.label, str(err)) if args.suite else UserError("--optimizer", str(err)) \
+            from None
     if args.json:
         print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
                          indent=2))

@@ -395,8 +395,8 @@ VALID = {
     "override": [{"match": {"optimizer": "fast"}, "set": {"steps": 4}}],
 }
 # Where a number <= 0 is impossible, and a wrong value for each kind of leaf.
-# An adapter table is peft's LoraConfig: peft refuses r <= 0 but takes any lora_alpha (a scaling of 0 trains nothing,
-# which is a result, not a malformed suite).
+# An adapter table is peft's LoraConfig: r <= 0 is refused (at load), a lora_alpha of 0 is not (a scaling of 0 trains
+# nothing, which is a result, not a malformed suite).
 POSITIVE = [("suite", "steps"), ("suite", "repeats"), ("suite", "timeout_s"), ("grid", "batch_size", 0),
             ("grid", "seq_len", 0), ("grid", "lr", 0), ("adapters", "mylora", "r"), ("override", 0, "set", "steps")]
 
@@ -517,6 +517,9 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
         _assert_refused(code, stderr, path, out)
 
 
+_X, _GRID = '[suite]\nname = "x"\n', '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+
+
 @pytest.mark.parametrize(("extra_suite", "fragments"), [
     ('[suite]\nname = "x"\nsteps = 3\n[grid\n', ["malformed TOML"]),
     ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.stepz", "unknown key"]),
@@ -536,6 +539,21 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
      '[[override]]\nmatch = { optimizer = "sgd" }\nset = { steps = 2 }\n', ["override[0].set", "warmup_steps"]),
     ('[suite]\nname = "x"\n[data]\nsource = "file"\npath = "/nonexistent/corpus.txt"\n'
      '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["data", "no such file"]),
+    (_X + '[data]\nsource = "file"\npath = "/tmp"\n' + _GRID, ["data.path: is a directory"]),
+    (_X + _GRID + 'lr = [inf]\n', ["grid.lr[0]", "finite"]),
+    (_X + _GRID + 'schedule = ["cosinee"]\n', ["grid.schedule[0]: unknown schedule 'cosinee'"]),
+    (_X + _GRID + 'batch_size = [2, 2]\n', ["grid.batch_size[1]", "given twice"]),
+    (_X + _GRID + '[[exclude]]\noptimizer = "adamw_torch"\n', ["exclude[0]: matches no cell"]),
+    (_X + _GRID + '[adapters.lora]\nr = 0\n', ["adapters.lora.r:"]),
+    (_X + _GRID + '[adapters.lora]\ndropout = 1.5\n', ["adapters.lora.dropout:"]),
+    (_X + _GRID + '[adapters.lora]\nalpha = -1\n', ["adapters.lora.alpha:"]),
+    (_X + _GRID + '[adapters.lora]\nquant_type = "fp4"\n', ["adapters.lora.quant_type:"]),
+    (_X + _GRID + '[adapters.lora]\nrnk = 4\n', ["adapters.lora.rnk: not a field of peft's LoraConfig"]),
+    (_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "adamw_torch"\n'
+     'kwargs = { nosuch_arg = 3 }\n', ["optimizers.mine.kwargs: optimizer 'mine' (adamw_torch) does not build",
+                                       "nosuch_arg"]),
+    (_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "adamw_torch"\nkwargs = { betas = "x" }\n',
+     ["optimizers.mine.kwargs: optimizer 'mine' (adamw_torch) does not build"]),
     ('[suite]\nname = "../../escape"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.name"]),
 ])
 def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite: str, fragments: list[str]) -> None:
@@ -546,6 +564,54 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     _assert_refused(code, stderr, path, out, *fragments)
     with pytest.raises(UserError):  # --debug shows the traceback instead
         run_cli("--debug", "run", str(path), "--out", str(out))
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--sample-interval", "-1"], "error: --sample-interval: must be a positive number of seconds"),
+    (["--sample-interval", "0"], "error: --sample-interval: must be a positive number of seconds"),
+    (["--rule", "peak:lots"], "error: --rule: unknown metric 'peak'"),
+    (["--rule", "peak:lots", "--dry-run"], "error: --rule: unknown metric 'peak'"),
+    (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
+    (["--out", "{file}/results"], "error: --out: {file} is a file, not a folder"),
+])
+def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Path, flags: list[str],
+                                                                    expected: str) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text(_X + _GRID)
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    flags = [flag.format(file=taken) for flag in flags]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli("run", str(path), *(flags if "--out" in flags else [*flags, "--out", str(tmp_path / "r")]))
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(file=taken)), err.getvalue()
+    assert not (tmp_path / "r").exists() and taken.read_text() == ""
+
+
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["crosscheck"]])
+@pytest.mark.parametrize(("extra_suite", "fragment"), [
+    ('[adapters.lora]\nrnk = 4\n', "adapters.lora.rnk: not a field of peft's LoraConfig"),
+    ('[adapters.lora]\nr = "16"\n', "adapters.lora.r: Input should be a valid integer"),
+])
+def test_commands_that_run_no_cell_refuse_the_adapter_a_run_refuses(tmp_path: Path, command: list[str],
+                                                                     extra_suite: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID + extra_suite)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli(command[0], str(path), *command[1:])
+    _assert_refused(code, err.getvalue(), path, tmp_path / "results", fragment)
+
+
+def test_crosscheck_refuses_optimizer_kwargs_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "sgd"\n'
+                    'kwargs = { nesterov = true }\n')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = run_cli("crosscheck", str(path))
+    _assert_refused(code, err.getvalue(), path, tmp_path / "results", "optimizers.mine.kwargs", "Nesterov momentum")
 
 
 def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
@@ -560,19 +626,24 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
     from memprof.run.preflight import check_all
 
-    path = _suite(tmp_path, "pre", ["sgd"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
+    path = _suite(tmp_path, "pre", ["sgd", "bad"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
-                  '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n')
+                  '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n'
+                  '[optimizers.bad]\noptim = "adamw_torch"\nkwargs = { eps = -1 }\n')
     path.write_text(path.read_text().replace('model = ["tiny-llama"]', 'model = ["mine", "tiny-qwen2"]')
                     .replace('adapter = ["lora"]', 'adapter = ["wide", "none_here", "none"]'))
     suite = suite_mod.load(str(path))
     problems = check_all(suite.preflight_pairs())
+    # the optimizer is checked once, over the first pair that builds and fits (not mine's, which does not build)
     assert [(p.model, p.adapter, p.field) for p in problems] == [("mine", "wide", "model"),
+                                                                 ("tiny-qwen2", "wide", "optimizer:bad"),
                                                                  ("tiny-qwen2", "none_here", "target_modules")]
     assert "/nonexistent/model-dir" in problems[0].error
     errors = [str(suite.preflight_error(p.model, p.adapter, p.field, p.error)) for p in problems]
     assert errors[0].startswith(f"{path}: models.mine: model 'mine' does not build: ")
-    assert errors[1].startswith(
+    assert errors[1] == f"{path}: optimizers.bad.kwargs: optimizer 'bad' (adamw_torch) does not build: Invalid " \
+                        "epsilon value: -1"
+    assert errors[2].startswith(
         f"{path}: adapters.none_here.target_modules: adapter 'none_here' does not fit model 'tiny-qwen2': ")
 
 

@@ -267,6 +267,23 @@ def test_largest_is_exact_for_a_threshold() -> None:
         assert len(calls) <= 2 * int(math.log2(answer + 5)) + 2
 
 
+@pytest.mark.parametrize("extra,where", [
+    ('[adapters.lora]\nrnk = 4\n', "adapters.lora.rnk: not a field of peft's LoraConfig"),
+    ('[adapters.lora]\nr = "16"\n', "adapters.lora.r: Input should be a valid integer"),
+    ('[optimizers.mine]\noptim = "adamw_torch"\nkwargs = { nosuch_arg = 3 }\n',
+     "optimizers.mine.kwargs: optimizer 'mine' (adamw_torch) does not build: AdamW.__init__() got an unexpected"),
+])
+def test_a_bad_suite_is_one_line_naming_file_and_key(extra: str, where: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.toml"
+    optimizer = "" if "[optimizers.mine]" in extra else '[optimizers.mine]\noptim = "sgd"\n'
+    path.write_text('[suite]\nname = "s"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["mine"]\n' + optimizer + extra)
+    assert run_cli("plan", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {path}: {where}")
+
+
 @pytest.mark.parametrize("argv,where", [
     (["--model", "tiny-llama", "--gpu", "rtx-9090"], "--gpu: not a GPU or a size: 'rtx-9090'"),
     (["--model", "tiny-llama", "--budget-bytes", "0"], "--budget-bytes: a memory budget must be positive"),

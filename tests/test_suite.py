@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,22 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('model = ["tiny-llama"]', 'model = ["gpt-9"]'), "grid.model[0]: unknown model 'gpt-9'"),
     (('adapter = ["lora"]', 'adapter = ["ia3"]'), "grid.adapter[0]: unknown adapter 'ia3'"),
     (('[grid]', '[grid\n'), "malformed TOML"),
+    (('seq_len = [32]', 'seq_len = [32]\nschedule = ["cosinee"]'), "grid.schedule[0]: unknown schedule 'cosinee'"),
+    (('seq_len = [32]', 'seq_len = [32]\nlr = [inf]'), "grid.lr[0]: Input should be a finite number"),
+    (('batch_size = [2]', 'batch_size = [2, 2]'), "grid.batch_size[1]: 2 is given twice"),
+    (('seq_len = [32]', 'seq_len = [32]\n[[exclude]]\noptimizer = "adamw_torh"'), "exclude[0]: matches no cell"),
+    (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { optimizer = "adamw_torch" }\n'
+                        'set = { schedule = "cosinee" }'), "override[0].set.schedule: unknown schedule 'cosinee'"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = 1.5'),
+     "adapters.lora.dropout: Input should be less than or equal to 1"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = 0'), "adapters.lora.r: Input should be greater than 0"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = -8'), "adapters.lora.r: Input should be greater than 0"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = "16"'),
+     "adapters.lora.r: Input should be a valid integer"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nalpha = -1'),
+     "adapters.lora.alpha: Input should be greater than or equal to 0"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nkind = "lora"\nquant_type = "fp4"'),
+     "adapters.lora.quant_type: only a qlora adapter quantises its base"),
 ])
 def test_bad_suites_fail_with_file_and_field(tmp_path: Path, mutation: tuple[str, str], expected: str) -> None:
     path = write_suite(tmp_path)
@@ -112,3 +129,27 @@ def test_a_grid_axis_takes_one_value_or_a_list_and_names_a_wrong_type(tmp_path: 
     path.write_text(path.read_text().replace("lr = false", "lr = 0.01").replace("batch_size = [2]", "batch_size = 4"))
     (cell,) = suite.load(str(path)).cells
     assert (cell.training.lr, cell.shape.batch_size) == (0.01, 4)
+
+
+@pytest.mark.parametrize(("corpus", "expected"), [
+    (None, "data.path: is a directory, not a file"),
+    (b"", "data.path: empty file"),
+    (b"ab", "data.path: too short: 2 tokens (bytes) leave 1 to train on and 1 held out; seq_len 32"),
+    (b"x" * 200, "data.path: too short: 200 tokens (bytes) leave 180 to train on and 20 held out"),
+    (b'{"text": "hello"}\n[1, 2]\n', "data.path: line 2 of"),
+])
+def test_a_corpus_file_a_cell_cannot_train_on_is_refused_at_load(tmp_path: Path, corpus: bytes | None,
+                                                                 expected: str) -> None:
+    data = tmp_path / ("corpus.jsonl" if corpus and corpus.startswith(b"{") else "corpus.txt")
+    if corpus is None:
+        data.mkdir()
+    else:
+        data.write_bytes(corpus)
+    path = write_suite(tmp_path, extra=f'[data]\nsource = "file"\npath = "{data}"\n')
+    with pytest.raises(UserError) as err:
+        suite.load(str(path))
+    assert str(err.value).startswith(f"{path}: {expected}")
+    data.unlink() if corpus is not None else data.rmdir()
+    text = "x" * 400  # 360 to train on and 40 held out: enough for seq_len 32
+    data.write_text(json.dumps({"text": text}) if data.suffix == ".jsonl" else text)
+    assert len(suite.load(str(path)).cells) == 1

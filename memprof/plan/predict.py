@@ -235,13 +235,19 @@ def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) 
 
 def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     """The exact parts of a request (``model``: its meta model, when the caller already built it); for a
-    sharded request, each rank's and the fullest rank's."""
+    sharded request, each rank's and the fullest rank's.
+
+    Raises:
+        OptimizerRefused: the optimizer does not build with the request's kwargs (as every cell's setup would fail).
+    """
     from memprof.measure import formulas
     from memprof.measure.accounting import weight_bytes
     from memprof.train import models
+    from memprof.train.optim import check_builds
 
     if model is None:
         model = meta_model(request.model, request.adapter, request.shape.precision)
+    check_builds(request.optimizer, model)
     weights = weight_bytes(model)
     state = optimizer_state(model, request.optimizer.name, request.optimizer.kwargs)
     shape = Shape.from_config(models.build_config(request.model))

@@ -1,5 +1,6 @@
 """Checks that need the libraries, run once before any cell: every model of a suite builds, peft takes every
-adapter's configuration (``peft.LoraConfig``'s own fields), and its ``target_modules`` match modules of the model.
+adapter's configuration (``peft.LoraConfig``'s own fields), its ``target_modules`` match modules of the model, and
+every optimizer builds with its kwargs over that model's trainable parameters.
 
 Models are built on the meta device (shapes, no memory, no compute), in a process the zygote forks for this
 purpose only, so the zygote itself never builds anything.
@@ -12,34 +13,61 @@ from torch import nn
 
 from memprof.config.spec import AdapterSpec, CellConfig, ModelSpec
 from memprof.run.messages import Problem
-from memprof.train import models
+from memprof.suite.load import OPTIMIZER_FIELD
+from memprof.train import models, optim
 
 MAX_MESSAGE = 400
 
 
 def check_all(cells: list[CellConfig]) -> list[Problem]:
-    """Check each cell's model and adapter (one cell per pair is enough).
+    """Check each cell's model and adapter once per pair, and each optimizer once, over the first pair that fits
+    (``Suite.preflight_pairs`` gives the cells).
 
     Returns:
-        One ``Problem`` per problem, its ``field`` being ``model``, ``adapter`` or the adapter's key at fault;
-        a model that does not build is reported once and its adapters are not checked.
+        One ``Problem`` per problem, its ``field`` being ``model``, ``adapter``, the adapter's key at fault, or
+        ``OPTIMIZER_FIELD`` + the optimizer's label; a model that does not build is reported once and its adapters
+        are not checked.
     """
     problems: list[Problem] = []
     broken: set[str] = set()
+    adapted: dict[tuple[str, str], nn.Module | None] = {}  # None: the adapter does not fit
+    optimizers: set[str] = set()
     for cell in cells:
-        name, adapter = cell.model.name, cell.adapter.name
+        name, adapter, label = cell.model.name, cell.adapter.name, cell.optimizer.label
         if name in broken:
             continue
-        try:
-            model = meta_model(cell.model)
-        except Exception as err:  # noqa: BLE001 - any failure to build is the suite's problem, said in one line
-            broken.add(name)
-            problems.append(Problem(name, adapter, "model", _one_line(err)))
+        if (name, adapter) not in adapted:
+            try:
+                model = meta_model(cell.model)
+            except Exception as err:  # noqa: BLE001 - any failure to build is the suite's problem, said in one line
+                broken.add(name)
+                problems.append(Problem(name, adapter, "model", _one_line(err)))
+                continue
+            problem = adapter_problem(model, cell.adapter)
+            if problem is not None:
+                problems.append(Problem(name, adapter, *problem))
+            adapted[(name, adapter)] = model if problem is None else None
+        model = adapted[(name, adapter)]
+        if model is None or label in optimizers:
             continue
-        problem = adapter_problem(model, cell.adapter)
-        if problem is not None:
-            field, error = problem
-            problems.append(Problem(name, adapter, field, error))
+        optimizers.add(label)
+        try:
+            optim.check_builds(cell.optimizer, model)
+        except optim.OptimizerRefused as err:
+            problems.append(Problem(name, adapter, OPTIMIZER_FIELD + label, _one_line(err)))
+    return problems
+
+
+def config_problems(cells: list[CellConfig]) -> list[Problem]:
+    """What peft says of each adapter's configuration without a model (``models.lora_config``: its fields and
+    their types), for the commands that run no cell (``--dry-run``, ``plan``, ``crosscheck``)."""
+    problems: list[Problem] = []
+    adapters = {cell.adapter.name: cell for cell in cells if cell.adapter.kind != "none"}
+    for name, cell in adapters.items():
+        try:
+            models.lora_config(cell.adapter)
+        except models.AdapterConfigError as err:
+            problems.append(Problem(cell.model.name, name, err.field or "adapter", _one_line(err)))
     return problems
 
 

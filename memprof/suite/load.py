@@ -8,25 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from memprof.config import catalogue
 from memprof.config.presets import PRESETS
 from memprof.config.spec import AXES, AXIS_BY_NAME, METRIC_SCHEDULES, SCHEDULES, CellConfig, OptimizerSpec
 from memprof.errors import UserError
-from memprof.suite.schema import (BUILTIN_ADAPTERS, OVERRIDABLE, GridSettings, ModelTable, SuiteFile,
-                                  SuiteSettings)
+from memprof.suite.schema import (BUILTIN_ADAPTERS, LORA_ALIASES, LORA_VALUES, OVERRIDABLE, QUANT_KEYS, GridSettings,
+                                  ModelTable, SuiteFile, SuiteSettings)
 
 PACKAGED_SUITES = Path(__file__).parent.parent / "suites"
 # Schedules transformers cannot build without one of these keys in their [schedules.<name>] table.
 SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
+OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
+HELD_OUT_FRACTION = 0.1  # of a corpus, never trained on (memprof.train.data splits it so)
 
 
 class Suite:
@@ -48,30 +51,42 @@ class Suite:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def preflight_pairs(self) -> list[CellConfig]:
-        """One cell for each distinct (model, adapter) pair, for the checks that need the libraries
-        (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match)."""
-        pairs: dict[tuple[str, str], CellConfig] = {}
+        """One cell for each distinct (model, adapter, optimizer), for the checks that need the libraries
+        (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match, does
+        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits)."""
+        cells: dict[tuple[str, str, str], CellConfig] = {}
         for c in self.cells:
-            pairs.setdefault((c.model.name, c.adapter.name), c)
-        return list(pairs.values())
+            cells.setdefault((c.model.name, c.adapter.name, c.optimizer.label), c)
+        return list(cells.values())
 
     def preflight_error(self, model: str, adapter: str, field: str, error: str) -> UserError:
-        """A problem ``memprof.run.preflight`` found in ``model`` or ``adapter`` (``field``: ``model``,
-        ``adapter``, or the adapter's key at fault), as a UserError naming the key that defines the culprit."""
+        """A problem ``memprof.run.preflight`` found in ``model``, ``adapter`` or an optimizer (``field``:
+        ``model``, ``adapter``, the adapter's key at fault, or ``OPTIMIZER_FIELD`` + the optimizer's label), as a
+        UserError naming the key that defines the culprit."""
+        if field.startswith(OPTIMIZER_FIELD):
+            return self.optimizer_error(field.removeprefix(OPTIMIZER_FIELD), error)
         if field == "model":
             return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
                                              f"{error}")
         where = self._defined_at("adapter", adapter)
         table = self.spec.adapters.get(adapter)
         if table is not None and field != "adapter":
-            written = {"lora_alpha": "alpha", "lora_dropout": "dropout"}.get(field, field)
+            written = next((ours for ours, peft in LORA_ALIASES.items() if peft == field), field)
             where += f".{written if written in (table.model_extra or {}) else field}"
         if field == "target_modules":
             error = f"adapter '{adapter}' does not fit model '{model}': {error}"
         return UserError(str(self.path), f"{where}: {error}")
 
+    def optimizer_error(self, label: str, error: str) -> UserError:
+        """An optimizer that does not build (``memprof.train.optim.OptimizerRefused``), naming its kwargs where the
+        suite gives some."""
+        table = self.spec.optimizers.get(label)
+        where = self._defined_at("optimizer", label) + (".kwargs" if table is not None and table.kwargs else "")
+        name = f"'{label}'" + (f" ({table.optim})" if table is not None and table.optim != label else "")
+        return UserError(str(self.path), f"{where}: optimizer {name} does not build: {error}")
+
     def _defined_at(self, axis: str, name: str) -> str:
-        tables = self.spec.models if axis == "model" else self.spec.adapters
+        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers}[axis]
         if name in tables:
             return f"{axis}s.{name}"
         names = getattr(self.spec.grid, axis)
@@ -154,6 +169,8 @@ def _message(error: dict[str, Any]) -> str:
 
 def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
     _check_names(path, spec)
+    _check_repeated_values(path, spec)
+    _check_adapters(path, spec)
     _check_schedules(path, spec)
     for i, rule in enumerate(spec.exclude):
         _check_axes(path, f"exclude[{i}]", rule)
@@ -162,10 +179,13 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
         _check_overridable(path, f"override[{i}].set", rule.set, spec)
     grid = {axis.name: getattr(spec.grid, axis.name) for axis in AXES}
     cells: list[CellConfig] = []
+    excluding: set[int] = set()  # the [[exclude]] rules that match a cell
     s = spec.suite
     for combo in itertools.product(*grid.values()):
         axes = dict(zip(grid, combo))
-        if any(_matches(axes, rule) for rule in spec.exclude):
+        matched = {i for i, rule in enumerate(spec.exclude) if _matches(axes, rule)}
+        excluding |= matched
+        if matched:
             continue
         settings = {"steps": s.steps, "warmup_steps": s.warmup_steps, "timeout_s": s.timeout_s,
                     "memory_budget_bytes": s.memory_budget_bytes, "max_grad_norm": s.max_grad_norm}
@@ -184,8 +204,13 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
                            "training.schedule_kwargs": dict(spec.schedules.get(axes["schedule"], {})),
                            "budget.device": s.device})
             cells.append(_cell(path, s.name, len(cells), values))
+    unused = [i for i in range(len(spec.exclude)) if i not in excluding]
+    if unused:
+        raise UserError(str(path), f"exclude[{unused[0]}]: matches no cell of the grid (a value the grid does not "
+                                   f"have?)")
     if not cells:
         raise UserError(str(path), "exclude: every cell of the grid is excluded; nothing to run")
+    _check_corpus(path, spec, cells)
     return cells
 
 
@@ -236,11 +261,46 @@ def _name_error(spec: SuiteFile, axis: str, name: str) -> str:
     return ""
 
 
+def _check_repeated_values(path: Path, spec: SuiteFile) -> None:
+    """A value given twice on an axis would run the same cells twice, under the same keys and seeds."""
+    for axis in AXES:
+        values = [_plain(v) for v in getattr(spec.grid, axis.name)]
+        for i, value in enumerate(values):
+            if value in values[:i]:
+                raise UserError(str(path), f"grid.{axis.name}[{i}]: {value!r} is given twice (the same cells would run "
+                                           f"twice with the same keys and seeds; use suite.repeats for more seeds)")
+
+
+def _check_adapters(path: Path, spec: SuiteFile) -> None:
+    """What can be checked of an adapter table without peft: quantisation settings only on a QLoRA adapter, and
+    the LoRA values peft takes as they are and only a model build refuses (``LORA_VALUES``). peft judges the rest
+    of its keywords (``memprof.run.preflight``)."""
+    for name, table in spec.adapters.items():
+        quant = [key for key in QUANT_KEYS if key in table.model_fields_set]
+        if quant and table.kind != "qlora":
+            raise UserError(str(path), f"adapters.{name}.{quant[0]}: only a qlora adapter quantises its base "
+                                       f"(this one is kind = \"{table.kind}\")")
+        for key, value in (table.model_extra or {}).items():
+            kind = LORA_VALUES.get(LORA_ALIASES.get(key, key))
+            try:
+                if kind is not None:
+                    TypeAdapter(kind).validate_python(value, strict=True)
+            except ValidationError as err:
+                raise UserError(str(path), f"adapters.{name}.{key}: {_message(err.errors()[0])}") from None
+
+
+def _schedule_error(name: str) -> str:
+    """Why ``name`` is not a schedule ('' when it is one)."""
+    return "" if name in SCHEDULES else f"unknown schedule '{name}'; known: {', '.join(SCHEDULES)}"
+
+
 def _check_schedules(path: Path, spec: SuiteFile) -> None:
     for name in spec.schedules:
         if name not in SCHEDULES:
             raise UserError(str(path), f"schedules.{name}: unknown schedule; known: {', '.join(SCHEDULES)}")
     for i, name in enumerate(spec.grid.schedule):
+        if _schedule_error(name):
+            raise UserError(str(path), f"grid.schedule[{i}]: {_schedule_error(name)}")
         needs = SCHEDULE_NEEDS.get(name, ())
         if needs and not any(key in spec.schedules.get(name, {}) for key in needs):
             raise UserError(str(path), f"grid.schedule[{i}]: '{name}' needs {' or '.join(needs)} in a "
@@ -263,7 +323,8 @@ def _check_overridable(path: Path, where: str, values: dict[str, Any], spec: Sui
                             f"{', '.join([*AXIS_BY_NAME, *OVERRIDABLE])})")
         if isinstance(value, bool) or not isinstance(value, (int, float, str, dict)):
             raise UserError(str(path), f"{where}.{key}: must be a number, a string or a table")
-        error = _name_error(spec, key, value) if key in AXIS_BY_NAME and AXIS_BY_NAME[key].named else ""
+        error = _name_error(spec, key, value) if key in AXIS_BY_NAME and AXIS_BY_NAME[key].named else \
+            _schedule_error(value) if key == "schedule" and isinstance(value, str) else ""
         if error:
             raise UserError(str(path), f"{where}.{key}: {error}")
     axes = {k: [v] for k, v in values.items() if k in AXIS_BY_NAME}
@@ -284,3 +345,41 @@ def _matches(axes: dict[str, Any], rule: dict[str, Any]) -> bool:
 def _plain(value: Any) -> Any:
     """A grid value as a rule names it: a parallel table as its dict."""
     return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def _check_corpus(path: Path, spec: SuiteFile, cells: list[CellConfig]) -> None:
+    """A file corpus (a byte is a token) holds more tokens than the longest sequence in its training part and, when
+    cells evaluate, at least as many in its held-out part: what a cell's setup needs."""
+    if spec.data.source != "file":
+        return
+    tokens = _corpus_tokens(path, Path(spec.data.path))
+    seq_len = max(c.shape.seq_len for c in cells)
+    held_out = tokens - int(tokens * (1 - HELD_OUT_FRACTION))
+    if tokens - held_out <= seq_len or (spec.suite.eval_batches and held_out < seq_len):
+        raise UserError(str(path), f"data.path: too short: {tokens:,} tokens (bytes) leave {tokens - held_out:,} to "
+                                   f"train on and {held_out:,} held out; seq_len {seq_len:,} needs more than "
+                                   f"{seq_len:,} to train on" + (f" and {seq_len:,} held out (the last "
+                                   f"{HELD_OUT_FRACTION:.0%} of the file)" if spec.suite.eval_batches else ""))
+
+
+def _corpus_tokens(path: Path, corpus: Path) -> int:
+    """The tokens a file corpus holds: its bytes, or for JSONL those of its ``text`` fields joined by newlines."""
+    if corpus.suffix != ".jsonl":
+        return corpus.stat().st_size
+    try:
+        lines = corpus.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(str(path), f"data.path: cannot read {corpus}: {err}") from None
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, TypeError, KeyError):
+            text = None
+        if not isinstance(text, str):
+            raise UserError(str(path), f"data.path: line {number} of {corpus} is not a JSON object with a 'text' "
+                                       f"string")
+        texts.append(text)
+    return len("\n".join(texts).encode("utf-8"))

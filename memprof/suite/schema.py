@@ -14,8 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from memprof.config import catalogue
 from memprof.config.spec import (AXES, LORA_DEFAULTS, AdapterSpec, Axis, Budget, CellConfig, DataSpec, ModelSpec,
-                                 NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, QuantSpec, Spec,
-                                 TrainingSpec)
+                                 NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, QuantSpec,
+                                 Spec, TrainingSpec)
 from memprof.errors import UserError
 from memprof.results.metrics import resolve_rules
 
@@ -51,12 +51,21 @@ class SuiteSettings(_Strict):
 
 
 class DataTable(DataSpec):
+    @field_validator("path")
+    @classmethod
+    def _a_file(cls, path: str) -> str:
+        if path and Path(path).is_dir():
+            raise ValueError(f"is a directory, not a file: {path}")
+        if path and not Path(path).is_file():
+            raise ValueError(f"no such file: {path}")
+        if path and Path(path).stat().st_size == 0:
+            raise ValueError(f"empty file: {path}")
+        return path
+
     @model_validator(mode="after")
     def _path_for_file(self) -> DataTable:
         if (self.source == "file") != bool(self.path):
             raise ValueError("'path' is required with source = \"file\" and only then")
-        if self.path and not Path(self.path).is_file():
-            raise ValueError(f"path: no such file: {self.path}")
         return self
 
 
@@ -81,9 +90,19 @@ class ModelTable(ModelSpec):
         return ModelSpec(name=name, **self.model_dump(exclude={"name"}))
 
 
+# memprof's short names for peft.LoraConfig's keywords
+LORA_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+# LoraConfig keywords whose values peft takes as they are and only a model build refuses (r <= 0, a dropout
+# probability over 1) or that make no sense (a negative scaling): checked at load, without importing peft.
+LORA_VALUES: dict[str, Any] = {"r": PositiveInt, "lora_alpha": NonNegativeFloat, "lora_dropout": Probability}
+# QLoRA's settings, refused on another kind of adapter (where they do nothing). Not compute_dtype: the shipped
+# levers-gpu suite sets it on a LoRA adapter, and calibration reads that suite back from the GPU runs made with it.
+QUANT_KEYS = ("quant_type", "double_quant", "prepare_for_kbit_training")
+
+
 class AdapterTable(BaseModel):
-    """An ``[adapters.NAME]`` table: ``kind``, QLoRA's quantisation, and any ``peft.LoraConfig`` keyword
-    (``alpha`` and ``dropout`` are accepted for ``lora_alpha`` and ``lora_dropout``)."""
+    """An ``[adapters.NAME]`` table: ``kind``, QLoRA's quantisation (for ``qlora`` only), and any
+    ``peft.LoraConfig`` keyword (``alpha`` and ``dropout`` are accepted for ``lora_alpha`` and ``lora_dropout``)."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 
@@ -97,7 +116,7 @@ class AdapterTable(BaseModel):
     @classmethod
     def _aliases(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for ours, peft in (("alpha", "lora_alpha"), ("dropout", "lora_dropout")):
+            for ours, peft in LORA_ALIASES.items():
                 if ours in data and peft in data:
                     raise ValueError(f"give '{ours}' or '{peft}', not both")
         return data
@@ -105,7 +124,7 @@ class AdapterTable(BaseModel):
     def to_spec(self, name: str) -> AdapterSpec:
         lora = dict(LORA_DEFAULTS)
         for key, value in (self.model_extra or {}).items():
-            lora[{"alpha": "lora_alpha", "dropout": "lora_dropout"}.get(key, key)] = value
+            lora[LORA_ALIASES.get(key, key)] = value
         quant = QuantSpec(quant_type=self.quant_type, double_quant=self.double_quant,
                           compute_dtype=self.compute_dtype, prepare_for_kbit_training=self.prepare_for_kbit_training)
         return AdapterSpec(name=name, kind=self.kind, lora=lora if self.kind != "none" else {}, quant=quant)

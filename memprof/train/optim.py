@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from memprof.config import catalogue
+from memprof.config.spec import OptimizerSpec
 
 
 # GaLore and APOLLO read their target modules and projection settings from TrainingArguments
@@ -40,6 +41,29 @@ def _plain(cls: type, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 class OptimizerUnavailable(Exception):
     """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
+
+
+class OptimizerRefused(Exception):
+    """The optimizer does not build with the suite's kwargs: a mistake in the suite, found before any cell."""
+
+    def __init__(self, label: str, message: str) -> None:
+        super().__init__(message)
+        self.label = label
+
+
+def check_builds(spec: OptimizerSpec, model: nn.Module) -> None:
+    """Build the optimizer once over ``model``'s trainable parameters on the CPU, as a cell's setup does, and drop
+    it. One that cannot run here is a cell's result (unavailable), not a mistake.
+
+    Raises:
+        OptimizerRefused: its class, or transformers' factory, refuses the kwargs.
+    """
+    try:
+        build_optimizer(spec.name, spec.kwargs, 1e-3, model, torch.device("cpu"))
+    except OptimizerUnavailable:
+        pass
+    except Exception as err:  # noqa: BLE001 - whatever the constructor raises, every cell's setup would raise
+        raise OptimizerRefused(spec.label, " ".join(str(err).split()) or type(err).__name__) from err
 
 
 def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module, device: torch.device,
