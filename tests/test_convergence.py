@@ -149,6 +149,17 @@ def test_eval_runs_on_schedule_and_schedule_free_returns_to_train_mode() -> None
     opt.train()
 
 
+def test_a_schedule_free_optimizer_takes_the_suites_warm_up_and_the_logs_show_its_lr() -> None:
+    """As transformers' Trainer does: no schedule, the warm-up steps given to the optimizer, whose own warm-up
+    scales the LR inside its step (a linear ramp from lr / warmup_steps)."""
+    model = _tiny("lora")
+    opt = optim.build_optimizer("schedule_free_adamw", {}, 1e-3, model, CPU, warmup_steps=4)
+    assert opt.param_groups[0]["warmup_steps"] == 4 and optim.build_schedule("cosine", opt, 4, 6) is None
+    opt.train()
+    logs = train(model, opt, None, _batches(), 6, 1, 1.0, CPU, NullProbe())
+    assert [log.lr for log in logs] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
 def test_reduce_on_plateau_steps_on_the_eval_loss() -> None:
     model = _tiny("lora")
     opt = optim.build_optimizer("adamw_torch", {}, 1e-3, model, CPU)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memprof.analysis import convergence, diagnose, stats
+from memprof.config import catalogue
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
 from memprof.analysis.contention import contention_notes, mark
 from memprof.results.record import Record, Status, StepLog
@@ -80,8 +81,11 @@ def group_title(r: Record) -> str:
 
 
 def label_of(r: Record) -> str:
+    """The configuration as a legend names it: optimizer, LR and schedule (a schedule-free optimizer's own), levers."""
     c = r.config
-    return f"{c.optimizer.label} lr={c.training.lr:g} {c.training.schedule}" + \
+    entry = catalogue.CATALOGUE.get(c.optimizer.name)  # None: a user's class, or a name a newer memprof dropped
+    own = entry is not None and entry.schedule_free
+    return f"{c.optimizer.label} lr={c.training.lr:g} {'schedule-free' if own else c.training.schedule}" + \
         (f" {c.levers_label}" if c.levers_label else "")
 
 
@@ -176,14 +180,15 @@ def target_table(run: Run) -> TableData:
                                                  r.config.training.warmup_steps) for r, n in zip(rs, reached)]
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
-            row += [_reached([r.steps_to_target for r in rs]),
+            row += [_reached([r.steps_to_target for r in rs], rs),
                     mean_ci([r.seconds_to_target for r in rs], ".2f") + mark(rs)]
-        rows.append(row + [_reached(reached), mean_ci(seconds, ".2f") + mark(rs)])
+        rows.append(row + [_reached(reached, rs), mean_ci(seconds, ".2f") + mark(rs)])
     columns = [axis.title for axis in axes]
     notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
              f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
              "steps: until the smoothed training loss first reaches the target, mean over the repeats that did "
-             "(k/n reached); seconds: training time of those steps, evaluation excluded"]
+             "(k/n reached, of the n that trained); seconds: training time of those steps, warm-up steps at the "
+             "median step's time, evaluation excluded"]
     if suite_target is not None:
         columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
         notes.insert(0, f"suite target_loss: {suite_target:g}")
@@ -192,12 +197,17 @@ def target_table(run: Run) -> TableData:
                      rows, notes)
 
 
-def _reached(steps: Sequence[int | None]) -> str:
-    hit = [s for s in steps if s is not None]
+def _reached(steps: Sequence[int | None], rs: Sequence[Record]) -> str:
+    """The mean steps to a target over the repeats that reached it, of those that trained; how they ended where
+    none trained (an unavailable or crashed cell never had the chance to reach it)."""
+    trained = [s for s, r in zip(steps, rs) if r.status in (Status.OK, Status.DIVERGED)]
+    if not trained:
+        return "– (" + ", ".join(sorted({r.status.value for r in rs})) + ")"
+    hit = [s for s in trained if s is not None]
     if not hit:
-        return f"never (0/{len(steps)})"
+        return f"never (0/{len(trained)})"
     mean = sum(hit) / len(hit)
-    return f"{mean:.0f}" + (f" ({len(hit)}/{len(steps)})" if len(hit) < len(steps) else "")
+    return f"{mean:.0f}" + (f" ({len(hit)}/{len(trained)})" if len(hit) < len(trained) else "")
 
 
 def verdict_of(r: Record) -> str:

@@ -42,6 +42,11 @@ class OptimizerEntry:
     def installed(self) -> bool:
         return not self.requires or importlib.util.find_spec(self.requires) is not None
 
+    @property
+    def schedule_free(self) -> bool:
+        """It takes no LR schedule: its own averaging replaces one (transformers gives it the warm-up steps)."""
+        return self.library == "schedulefree"
+
 
 def _e(*args, **kwargs) -> OptimizerEntry:
     return OptimizerEntry(*args, **kwargs)

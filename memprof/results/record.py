@@ -119,7 +119,10 @@ class Record:
 
     @property
     def peak_bytes(self) -> int | None:
-        """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU."""
+        """The peak a user cares about on this device: the allocator peak on CUDA, RSS growth on the CPU; None for
+        a cell that never trained (unavailable: older records kept what its set-up touched)."""
+        if self.status is Status.UNAVAILABLE:
+            return None
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
 
     @property

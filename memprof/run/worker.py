@@ -91,7 +91,8 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     values.update(exact_values(built.model, built.optimizer))
     if built.optimizer is not None:
         values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optimizer.name, built.optimizer)
-    values.update(peak_values(sampler, allocator, baseline, heap_baseline))
+    if status is not Status.UNAVAILABLE:  # a cell that never trained has no peak to speak of
+        values.update(peak_values(sampler, allocator, baseline, heap_baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)

@@ -103,6 +103,8 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedul
                 grad_norm = grad_norm.full_tensor()
             probe.gradients_ready(step)
             optimizer.step()
+            if schedule_free:  # its own warm-up scales the LR inside the step
+                lr = optimizer.param_groups[0].get("scheduled_lr", lr)
             if scheduler is not None and not on_metric:
                 scheduler.step()
         with probe.phase(step, "zero_grad"):

@@ -67,9 +67,10 @@ def check_builds(spec: OptimizerSpec, model: nn.Module) -> None:
 
 
 def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Module, device: torch.device,
-                    construct: Construct | None = None) -> torch.optim.Optimizer:
+                    construct: Construct | None = None, warmup_steps: int = 0) -> torch.optim.Optimizer:
     """The optimizer ``name`` over the model's trainable parameters, with the suite's kwargs on top, made by
-    ``construct(cls, params, **kwargs)`` (default: ``cls(params, **kwargs)``)."""
+    ``construct(cls, params, **kwargs)`` (default: ``cls(params, **kwargs)``); ``warmup_steps`` is the LR
+    warm-up, which transformers hands a schedule-free optimizer in place of the schedule it does not take."""
     params = [p for p in model.parameters() if p.requires_grad]
     if catalogue.is_custom(name):
         return _from_class_path(name, model, lr, kwargs, construct)
@@ -92,8 +93,8 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
     # TrainingArguments makes cuda:0 the current device outside a launcher: a sharded rank's own card stays current
     keep = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with keep, tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, report_to="none",
-                                 use_cpu=device.type == "cpu", **low_rank)
+        args = TrainingArguments(output_dir=out, optim=name, learning_rate=lr, warmup_steps=warmup_steps,
+                                 report_to="none", use_cpu=device.type == "cpu", **low_rank)
         cls, defaults = Trainer.get_optimizer_cls_and_kwargs(args, model)
     params = defaults.pop("params", params)  # GaLore/APOLLO: transformers split projected and plain groups
     return (construct or _plain)(cls, params, **{**defaults, **kwargs})

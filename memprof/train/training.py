@@ -65,7 +65,7 @@ class Training:
             self.model, construct = sharding.shard(self.model, cell.levers.parallel.strategy, device)
         self.loss = models.loss_function(cell.levers)
         self.optimizer = optim.build_optimizer(cell.optimizer.name, cell.optimizer.kwargs, training.lr, self.model,
-                                               device, construct)
+                                               device, construct, training.lr_warmup_steps)
         self.scheduler = optim.build_schedule(training.schedule, self.optimizer, training.lr_warmup_steps,
                                               training.steps, training.schedule_kwargs)
         if optim.is_schedule_free(self.optimizer):

@@ -50,7 +50,7 @@ def memory_figure(run: Run) -> Figure | None:
     of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
     CUDA's context) hatched after it. Beside each group its optimizer state alone, on its own scale, so a saving
     that is small against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
-    shown = [r for r in one_per_config(run.records) if r.breakdown]
+    shown = [r for r in one_per_config(run.records) if r.breakdown and r.peak_bytes is not None]
     if not shown:
         return None
     groups: dict[str, list[Record]] = {}

@@ -50,7 +50,8 @@ def memory_table(run: Run) -> TableData:
         row = [axis.text(r.config) for axis in axes] + [
             r.status.value, human_bytes(r.optimizer_state_bytes), f"{ratio:.2f}×" if ratio is not None else "–"]
         row += [human_bytes(r.optimizer_state_paged_bytes)] if paged else []
-        row += [human_bytes(r.peak_bytes)] + ([human_bytes(r.nvml_peak_process_used_bytes)] if cuda else [])
+        card = r.nvml_peak_process_used_bytes if r.peak_bytes is not None else None
+        row += [human_bytes(r.peak_bytes)] + ([human_bytes(card)] if cuda else [])
         row += [r.peak_moment or "–"]
         rows.append(row)
     columns = [axis.title for axis in axes] + ["status", "optimizer state", "vs AdamW"] + \
