@@ -3,6 +3,7 @@ following each of them."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from memprof.measure import meta_step
 from memprof.plan import calibration, predict as plan
 from memprof.results.record import Record, Status
 from memprof.results.store import read_records
+from memprof.views.tables import levers_markdown, markdown_cell
 from memprof.analysis.slopes import activation_slopes
 from memprof.suite.load import parse
 
@@ -133,3 +135,10 @@ num_attention_heads = 2, num_key_value_heads = 1, head_dim = 32 }
     assert status["eager"].status is Status.OK, status["eager"].error
     assert status["sdpa"].status is Status.UNAVAILABLE
     assert "Gemma2ForCausalLM does not support" in status["sdpa"].error and "eager does" in status["sdpa"].error
+    # it never trained: no peak, no parts of one
+    unavailable = status["sdpa"]
+    assert unavailable.peak_rss_delta_bytes is None and unavailable.peak_bytes is None and not unavailable.breakdown
+    rows = [line for line in levers_markdown(read_records(run_dir)).splitlines() if line.startswith("| gemma2")]
+    cells = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]  # the error's own pipes escaped
+    assert len(rows) == 2 and cells[0] == cells[1]
+    assert markdown_cell("shape [2 | 3]\n  mismatch") == "shape [2 \\| 3] mismatch"  # one cell, however it reads

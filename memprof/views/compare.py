@@ -13,7 +13,7 @@ from rich.text import Text
 
 from memprof.analysis.compare import DIFFERENT_MACHINES, METRICS, Comparison, MetricDelta, ResultSet, Verdict
 from memprof.results.env import machine_label
-from memprof.views.tables import human_bytes
+from memprof.views.tables import human_bytes, markdown_cell
 
 _STYLE = {Verdict.REGRESSED: "bold red", Verdict.FAILED: "bold red", Verdict.IMPROVED: "green",
           Verdict.UNCHANGED: "dim", Verdict.NEW: "cyan", Verdict.MISSING: "yellow",
@@ -108,7 +108,7 @@ def markdown(c: Comparison) -> str:
         for cell_rows in moved:
             for i, row in enumerate(cell_rows):
                 key, verdict = (f"`{short[row[0]]}`", f"**{row[1]}**") if i == 0 else ("", "")
-                lines.append("| " + " | ".join([key, verdict, *(_md(x) for x in row[2:7])]) + " |")
+                lines.append("| " + " | ".join([key, verdict, *(markdown_cell(x) for x in row[2:7])]) + " |")
     else:
         lines.append("Every cell is unchanged.")
     note = _repeated_notes(c)
@@ -214,7 +214,3 @@ def _change(m: MetricDelta) -> str:
         diff = m.current - m.baseline
         return f"{'+' if diff >= 0 else '-'}{human_bytes(abs(diff))} ({change:+.1%})"
     return f"{change:+.1%}"
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")

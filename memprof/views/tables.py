@@ -144,7 +144,8 @@ def crosscheck_table(rows: Iterable[CategoryCheck], title: str) -> Group:
 
 def levers_markdown(records: Iterable[Record]) -> str:
     """A Markdown table of one run's lever cells, per rank: what each lever does to each part of the memory
-    (``memprof levers RUN_DIR``, pasted into the README)."""
+    (``memprof levers RUN_DIR``, pasted into the README), timings taken under contention marked as elsewhere."""
+    records = list(records)
     header = ["model / adapter", "optimizer", "levers", "seq", "weights", "gradients", "optimizer state",
               "activations", "peak", "tokens/s"]
     align = ["---"] * 4 + ["---:"] * (len(header) - 4)  # the four labels left, the figures right
@@ -154,13 +155,19 @@ def levers_markdown(records: Iterable[Record]) -> str:
         names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
                 f"{c.shape.seq_len} |"
         if r.status is not Status.OK:
-            lines.append(f"{names} {r.status.value}: {r.error[:60]} | | | | | |")
+            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {r.error[:60]}')} | | | | | |")
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
         figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
-                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f")]
+                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + mark([r])]
         lines.append(f"{names} {' | '.join(figures)} |")
-    return "\n".join(lines)
+    notes = contention_notes(records)
+    return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def markdown_cell(text: str) -> str:
+    """Text as one cell of a Markdown table: its pipes escaped, its lines joined."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 
