@@ -69,6 +69,8 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('seq_len = [32]', 'seq_len = [32]\n[[exclude]]\noptimizer = "adamw_torh"'), "exclude[0]: matches no cell"),
     (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { optimizer = "adamw_torch" }\n'
                         'set = { schedule = "cosinee" }'), "override[0].set.schedule: unknown schedule 'cosinee'"),
+    (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { seq_len = 64 }\nset = { steps = 4 }'),
+     "override[0].match: matches no cell that runs"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = 1.5'),
      "adapters.lora.dropout: Input should be less than or equal to 1"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = 0'), "adapters.lora.r: Input should be greater than 0"),

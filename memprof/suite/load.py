@@ -180,6 +180,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
     grid = {axis.name: getattr(spec.grid, axis.name) for axis in AXES}
     cells: list[CellConfig] = []
     excluding: set[int] = set()  # the [[exclude]] rules that match a cell
+    overriding: set[int] = set()  # the [[override]] rules that match a cell that runs
     s = spec.suite
     for combo in itertools.product(*grid.values()):
         axes = dict(zip(grid, combo))
@@ -189,8 +190,9 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
             continue
         settings = {"steps": s.steps, "warmup_steps": s.warmup_steps, "timeout_s": s.timeout_s,
                     "memory_budget_bytes": s.memory_budget_bytes, "max_grad_norm": s.max_grad_norm}
-        for rule in spec.override:
+        for i, rule in enumerate(spec.override):
             if _matches(axes, rule.match):
+                overriding.add(i)
                 for key, value in rule.set.items():
                     (axes if key in AXIS_BY_NAME else settings)[key] = value
         settings["lr_warmup_steps"] = settings.get("lr_warmup_steps", s.lr_warmup_steps
@@ -210,6 +212,10 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
                                    f"have?)")
     if not cells:
         raise UserError(str(path), "exclude: every cell of the grid is excluded; nothing to run")
+    idle = [i for i in range(len(spec.override)) if i not in overriding]
+    if idle:
+        raise UserError(str(path), f"override[{idle[0]}].match: matches no cell that runs (a value the grid does "
+                                   f"not have, or only excluded cells?)")
     _check_corpus(path, spec, cells)
     return cells
 
