@@ -163,6 +163,9 @@ class Levers(Spec):
         return self
 
 
+HELD_OUT_FRACTION = 0.1  # of a corpus's tokens, its end, never trained on: the held-out evaluation's
+
+
 class DataSpec(Spec):
     """Training text: Python's standard library, a synthetic Markov chain (``seed``), or a local file."""
 

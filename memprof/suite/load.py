@@ -18,7 +18,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from memprof.config import catalogue
 from memprof.config.presets import PRESETS
-from memprof.config.spec import AXES, AXIS_BY_NAME, METRIC_SCHEDULES, SCHEDULES, CellConfig, OptimizerSpec
+from memprof.config.spec import (AXES, AXIS_BY_NAME, HELD_OUT_FRACTION, METRIC_SCHEDULES, SCHEDULES, CellConfig,
+                                 OptimizerSpec)
 from memprof.errors import UserError
 from memprof.suite.schema import (BUILTIN_ADAPTERS, LORA_ALIASES, LORA_VALUES, OVERRIDABLE, QUANT_KEYS, GridSettings,
                                   ModelTable, SuiteFile, SuiteSettings)
@@ -29,7 +30,6 @@ SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
 OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
-HELD_OUT_FRACTION = 0.1  # of a corpus, never trained on (memprof.train.data splits it so)
 
 
 class Suite:

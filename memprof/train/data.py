@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from memprof.config.spec import DataSpec
+from memprof.config.spec import HELD_OUT_FRACTION, DataSpec
 
 STDLIB_BYTES = 4 << 20
 SYNTHETIC_TOKENS = 1 << 18
@@ -94,8 +94,8 @@ def _stationary(transition: torch.Tensor) -> torch.Tensor:
     return dist / dist.sum()
 
 
-def _split(tokens: torch.Tensor, eval_fraction: float = 0.1) -> Corpus:
-    cut = int(len(tokens) * (1 - eval_fraction))
+def _split(tokens: torch.Tensor) -> Corpus:
+    cut = int(len(tokens) * (1 - HELD_OUT_FRACTION))
     return Corpus(tokens[:cut], tokens[cut:])
 
 
