@@ -114,7 +114,7 @@ def test_terminal_tables_leave_out_columns_rather_than_cut_names(run_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from memprof.analysis.report import load_run, tables
     from memprof.views.report import memory_table
-    from memprof.views.tables import rich_tables
+    from memprof.views.tables import _columns_that_fit, rich_tables
     from rich.console import Console
 
     run = load_run(run_dir)
@@ -128,7 +128,13 @@ def test_terminal_tables_leave_out_columns_rather_than_cut_names(run_dir: Path,
             for row in t.rows:
                 assert row[0] in text and row[1] in text
         left_out = re.findall(r"not shown at (\d+) columns", text)
-        assert (width == 100) == bool(left_out)
+        assert (width == 100) == bool(left_out or "in every row: " in text)
+    for t in data:  # at 80 columns every column is shown, said in a line (one value in every row) or named as left out
+        keep, constant = _columns_that_fit(t, 80)
+        dropped = [j for j in range(len(t.columns)) if j not in keep and j not in constant]
+        assert all(len({row[j] for row in t.rows}) == 1 for j in constant)
+        varying = [j for j in range(len(t.columns)) if j not in constant]
+        assert dropped == varying[len(varying) - len(dropped):]  # the rightmost of the others
 
 
 def test_repeats_table_shows_mean_and_t_interval_of_the_records(run_dir: Path) -> None:

@@ -230,12 +230,13 @@ NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?(→[\d,.]+)?( ± [\d,.]+)?( ?(×
 
 
 def rich_tables(tables: list[TableData], width: int) -> Group:
-    """The tables for a terminal ``width`` columns wide. No cell is cut or folded: a column that does not fit is
+    """The tables for a terminal ``width`` columns wide. No cell is cut or folded: where the columns do not fit, one
+    that holds the same value in every row is said in a line instead, then a column that still does not fit is
     left out, the rightmost first (columns come in order of importance), and a note names it. Prose columns (the
     diagnoses' meanings and remedies) wrap."""
     parts: list = []
     for t in tables:
-        keep = _columns_that_fit(t, width)
+        keep, constant = _columns_that_fit(t, width)
         table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
         for j in keep:
             numeric = all(NUMBER.match(row[j]) or row[j] in ("–", "") for row in t.rows)
@@ -249,7 +250,10 @@ def rich_tables(tables: list[TableData], width: int) -> Group:
                             for j in keep))
         parts.append(table)
         parts.extend(Text(note, style="dim") for note in t.notes)
-        left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep]
+        if constant:
+            parts.append(Text("in every row: " + ", ".join(f"{t.columns[j]} {t.rows[0][j]}" for j in constant),
+                              style="dim"))
+        left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep and j not in constant]
         if left_out:
             parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
                               f"report.html, has {'them' if len(left_out) > 1 else 'it'})", style="yellow"))
@@ -260,13 +264,20 @@ def _widest(t: TableData, j: int) -> int:
     return max((len(row[j]) for row in t.rows), default=0)
 
 
-def _columns_that_fit(t: TableData, width: int) -> list[int]:
-    """The columns to show: all that fit in ``width``, dropping from the right; prose columns count at their
-    narrowest useful width."""
+def _columns_that_fit(t: TableData, width: int) -> tuple[list[int], list[int]]:
+    """(The columns to show, the ones said in a line instead): all that fit in ``width``; where they do not, those
+    but the first that hold one value in every row go to the line, then columns drop from the right. Prose columns
+    count at their narrowest useful width."""
     def need(j: int) -> int:  # the widest cell or the header, plus rich's padding and border
         return max(min(_widest(t, j), _NAME_WIDTH), len(t.columns[j])) + 3
 
-    keep = list(range(len(t.columns)))
-    while len(keep) > 1 and sum(need(j) for j in keep) + 1 > width:
+    def fits(columns: list[int]) -> bool:
+        return sum(need(j) for j in columns) + 1 <= width
+
+    keep, constant = list(range(len(t.columns))), []
+    if not fits(keep) and len(t.rows) > 1:
+        constant = [j for j in keep[1:] if len({row[j] for row in t.rows}) == 1]
+        keep = [j for j in keep if j not in constant]
+    while len(keep) > 1 and not fits(keep):
         keep.pop()
-    return keep
+    return keep, constant
