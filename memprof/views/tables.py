@@ -68,7 +68,7 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
             f"{head.shape.precision}, {_num(trainable, ',')} trainable params", columns,
             [[a.text(r.config) for a in axes] + _row(r, ratios.get(r.config.index), show_paged) for r in rows],
             styles={(i, len(axes)): STATUS_STYLE[r.status] for i, r in enumerate(rows)}))
-    parts: list = [Text(title, style="bold"), rich_tables(tables, width)]
+    parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report")]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
                           style="dim"))
@@ -170,12 +170,11 @@ def markdown_cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-
 def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[str], list[list[str]], list[str]]:
-    """(column titles, rows, the parts' names in column order) of the peaks' parts: a row per cell, named by the
-    axes that vary; figures in GiB, or MiB when every peak is under 1 GiB (the CPU's). Parts below ``fold`` of every
-    row's peak share one "small" column; the moment of the peak comes last, or the status of a cell that has no
-    parts (it failed before its peak was measured)."""
+    """(column titles, rows, notes) of the peaks' parts: a row per cell, named by the axes that vary; figures in
+    GiB, or MiB when every peak is under 1 GiB (the CPU's). Parts below ``fold`` of every row's peak share one
+    "small" column; the moment of the peak comes last, or the status of a cell that has no parts (it failed before
+    its peak was measured). The notes: the unit and what the peak is, each part's name, and where paged state is."""
     records = list(records)
     attributed = [r for r in records if r.breakdown]
     axes = varying([r.config for r in records], always=("optimizer",))
@@ -198,29 +197,31 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
             + [amount(r.breakdown.get(name)) for name in parts]
             + ([amount(sum(r.breakdown.get(name, 0) for name in small))] if small else [])
             + [moment(r)] for r in records]
-    return titles + ["at"], rows, parts + small
+    cuda = any(r.peak_allocated_bytes is not None for r in records)
+    notes = [f"{unit}, parts of the {'torch allocator' if cuda else 'resident memory growth'}'s peak: "
+             + "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)
+             + (f"; small: {', '.join(PARTS[name].label for name in small)}" if small else "")] if present else []
+    if any(r.optimizer_state_paged_bytes for r in records):
+        notes.append("paged optimizer state (CUDA managed memory) is outside the allocator's peak, so not in state")
+    return titles + ["at"], rows, notes
 
 
 def breakdown_table(records: Iterable[Record], title: str, width: int) -> Group:
     """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a row per cell, named by
     the axes that vary, a column per part, the moment last, a legend below; parts under 0.1% of every peak share the
     column "small". Columns that do not fit ``width`` are left out from the right, named in a note, never cut."""
-    titles, rows, parts = _breakdown_rows(records, fold=0.001)
-    legend = "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts if PARTS[name].short in titles)
-    small = [PARTS[name].label for name in parts if PARTS[name].short not in titles]
-    notes = [legend + (f"; small: {', '.join(small)}" if small else "")] if parts else []
-    return rich_tables([TableData(title, titles, rows, notes)], width)
+    titles, rows, notes = _breakdown_rows(records, fold=0.001)
+    return rich_tables([TableData(title, titles, rows, notes)], width, elsewhere="--markdown")
 
 
 def breakdown_markdown(records: Iterable[Record]) -> str:
     """The same as a Markdown table with its legend, for a committed record of a run."""
-    titles, rows, parts = _breakdown_rows(records)
+    titles, rows, notes = _breakdown_rows(records)
     first_figure = next(i for i, t in enumerate(titles) if t.startswith("peak "))
     align = ["---" if i < first_figure or t == "at" else "---:" for i, t in enumerate(titles)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "; ".join(f"{PARTS[name].short}: {PARTS[name].label}" for name in parts)] if parts else []
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 _NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
@@ -229,11 +230,11 @@ NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?(→[\d,.]+)?( ± [\d,.]+)?( ?(×
                     r"( \(\d+/\d+\))?( \*)?$")
 
 
-def rich_tables(tables: list[TableData], width: int) -> Group:
+def rich_tables(tables: list[TableData], width: int, elsewhere: str = "report.html") -> Group:
     """The tables for a terminal ``width`` columns wide. No cell is cut or folded: where the columns do not fit, one
     that holds the same value in every row is said in a line instead, then a column that still does not fit is
-    left out, the rightmost first (columns come in order of importance), and a note names it. Prose columns (the
-    diagnoses' meanings and remedies) wrap."""
+    left out, the rightmost first (columns come in order of importance), and a note names it and ``elsewhere``,
+    what shows them all. Prose columns (the diagnoses' meanings and remedies) wrap."""
     parts: list = []
     for t in tables:
         keep, constant = _columns_that_fit(t, width)
@@ -256,7 +257,7 @@ def rich_tables(tables: list[TableData], width: int) -> Group:
         left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep and j not in constant]
         if left_out:
             parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
-                              f"report.html, has {'them' if len(left_out) > 1 else 'it'})", style="yellow"))
+                              f"{elsewhere}, has {'them' if len(left_out) > 1 else 'it'})", style="yellow"))
     return Group(*parts)
 
 
