@@ -245,7 +245,7 @@ class LocalPool:
                     except queue.Empty:
                         break
                     result = executor.run(cell, on_step)
-                    result.record = replace(result.record, concurrent_jobs=self.jobs,
+                    result.record = replace(result.record, concurrent_jobs=min(self.jobs, len(cells)),
                                             visible_devices=env.get("CUDA_VISIBLE_DEVICES", ""))
                     done.put(result)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread

@@ -174,8 +174,8 @@ class RayPool:
             (ref,), _ = ray.wait(list(self._refs), num_returns=1)  # blocks until a task ends: no polling
             cell, concurrent = self._refs.pop(ref)
             result = self._collect(ref, cell, stopping())
-            if result is not None:
-                result.record = replace(result.record, concurrent_jobs=concurrent)
+            if result is not None:  # as many at once as the cluster runs, or as there are cells
+                result.record = replace(result.record, concurrent_jobs=min(concurrent, len(cells)))
                 yield result
 
     def _submit(self, cell: CellConfig, resources: dict[str, float]) -> None:
