@@ -377,11 +377,9 @@ def _request(args: argparse.Namespace) -> CellConfig:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from memprof.measure.meta_step import StepFails
     from memprof.plan import calibration as calibration_mod
     from memprof.plan import gpus as gpus_mod
     from memprof.plan import predict as plan_mod
-    from memprof.train.models import LeverUnavailable
     from memprof.train.optim import OptimizerRefused
     from memprof.views import plan as plan_views
 
@@ -418,23 +416,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         requests = [_request(args)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
     try:
-        plans = plan_mod.plan_requests(requests, calibration, args.device)
-        verdicts = {i: [plan_mod.verdict(p, gpu, calibration) for gpu in gpus] for i, p in enumerate(plans)}
-    except LeverUnavailable as err:  # a run would record the cell as unavailable; a plan has nothing to say of it
-        flag = "--loss-chunk" if str(err).startswith("loss_chunk") else "--attn"
-        raise UserError(args.suite or flag, str(err)) from None
-    except StepFails as err:
-        raise UserError(args.suite or "--model", str(err)) from None
+        results, verdicts = plan_mod.plan_with_verdicts(requests, calibration, args.device, gpus)
     except OptimizerRefused as err:
         raise suite.optimizer_error(err.label, str(err)) if args.suite else UserError("--optimizer", str(err)) \
             from None
+    refused = [r for r in results if isinstance(r, plan_mod.Refusal)]
+    if refused and not args.suite:  # one configuration: what a run of it would end with, as the error
+        error = refused[0].error
+        raise UserError("--loss-chunk" if error.startswith("loss_chunk") else
+                        "--attn" if refused[0].status == "unavailable" else "--model", error)
     if args.json:
-        print(json.dumps([{**p.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} for i, p in enumerate(plans)],
-                         indent=2))
+        print(json.dumps([{**r.to_dict(), "gpus": [v.to_dict() for v in verdicts[i]]} if i in verdicts else
+                          r.to_dict() for i, r in enumerate(results)], indent=2))
         return 0
+    plans = [r for r in results if isinstance(r, plan_mod.Plan)]
     if args.suite:
-        for table in plan_views.suite_tables(plans, gpus, verdicts):
+        for table in plan_views.suite_tables(results, gpus, verdicts):
             out.print(table)
+        reasons = {(r.request.model.name, r.request.adapter.name, r.request.optimizer.label, r.error): r.status
+                   for r in refused}  # what a run would end with, once per model, adapter and optimizer
+        for (model, adapter, optimizer, error), status in list(reasons.items())[:8]:
+            out.print(f"[dim]{escape(f'{model} / {adapter} / {optimizer}: {status}: {error}')}[/]", highlight=False)
     else:
         out.print(plan_views.parts_table(plans[0]))
         out.print(plan_views.verdict_table(plans[0], verdicts[0]))

@@ -347,6 +347,40 @@ def test_an_architecture_outside_the_model_is_measured_on_the_meta_device(tmp_pa
     assert error.startswith("error: --loss-chunk: loss_chunk: the model transforms its logits") and "\n" not in error
 
 
+def test_a_suite_plan_gives_each_configuration_a_run_would_not_train_its_ending_and_plans_the_rest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As a run records them, a cell's own failure is that cell's: Gemma2 with sdpa (no path in transformers) is
+    unavailable, PhiMoE under all-linear LoRA (peft wraps its tuple-returning router) crashes, tiny-llama plans."""
+    small = "vocab_size = 256, hidden_size = 64, intermediate_size = 128, num_attention_heads = 2"
+    path = tmp_path / "mixed.toml"
+    path.write_text(f"""[suite]
+name = "mixed"
+[grid]
+model = ["gemma2", "phimoe", "tiny-llama"]
+adapter = ["all"]
+optimizer = ["adamw_torch"]
+batch_size = [1, 2]
+seq_len = [32]
+[models.gemma2]
+config = {{ model_type = "gemma2", {small}, num_hidden_layers = 1, num_key_value_heads = 1, head_dim = 32 }}
+[models.phimoe]
+config = {{ model_type = "phimoe", {small}, num_hidden_layers = 1, num_key_value_heads = 2, num_local_experts = 4 }}
+[adapters.all]
+kind = "lora"
+r = 8
+target_modules = "all-linear"
+""")
+    plans = _plan_json(str(path), "--device", "cpu", "--gpu", "24GB", capsys=capsys)
+    assert [(p["model"], p.get("status", "planned"), len(p.get("gpus", []))) for p in plans] == [
+        ("gemma2", "unavailable", 0), ("gemma2", "unavailable", 0), ("phimoe", "crashed", 0),
+        ("phimoe", "crashed", 0), ("tiny-llama", "planned", 1), ("tiny-llama", "planned", 1)]
+    assert "AttributeError: 'tuple' object has no attribute 'dtype'" in plans[2]["error"]
+    assert run_cli("plan", str(path), "--device", "cpu", "--gpu", "24GB") == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "│ gemma2 │ all │ adamw_torch │ unavailable │ unavailable │" in shown
+    assert "phimoe / all / adamw_torch: crashed: " in shown and shown.count("gemma2 / all / adamw_torch:") == 1
+
+
 def test_the_fallbacks_stated_uncertainty_covers_its_committed_miss() -> None:
     """results/benchmarks/fallback_accuracy.json: the fitted activations against autograd's on seven architectures
     outside the analytic model; the plan's stated error for them covers every miss."""

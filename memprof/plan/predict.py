@@ -33,6 +33,7 @@ from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec
 from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
 from memprof.train.fourbit import is_four_bit
+from memprof.train.models import LeverUnavailable
 from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
@@ -615,11 +616,37 @@ def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
                   max_seq == cap)
 
 
-def plan_requests(requests: Iterable[CellConfig], calibration: Calibration, device: str = "cuda") -> list[Plan]:
-    """Plans for many requests, building each meta model (and each optimizer's state) once."""
+@dataclass(frozen=True)
+class Refusal:
+    """A request no plan is made for, ended as a run of it would end: ``unavailable`` (a lever its model or the
+    machine lacks: a chunked loss over transformed logits, an attention kernel the architecture has no path for)
+    or ``crashed`` (its step raises on its own, ``meta_step.StepFails``)."""
+
+    request: CellConfig
+    status: str
+    error: str
+    device: str = "cuda"
+
+    @classmethod
+    def of(cls, request: CellConfig, err: Exception, device: str) -> Refusal:
+        return cls(request, "unavailable" if isinstance(err, LeverUnavailable) else "crashed", str(err), device)
+
+    def to_dict(self) -> dict[str, Any]:
+        axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
+        return {**axes, "config": self.request.model_dump(mode="json"), "device": self.device, "status": self.status,
+                "error": self.error}
+
+
+REFUSED = (LeverUnavailable, meta_step.StepFails)  # what a request's plan raises that a run records as its result
+
+
+def plan_requests(requests: Iterable[CellConfig], calibration: Calibration,
+                  device: str = "cuda") -> list[Plan | Refusal]:
+    """Plans for many requests, building each meta model (and each optimizer's state) once; a request that would
+    end unavailable or crashed is that ``Refusal``."""
     models: dict[str, nn.Module] = {}
     exacts: dict[str, Exact] = {}
-    plans = []
+    plans: list[Plan | Refusal] = []
     for request in requests:
         model_key = repr((request.model, request.adapter, request.shape.precision))
         if model_key not in models:
@@ -627,8 +654,27 @@ def plan_requests(requests: Iterable[CellConfig], calibration: Calibration, devi
         exact_key = model_key + repr((request.optimizer.name, request.optimizer.kwargs))
         if exact_key not in exacts:
             exacts[exact_key] = exact_parts(request, models[model_key])
-        plans.append(predict(request, exacts[exact_key], calibration, device))
+        try:
+            plans.append(predict(request, exacts[exact_key], calibration, device))
+        except REFUSED as err:
+            plans.append(Refusal.of(request, err, device))
     return plans
+
+
+def plan_with_verdicts(requests: Iterable[CellConfig], calibration: Calibration, device: str,
+                       gpus: Iterable[Gpu]) -> tuple[list[Plan | Refusal], dict[int, list[GpuFit]]]:
+    """``plan_requests``, and each plan's ``verdict`` on every GPU, keyed by its index (a request whose larger
+    batches or lengths the search would refuse is that ``Refusal`` instead)."""
+    gpus = list(gpus)
+    results = plan_requests(requests, calibration, device)
+    verdicts: dict[int, list[GpuFit]] = {}
+    for i, result in enumerate(results):
+        if isinstance(result, Plan):
+            try:
+                verdicts[i] = [verdict(result, gpu, calibration) for gpu in gpus]
+            except REFUSED as err:
+                results[i] = Refusal.of(result.request, err, device)
+    return results, verdicts
 
 
 def requests_from_cells(cells: Iterable[CellConfig]) -> list[CellConfig]:

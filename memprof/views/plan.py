@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from memprof.plan.calibration import Calibration
     from memprof.plan.fit import Search
     from memprof.plan.gpus import Gpu
-    from memprof.plan.predict import GpuFit, Plan
+    from memprof.plan.predict import GpuFit, Plan, Refusal
 
 
 def describe(plan: Plan) -> str:
@@ -81,10 +81,11 @@ def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     return table
 
 
-def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
+def suite_tables(plans: Sequence[Plan | Refusal], gpus: Sequence[Gpu],
                  verdicts: dict[int, list[GpuFit]]) -> list[Table]:
     """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
-    entry is what must be on the card and, per GPU in order, ✓ (fits) or ✗. ``verdicts`` is keyed by plan index."""
+    entry is what must be on the card and, per GPU in order, ✓ (fits) or ✗, or how a run of it would end
+    (unavailable, crashed) where no plan is made. ``verdicts`` is keyed by plan index."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
@@ -115,6 +116,9 @@ def suite_tables(plans: Sequence[Plan], gpus: Sequence[Gpu],
                 index = by_batch.get(b)
                 if index is None:
                     cells.append("")
+                    continue
+                if index not in verdicts:  # a Refusal
+                    cells.append(f"[dim]{plans[index].status}[/]")
                     continue
                 marks = "".join({"yes": "[green]✓[/]", "no": "[red]✗[/]", "borderline": "[yellow]?[/]"}[v.answer]
                                 for v in verdicts[index])
