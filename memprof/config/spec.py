@@ -293,6 +293,7 @@ class Axis:
         label: the column title in tables.
         show: how a lever is named for people, when not by its token.
         minimum: the least value a suite's grid takes, where it is more than the field's own (a size: 1).
+        default_text: how a table cell names a lever at its default (sdpa, off).
     """
 
     name: str
@@ -302,6 +303,7 @@ class Axis:
     label: str = ""
     show: Callable[[Any], str] | None = None
     minimum: int | None = None
+    default_text: str = "–"
 
     @property
     def title(self) -> str:
@@ -329,10 +331,10 @@ class Axis:
         return self.get(config) == self.default()
 
     def text(self, config: CellConfig) -> str:
-        """This axis of ``config`` as a table cell shows it: a lever at its default as '–'."""
+        """This axis of ``config`` as a table cell shows it: a lever at its default by ``default_text``."""
         value = self.get(config)
         if self.lever:
-            return (self.show or self.token)(value) if not self.is_default(config) else "–"
+            return (self.show or self.token)(value) if not self.is_default(config) else self.default_text
         return f"{value:g}" if isinstance(value, float) else str(self.display(value))
 
     def display(self, value: Any) -> Any:
@@ -359,12 +361,12 @@ AXES: tuple[Axis, ...] = (
     Axis("lr", "training.lr", lambda lr: f"lr{lr:g}"),
     Axis("schedule", "training.schedule"),
     Axis("gradient_checkpointing", "levers.gradient_checkpointing", _checkpointing, lever=True, label="ckpt",
-         show=lambda v: "ckpt" if v == "on" else f"ckpt-{v}"),
-    Axis("attn_implementation", "levers.attn_implementation", lever=True, label="attention"),
+         show=lambda v: "ckpt" if v == "on" else f"ckpt-{v}", default_text="off"),
+    Axis("attn_implementation", "levers.attn_implementation", lever=True, label="attention", default_text="sdpa"),
     Axis("parallel", "levers.parallel", lambda p: f"{p.strategy}x{p.world_size}", lever=True,
-         show=lambda p: f"{p.strategy}×{p.world_size}"),
+         show=lambda p: f"{p.strategy}×{p.world_size}", default_text="none"),
     Axis("loss_chunk", "levers.loss_chunk", "lc{}".format, lever=True, label="loss chunk",
-         show="chunked-loss-{}".format),
+         show="chunked-loss-{}".format, default_text="off"),
 )
 AXIS_BY_NAME: dict[str, Axis] = {axis.name: axis for axis in AXES}
 
