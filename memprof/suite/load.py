@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import tomllib
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from memprof.config import catalogue
+from memprof.config.corpus import file_bytes
 from memprof.config.presets import PRESETS
 from memprof.config.spec import (AXES, AXIS_BY_NAME, HELD_OUT_FRACTION, METRIC_SCHEDULES, SCHEDULES, CellConfig,
                                  OptimizerSpec)
@@ -369,23 +369,10 @@ def _check_corpus(path: Path, spec: SuiteFile, cells: list[CellConfig]) -> None:
 
 
 def _corpus_tokens(path: Path, corpus: Path) -> int:
-    """The tokens a file corpus holds: its bytes, or for JSONL those of its ``text`` fields joined by newlines."""
-    if corpus.suffix != ".jsonl":
-        return corpus.stat().st_size
+    """The tokens a file corpus holds (``corpus.file_bytes``): its size, for JSONL its ``text`` fields joined."""
     try:
-        lines = corpus.read_bytes().decode("utf-8").splitlines()
+        return corpus.stat().st_size if corpus.suffix != ".jsonl" else len(file_bytes(corpus))
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(str(path), f"data.path: cannot read {corpus}: {err}") from None
-    texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (ValueError, TypeError, KeyError):
-            text = None
-        if not isinstance(text, str):
-            raise UserError(str(path), f"data.path: line {number} of {corpus} is not a JSON object with a 'text' "
-                                       f"string")
-        texts.append(text)
-    return len("\n".join(texts).encode("utf-8"))
+    except ValueError as err:  # a JSONL line without its text
+        raise UserError(str(path), f"data.path: {err}") from None

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import bisect
-import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from memprof.config.corpus import file_bytes
 from memprof.config.spec import HELD_OUT_FRACTION, DataSpec
 
 STDLIB_BYTES = 4 << 20
@@ -55,14 +55,6 @@ def stdlib_bytes(limit: int = STDLIB_BYTES) -> bytes:
         if len(out) >= limit:
             break
     return bytes(out[:limit])
-
-
-def file_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if path.suffix == ".jsonl":
-        lines = (json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line.strip())
-        return "\n".join(lines).encode("utf-8")
-    return raw
 
 
 def markov_corpus(seed: int, vocab: int = SYNTHETIC_VOCAB, length: int = SYNTHETIC_TOKENS) -> Corpus:
