@@ -176,7 +176,14 @@ def read_records(run_dir: Path) -> list[Record]:
     if not path.exists():
         raise UserError(str(run_dir), "not a memprof result folder (no records.jsonl)")
     records = []
-    for n, data in enumerate(_json_lines(path)[0], 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break  # torn (``torn_last_line`` says so)
+            raise UserError(str(path), f"line {n}: not valid JSON") from None
         if not isinstance(data, dict):
             raise UserError(str(path), f"line {n}: not a JSON object")
         try:
@@ -187,35 +194,16 @@ def read_records(run_dir: Path) -> list[Record]:
 
 
 def torn_last_line(run_dir: Path) -> str:
-    """A warning when the last line of the folder's records.jsonl is torn, which ``read_records`` leaves out: a run
-    killed while writing it, or a file cut short; '' when there is none.
-
-    Raises:
-        UserError: a line before the last that is not JSON.
-    """
+    """A warning when the last line of the folder's records.jsonl is torn (not JSON), which ``read_records`` leaves
+    out: a run killed while writing it, or a file cut short; '' when there is none."""
     path = run_dir / "records.jsonl"
-    if not path.exists() or not _json_lines(path)[1]:
-        return ""
-    return f"{path}: its last line is torn (a run killed while writing it): left out"
-
-
-def _json_lines(path: Path) -> tuple[list[Any], bool]:
-    """The JSON value of each line of a records.jsonl, and whether its last line was torn (not JSON), which is left
-    out.
-
-    Raises:
-        UserError: a line before the last that is not JSON.
-    """
-    lines = path.read_text(encoding="utf-8").splitlines()
-    values = []
-    for n, line in enumerate(lines, 1):
-        try:
-            values.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                return values, True
-            raise UserError(str(path), f"line {n}: not valid JSON") from None
-    return values, False
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    try:
+        if lines:
+            json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return f"{path}: its last line is torn (a run killed while writing it): left out"
+    return ""
 
 
 def some_records(records: list[Record], source: Path) -> list[Record]:
