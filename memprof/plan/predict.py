@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
 from torch import nn
 
 from memprof.measure import meta_step, step_memory
@@ -212,25 +211,27 @@ class StatePlan:
     settings: dict[str, Any]
 
 
-def optimizer_state(model: nn.Module, optim: str, optim_kwargs: dict[str, Any]) -> StatePlan:
+def optimizer_state(model: nn.Module, optimizer: OptimizerSpec) -> StatePlan:
     """Predicted optimizer-state bytes and how: the optimizer is built on the meta model by transformers'
     factory (so param groups, GaLore's projected groups and Adam-mini's names are the real ones), then
-    ``memprof.measure.formulas`` sizes its state. A library that is not installed still gets its formula."""
+    ``memprof.measure.formulas`` sizes its state. A library that is not installed still gets its formula.
+
+    Raises:
+        OptimizerRefused: the optimizer does not build with its kwargs (as every cell's setup would fail).
+    """
     from memprof.measure import formulas
-    from memprof.train import optim as optim_mod
+    from memprof.train.optim import check_builds
 
     groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    settings = dict(optim_kwargs)
-    try:
-        built = optim_mod.build_optimizer(optim, optim_kwargs, 1e-3, model, torch.device("cpu"))
+    settings = dict(optimizer.kwargs)
+    built = check_builds(optimizer, model)
+    if built is not None:
         groups, settings = built.param_groups, formulas.optimizer_settings(built)
-    except optim_mod.OptimizerUnavailable:
-        pass
     specs = [{**g, "params": [formulas.ParamSpec(tuple(p.shape), p.dtype, p.requires_grad) for p in g["params"]]}
              for g in groups]
-    predicted = formulas.predict_state_bytes(optim, specs, settings)
+    predicted = formulas.predict_state_bytes(optimizer.name, specs, settings)
     note = "exact (memprof.measure.formulas)" if predicted is not None else \
-        formulas.why_unpredictable(optim) or "no formula covers this configuration"
+        formulas.why_unpredictable(optimizer.name) or "no formula covers this configuration"
     return StatePlan(predicted, note, specs, settings)
 
 
@@ -239,18 +240,16 @@ def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     sharded request, each rank's and the fullest rank's.
 
     Raises:
-        OptimizerRefused: the optimizer does not build with the request's kwargs (as every cell's setup would fail).
+        OptimizerRefused: the optimizer does not build with the request's kwargs (``optimizer_state``).
     """
     from memprof.measure import formulas
     from memprof.measure.accounting import weight_bytes
     from memprof.train import models
-    from memprof.train.optim import check_builds
 
     if model is None:
         model = meta_model(request.model, request.adapter, request.shape.precision)
-    check_builds(request.optimizer, model)
     weights = weight_bytes(model)
-    state = optimizer_state(model, request.optimizer.name, request.optimizer.kwargs)
+    state = optimizer_state(model, request.optimizer)
     shape = Shape.from_config(models.build_config(request.model))
     ranks = rank_parts(request, model, state)
     fullest = {name: max(getattr(r, name) for r in ranks) if all(getattr(r, name) is not None for r in ranks)

@@ -51,17 +51,17 @@ class OptimizerRefused(Exception):
         self.label = label
 
 
-def check_builds(spec: OptimizerSpec, model: nn.Module) -> None:
-    """Build the optimizer once over ``model``'s trainable parameters on the CPU, as a cell's setup does, and drop
-    it. One that cannot run here is a cell's result (unavailable), not a mistake.
+def check_builds(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer | None:
+    """The optimizer built over ``model``'s trainable parameters on the CPU, as a cell's setup builds it; None for
+    one that cannot run here, which is a cell's result (unavailable), not a mistake.
 
     Raises:
         OptimizerRefused: its class, or transformers' factory, refuses the kwargs.
     """
     try:
-        build_optimizer(spec.name, spec.kwargs, 1e-3, model, torch.device("cpu"))
+        return build_optimizer(spec.name, spec.kwargs, 1e-3, model, torch.device("cpu"))
     except OptimizerUnavailable:
-        pass
+        return None
     except Exception as err:  # noqa: BLE001 - whatever the constructor raises, every cell's setup would raise
         raise OptimizerRefused(spec.label, " ".join(str(err).split()) or type(err).__name__) from err
 
