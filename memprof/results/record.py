@@ -133,6 +133,11 @@ class Record:
             return ""
         return self.fail_phase if self.fail_step is None else f"{self.fail_phase}@{self.fail_step}"
 
+    @property
+    def outcome(self) -> str:
+        """How the cell ended, and where when it failed: ``ok``, ``crashed optimizer@0``, ``unavailable``."""
+        return f"{self.status.value} {self.failed_at}".strip()
+
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready data, in the current schema (its key and hash beside, for readers)."""
         data = asdict(self)

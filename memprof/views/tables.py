@@ -101,12 +101,11 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
 def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]:
     """The figures of one results row (its names come from the varying axes)."""
     ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
-    status = f"{r.status.value} {r.failed_at}".strip()
     loss = _num(r.final_loss_smoothed, ".3f")
     if r.first_loss is not None and r.status is Status.OK:
         loss = f"{_num(r.first_loss, '.3f')}→{loss}"
     step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
-    cells = [status, human_bytes(r.optimizer_state_bytes), ratio]
+    cells = [r.outcome, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
     busy = mark([r])
@@ -189,7 +188,7 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
         return f"{n / scale:.{digits}f}" if n else "–"
 
     def moment(r: Record) -> str:
-        return r.peak_moment or ("–" if r.status is Status.OK else f"{r.status.value} {r.failed_at}".strip())
+        return r.peak_moment or ("–" if r.status is Status.OK else r.outcome)
 
     titles = [a.title for a in axes] + [f"peak {unit}"] + [PARTS[name].short for name in parts]
     titles += ["small"] if small else []
