@@ -480,10 +480,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(result), indent=2))
     else:
         out.print(plan_views.search_table(result))
-        if result.failed is None:
+        if result.failed is None and not result.interrupted:
             answer = f"{result.best:,}" if result.best else "none (the smallest value did not fit)"
             out.print(f"largest {args.search} that fits: [bold]{answer}[/] ({len(result.trials)} trials, "
                       f"{result.wall_s:.1f} s)", highlight=False)
+    if result.interrupted:
+        fitted, refused = result.bounds
+        known = ", ".join(([f"{args.search} {fitted:,} fits"] if fitted else [])
+                          + ([f"{args.search} {refused:,} does not"] if refused else []))
+        console.print(f"[yellow]interrupted, so the search has no answer"
+                      f"{f' (so far: {known})' if known else ''}[/]", highlight=False)
+        return EXIT_INTERRUPTED
     if result.failed is None:
         return 0
     # like a crashed cell of `memprof run`: the harness failed, and the search has no answer

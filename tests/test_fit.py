@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +134,28 @@ def test_a_trial_past_its_timeout_stops_the_search_and_keeps_the_trials_before(t
     console.print(search_table(result))
     row = next(line for line in console.export_text().splitlines() if "timeout" in line)
     assert [cell.strip() for cell in row.split("│")[1:-2]] == ["3", "4", "timeout", "–", "512.00 MiB", "–"]
+
+
+def test_ctrl_c_stops_the_search_keeps_the_trials_and_exits_130() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "memprof", "fit", "--model", "tiny-llama", "--seq-len", "64",
+                             "--device", "cpu", "--memory-budget", "512MiB"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C's default, even where this test runs in a background job that ignores it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stderr.readline() == "  batch_size 1: ok\n"
+        proc.send_signal(signal.SIGINT)  # during the second trial, or between trials: either stops the search
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    rows = [[cell.strip() for cell in line.split("│")[2:4]] for line in out.splitlines() if line.startswith("│")]
+    assert rows[0] == ["1", "ok"] and rows[-1][1] in ("ok", "interrupted")  # the search's trials, kept
+    said = " ".join(err.split())
+    fitted = max(int(value) for value, status in rows if status == "ok")  # 2 where that trial ended first
+    assert said.endswith(f"interrupted, so the search has no answer (so far: batch_size {fitted} fits)")
+    assert "largest batch_size that fits" not in out
 
 
 @pytest.mark.parametrize("text,size", [("400MiB", 400 * MIB), ("512mb", 512 * MIB), ("24GB", 24 * GIB),

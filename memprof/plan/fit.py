@@ -6,13 +6,15 @@ then bisects between the last success and the first failure (``memprof.plan.pred
 ``2·floor(log2 n*) + 2`` trials for an answer n* below the search limit, and never a value past ``--max``. A trial
 fits when it ends ``ok`` and its peak stays under ``(1 - margin)`` of the limit, and does not when it ends ``oom``
 or its peak is over that; any other end (crashed, timed out, diverged...) says nothing about memory and stops the
-search without an answer. On the CPU the limit is ``--memory-budget``, which also caps the worker's address space
-(an allocation beyond it is a real OOM); on CUDA it is the budget or the card's memory, and the peak is NVML's
-figure for the process (else the allocator's reserved bytes).
+search without an answer, as Ctrl-C (or SIGTERM) does: it interrupts the running trial and keeps the trials
+before. On the CPU the limit is ``--memory-budget``, which also caps the worker's address space (an allocation
+beyond it is a real OOM); on CUDA it is the budget or the card's memory, and the peak is NVML's figure for the
+process (else the allocator's reserved bytes).
 """
 
 from __future__ import annotations
 
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -56,6 +58,14 @@ class Search:
     best: int | None = None
     wall_s: float = 0.0
     failed: Trial | None = None  # the trial that stopped the search (the last one): crashed, timed out...
+    interrupted: bool = False  # Ctrl-C or SIGTERM stopped the search (``failed``: the trial it cut short, if any)
+
+    @property
+    def bounds(self) -> tuple[int | None, int | None]:
+        """The largest value that fitted and the smallest that did not, among the trials so far."""
+        fitted = [t.value for t in self.trials if t.fits]
+        refused = [t.value for t in self.trials if t.fits is False]
+        return max(fitted, default=None), min(refused, default=None)
 
 
 def measured_peak(record: Record) -> int | None:
@@ -81,8 +91,8 @@ class _Stopped(Exception):
 
 def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], limit_bytes: int, margin: float,
            steps: int, device: str, cap_address_space: bool, start: int = 1, maximum: int = 1 << 16,
-           granularity: int = 1, timeout_s: float = 600.0,
-           on_trial: Callable[[Trial], None] | None = None) -> Search:
+           granularity: int = 1, timeout_s: float = 600.0, on_trial: Callable[[Trial], None] | None = None,
+           interrupted: Callable[[], bool] = lambda: False) -> Search:
     """Find the largest ``axis`` value, a multiple of ``granularity`` from ``start`` (rounded down to one, at least
     ``granularity``) to ``maximum`` (rounded down), whose trial fits; stop at the first trial that neither fits nor
     runs out of memory.
@@ -91,11 +101,14 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
         run: runs one cell in a fresh process and returns its record (``LocalExecutor.run``).
         cap_address_space: give each trial ``limit_bytes`` as its memory budget (the CPU's hard cap).
         maximum: at least ``start`` and ``granularity`` (``run_search`` checks both).
+        interrupted: whether Ctrl-C came; checked before each trial (``run`` ends the running one ``interrupted``).
     """
     out = Search(axis, limit_bytes, margin, request.repeat_key_without(axis), device, cap_address_space)
     t0 = time.perf_counter()
 
     def fits(n: int) -> bool:
+        if interrupted():
+            raise _Stopped
         value = n * granularity
         cell = trial_cell(request, axis, value, len(out.trials), steps, device,
                           limit_bytes if cap_address_space else 0, timeout_s)
@@ -116,7 +129,8 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
     try:
         out.best = largest(fits, max(1, start // granularity), maximum // granularity) * granularity
     except _Stopped:
-        out.failed = out.trials[-1]
+        out.interrupted = interrupted()
+        out.failed = out.trials[-1] if out.trials and out.trials[-1].fits is None else None
     out.wall_s = time.perf_counter() - t0
     return out
 
@@ -130,7 +144,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         UserError: for bad limits, or no memory budget on the CPU (the search would run until the host swaps).
     """
     from memprof.results import env as env_mod
-    from memprof.run.executor import LocalExecutor
+    from memprof.run.executor import LocalExecutor, ZygoteDied
 
     if axis not in AXES:
         raise UserError("--search", f"must be one of {', '.join(AXES)}")
@@ -161,11 +175,34 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     if limit is None:
         raise UserError("--memory-budget", "required on the CPU: trials are capped at this many bytes of address "
                         "space (without it the search would run until the host swaps)")
+    stopping = False
     with tempfile.TemporaryDirectory(prefix="memprof-fit-") as logs:
         executor = LocalExecutor(Path(logs))
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            executor.interrupt()  # the zygote passes it on to the running trial, which ends 'interrupted'
+
+        def run(cell: CellConfig) -> Record:
+            try:
+                return executor.run(cell).record
+            except ZygoteDied:
+                if stopping:  # the signal reached the zygote before it could pass it on
+                    raise _Stopped from None
+                raise
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return search(request, axis, lambda cell: executor.run(cell).record, limit, margin, steps,
-                          "cuda" if cuda else "cpu", cap_address_space=not cuda, start=start, maximum=maximum,
-                          granularity=granularity, timeout_s=timeout_s, on_trial=on_trial)
+            try:
+                executor.wait_ready()  # the worker's start is no trial's time
+            except ZygoteDied:
+                if not stopping:
+                    raise
+            return search(request, axis, run, limit, margin, steps, "cuda" if cuda else "cpu",
+                          cap_address_space=not cuda, start=start, maximum=maximum, granularity=granularity,
+                          timeout_s=timeout_s, on_trial=on_trial, interrupted=lambda: stopping)
         finally:
             executor.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
