@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import memprof
 from memprof import suite
@@ -83,7 +84,7 @@ def test_an_optimizer_built_by_hand_is_named_by_its_class_and_settings(tmp_path:
     cell = quick_lora_cell("adamw_torch")
     model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    with memprof.track(model, optimizer, tmp_path, batch_size=2, seq_len=32) as t:
+    with memprof.track(model, optimizer, tmp_path, batch_size=2, seq_len=32, warmup_steps=0) as t:
         x = next(batches(markov_corpus(0).train, 2, 32, 0))
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -144,3 +145,198 @@ def test_sft_trainer_callback_state_bytes_equal_memprof_run(tmp_path: Path) -> N
     record = callback.tracking.record
     assert record.status is Status.OK and record.config.training.steps == STEPS
     assert record.optimizer_state_bytes == expected
+
+
+# --- the API as a user meets it: what it measures, what it refuses, what it says it left out ------------------------
+
+
+def _tiny_lora() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    cell = quick_lora_cell("adamw_torch")
+    model = build_model(cell.model, cell.adapter, cell.shape.precision, torch.device("cpu"))
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, t: memprof.Tracking | None, steps: int = 3,
+           batch: int = 2, accum: int = 1, tokens: list[int] | None = None) -> None:
+    data = batches(markov_corpus(0).train, batch, 32, seed=0)
+    for step in range(steps):
+        for _ in range(accum):
+            x = next(data)
+            loss = model(input_ids=x, labels=x).loss
+            (loss / accum).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if t is not None:
+            t.step(loss=loss, tokens=tokens[step] if tokens else None)
+
+
+def test_the_cpu_peak_is_this_runs_and_counts_the_model_built_before_it() -> None:
+    model, optimizer = _tiny_lora()
+    spike = torch.ones(50_000_000)  # 200 MB touched and freed before the tracking: the process's high-water mark
+    spike += 1
+    del spike
+    with memprof.track(model, optimizer, batch_size=2, seq_len=32) as t:
+        _train(model, optimizer, t)
+    r = t.record
+    weights = r.frozen_weight_bytes + r.trainable_weight_bytes + r.buffer_bytes
+    # the model built before the block is part of the peak, as in `memprof run` (a worker builds it after its
+    # baseline), and the spike before the block is not
+    assert weights + r.optimizer_state_bytes + r.gradient_bytes <= r.peak_rss_delta_bytes < 100_000_000
+    assert r.rss_baseline_bytes + r.peak_rss_delta_bytes == r.peak_rss_bytes
+    # so the breakdown's named parts lie inside the peak, and the remainder is not made of the weights
+    assert sum(v for k, v in r.breakdown.items() if k != "other") <= r.peak_rss_delta_bytes
+    assert sum(r.breakdown.values()) == r.peak_rss_delta_bytes
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda m, o: memprof.track(o, m), TypeError, "model is a SGD, not a torch.nn.Module"),
+    (lambda m, o: memprof.track(m, m), TypeError, "optimizer is a Linear, not a torch.optim.Optimizer"),
+    (lambda m, o: memprof.track(torch.nn.ReLU(), o), ValueError, "the model has no parameters"),
+    (lambda m, o: memprof.track(torch.nn.Linear(2, 2, device="meta"), o), ValueError, "on the meta device"),
+    (lambda m, o: memprof.track(m, o, name="../x"), ValueError, "name '../x' is not letters, digits"),
+    (lambda m, o: memprof.track(m, o, batch_size=-3), ValueError, "batch_size must be an integer of at least 0"),
+    (lambda m, o: memprof.track(m, o, seq_len="64"), ValueError, "seq_len must be an integer of at least 0, got '64'"),
+    (lambda m, o: memprof.track(m, o, grad_accum=0), ValueError, "grad_accum must be an integer of at least 1, got 0"),
+    (lambda m, o: memprof.track(m, o, warmup_steps=True), ValueError, "warmup_steps must be an integer"),
+    (lambda m, o: memprof.track(m, o, sample_interval_s=-1), ValueError, "sample_interval_s must be positive seconds"),
+])
+def test_track_refuses_what_it_cannot_measure_with_one_line_before_training(call, error, message) -> None:
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(error) as raised:
+        call(model, optimizer)
+    assert str(raised.value).startswith("memprof.track") and message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_tracking_runs_once_and_tracks_do_not_nest() -> None:
+    model, optimizer = _tiny_lora()
+    t = memprof.track(model, optimizer, warmup_steps=0)
+    with pytest.raises(RuntimeError, match="step\\(\\) belongs inside"):
+        t.step(loss=1.0)
+    with t:
+        with pytest.raises(RuntimeError, match="another track is active"):
+            with memprof.track(model, optimizer):
+                pass
+        _train(model, optimizer, t, steps=2)
+    assert t.record.status is Status.OK and t.record.activation_bytes > 0  # the refused inner one took nothing
+    with pytest.raises(RuntimeError, match="has run already"):
+        with t:
+            pass
+    with memprof.track(model, optimizer, warmup_steps=0) as again:  # the process is free for the next one
+        _train(model, optimizer, again, steps=1)
+    assert again.record.status is Status.OK
+
+
+def test_track_warns_of_what_it_could_not_measure() -> None:
+    model, optimizer = _tiny_lora()
+    with pytest.warns(UserWarning, match="no step was recorded"):
+        with memprof.track(model, optimizer):
+            pass
+    other = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.warns(UserWarning, match="the optimizer given to memprof.track never stepped"):
+        with memprof.track(model, optimizer) as t:
+            _train(model, other, t)
+    assert t.record.activation_bytes is None and t.record.gradient_bytes is None
+    with pytest.warns(UserWarning, match="2 steps, all warm-up"):
+        with memprof.track(model, optimizer, warmup_steps=5) as t:
+            _train(model, optimizer, t, steps=2)
+    with pytest.warns(UserWarning, match="no saved tensor reached memprof's saved-tensor hooks"):
+        with memprof.track(model, optimizer, warmup_steps=0) as t:
+            x = next(batches(markov_corpus(0).train, 2, 32, seed=0))
+            with torch.autograd.graph.save_on_cpu():  # inner hooks: they take every saved tensor
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            t.step(loss=loss)
+    assert t.record.activation_bytes is None  # not a measured 0
+
+
+def test_track_records_grad_accumulation_and_each_steps_tokens() -> None:
+    model, optimizer = _tiny_lora()
+    with memprof.track(model, optimizer, batch_size=2, seq_len=32, grad_accum=4, warmup_steps=0) as t:
+        _train(model, optimizer, t, steps=3, accum=4)
+    r = t.record
+    assert r.config.shape.grad_accum == 4 and "/ga4/" in r.key
+    median = sorted(log.step_time_s for log in t.logs)[1]
+    assert r.tokens_per_s == pytest.approx(2 * 32 * 4 / median)
+    with memprof.track(model, optimizer, warmup_steps=1) as t:
+        _train(model, optimizer, t, steps=3, tokens=[1000, 32, 96])  # the first is warm-up
+    median = sorted(log.step_time_s for log in t.logs[1:])[0] / 2 + sorted(log.step_time_s for log in t.logs[1:])[1] / 2
+    assert t.record.tokens_per_s == pytest.approx(64 / median)
+
+
+def test_a_peft_adapter_of_any_name_is_the_active_one() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    cell = quick_lora_cell("adamw_torch")
+    base = build_model(cell.model, suite.load("quick").cells[0].adapter.model_copy(update={"kind": "none", "lora": {}}),
+                       cell.shape.precision, torch.device("cpu"))
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj"]), adapter_name="mine")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with memprof.track(model, optimizer, warmup_steps=0) as t:
+        _train(model, optimizer, t, steps=1)
+    assert (t.record.config.adapter.kind, t.record.config.adapter.lora["r"]) == ("lora", 8)
+    assert t.record.config.training.lr == 0.0  # as the optimizer was built, not a default
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["v_proj"]))
+    model.set_adapter("second")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with memprof.track(model, optimizer, warmup_steps=0) as t:
+        _train(model, optimizer, t, steps=1)
+    assert t.record.config.adapter.lora["r"] == 4 and t.record.config.adapter.lora["target_modules"] == ["v_proj"]
+
+
+def _trainer(tmp_path: Path, callback: MemprofCallback, optimizer: torch.optim.Optimizer | None = None,
+             model: torch.nn.Module | None = None, **args: object) -> Trainer:
+    model = model if model is not None else _tiny_lora()[0]
+    data = [{"input_ids": x, "labels": x} for x in (next(batches(markov_corpus(0).train, 1, 32, i))[0]
+                                                    for i in range(16))]
+    settings = {"max_steps": 4, "per_device_train_batch_size": 2, **args}
+    arguments = TrainingArguments(output_dir=str(tmp_path / "hf"), report_to="none", use_cpu=True, save_strategy="no",
+                                  disable_tqdm=True, **settings)
+    return Trainer(model=model, args=arguments, train_dataset=data, callbacks=[callback],
+                   optimizers=(optimizer, None) if optimizer is not None else (None, None))
+
+
+def test_trainer_records_accumulation_logged_losses_and_an_optimizer_the_user_built(tmp_path: Path) -> None:
+    model = _tiny_lora()[0]
+    mine = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], betas=(0.5, 0.6), eps=1e-3,
+                             amsgrad=True)
+    callback = MemprofCallback(out=None)
+    trainer = _trainer(tmp_path, callback, mine, model, gradient_accumulation_steps=2, logging_steps=2)
+    trainer.train()
+    r = callback.tracking.record
+    # not the Trainer's adamw_torch: the class and the settings it was built with
+    assert (r.config.optimizer.name, r.config.optimizer.kwargs["betas"]) == ("torch.optim.adamw:AdamW", [0.5, 0.6])
+    assert r.config.optimizer.kwargs["amsgrad"] is True
+    assert (r.config.shape.batch_size, r.config.shape.grad_accum) == (2, 2)
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2  # steps 2 and 4: the two others have no loss, and none is made up
+    assert [math.isnan(log.loss) for log in callback.tracking.logs] == [True, False, True, False]
+    assert (r.first_loss, r.final_loss) == (pytest.approx(logged[0]), pytest.approx(logged[1]))
+
+
+def test_a_trainer_that_raises_keeps_its_record_inside_the_callbacks_with_block(tmp_path: Path) -> None:
+    class Boom(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("boom at step 2")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with MemprofCallback(out=tmp_path, name="boom") as callback:
+            trainer = _trainer(tmp_path, callback)
+            trainer.add_callback(Boom())
+            trainer.train()
+    (written,) = read_records(callback.tracking.run_dir)
+    assert written.status is Status.CRASHED and "boom at step 2" in written.error
+    assert written.config.training.steps == 2 and written.optimizer_state_bytes > 0
+    # without the block, the next run's start drops the one left running (its hooks would measure this one)
+    stale = MemprofCallback(out=None)
+    trainer = _trainer(tmp_path, stale)
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    fresh = MemprofCallback(out=None)
+    _trainer(tmp_path, fresh).train()
+    assert stale.tracking.record is None and fresh.tracking.record.status is Status.OK
+    assert fresh.tracking.record.activation_bytes > 0

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprof.config.spec import (AdapterSpec, Budget, CellConfig, Levers, ModelSpec, OptimizerSpec, QuantSpec,
-                                 ShapeSpec, TrainingSpec)
+from memprof.config.spec import (LORA_DEFAULTS, AdapterSpec, Budget, CellConfig, Levers, ModelSpec, OptimizerSpec,
+                                 QuantSpec, ShapeSpec, TrainingSpec)
 from memprof.train.fourbit import is_four_bit
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -26,17 +26,19 @@ _CONFIG_BOOKKEEPING = {"transformers_version", "use_cache", "architectures", "dt
 
 
 def describe(model: nn.Module, optimizer: torch.optim.Optimizer, *, suite: str, batch_size: int, seq_len: int,
-             steps: int, warmup_steps: int, optimizer_spec: OptimizerSpec | None = None) -> CellConfig:
+             grad_accum: int, steps: int, warmup_steps: int, optimizer_spec: OptimizerSpec | None = None) -> CellConfig:
     """The configuration a tracked loop ran (``batch_size`` and ``seq_len`` 0: it was not told them)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     first = next(model.parameters())
+    lr = optimizer.defaults.get("lr")  # None: it sets its own step (Adafactor's relative step), as its kwargs say
     return CellConfig(
         suite=suite, model=_model(base), adapter=_adapter(model, base),
         optimizer=optimizer_spec or optimizer_of(optimizer),
-        shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, precision=_precision(base, first)),
+        shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                        precision=_precision(base, first)),
         levers=Levers(gradient_checkpointing="on" if _checkpointing(base) else "off",
                       attn_implementation=_attention(base)),
-        training=TrainingSpec(lr=float(optimizer.defaults.get("lr") or 1e-3), schedule="external", steps=steps,
+        training=TrainingSpec(lr=1e-3 if lr is None else float(lr), schedule="external", steps=steps,
                               warmup_steps=warmup_steps),
         budget=Budget(device=str(first.device)))
 
@@ -64,13 +66,19 @@ def _model(base: nn.Module) -> ModelSpec:
 
 
 def _adapter(model: nn.Module, base: nn.Module) -> AdapterSpec:
-    config = getattr(model, "peft_config", {}).get("default")
+    """The active peft adapter (the first, where several are), whatever its name: a peft model's, or one added to a
+    transformers model (whose ``active_adapters`` is a method)."""
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapters", [])
+    active = (active() if callable(active) else active) if configs else []
+    config = configs.get(active[0]) if active else None
     if config is None:
         return AdapterSpec(name="none", kind="none", lora={})
     four_bit = [m for m in base.modules() if is_four_bit(getattr(m, "weight", None))]
     defaults = type(config)().to_dict()
+    # every field that differs from peft's defaults, and always the ones memprof reads (whose defaults differ)
     fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()
-              if k not in _PEFT_BOOKKEEPING and defaults.get(k) != v}
+              if k not in _PEFT_BOOKKEEPING and (defaults.get(k) != v or k in LORA_DEFAULTS)}
     name = str(getattr(config.peft_type, "value", config.peft_type)).lower()
     if name != "lora":  # another peft method: its own fields, under its own name
         return AdapterSpec(name=name, kind="none", lora=plain(fields))

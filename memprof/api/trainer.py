@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import math
+import inspect
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 
@@ -18,7 +19,13 @@ from memprof.measure.accounting import optimizer_state_bytes
 class MemprofCallback(TrainerCallback):
     """Measures a Trainer run with the same trackers as ``memprof run`` and writes the same results folder.
 
-    Key figures (optimizer-state bytes, peak memory) are added to the Trainer's own logs under ``memprof/``.
+    Key figures (optimizer-state bytes, peak memory) are added to the Trainer's own logs under ``memprof/``. A
+    step's loss is the one the Trainer logs: the mean over its ``logging_steps``, given to the last step they
+    cover; the steps between have none. A Trainer that raises never calls ``on_train_end``: to keep such a run's
+    record (``crashed``, or ``interrupted`` on Ctrl-C), train inside the callback's ``with`` block::
+
+        with MemprofCallback(out="results") as callback:
+            Trainer(..., callbacks=[callback]).train()
 
     Args:
         out: results root; the run goes to ``out/<name>-<timestamp>/``. None writes nothing.
@@ -26,18 +33,31 @@ class MemprofCallback(TrainerCallback):
         warmup_steps: steps left out of timing; activations and gradients are counted at the step after.
     """
 
+    _unfinished: ClassVar[Tracking | None] = None  # a run whose Trainer raised outside a ``with`` block
+
     def __init__(self, out: str | Path | None = "results", name: str = "trainer", warmup_steps: int = 1) -> None:
         self.out, self.name, self.warmup_steps = out, name, warmup_steps
         self.tracking: Tracking | None = None
         self._tokens_seen = 0
 
+    def __enter__(self) -> MemprofCallback:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.tracking is not None:
+            self.tracking.__exit__(exc_type, exc, tb)  # only a run on_train_end did not finish: it raised
+            MemprofCallback._unfinished = None
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        if MemprofCallback._unfinished is not None:  # its hooks and sampler would measure this run too
+            MemprofCallback._unfinished.discard()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self.tracking = track(model, inner, self.out, name=self.name, batch_size=batch,
-                              warmup_steps=self.warmup_steps,
+        self.tracking = track(model, inner, self.out, name=self.name, batch_size=args.per_device_train_batch_size,
+                              grad_accum=args.gradient_accumulation_steps, warmup_steps=self.warmup_steps,
                               optimizer_spec=trainer_optimizer(args, model, inner)).__enter__()
+        MemprofCallback._unfinished = self.tracking
         self._tokens_seen = state.num_input_tokens_seen or 0
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -45,7 +65,7 @@ class MemprofCallback(TrainerCallback):
             return
         seen = state.num_input_tokens_seen or 0
         tokens, self._tokens_seen = (seen - self._tokens_seen) or None, seen
-        self.tracking.step(loss=math.nan, tokens=tokens)  # the Trainer logs the loss afterwards: see on_log
+        self.tracking.step(loss=None, tokens=tokens)  # the Trainer logs the loss afterwards: see on_log
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kwargs: Any) -> None:
@@ -59,6 +79,7 @@ class MemprofCallback(TrainerCallback):
         if self.tracking is None:
             return
         self.tracking.__exit__(None, None, None)
+        MemprofCallback._unfinished = None
         r = self.tracking.record
         state.log_history.append({"step": state.global_step, "memprof/optimizer_state_bytes": r.optimizer_state_bytes,
                                   "memprof/peak_bytes": r.peak_bytes,
@@ -68,7 +89,7 @@ class MemprofCallback(TrainerCallback):
 def trainer_optimizer(args: Any, model: Any, optimizer: Any) -> OptimizerSpec:
     """The optimizer the Trainer was asked for: ``args.optim`` with the keyword arguments transformers' own factory
     gives it (``optim_args``, betas, epsilon, weight decay...); an optimizer the user built and handed the Trainer
-    is named by its class path and defaults instead."""
+    (another class, or the same class with other settings) is named by its class path and defaults instead."""
     from transformers import Trainer
 
     name = str(getattr(args.optim, "value", args.optim))
@@ -77,7 +98,15 @@ def trainer_optimizer(args: Any, model: Any, optimizer: Any) -> OptimizerSpec:
     except (ValueError, ImportError, RuntimeError):  # a factory that cannot answer here: the name and its args
         return OptimizerSpec(label=name, name=name, kwargs={"optim_args": args.optim_args} if args.optim_args
                              else {})
-    if not isinstance(optimizer, cls):
+    if not isinstance(optimizer, cls) or not _built_as(optimizer, cls, kwargs):
         return optimizer_of(optimizer)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("params", "lr")}
     return OptimizerSpec(label=name, name=name, kwargs=plain(kwargs))
+
+
+def _built_as(optimizer: Any, cls: type, kwargs: dict[str, Any]) -> bool:
+    """Whether every setting ``optimizer`` keeps in ``defaults`` is what ``cls(**kwargs)`` gives it: ``kwargs``'
+    value, else the class's own default (a setting the signature does not name is not compared)."""
+    given = {key: p.default for key, p in inspect.signature(cls).parameters.items()
+             if p.default is not inspect.Parameter.empty} | kwargs
+    return all(plain(given[key]) == plain(value) for key, value in optimizer.defaults.items() if key in given)

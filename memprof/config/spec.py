@@ -43,7 +43,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, BeforeValidator(_int_to_float), Field(gt=0)]
 NonNegativeFloat = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0)]
-FinitePositiveFloat = Annotated[float, BeforeValidator(_int_to_float), Field(gt=0, allow_inf_nan=False)]
+FiniteNonNegativeFloat = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0, allow_inf_nan=False)]
 Probability = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0, le=1)]
 Precision = Literal["fp32", "bf16", "fp16"]
 Checkpointing = Annotated[Literal["off", "on", "reentrant"], BeforeValidator(_on_off)]  # true/false: on/off
@@ -178,7 +178,7 @@ class TrainingSpec(Spec):
     """How the cell trains: LR and schedule, steps (the first ``warmup_steps`` left out of timing), clipping,
     held-out evaluation, the seed of this repeat and the data."""
 
-    lr: FinitePositiveFloat = 1e-3
+    lr: FiniteNonNegativeFloat = 1e-3  # 0: a run that measures memory and moves no weight
     schedule: str = "constant"
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     lr_warmup_steps: NonNegativeInt = 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import psutil
@@ -38,6 +40,28 @@ def _make_reader() -> Callable[[], int]:
         return lambda: process.memory_info().rss
     # statm: size, resident, ... in pages; pread at offset 0 makes the kernel write the line afresh
     return lambda: int(os.pread(fd, 128, 0).split()[1]) * _PAGE_BYTES
+
+
+def high_water_bytes() -> int:
+    """The kernel's high-water mark of this process's RSS (``ru_maxrss``): it only ever rises, and catches a peak
+    between two samples."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class HostBaseline:
+    """The host's memory when a measurement begins: the RSS it counts growth from, glibc's free heap (None without
+    glibc), and the kernel's high-water mark, whose later value is this measurement's only where it rose past this."""
+
+    rss: int
+    heap_free: int | None
+    high_water: int
+
+    @classmethod
+    def now(cls, resident_tensor_bytes: int = 0) -> HostBaseline:
+        """The baseline now, less ``resident_tensor_bytes`` of CPU tensors already there that the measurement is to
+        count as its own (a tracked loop's model, built before the tracking began)."""
+        return cls(rss_bytes() - resident_tensor_bytes, heap_free_bytes(), high_water_bytes())
 
 
 class _MallInfo2(ctypes.Structure):

@@ -5,7 +5,6 @@ one copy of the measurement."""
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from torch import nn
 from memprof.results.record import StepLog, smoothed_final
 from memprof.measure import accounting
 from memprof.measure.allocator import CudaAllocator
-from memprof.measure.host import heap_free_bytes, rss_bytes
+from memprof.measure.host import HostBaseline, heap_free_bytes, high_water_bytes, rss_bytes
 from memprof.measure.nvml import open_nvml
 from memprof.measure.sampler import Sampler, Source
 
@@ -118,12 +117,11 @@ def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | Non
     return values
 
 
-def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline: int,
-                heap_baseline: int | None = None) -> dict[str, Any]:
-    """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark), and
-    on CUDA the phase the peak fell in: the allocator's phase with the highest peak at the step it was split by phase
-    (samples cannot tell: the loss's backward, often the peak, lasts a few milliseconds). With ``heap_baseline``
-    (glibc's free heap when the measurement began), how much the free heap had grown at the highest RSS sample (read
+def peak_values(sampler: Sampler, allocator: CudaAllocator | None, baseline: HostBaseline) -> dict[str, Any]:
+    """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark where
+    it rose during the measurement), and on CUDA the phase the peak fell in: the allocator's phase with the highest
+    peak at the step it was split by phase (samples cannot tell: the loss's backward, often the peak, lasts a few
+    milliseconds). With glibc, how much its free heap had grown over the baseline's at the highest RSS sample (read
     when RSS reached it): freed memory glibc kept, part of the RSS peak though no tensor holds it."""
     values: dict[str, Any] = {}
     if allocator is not None:
@@ -135,23 +133,29 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, rss_baseline:
                       peak_phase=max(phases, key=phases.__getitem__) if phases else "")
     values["nvml_peak_device_used_bytes"] = sampler.peaks.get("nvml_device_used_bytes")
     values["nvml_peak_process_used_bytes"] = sampler.peaks.get("nvml_process_used_bytes")
-    peak_rss = max(sampler.peaks["rss_bytes"] or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    values.update(rss_baseline_bytes=rss_baseline, peak_rss_bytes=peak_rss,
-                  peak_rss_delta_bytes=peak_rss - rss_baseline)
+    high_water = high_water_bytes()
+    peak_rss = max(sampler.peaks["rss_bytes"] or 0, high_water if high_water > baseline.high_water else 0)
+    values.update(rss_baseline_bytes=baseline.rss, peak_rss_bytes=peak_rss,
+                  peak_rss_delta_bytes=peak_rss - baseline.rss)
     heap = [row for row in sampler.timeline if row.get("heap_free_bytes") is not None]
-    if heap_baseline is not None and heap:
+    if baseline.heap_free is not None and heap:
         at_peak = max(heap, key=lambda row: row["rss_bytes"])
-        values["heap_free_delta_bytes"] = at_peak["heap_free_bytes"] - heap_baseline
+        values["heap_free_delta_bytes"] = at_peak["heap_free_bytes"] - baseline.heap_free
     return values
 
 
-def step_summary(logs: Sequence[StepLog], warmup_steps: int, tokens_per_step: int | None) -> dict[str, Any]:
-    """Loss and timing figures from the per-step logs; timing leaves out the warm-up steps."""
+def step_summary(logs: Sequence[StepLog], warmup_steps: int, tokens_per_step: int | None,
+                 losses: Sequence[float] | None = None) -> dict[str, Any]:
+    """Loss and timing figures from the per-step logs; timing leaves out the warm-up steps. ``losses``: the losses
+    that are known, in order, where some steps' are not (a Trainer logs one every ``logging_steps``); default every
+    step's."""
     out: dict[str, Any] = {}
+    losses = [log.loss for log in logs] if losses is None else list(losses)
+    if losses:
+        out["first_loss"] = losses[0]
+        out["final_loss"] = losses[-1]
+        out["final_loss_smoothed"] = smoothed_final(losses)
     if logs:
-        out["first_loss"] = logs[0].loss
-        out["final_loss"] = logs[-1].loss
-        out["final_loss_smoothed"] = smoothed_final([log.loss for log in logs])
         out["train_s"] = sum(log.step_time_s for log in logs)
     measured = [log.step_time_s for log in logs[warmup_steps:]]
     if measured:

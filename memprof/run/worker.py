@@ -16,7 +16,7 @@ import torch
 from memprof.config.spec import CellConfig
 from memprof.errors import one_line
 from memprof.measure.attribution import attribute
-from memprof.measure.host import heap_free_bytes, rss_bytes
+from memprof.measure.host import HostBaseline
 from memprof.results.record import CellResult, Record, Status
 from memprof.train.training import Training
 
@@ -49,7 +49,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     if device.type == "cuda":  # an earlier cell of this process (tests, track) may sit in reference cycles on the
         gc.collect()  # device: the allocator's peaks are the process's, so free it before they are reset
         torch.cuda.empty_cache()
-    baseline, heap_baseline = rss_bytes(), heap_free_bytes()
+    baseline = HostBaseline.now()
     measured = memory_sources(device)
     allocator = measured.allocator
     values: dict[str, Any] = {"host": socket.gethostname(), "device": str(device), "device_name": measured.device_name}
@@ -92,7 +92,7 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     if built.optimizer is not None:
         values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optimizer.name, built.optimizer)
     if status is not Status.UNAVAILABLE:  # a cell that never trained has no peak to speak of
-        values.update(peak_values(sampler, allocator, baseline, heap_baseline))
+        values.update(peak_values(sampler, allocator, baseline))
     logs = probe.logs if probe is not None else []
     if probe is not None:
         values.update(activation_bytes=probe.activation_bytes, gradient_bytes=probe.gradient_bytes)
