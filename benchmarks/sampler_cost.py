@@ -52,13 +52,12 @@ def timed(source: Source, reads: list[float]) -> Source:
 
 def nvml_calls(device: torch.device) -> dict[str, Source]:
     """NVML as the sampler read it before (both calls every 100 ms) and each call alone; none without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-    except Exception:  # noqa: BLE001 - no NVML: no NVML variants
+    cards = env.nvml_cards()
+    if not cards:
         return {}
+    import pynvml
+
+    handle = cards[device.index or 0]
 
     def memory() -> tuple[int]:
         return (int(pynvml.nvmlDeviceGetMemoryInfo(handle).used),)

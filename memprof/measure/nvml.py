@@ -10,18 +10,22 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from memprof.results.env import nvml_cards
+
 
 def open_nvml(index: int, uuid: str | None = None) -> tuple[Callable[[], tuple[int | None, int | None]], str] | None:
     """A reader of (device used bytes, this process's used bytes or None) and the device name, or None. NVML numbers
     the cards ignoring ``CUDA_VISIBLE_DEVICES`` (each job of ``--jobs`` sees its own card as cuda:0), so the card
     is found by ``uuid`` (torch's ``get_device_properties(...).uuid``) where given, by ``index`` otherwise."""
-    try:
-        import pynvml
+    cards = nvml_cards()
+    if not cards:
+        return None
+    import pynvml
 
-        pynvml.nvmlInit()
+    try:
         handle = _by_uuid(pynvml, uuid) if uuid else None
         if handle is None:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = cards[index]
         name = pynvml.nvmlDeviceGetName(handle)
         pynvml.nvmlDeviceGetMemoryInfo(handle)  # a card whose memory NVML cannot read is no card to sample
     except Exception:  # noqa: BLE001 - any NVML failure means "no NVML here"

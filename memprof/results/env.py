@@ -76,20 +76,30 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _gpus() -> list[dict[str, Any]]:
+def nvml_cards() -> list[Any]:
+    """NVML's handle of each card on the host, in NVML's order (which ``CUDA_VISIBLE_DEVICES`` does not change);
+    none where NVML is absent or fails. Asks no CUDA runtime, so it is safe before forking."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            out.append({"index": i, "name": _text(pynvml.nvmlDeviceGetName(handle)),
-                        "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
-                        "driver": _text(driver)})
-        return out
-    except Exception:  # noqa: BLE001 - no NVML, no GPU: nothing to report
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # noqa: BLE001 - no NVML, no GPU
+        return []
+
+
+def _gpus() -> list[dict[str, Any]]:
+    cards = nvml_cards()
+    if not cards:
+        return []
+    import pynvml
+
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        return [{"index": i, "name": _text(pynvml.nvmlDeviceGetName(handle)),
+                 "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total), "driver": driver}
+                for i, handle in enumerate(cards)]
+    except Exception:  # noqa: BLE001 - a card NVML lists but cannot describe: nothing to report
         return []
 
 

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from memprof.config.spec import CellConfig
 from memprof.errors import UserError
+from memprof.results.env import nvml_cards
 from memprof.results.record import CellResult
 from memprof.run.messages import CellDone, CheckModels, Hello, Message, ModelsChecked, Problem, RunCell, StepDone, \
     decode, encode
@@ -172,14 +173,7 @@ def threads_env(threads: int) -> dict[str, str]:
 def visible_gpus() -> list[str]:
     """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (``gpu_names``); none without NVML or
     a GPU. Asks no CUDA runtime, so it is safe before forking."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = int(pynvml.nvmlDeviceGetCount())
-    except Exception:  # noqa: BLE001 - no NVML means no GPU to pin
-        return []
-    return gpu_names(os.environ.get("CUDA_VISIBLE_DEVICES"), count)
+    return gpu_names(os.environ.get("CUDA_VISIBLE_DEVICES"), len(nvml_cards()))
 
 
 def gpu_names(inherited: str | None, count: int) -> list[str]:

@@ -65,12 +65,13 @@ def preload() -> bool:
 
 def _highest_capability() -> tuple[int, int] | None:
     """The highest CUDA compute capability among the host's cards, from NVML (None where NVML cannot say)."""
+    from memprof.results.env import nvml_cards
+
+    cards = nvml_cards()
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        return max(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                   for i in range(pynvml.nvmlDeviceGetCount()))
+        return max(tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)) for handle in cards) if cards else None
     except Exception:  # noqa: BLE001 - no answer from NVML: the lean preload
         return None
 
