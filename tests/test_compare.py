@@ -403,6 +403,9 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
     elif case == "text for bytes":
         lines[0] = json.dumps({**first, "peak_allocated_bytes": "abc"})
         said = f'{records}: line 1: peak_allocated_bytes: "abc" is not int | None'
+    elif case == "negative bytes":
+        lines[0] = json.dumps({**first, "optimizer_state_bytes": -5})
+        said = f"{records}: line 1: optimizer_state_bytes: -5 is negative, which no count of bytes is"
     elif case == "bytes in a float":
         lines[0] = json.dumps({**first, "breakdown": {**first["breakdown"], "other": 1.5}})
         said = f"{records}: line 1: breakdown: "
@@ -425,8 +428,8 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
     return said, READERS
 
 
-@pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "bytes in a float", "unknown status",
-                                  "no config", "env array", "empty records", "no records.jsonl"])
+@pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "negative bytes", "bytes in a float",
+                                  "unknown status", "no config", "env array", "empty records", "no records.jsonl"])
 def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     folder = tmp_path / "run"

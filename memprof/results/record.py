@@ -17,6 +17,8 @@ SCHEMA_VERSION = 2  # 2: the configuration nested in ``config`` (1: its fields f
 DICT_COLUMNS = {"optimizer_state_bytes_by_dtype": "optimizer_state_bytes",
                 "phase_peak_allocated_bytes": "phase_peak_allocated_bytes", "breakdown": "peak"}
 # The figures a sharded cell keeps for each of its ranks (the record's own fields hold the max over ranks).
+# Byte fields that are differences, and may be negative (NVML's process figure below the allocator's reserve...)
+SIGNED_BYTES = frozenset({"non_pytorch_bytes", "heap_free_delta_bytes", "peak_rss_delta_bytes"})
 RANK_FIELDS = ("frozen_weight_bytes", "trainable_weight_bytes", "gradient_bytes", "optimizer_state_bytes",
                "predicted_state_bytes", "activation_bytes", "peak_allocated_bytes", "peak_rss_delta_bytes",
                "step_time_median_s")
@@ -84,7 +86,7 @@ class Record:
     allocator_cache_bytes: int | None = None
     non_pytorch_bytes: int | None = None
     # host
-    rss_baseline_bytes: int | None = None
+    rss_baseline_bytes: int | None = None  # what RSS growth counts from (memprof.track: less the model it was given)
     peak_rss_bytes: int | None = None
     peak_rss_delta_bytes: int | None = None
     heap_free_delta_bytes: int | None = None  # CPU (glibc): growth of malloc's free heap at the highest RSS sample
@@ -253,6 +255,15 @@ def check_types(values: dict[str, Any]) -> None:
         elif f.name != "config" and not _fits(values[f.name], hint):
             expected = f"one of {', '.join(m.value for m in hint)}" if _is_enum(hint) else f.type
             raise ValueError(f"{f.name}: {json.dumps(values[f.name], default=str)[:60]} is not {expected}")
+        elif f.name.endswith("_bytes") and f.name not in SIGNED_BYTES and _negative(values[f.name]):
+            raise ValueError(f"{f.name}: {json.dumps(values[f.name])[:60]} is negative, which no count of bytes is")
+
+
+def _negative(value: Any) -> bool:
+    """A negative count, or a dict of counts holding one."""
+    if isinstance(value, dict):
+        return any(_negative(v) for v in value.values())
+    return isinstance(value, (int, float)) and value < 0
 
 
 def _fits(value: Any, hint: Any) -> bool:
