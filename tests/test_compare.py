@@ -418,6 +418,14 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
     elif case == "env array":
         (folder / "env.json").write_text("[1, 2]")
         return f"{folder / 'env.json'}: not a JSON object", ("report", "compare")
+    elif case in ("steps without header", "text in steps"):
+        steps = folder / "cells" / "0001" / "steps.csv"
+        rows = steps.read_text().splitlines()
+        if case == "steps without header":
+            steps.write_text("".join(row + "\n" for row in rows[1:]))
+            return f"{steps}: its header has no step, loss, lr, grad_norm, step_time_s column (read: ", ("report",)
+        steps.write_text("".join(row + "\n" for row in [rows[0], rows[1].replace(",0,0,", ",0,x,", 1), *rows[2:]]))
+        return f"{steps}: line 2: step: 'x' is not a number", ("report",)
     elif case == "empty records":
         lines = []
         said = f"{records}: no records (empty file)"
@@ -429,7 +437,8 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
 
 
 @pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "negative bytes", "bytes in a float",
-                                  "unknown status", "no config", "env array", "empty records", "no records.jsonl"])
+                                  "unknown status", "no config", "env array", "empty records", "no records.jsonl",
+                                  "steps without header", "text in steps"])
 def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     folder = tmp_path / "run"

@@ -18,6 +18,7 @@ from typing import Any
 from memprof.analysis import convergence, diagnose, stats
 from memprof.config import catalogue
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
+from memprof.errors import UserError
 from memprof.analysis.contention import contention_notes, mark
 from memprof.results.record import Record, Status, StepLog
 from memprof.results.env import read_env
@@ -65,13 +66,36 @@ def load_run(run_dir: Path) -> Run:
 
 
 def read_steps(path: Path) -> list[StepLog]:
-    """A cell's steps.csv (none for a cell that never reached its first step)."""
+    """A cell's steps.csv (none for a cell that never reached its first step).
+
+    Raises:
+        UserError: naming the file, where its header lacks a column of ``STEP_COLUMNS``, and the line and
+            column of a value that is not a number.
+    """
     if not path.exists():
         return []
     with open(path, encoding="utf-8", newline="") as f:
-        return [StepLog(int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["grad_norm"]),
-                        float(row["step_time_s"]), float(row["eval_loss"]) if row.get("eval_loss") else None)
-                for row in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        missing = [name for name in STEP_COLUMNS if name not in (reader.fieldnames or [])]
+        if missing and reader.fieldnames:
+            raise UserError(str(path), f"its header has no {', '.join(missing)} column (read: "
+                                       f"{','.join(reader.fieldnames)[:60]})")
+        return [_step_log(row, path, reader.line_num) for row in reader]
+
+
+STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "step_time_s")  # and eval_loss, empty on most steps
+
+
+def _step_log(row: dict[str, str], path: Path, line: int) -> StepLog:
+    def number(name: str, kind: type = float) -> Any:
+        try:
+            return kind(row.get(name))
+        except (TypeError, ValueError):
+            raise UserError(str(path), f"line {line}: {name}: {row.get(name)!r} is not a number") from None
+
+    eval_loss = number("eval_loss") if row.get("eval_loss") else None
+    return StepLog(number("step", int), number("loss"), number("lr"), number("grad_norm"), number("step_time_s"),
+                   eval_loss)
 
 
 def group_title(r: Record) -> str:
