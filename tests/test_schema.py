@@ -60,3 +60,20 @@ def test_a_schema_1_run_resumes_with_the_current_memprof(tmp_path: Path) -> None
     for name in ("optimizer_state_bytes", "trainable_weight_bytes", "frozen_weight_bytes", "gradient_bytes"):
         assert getattr(new, name) == old[name], name
     assert json.loads((run_dir / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("field,value,said", [("batch_size", "abc", "batch_size: 'abc' is not int"),
+                                              ("lr", "fast", "lr: 'fast' is not float"),
+                                              ("seq_len", None, "no field 'seq_len'")])
+def test_a_schema_1_setting_of_the_wrong_kind_is_one_line_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, field: str, value: object, said: str) -> None:
+    folder = tmp_path / "old"
+    shutil.copytree(BASELINE, folder)
+    lines = (folder / "records.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, field: value} if value is not None else
+                          {k: v for k, v in first.items() if k != field})
+    (folder / "records.jsonl").write_text("".join(line + "\n" for line in lines))
+    assert run_cli("report", str(folder), "--out", str(tmp_path / "report")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {folder / 'records.jsonl'}: line 1: {said}", err

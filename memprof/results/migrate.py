@@ -106,21 +106,36 @@ def _number(text: str) -> Any:
 
 
 def _config(data: dict[str, Any]) -> CellConfig:
-    model, adapter = str(data["model"]), str(data["adapter"])
+    """Schema 1's flat configuration fields as a CellConfig.
+
+    Raises:
+        ValueError: naming the first field that is missing or not of its kind.
+    """
+    def get(key: str, kind: type, default: Any = ...) -> Any:
+        if key not in data or data[key] is None:
+            if default is ...:
+                raise ValueError(f"no field '{key}'")
+            return default
+        try:
+            return kind(data[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: {data[key]!r} is not {kind.__name__}") from None
+
+    model, adapter = get("model", str), get("adapter", str)
     kind = adapter if adapter in ADAPTER_KINDS else "qlora" if "qlora" in adapter else "lora"
-    rank = data.get("adapter_r")
+    rank = get("adapter_r", int, None)
     return CellConfig(
-        suite=str(data.get("suite", "")), index=int(data.get("cell_index", 0)),
+        suite=get("suite", str, ""), index=get("cell_index", int, 0),
         model=ModelSpec(name=model, preset=model if model in PRESETS else ""),
-        adapter=AdapterSpec(name=adapter, kind=kind, lora={"r": int(rank)} if rank is not None else {}),
-        optimizer=OptimizerSpec(label=str(data["optimizer"]), name=str(data.get("optim") or data["optimizer"])),
-        shape=ShapeSpec(batch_size=int(data["batch_size"]), seq_len=int(data["seq_len"]),
-                        grad_accum=int(data.get("grad_accum", 1)), precision=data["precision"]),
-        levers=Levers(gradient_checkpointing=data.get("gradient_checkpointing", "off"),
-                      attn_implementation=data.get("attn_implementation", "sdpa"),
-                      parallel=ParallelSpec(strategy=data.get("parallel_strategy", "none"),
-                                            world_size=int(data.get("world_size", 1)))),
-        training=TrainingSpec(lr=float(data["lr"]), schedule=data["schedule"], seed=int(data["seed"]),
-                              repeat=int(data.get("repeat", 0)), steps=int(data["steps"]),
-                              warmup_steps=int(data["warmup_steps"]), target_loss=data.get("target_loss")),
+        adapter=AdapterSpec(name=adapter, kind=kind, lora={"r": rank} if rank is not None else {}),
+        optimizer=OptimizerSpec(label=get("optimizer", str), name=get("optim", str, "") or get("optimizer", str)),
+        shape=ShapeSpec(batch_size=get("batch_size", int), seq_len=get("seq_len", int),
+                        grad_accum=get("grad_accum", int, 1), precision=get("precision", str)),
+        levers=Levers(gradient_checkpointing=get("gradient_checkpointing", str, "off"),
+                      attn_implementation=get("attn_implementation", str, "sdpa"),
+                      parallel=ParallelSpec(strategy=get("parallel_strategy", str, "none"),
+                                            world_size=get("world_size", int, 1))),
+        training=TrainingSpec(lr=get("lr", float), schedule=get("schedule", str), seed=get("seed", int),
+                              repeat=get("repeat", int, 0), steps=get("steps", int),
+                              warmup_steps=get("warmup_steps", int), target_loss=data.get("target_loss")),
         budget=Budget())
