@@ -367,10 +367,10 @@ def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
 # --- bad suites ---------------------------------------------------------------------------------------------
 
 
-def _run_bad(path: Path, out: Path) -> tuple[int, str]:
+def _run_bad(path: Path, out: Path, *flags: str) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = run_cli("run", str(path), "--out", str(out))
+        code = run_cli("run", str(path), "--out", str(out), *flags)
     return code, err.getvalue()
 
 
@@ -513,7 +513,11 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
         path = Path(tmp) / "bad.toml"
         path.write_text(text, encoding="utf-8")
         out = Path(tmp) / "results"
-        code, stderr = _run_bad(path, out)
+        # --dry-run refuses what peft says of an adapter table in this process; a run says the same after starting
+        # its worker (6 s), which only what needs the model is left to
+        code, stderr = _run_bad(path, out, "--dry-run")
+        if code == 0:
+            code, stderr = _run_bad(path, out)
         _assert_refused(code, stderr, path, out)
 
 
