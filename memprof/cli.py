@@ -303,8 +303,10 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="predict peak memory per GPU without weights or a GPU; or refit it")
     plan.add_argument("suite", nargs="?", help="plan every cell of this suite file instead of one configuration")
     _add_config_options(plan, precision="bf16")
-    plan.add_argument("--gpu", nargs="+", metavar="GPU", help="cards (rtx-4090, a6000, l40s, a100-40gb, a100-80gb, "
-                      "h100-80gb, h200) or sizes (24GB, 40GB, 48GB, 80GB, 141GB); default: the sizes")
+    from memprof.plan.gpus import CARDS
+
+    plan.add_argument("--gpu", nargs="+", metavar="GPU", help=f"cards ({', '.join(CARDS)}) or sizes (24GB, 40GB, "
+                      "48GB, 80GB, 141GB); default: the sizes")
     plan.add_argument("--budget-bytes", type=int, metavar="N", help="also plan against a budget of N bytes")
     plan.add_argument("--calibration", type=Path, metavar="FILE", help="coefficients to use (default: the shipped "
                       "memprof/plan/calibration.json, from CPU runs)")
@@ -342,7 +344,8 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
-    p.add_argument("--model", help="a preset (memprof/presets.py) or a local HF config/checkpoint folder")
+    p.add_argument("--model", help="a preset (memprof/config/presets.py) or a local HF config/checkpoint "
+                   "folder")
     p.add_argument("--adapter", default="lora", help="none, lora, qlora or dora (default: lora)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--target-modules", default="all-linear",

@@ -77,3 +77,14 @@ def test_a_schema_1_setting_of_the_wrong_kind_is_one_line_naming_it(
     assert run_cli("report", str(folder), "--out", str(tmp_path / "report")) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {folder / 'records.jsonl'}: line 1: {said}", err
+
+
+def test_attribute_writes_a_schema_1_folder_again_in_the_current_schema(tmp_path: Path) -> None:
+    """A folder older than manifests gets one made from its records."""
+    assert not (LEVERS / "manifest.json").exists()
+    assert run_cli("attribute", str(LEVERS), "--out", str(tmp_path / "again")) == 0
+    again = read_records(tmp_path / "again")
+    assert [r.key for r in again] == [r.key for r in read_records(LEVERS)]
+    assert {r.schema_version for r in again} == {SCHEMA_VERSION} and all(r.breakdown for r in again if r.peak_bytes)
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["cell_keys"] == [r.key for r in again] and manifest["suite"] == again[0].config.suite

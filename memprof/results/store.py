@@ -256,20 +256,24 @@ def read_csv_records(path: Path) -> list[Record]:
 
 def copy_run(run_dir: Path, out: Path, records: list[Record]) -> None:
     """A copy of a result folder at ``out`` (a new folder) holding ``records`` instead of the folder's own, written
-    in the current schema: the suite, environment and per-cell rows as they were.
+    in the current schema: the suite, environment and per-cell rows as they were (a folder older than manifests
+    gets one made from its records).
 
     Raises:
-        UserError: ``out`` exists, or cannot be written.
+        UserError: ``out`` exists, or cannot be written (nothing is left of it).
     """
     if out.exists():
         raise UserError(str(out), "exists: give a new folder")
+    source = run_dir / "manifest.json"
     try:
+        manifest = json.loads(source.read_text(encoding="utf-8")) if source.exists() else \
+            {"suite": records[0].config.suite if records else "", "cell_keys": [r.key for r in records]}
         shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("records.jsonl", "cells.csv", "manifest.json",
                                                                     "*.tmp"))
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
         manifest.update(schema_version=SCHEMA_VERSION, config_hashes=[r.config.config_hash for r in records])
         write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         write_atomic(out / "records.jsonl", "".join(json.dumps(r.to_dict(), default=str) + "\n" for r in records))
         write_atomic(out / "cells.csv", to_csv([r.to_row() for r in records]))
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        shutil.rmtree(out, ignore_errors=True)
         raise UserError(str(out), f"cannot write: {err}") from None
