@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite: every cell in its own process")
     run.add_argument("suite", nargs="?", help="suite file, or a shipped suite name (default: quick; with --resume: "
                                               "the suite the run started with)")
-    run.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    run.add_argument("--dry-run", action="store_true", help="check the suite as a run would (models, adapters and "
+                     "optimizers on the meta device), list the cells and exit")
     run.add_argument("--out", type=Path, default=Path("results"), help="results root (default: results/)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the suite's device")
     run.add_argument("--sample-interval", type=float, default=None,
@@ -118,9 +119,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _budget_on_the_cpu_only(cells, suite.path)
     _check_run_flags(args)
     if args.dry_run:
+        from memprof.run.preflight import check_all
         from memprof.views.tables import cells_table
 
-        _refuse_adapter_configs(suite, cells)
+        # a run's own checks, here in this process: each model built on the meta device, its adapter, each optimizer
+        problem = next(iter(check_all(suite.preflight_pairs())), None)
+        if problem is not None:
+            raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
     baseline = None
@@ -181,8 +186,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
 
 
 def _refuse_adapter_configs(suite: Suite, cells: list[CellConfig]) -> None:
-    """What peft says of the suite's adapter tables without a model, for a command that runs no cell (a run's
-    preflight checks it, with the rest)."""
+    """What peft says of the suite's adapter tables without a model, for plan and crosscheck (a run's preflight, and
+    --dry-run, check it with the rest)."""
     from memprof.run.preflight import config_problems
 
     problem = next(iter(config_problems(cells)), None)

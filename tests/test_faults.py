@@ -608,14 +608,23 @@ def test_commands_that_run_no_cell_refuse_the_adapter_a_run_refuses(tmp_path: Pa
     _assert_refused(code, err.getvalue(), path, tmp_path / "results", fragment)
 
 
-def test_crosscheck_refuses_optimizer_kwargs_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["crosscheck"], ["run", "--dry-run"]])
+def test_commands_that_run_no_cell_refuse_optimizer_kwargs_in_one_line(tmp_path: Path, command: list[str]) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(_X + _GRID.replace('"sgd"', '"mine"') + '[optimizers.mine]\noptim = "sgd"\n'
                     'kwargs = { nesterov = true }\n')
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = run_cli("crosscheck", str(path))
+        code = run_cli(command[0], str(path), *command[1:])
     _assert_refused(code, err.getvalue(), path, tmp_path / "results", "optimizers.mine.kwargs", "Nesterov momentum")
+
+
+def test_dry_run_refuses_lora_targets_that_match_nothing_as_a_run_does(tmp_path: Path) -> None:
+    path = _suite(tmp_path, "pre", ["sgd"], '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj"]\n')
+    path.write_text(path.read_text().replace('adapter = ["lora"]', 'adapter = ["narrow"]'))
+    code, stderr = _run_bad(path, tmp_path / "results", "--dry-run")
+    _assert_refused(code, stderr, path, tmp_path / "results", "adapters.narrow.target_modules: adapter 'narrow' does "
+                    "not fit model 'tiny-llama'")
 
 
 def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
