@@ -153,8 +153,8 @@ class Tracking:
             self.activation_bytes = None
             _warn("no saved tensor reached memprof's saved-tensor hooks (another saved_tensors_hooks inside the "
                   "block, such as save_on_cpu, takes them): activations are not counted")
-        if exc_type is None:
-            self._warn_unmeasured()
+        if exc_type is None and (unmeasured := self._unmeasured()):
+            _warn(unmeasured)
         config = describe(self.model, self.optimizer, suite=self.name, batch_size=self.batch_size,
                           seq_len=self.seq_len, grad_accum=self.grad_accum, steps=len(self.logs),
                           warmup_steps=self.warmup_steps, optimizer_spec=self.optimizer_spec)
@@ -176,16 +176,17 @@ class Tracking:
         self._stack.close()
         return True
 
-    def _warn_unmeasured(self) -> None:
-        """Say what a block that raised nothing still left unmeasured."""
+    def _unmeasured(self) -> str:
+        """What a block that raised nothing still left unmeasured ('' where nothing)."""
         if not self.logs:
-            _warn("no step was recorded: call t.step(loss=...) after every optimizer.step()")
-        elif not self._optimizer_steps:
-            _warn("the optimizer given to memprof.track never stepped inside the block: gradients and activations "
-                  "were not counted, and its state may not be the one that trained")
-        elif len(self.logs) <= self.warmup_steps:
-            _warn(f"{len(self.logs)} steps, all warm-up (warmup_steps = {self.warmup_steps}): no step was timed, and "
-                  f"activations and gradients were not counted")
+            return "no step was recorded: call t.step(loss=...) after every optimizer.step()"
+        if not self._optimizer_steps:
+            return ("the optimizer given to memprof.track never stepped inside the block: gradients and activations "
+                    "were not counted, and its state may not be the one that trained")
+        if len(self.logs) <= self.warmup_steps:
+            return (f"{len(self.logs)} steps, all warm-up (warmup_steps = {self.warmup_steps}): no step was timed, "
+                    f"and activations and gradients were not counted")
+        return ""
 
     def _values(self, exc: BaseException | None) -> dict[str, Any]:
         assert self._baseline is not None
@@ -281,4 +282,5 @@ def _held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def _warn(message: str) -> None:
+    """A warning pointing at the user's ``with`` statement (``_warn`` <- ``__exit__`` <- it)."""
     warnings.warn(f"memprof.track: {message}", stacklevel=3)
