@@ -513,8 +513,8 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
         path = Path(tmp) / "bad.toml"
         path.write_text(text, encoding="utf-8")
         out = Path(tmp) / "results"
-        # --dry-run refuses what peft says of an adapter table in this process; a run says the same after starting
-        # its worker (6 s), which only what needs the model is left to
+        # --dry-run makes a run's checks in this process, where a run starts its worker for them (6 s): a suite it
+        # lets through goes on to a real run, which must refuse it too
         code, stderr = _run_bad(path, out, "--dry-run")
         if code == 0:
             code, stderr = _run_bad(path, out)
