@@ -292,7 +292,7 @@ def cmd_optimizers(args: argparse.Namespace) -> int:
 
     table = Table(title="memprof optimizer catalogue (exact bytes: memprof.measure.formulas)", header_style="bold")
     for name in ("name", "library", "states kept", "bytes/param", "available"):
-        table.add_column(name)
+        table.add_column(name, overflow="fold")  # names and commands whole, never cut short
     for e in ENTRIES:
         per_param = "by shape" if e.bytes_per_param is None else f"{e.bytes_per_param:.3g}"
         available = "CUDA only" if e.needs_cuda else "yes"

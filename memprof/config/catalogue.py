@@ -62,7 +62,8 @@ ENTRIES: tuple[OptimizerEntry, ...] = (
     _e("adamw_torch", "torch", _ADAM, 8.0),
     _e("adamw_torch_fused", "torch", _ADAM, 8.0),
     _e("adafactor", "transformers", "factored row/col second moment", None),
-    _e("adamw_anyprecision", "torchdistx", _ADAM, 8.0, requires="torchdistx", install="torchdistx"),
+    _e("adamw_anyprecision", "torchdistx", _ADAM, 8.0, requires="torchdistx",
+       install="git+https://github.com/pytorch/torchdistx"),  # no PyPI release: pip builds it from source
     _e("adamw_torch_4bit", "torchao", _ADAM + " in 4-bit blocks", 2 * _Q4, requires="torchao", install="torchao"),
     _e("adamw_torch_8bit", "torchao", _ADAM + " in 8-bit blocks", 2 * _Q8, requires="torchao", install="torchao"),
     _e("ademamix", "bitsandbytes", "m1, m2 (slow EMA), nu", 12.0),
