@@ -199,6 +199,7 @@ def test_the_cpu_peak_is_this_runs_and_counts_the_model_built_before_it() -> Non
     (lambda m, o: memprof.track(m, o, grad_accum=0), ValueError, "grad_accum must be an integer of at least 1, got 0"),
     (lambda m, o: memprof.track(m, o, warmup_steps=True), ValueError, "warmup_steps must be an integer"),
     (lambda m, o: memprof.track(m, o, sample_interval_s=-1), ValueError, "sample_interval_s must be positive seconds"),
+    (lambda m, o: memprof.track(m, o, optimizer_spec="adamw"), TypeError, "optimizer_spec is a str, not a"),
 ])
 def test_track_refuses_what_it_cannot_measure_with_one_line_before_training(call, error, message) -> None:
     model = torch.nn.Linear(4, 4)
@@ -302,7 +303,7 @@ def test_trainer_records_accumulation_logged_losses_and_an_optimizer_the_user_bu
     model = _tiny_lora()[0]
     mine = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], betas=(0.5, 0.6), eps=1e-3,
                              amsgrad=True)
-    callback = MemprofCallback(out=None)
+    callback = MemprofCallback(out=tmp_path / "results")
     trainer = _trainer(tmp_path, callback, mine, model, gradient_accumulation_steps=2, logging_steps=2)
     trainer.train()
     r = callback.tracking.record
@@ -314,6 +315,11 @@ def test_trainer_records_accumulation_logged_losses_and_an_optimizer_the_user_bu
     assert len(logged) == 2  # steps 2 and 4: the two others have no loss, and none is made up
     assert [math.isnan(log.loss) for log in callback.tracking.logs] == [True, False, True, False]
     assert (r.first_loss, r.final_loss) == (pytest.approx(logged[0]), pytest.approx(logged[1]))
+    # the report's relative target is within 5% of the run's own final loss: reached at a step that logged a loss
+    from memprof.analysis import report
+
+    (row,) = report.target_table(report.load_run(callback.tracking.run_dir)).rows
+    assert row[-2] in ("2", "4"), row  # not "never (0/1)", as the unknown losses between made it
 
 
 def test_a_trainer_that_raises_keeps_its_record_inside_the_callbacks_with_block(tmp_path: Path) -> None:
@@ -340,3 +346,41 @@ def test_a_trainer_that_raises_keeps_its_record_inside_the_callbacks_with_block(
     _trainer(tmp_path, fresh).train()
     assert stale.tracking.record is None and fresh.tracking.record.status is Status.OK
     assert fresh.tracking.record.activation_bytes > 0
+
+
+def test_track_takes_what_users_bring_an_lr_free_optimizer_a_plain_config_and_accelerate() -> None:
+    from accelerate import Accelerator
+    from transformers.optimization import Adafactor
+
+    class Plain(torch.nn.Module):
+        """A model of the user's own, whose config is no transformers config."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = {"width": 8}
+            self.layer = torch.nn.Linear(8, 8)
+
+    model = Plain()
+    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, scale_parameter=True, warmup_init=True)
+    with memprof.track(model, optimizer, warmup_steps=0) as t:
+        for _ in range(2):
+            model.layer(torch.ones(4, 8)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            t.step(loss=1.0)
+    assert t.record.status is Status.OK and t.record.config.model.name == "Plain"
+    assert math.isnan(t.logs[0].lr) and t.record.config.optimizer.kwargs["lr"] is None  # not a made-up figure
+    assert t.record.optimizer_state_bytes == memprof.optimizer_state_bytes(optimizer) > 0
+
+    wrapped_model, wrapped = Accelerator(cpu=True).prepare(*_tiny_lora())
+    with memprof.track(wrapped_model, wrapped, warmup_steps=0) as t:  # the optimizer inside accelerate's wrapper
+        _train(wrapped_model, wrapped, t, steps=1)
+    assert t.optimizer is wrapped.optimizer and t.record.optimizer_state_bytes > 0
+
+
+def test_a_trainer_that_logged_no_loss_says_so_and_the_callback_records_its_length(tmp_path: Path) -> None:
+    callback = MemprofCallback(out=None, seq_len=32)
+    with pytest.warns(UserWarning, match="no step's loss was given"):
+        _trainer(tmp_path, callback, logging_steps=10).train()
+    r = callback.tracking.record
+    assert r.config.shape.seq_len == 32 and "/s32/" in r.key and r.final_loss is None

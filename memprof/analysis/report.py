@@ -188,6 +188,14 @@ def repeats_table(run: Run) -> TableData:
                                                        "AUC", "verdict"], rows, notes)
 
 
+def _steps_to(target: float, steps: list[StepLog]) -> int | None:
+    """Steps until an ok cell's smoothed loss reaches ``target``, over the steps whose loss is known (a Trainer's
+    callback knows one every ``logging_steps``; a cell of memprof run knows every one)."""
+    known = [s for s in steps if math.isfinite(s.loss)]
+    n = convergence.steps_to_target([s.loss for s in known], target)
+    return None if n is None else known[n - 1].step + 1
+
+
 def target_table(run: Run) -> TableData:
     """Steps and seconds to a target loss: the suite's own (from the records) and one relative to the best cell."""
     ok = [r for r in run.records if r.status is Status.OK and r.final_loss_smoothed is not None]
@@ -198,7 +206,7 @@ def target_table(run: Run) -> TableData:
     axes = varying_axes(run.records)
     rows = []
     for rs in by_config(run.records).values():
-        reached = [convergence.steps_to_target([s.loss for s in run.steps.get(r.config.index, [])], relative)
+        reached = [_steps_to(relative, run.steps.get(r.config.index, []))
                    if relative is not None and r.status is Status.OK else None for r in rs]
         seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n,
                                                  r.config.training.warmup_steps) for r, n in zip(rs, reached)]

@@ -57,7 +57,7 @@ def plain(value: Any) -> Any:
 
 def _model(base: nn.Module) -> ModelSpec:
     config = getattr(base, "config", None)
-    if config is None:
+    if not hasattr(config, "to_diff_dict"):  # no transformers config (a plain module, nanoGPT's dataclass...)
         return ModelSpec(name=type(base).__name__)
     values = {k: v for k, v in config.to_diff_dict().items()
               if not k.startswith("_") and k not in _CONFIG_BOOKKEEPING}

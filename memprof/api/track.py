@@ -56,9 +56,9 @@ class Tracking:
                  warmup_steps: int = 1, sample_interval_s: float | None = None,
                  optimizer_spec: OptimizerSpec | None = None) -> None:
         _check(model, optimizer, name, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-               warmup_steps=warmup_steps, sample_interval_s=sample_interval_s)
+               warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the optimizer inside
         self.optimizer_spec = optimizer_spec
         self.out = Path(out) if out is not None else None
         self.name = name
@@ -89,18 +89,23 @@ class Tracking:
             raise RuntimeError("memprof.track: this tracking has run already; call memprof.track(...) for another")
         if _active is not None:
             raise RuntimeError("memprof.track: another track is active in this process (tracks do not nest: each "
-                               "would measure the other's samples and saved tensors)")
-        self._entered, _active = True, self
+                               "would measure the other's samples and saved tensors; a Trainer that raised outside "
+                               "`with MemprofCallback(...)` leaves its tracking open: its callback.tracking.discard() "
+                               "ends it)")
+        self._entered = True
         self._t_start = self._t_last = time.perf_counter()
         # On the CPU the peak is RSS growth: the model and optimizer already built count as the cell's own, as
         # they do in `memprof run`'s worker, which takes its baseline before it builds them.
         self._baseline = HostBaseline.now(_held_bytes(self.model, self.optimizer) if self.device.type == "cpu"
                                           else 0)
-        self._stack.enter_context(self._sampler)
-        self._stack.enter_context(self._pressure)
-        if self._measured.allocator is not None:
-            self._stack.enter_context(self._measured.allocator)
-        self._stack.enter_context(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+        with ExitStack() as stack:  # all of it, or none of it left running
+            stack.enter_context(self._sampler)
+            stack.enter_context(self._pressure)
+            if self._measured.allocator is not None:
+                stack.enter_context(self._measured.allocator)
+            stack.enter_context(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._stack = stack.pop_all()
+        _active = self
         self._sampler.mark(0, "train")
         self._maybe_start_snapshot()
         return self
@@ -117,8 +122,8 @@ class Tracking:
             self._unknown_loss.add(step)
         else:
             value = float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)  # SYNC on a GPU
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        self.logs.append(StepLog(step, value, lr, float("nan"), now - self._t_last))
+        lr = self.optimizer.param_groups[0].get("lr")  # None: one that sets its own step (Adafactor's relative step)
+        self.logs.append(StepLog(step, value, math.nan if lr is None else float(lr), math.nan, now - self._t_last))
         self._tokens.append(tokens)
         self._t_last = now
         self._sampler.mark(step + 1, "train")
@@ -183,6 +188,8 @@ class Tracking:
         if not self._optimizer_steps:
             return ("the optimizer given to memprof.track never stepped inside the block: gradients and activations "
                     "were not counted, and its state may not be the one that trained")
+        if len(self._unknown_loss) == len(self.logs):
+            return "no step's loss was given (a Trainer logs it every logging_steps: none fell inside this run)"
         if len(self.logs) <= self.warmup_steps:
             return (f"{len(self.logs)} steps, all warm-up (warmup_steps = {self.warmup_steps}): no step was timed, "
                     f"and activations and gradients were not counted")
@@ -250,7 +257,7 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | 
                     warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
 
 
-def _check(model: Any, optimizer: Any, name: Any, sample_interval_s: Any, **counts: Any) -> None:
+def _check(model: Any, optimizer: Any, name: Any, sample_interval_s: Any, optimizer_spec: Any, **counts: Any) -> None:
     """Refuse, in one line, what ``track`` cannot measure with."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"memprof.track(model, optimizer): model is a {type(model).__name__}, not a torch.nn.Module")
@@ -269,6 +276,9 @@ def _check(model: Any, optimizer: Any, name: Any, sample_interval_s: Any, **coun
     for key, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < least.get(key, 0):
             raise ValueError(f"memprof.track: {key} must be an integer of at least {least.get(key, 0)}, got {value!r}")
+    if optimizer_spec is not None and not isinstance(optimizer_spec, OptimizerSpec):
+        raise TypeError(f"memprof.track: optimizer_spec is a {type(optimizer_spec).__name__}, not a "
+                        f"memprof.config.spec.OptimizerSpec")
     if sample_interval_s is not None and not (isinstance(sample_interval_s, (int, float))
                                               and 0 < sample_interval_s < math.inf):
         raise ValueError(f"memprof.track: sample_interval_s must be positive seconds, got {sample_interval_s!r}")

@@ -31,12 +31,15 @@ class MemprofCallback(TrainerCallback):
         out: results root; the run goes to ``out/<name>-<timestamp>/``. None writes nothing.
         name: the run's name in the results.
         warmup_steps: steps left out of timing; activations and gradients are counted at the step after.
+        seq_len: tokens per sequence, recorded with the run (the Trainer does not say it; 0: not known, and runs at
+            different lengths share a key).
     """
 
     _unfinished: ClassVar[Tracking | None] = None  # a run whose Trainer raised outside a ``with`` block
 
-    def __init__(self, out: str | Path | None = "results", name: str = "trainer", warmup_steps: int = 1) -> None:
-        self.out, self.name, self.warmup_steps = out, name, warmup_steps
+    def __init__(self, out: str | Path | None = "results", name: str = "trainer", warmup_steps: int = 1,
+                 seq_len: int = 0) -> None:
+        self.out, self.name, self.warmup_steps, self.seq_len = out, name, warmup_steps, seq_len
         self.tracking: Tracking | None = None
         self._tokens_seen = 0
 
@@ -55,7 +58,8 @@ class MemprofCallback(TrainerCallback):
             MemprofCallback._unfinished.discard()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.tracking = track(model, inner, self.out, name=self.name, batch_size=args.per_device_train_batch_size,
-                              grad_accum=args.gradient_accumulation_steps, warmup_steps=self.warmup_steps,
+                              seq_len=self.seq_len, grad_accum=args.gradient_accumulation_steps,
+                              warmup_steps=self.warmup_steps,
                               optimizer_spec=trainer_optimizer(args, model, inner)).__enter__()
         MemprofCallback._unfinished = self.tracking
         self._tokens_seen = state.num_input_tokens_seen or 0
