@@ -251,6 +251,16 @@ def test_track_warns_of_what_it_could_not_measure() -> None:
             optimizer.step()
             t.step(loss=loss)
     assert t.record.activation_bytes is None  # not a measured 0
+    packed: list[int] = []
+    per_step: list[int] = []
+    with pytest.warns(UserWarning, match="activations are not counted: the block runs under the user's"):
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: (packed.append(1), x)[1], lambda x: x):
+            with memprof.track(model, optimizer) as t:  # the user's hooks stay theirs, the measured step's too
+                for _ in range(3):
+                    _train(model, optimizer, t, steps=1)
+                    per_step.append(len(packed) - sum(per_step))
+    assert per_step[0] > 0 and per_step == [per_step[0]] * 3 and t.record.activation_bytes is None
+    assert t.record.gradient_bytes == 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_track_records_grad_accumulation_and_each_steps_tokens() -> None:

@@ -76,6 +76,8 @@ class Tracking:
         self._entered = False
         self._stack = ExitStack()
         self._saved: SavedActivations | None = None
+        self._snapshot_pending = False  # the snapshot step began and its optimizer step has not come yet
+        self._outer_hooks = False  # the user's saved_tensors_hooks were active there: activations not counted
         self._measured = memory_sources(self.device)
         self._sampler = Sampler(self._measured.sources, sample_interval(self.device, sample_interval_s))
         self._pressure = CpuPressure()
@@ -136,15 +138,22 @@ class Tracking:
             self._unknown_loss.discard(self.logs[-1].step)
 
     def _maybe_start_snapshot(self) -> None:
-        if len(self.logs) == self.snapshot_step:
+        if len(self.logs) != self.snapshot_step:
+            return
+        self._snapshot_pending = True
+        if _outer_saved_tensors_hooks():  # ours would replace the user's (save_on_cpu...) for the measured step
+            self._outer_hooks = True
+        else:
             self._saved = SavedActivations(self.model).__enter__()
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._optimizer_steps += 1
+        if self._snapshot_pending:
+            self._snapshot_pending = False
+            self.gradient_bytes = accounting.gradient_bytes(self.model).total
         if self._saved is not None:
             self._saved.__exit__(None, None, None)
             self.activation_bytes, self._saved = self._saved.bytes, None
-            self.gradient_bytes = accounting.gradient_bytes(self.model).total
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -153,6 +162,9 @@ class Tracking:
         status = Status.OK
         if exc_type is not None:
             status = Status.INTERRUPTED if issubclass(exc_type, KeyboardInterrupt) else Status.CRASHED
+        elif self._outer_hooks:
+            _warn("activations are not counted: the block runs under the user's saved_tensors_hooks (such as "
+                  "save_on_cpu), which memprof's own would have replaced for the measured step")
         elif self.activation_bytes == 0 and self.gradient_bytes:
             # an inner torch.autograd.graph.saved_tensors_hooks (save_on_cpu...) took every saved tensor
             self.activation_bytes = None
@@ -289,6 +301,12 @@ def _held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     weights = accounting.weight_bytes(model)
     return (weights.frozen.total + weights.trainable.total + weights.buffers.total
             + accounting.gradient_bytes(model).total + accounting.optimizer_state_bytes(optimizer).total)
+
+
+def _outer_saved_tensors_hooks() -> bool:
+    """Whether saved_tensors_hooks are active here (torch's own stack; a torch without the call: none known)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _warn(message: str) -> None:
