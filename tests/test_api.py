@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -389,8 +390,23 @@ def test_track_takes_what_users_bring_an_lr_free_optimizer_a_plain_config_and_ac
 
 
 def test_a_trainer_that_logged_no_loss_says_so_and_the_callback_records_its_length(tmp_path: Path) -> None:
-    callback = MemprofCallback(out=None, seq_len=32)
+    callback = MemprofCallback(out=None, seq_len=48)
     with pytest.warns(UserWarning, match="no step's loss was given"):
         _trainer(tmp_path, callback, logging_steps=10).train()
     r = callback.tracking.record
-    assert r.config.shape.seq_len == 32 and "/s32/" in r.key and r.final_loss is None
+    assert r.config.shape.seq_len == 48 and "/s48/" in r.key and r.final_loss is None  # as it was told
+    callback = MemprofCallback(out=None)
+    _trainer(tmp_path, callback, gradient_accumulation_steps=2).train()
+    r = callback.tracking.record
+    assert (r.config.shape.batch_size, r.config.shape.seq_len, r.config.shape.grad_accum) == (2, 32, 2)  # as it ran
+    median = statistics.median(log.step_time_s for log in callback.tracking.logs[1:])
+    assert r.tokens_per_s == pytest.approx(2 * 2 * 32 / median)  # the tokens the forward took, each step
+
+
+def test_track_reads_the_batch_and_length_from_what_the_model_took() -> None:
+    model, optimizer = _tiny_lora()
+    with memprof.track(model, optimizer, warmup_steps=0) as t:
+        _train(model, optimizer, t, steps=2, batch=3, accum=2)
+    r = t.record
+    assert (r.config.shape.batch_size, r.config.shape.seq_len) == (3, 32) and "/b3/s32/" in r.key
+    assert r.tokens_per_s == pytest.approx(2 * 3 * 32 / statistics.median(log.step_time_s for log in t.logs))

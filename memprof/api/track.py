@@ -70,7 +70,9 @@ class Tracking:
         self.run_dir: Path | None = None
         self.activation_bytes: int | None = None
         self.gradient_bytes: int | None = None
-        self._tokens: list[int | None] = []  # each step's, as ``step`` was told
+        self._tokens: list[int | None] = []  # each step's, as ``step`` was told or the model's forward saw
+        self._seen_tokens = 0  # input_ids the model's forward took in training since the last step
+        self._seen_shape = (0, 0)  # the largest (batch, length) of those
         self._unknown_loss: set[int] = set()  # steps whose loss ``step`` was not told (a Trainer logs it later)
         self._optimizer_steps = 0
         self._entered = False
@@ -106,6 +108,7 @@ class Tracking:
             if self._measured.allocator is not None:
                 stack.enter_context(self._measured.allocator)
             stack.enter_context(self.optimizer.register_step_pre_hook(self._before_optimizer_step))
+            stack.enter_context(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._stack = stack.pop_all()
         _active = self
         self._sampler.mark(0, "train")
@@ -114,7 +117,8 @@ class Tracking:
 
     def step(self, loss: float | torch.Tensor | None, tokens: int | None = None) -> None:
         """Record one optimizer step: its loss (a tensor is synced here; None: not known yet, see
-        :meth:`set_last_loss`) and the tokens it trained on (default: ``batch_size × seq_len × grad_accum``)."""
+        :meth:`set_last_loss`) and the tokens it trained on (default: the ``input_ids`` the model's forward took
+        since the last step, else ``batch_size × seq_len × grad_accum``)."""
         if _active is not self:
             raise RuntimeError("memprof.track: step() belongs inside the tracking's with block")
         now = time.perf_counter()
@@ -126,7 +130,8 @@ class Tracking:
             value = float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)  # SYNC on a GPU
         lr = self.optimizer.param_groups[0].get("lr")  # None: one that sets its own step (Adafactor's relative step)
         self.logs.append(StepLog(step, value, math.nan if lr is None else float(lr), math.nan, now - self._t_last))
-        self._tokens.append(tokens)
+        self._tokens.append(tokens if tokens is not None else self._seen_tokens or None)
+        self._seen_tokens = 0
         self._t_last = now
         self._sampler.mark(step + 1, "train")
         self._maybe_start_snapshot()
@@ -136,6 +141,14 @@ class Tracking:
         if self.logs:
             self.logs[-1] = replace(self.logs[-1], loss=float(loss))
             self._unknown_loss.discard(self.logs[-1].step)
+
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Count the tokens of a training forward's ``input_ids`` (the first argument, or by name)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            batch, length = ids.shape
+            self._seen_tokens += batch * length
+            self._seen_shape = (max(self._seen_shape[0], batch), max(self._seen_shape[1], length))
 
     def _maybe_start_snapshot(self) -> None:
         if len(self.logs) != self.snapshot_step:
@@ -172,8 +185,9 @@ class Tracking:
                   "block, such as save_on_cpu, takes them): activations are not counted")
         if exc_type is None and (unmeasured := self._unmeasured()):
             _warn(unmeasured)
-        config = describe(self.model, self.optimizer, suite=self.name, batch_size=self.batch_size,
-                          seq_len=self.seq_len, grad_accum=self.grad_accum, steps=len(self.logs),
+        batch, length = self._seen_shape
+        config = describe(self.model, self.optimizer, suite=self.name, batch_size=self.batch_size or batch,
+                          seq_len=self.seq_len or length, grad_accum=self.grad_accum, steps=len(self.logs),
                           warmup_steps=self.warmup_steps, optimizer_spec=self.optimizer_spec)
         values = self._values(exc)
         self.record = attribute(Record(config, status=status, **values), values.get("peak_phase", ""))
@@ -252,8 +266,8 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | 
             None writes nothing.
         name: the run's name (its "suite" in the results): letters, digits, ``_``, ``.`` and ``-``.
         batch_size, seq_len, grad_accum: recorded with the run (micro-batches of ``batch_size`` × ``seq_len``
-            tokens, ``grad_accum`` of them a step); their product is the tokens per step where ``step`` is not
-            given ``tokens``.
+            tokens, ``grad_accum`` of them a step); without them, the largest ``input_ids`` the model's forward took
+            in training, which also counts each step's tokens where ``step`` is not given ``tokens``.
         warmup_steps: steps left out of the timing; activations and gradients are counted at the step after.
         sample_interval_s: memory sampling interval (default: 10 ms on the CPU, 50 ms on CUDA).
         optimizer_spec: what the optimizer was asked for, by name and settings (a Trainer's ``args.optim``);

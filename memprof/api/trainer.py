@@ -31,8 +31,8 @@ class MemprofCallback(TrainerCallback):
         out: results root; the run goes to ``out/<name>-<timestamp>/``. None writes nothing.
         name: the run's name in the results.
         warmup_steps: steps left out of timing; activations and gradients are counted at the step after.
-        seq_len: tokens per sequence, recorded with the run (the Trainer does not say it; 0: not known, and runs at
-            different lengths share a key).
+        seq_len: tokens per sequence to record (default: the longest ``input_ids`` the model's forward took, which
+            dynamic padding varies from batch to batch).
     """
 
     _unfinished: ClassVar[Tracking | None] = None  # a run whose Trainer raised outside a ``with`` block
