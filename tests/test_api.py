@@ -410,3 +410,21 @@ def test_track_reads_the_batch_and_length_from_what_the_model_took() -> None:
     r = t.record
     assert (r.config.shape.batch_size, r.config.shape.seq_len) == (3, 32) and "/b3/s32/" in r.key
     assert r.tokens_per_s == pytest.approx(2 * 3 * 32 / statistics.median(log.step_time_s for log in t.logs))
+
+
+def test_a_model_inside_ddp_is_described_as_itself_under_its_strategy(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model, optimizer = _tiny_lora()
+        wrapped = DistributedDataParallel(model)
+        with memprof.track(wrapped, optimizer, warmup_steps=0) as t:
+            _train(wrapped, optimizer, t, steps=1)
+    finally:
+        dist.destroy_process_group()
+    c = t.record.config
+    assert (c.levers.parallel.strategy, c.levers.parallel.world_size) == ("ddp", 1)
+    assert c.adapter.kind == "lora" and c.model.config["model_type"] == "llama"  # not "DistributedDataParallel"
+    assert (c.shape.batch_size, c.shape.seq_len) == (2, 32) and t.record.activation_bytes > 0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from memprof.config.spec import (LORA_DEFAULTS, AdapterSpec, Budget, CellConfig, Levers, ModelSpec, OptimizerSpec,
-                                 QuantSpec, ShapeSpec, TrainingSpec)
+                                 ParallelSpec, QuantSpec, ShapeSpec, TrainingSpec)
 from memprof.train.fourbit import is_four_bit
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -27,9 +27,11 @@ _CONFIG_BOOKKEEPING = {"transformers_version", "use_cache", "architectures", "dt
 
 def describe(model: nn.Module, optimizer: torch.optim.Optimizer, *, suite: str, batch_size: int, seq_len: int,
              grad_accum: int, steps: int, warmup_steps: int, optimizer_spec: OptimizerSpec | None = None) -> CellConfig:
-    """The configuration a tracked loop ran (``batch_size`` and ``seq_len`` 0: it was not told them)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The configuration a tracked loop ran (``batch_size`` and ``seq_len`` 0: it was not told them); a model inside
+    DistributedDataParallel or torch.compile is described as itself, under the parallel strategy it runs."""
     first = next(model.parameters())
+    model, parallel = _unwrapped(model, optimizer)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lr = optimizer.defaults.get("lr")  # None: it sets its own step (Adafactor's relative step), as its kwargs say
     return CellConfig(
         suite=suite, model=_model(base), adapter=_adapter(model, base),
@@ -37,10 +39,29 @@ def describe(model: nn.Module, optimizer: torch.optim.Optimizer, *, suite: str, 
         shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                         precision=_precision(base, first)),
         levers=Levers(gradient_checkpointing="on" if _checkpointing(base) else "off",
-                      attn_implementation=_attention(base)),
+                      attn_implementation=_attention(base), parallel=parallel),
         training=TrainingSpec(lr=1e-3 if lr is None else float(lr), schedule="external", steps=steps,
                               warmup_steps=warmup_steps),
         budget=Budget(device=str(first.device)))
+
+
+def _unwrapped(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, ParallelSpec]:
+    """The model inside DistributedDataParallel's and torch.compile's wrappers, and how its ranks share the work:
+    ddp (a DistributedDataParallel), zero1 (with a ZeroRedundancyOptimizer), fsdp2 (``fully_shard``)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    strategy = "fsdp2" if isinstance(model, FSDPModule) else "none"
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model, strategy = model.module, "zero1" if isinstance(optimizer, ZeroRedundancyOptimizer) else "ddp"
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            break
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return model, ParallelSpec(strategy=strategy, world_size=world) if strategy != "none" else ParallelSpec()
 
 
 def optimizer_of(optimizer: torch.optim.Optimizer) -> OptimizerSpec:

@@ -58,7 +58,8 @@ class Tracking:
         _check(model, optimizer, name, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
         self.model = model
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the optimizer inside
+        # accelerate's wrapper holds no state: the optimizer inside it does (a Lookahead's own state counts: kept)
+        self.optimizer = optimizer.optimizer if type(optimizer).__name__ == "AcceleratedOptimizer" else optimizer
         self.optimizer_spec = optimizer_spec
         self.out = Path(out) if out is not None else None
         self.name = name
