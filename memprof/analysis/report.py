@@ -65,6 +65,9 @@ def load_run(run_dir: Path) -> Run:
     return Run(run_dir, records, steps, read_env(run_dir / "env.json"))
 
 
+STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "step_time_s")  # and eval_loss, empty on most steps
+
+
 def read_steps(path: Path) -> list[StepLog]:
     """A cell's steps.csv (none for a cell that never reached its first step).
 
@@ -83,10 +86,9 @@ def read_steps(path: Path) -> list[StepLog]:
         return [_step_log(row, path, reader.line_num) for row in reader]
 
 
-STEP_COLUMNS = ("step", "loss", "lr", "grad_norm", "step_time_s")  # and eval_loss, empty on most steps
-
-
 def _step_log(row: dict[str, str], path: Path, line: int) -> StepLog:
+    """A row of steps.csv, each figure checked."""
+
     def number(name: str, kind: type = float) -> Any:
         try:
             return kind(row.get(name))
