@@ -14,7 +14,6 @@ process (else the allocator's reserved bytes).
 
 from __future__ import annotations
 
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -145,6 +144,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     """
     from memprof.results import env as env_mod
     from memprof.run.executor import LocalExecutor, ZygoteDied
+    from memprof.run.processes import Interrupts
 
     if axis not in AXES:
         raise UserError("--search", f"must be one of {', '.join(AXES)}")
@@ -175,34 +175,27 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     if limit is None:
         raise UserError("--memory-budget", "required on the CPU: trials are capped at this many bytes of address "
                         "space (without it the search would run until the host swaps)")
-    stopping = False
     with tempfile.TemporaryDirectory(prefix="memprof-fit-") as logs:
         executor = LocalExecutor(Path(logs))
+        # the zygote passes Ctrl-C on to the running trial, which ends 'interrupted'
+        with Interrupts(executor.interrupt) as interrupts:
 
-        def on_signal(signum: int, frame: object) -> None:
-            nonlocal stopping
-            stopping = True
-            executor.interrupt()  # the zygote passes it on to the running trial, which ends 'interrupted'
-
-        def run(cell: CellConfig) -> Record:
-            try:
-                return executor.run(cell).record
-            except ZygoteDied:
-                if stopping:  # the signal reached the zygote before it could pass it on
-                    raise _Stopped from None
-                raise
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            try:
-                executor.wait_ready()  # the worker's start is no trial's time
-            except ZygoteDied:
-                if not stopping:
+            def run(cell: CellConfig) -> Record:
+                try:
+                    return executor.run(cell).record
+                except ZygoteDied:
+                    if interrupts.came:  # the signal reached the zygote before it could pass it on
+                        raise _Stopped from None
                     raise
-            return search(request, axis, run, limit, margin, steps, "cuda" if cuda else "cpu",
-                          cap_address_space=not cuda, start=start, maximum=maximum, granularity=granularity,
-                          timeout_s=timeout_s, on_trial=on_trial, interrupted=lambda: stopping)
-        finally:
-            executor.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+
+            try:
+                try:
+                    executor.wait_ready()  # the worker's start is no trial's time
+                except ZygoteDied:
+                    if not interrupts.came:
+                        raise
+                return search(request, axis, run, limit, margin, steps, "cuda" if cuda else "cpu",
+                              cap_address_space=not cuda, start=start, maximum=maximum, granularity=granularity,
+                              timeout_s=timeout_s, on_trial=on_trial, interrupted=lambda: interrupts.came)
+            finally:
+                executor.close()

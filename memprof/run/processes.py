@@ -1,5 +1,6 @@
-"""Process plumbing shared by the zygote and the rank launcher: fork a child that dies with its parent, kill it
-quietly, say how it ended, read its log's tail, cap its address space. Nothing here knows what a cell is."""
+"""Process plumbing shared by the zygote, the rank launcher and the commands that drive workers: fork a child that
+dies with its parent, kill it quietly, say how it ended, read its log's tail, cap its address space, catch Ctrl-C to
+pass it on. Nothing here knows what a cell is."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EXIT_EXCEPTION = 70  # a child whose function raised (its traceback is on its stderr)
@@ -88,3 +91,25 @@ def cap_address_space(budget_bytes: int) -> None:
             current = int(line.split()[1]) * 1024
             resource.setrlimit(resource.RLIMIT_AS, (current + budget_bytes, resource.RLIM_INFINITY))
             return
+
+
+class Interrupts:
+    """Ctrl-C and SIGTERM inside a ``with`` block: each calls ``interrupt`` (which passes it on to the workers) and
+    sets ``came``, so the block stops when it is ready to; the handlers from before are back after the block."""
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        self.came = False
+        self._interrupt = interrupt
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.came = True
+        self._interrupt()

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import signal
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from memprof.results.record import CellResult, Record, Status
 from memprof.results.store import RunWriter, new_run_dir, prepare_resume
 from memprof.run.executor import LocalPool, Pool, PreflightFailed
 from memprof.run.messages import StepDone
+from memprof.run.processes import Interrupts
 from memprof.suite import Suite
 
 
@@ -62,41 +62,32 @@ def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_inte
     if resume is not None:
         prepare_resume(resume, manifest)  # before the zygote starts: the wrong folder fails at once
     pool = make_pool(executor, jobs, address, sample_interval_s)
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        pool.interrupt()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with observer.checking():
-            try:
-                problems = pool.preflight(suite.preflight_pairs())
-            except PreflightFailed as err:
-                if not stopping:
-                    raise UserError(str(suite.path), f"checking the models failed: {err}") from None
-                problems = []
-        if stopping:
-            return RunOutcome(None, [], True)
-        if problems:
-            p = problems[0]
-            raise suite.preflight_error(p.model, p.adapter, p.field, p.error)
-        run_dir = resume or new_run_dir(out_root, suite.name)
-        pool.log_to(run_dir / "logs")
-        writer = RunWriter(run_dir, suite.text, manifest, env_mod.capture())
-        finished = {r.config.index for r in writer.records}
-        observer.start(cells, list(writer.records))
-        pending = [c for c in cells if c.index not in finished]
-        for result in pool.run_all(pending, lambda: stopping, observer.step):
-            writer.append(result)
-            observer.done(result)
-    finally:
-        pool.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    interrupted = stopping or any(r.status is Status.INTERRUPTED for r in writer.records)
+    with Interrupts(pool.interrupt) as interrupts:
+        try:
+            with observer.checking():
+                try:
+                    problems = pool.preflight(suite.preflight_pairs())
+                except PreflightFailed as err:
+                    if not interrupts.came:
+                        raise UserError(str(suite.path), f"checking the models failed: {err}") from None
+                    problems = []
+            if interrupts.came:
+                return RunOutcome(None, [], True)
+            if problems:
+                p = problems[0]
+                raise suite.preflight_error(p.model, p.adapter, p.field, p.error)
+            run_dir = resume or new_run_dir(out_root, suite.name)
+            pool.log_to(run_dir / "logs")
+            writer = RunWriter(run_dir, suite.text, manifest, env_mod.capture())
+            finished = {r.config.index for r in writer.records}
+            observer.start(cells, list(writer.records))
+            pending = [c for c in cells if c.index not in finished]
+            for result in pool.run_all(pending, lambda: interrupts.came, observer.step):
+                writer.append(result)
+                observer.done(result)
+        finally:
+            pool.close()
+    interrupted = interrupts.came or any(r.status is Status.INTERRUPTED for r in writer.records)
     return RunOutcome(run_dir, writer.records, interrupted)
 
 
