@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from memprof.analysis.compare import ResultSet
     from memprof.results.metrics import Rule
     from memprof.config.spec import CellConfig
+    from memprof.run.messages import Problem
     from memprof.suite import Suite
 
 # Exit codes (README "Exit codes"): a crashed or timed-out cell is the harness failing, not an answer the user asked
@@ -123,9 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from memprof.views.tables import cells_table
 
         # a run's own checks, here in this process: each model built on the meta device, its adapter, each optimizer
-        problem = next(iter(check_all(suite.preflight_pairs())), None)
-        if problem is not None:
-            raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
+        _refuse(suite, check_all(suite.preflight_pairs()))
         out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
     baseline = None
@@ -185,14 +184,11 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise UserError("--out", f"{taken} is a file, not a folder")
 
 
-def _refuse_adapter_configs(suite: Suite, cells: list[CellConfig]) -> None:
-    """What peft says of the suite's adapter tables without a model, for plan and crosscheck (a run's preflight, and
-    --dry-run, check it with the rest)."""
-    from memprof.run.preflight import config_problems
-
-    problem = next(iter(config_problems(cells)), None)
-    if problem is not None:
-        raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
+def _refuse(suite: Suite, problems: list[Problem]) -> None:
+    """The first problem the checks found (``memprof.run.preflight``), as the suite's one-line error."""
+    if problems:
+        p = problems[0]
+        raise suite.preflight_error(p.model, p.adapter, p.field, p.error)
 
 
 def _budget_on_the_cpu_only(cells: list[CellConfig], source: Path) -> None:
@@ -270,9 +266,7 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     cell = suite.cells[args.cell]
     from memprof.run.preflight import check_all
 
-    problem = next(iter(check_all([cell])), None)  # what a run checks before any cell: one line, not a traceback
-    if problem is not None:
-        raise suite.preflight_error(problem.model, problem.adapter, problem.field, problem.error)
+    _refuse(suite, check_all([cell]))  # what a run checks before any cell: one line, not a traceback
     from memprof.measure.crosscheck import crosscheck, exit_code
     from memprof.train.optim import OptimizerUnavailable
     from memprof.views.tables import crosscheck_table
@@ -408,7 +402,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.model:
             raise UserError("--model", "give either a suite or --model, not both")
         suite = suite_mod.load(args.suite)
-        _refuse_adapter_configs(suite, suite.cells)
+        from memprof.run.preflight import config_problems
+
+        _refuse(suite, config_problems(suite.cells))  # what peft says of each adapter table, without a model
         requests = plan_mod.requests_from_cells(suite.cells)
         levers: dict[str, object] = {}
         if args.gradient_checkpointing:
