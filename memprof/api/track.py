@@ -58,8 +58,7 @@ class Tracking:
         _check(model, optimizer, name, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
         self.model = model
-        # accelerate's wrapper holds no state: the optimizer inside it does (a Lookahead's own state counts: kept)
-        self.optimizer = optimizer.optimizer if type(optimizer).__name__ == "AcceleratedOptimizer" else optimizer
+        self.optimizer = inner_optimizer(optimizer)
         self.optimizer_spec = optimizer_spec
         self.out = Path(out) if out is not None else None
         self.name = name
@@ -282,6 +281,12 @@ def track(model: nn.Module, optimizer: torch.optim.Optimizer, out: str | Path | 
     """
     return Tracking(model, optimizer, out, name=name, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                     warmup_steps=warmup_steps, sample_interval_s=sample_interval_s, optimizer_spec=optimizer_spec)
+
+
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that keeps the state: the one inside accelerate's wrapper (which a Trainer steps), any other
+    as it is (a Lookahead's own state counts)."""
+    return optimizer.optimizer if type(optimizer).__name__ == "AcceleratedOptimizer" else optimizer
 
 
 def _check(model: Any, optimizer: Any, name: Any, sample_interval_s: Any, optimizer_spec: Any, **counts: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from transformers import TrainerCallback
 
 from memprof.api.describe import optimizer_of, plain
-from memprof.api.track import Tracking, track
+from memprof.api.track import Tracking, inner_optimizer, track
 from memprof.config.spec import OptimizerSpec
 from memprof.measure.accounting import optimizer_state_bytes
 
@@ -56,7 +56,7 @@ class MemprofCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         if MemprofCallback._unfinished is not None:  # its hooks and sampler would measure this run too
             MemprofCallback._unfinished.discard()
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        inner = inner_optimizer(optimizer)
         self.tracking = track(model, inner, self.out, name=self.name, batch_size=args.per_device_train_batch_size,
                               seq_len=self.seq_len, grad_accum=args.gradient_accumulation_steps,
                               warmup_steps=self.warmup_steps,
