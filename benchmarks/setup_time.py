@@ -87,8 +87,7 @@ def _status_bytes(field: str) -> int:
 def work(case: str, arg: str) -> dict[str, Any]:
     """Run one case after the zygote's imports; the figures as a dict. Anonymous RSS is sampled beside it: the
     high-water mark also counts file pages mapped in (a safetensors checkpoint), which the kernel can drop."""
-    import resource
-
+    from memprof.measure.host import high_water_bytes
     from memprof.run.zygote import preload
 
     preload()
@@ -96,7 +95,7 @@ def work(case: str, arg: str) -> dict[str, Any]:
                            "rss_before_bytes": _status_bytes("VmRSS")}
     with _Highest(lambda: _status_bytes("RssAnon")) as anon:
         out.update(CASES[case](arg))
-    out.update(ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    out.update(ru_maxrss_bytes=high_water_bytes(),
                vm_hwm_bytes=_status_bytes("VmHWM"), case_peak_rss_anon_bytes=anon.value,
                loadavg_after=Path("/proc/loadavg").read_text().split()[:3])
     out.setdefault("peak_rss_bytes", out["vm_hwm_bytes"])
