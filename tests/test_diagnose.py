@@ -98,6 +98,25 @@ def test_a_vanishing_lr_never_drops(tmp_path: Path) -> None:
     assert codes(r) == ["never_drops"] and r.verdict == "never drops"
 
 
+def test_a_run_too_short_to_tell_its_end_from_its_start_is_not_said_to_never_drop(tmp_path: Path) -> None:
+    # 3 steps: the start (mean of 3) and the final smoothed loss (mean of the last 5) are the same mean
+    r = run(tmp_path, steps=3, lr=3e-3, batch=8)
+    assert codes(r) == [] and r.verdict == ""
+    assert diagnose.diagnose([13.39, 13.07, 12.16], []) == []  # the H100's 70B QLoRA cell, learning in 3 steps
+    longer = run(tmp_path, steps=diagnose.START_STEPS + diagnose.SMOOTH_WINDOW, lr=1e-9, batch=8)
+    assert codes(longer) == ["never_drops"]  # the shortest run where they differ is judged
+
+
+def test_a_huge_lr_that_never_drops_is_told_to_lower_it_toward_the_run_s_best(tmp_path: Path) -> None:
+    good = run(tmp_path, steps=10, lr=2e-3, batch=4, seq=128, adapter="r16", data='source = "stdlib"')
+    huge = run(tmp_path, steps=10, lr=50.0, batch=4, seq=128, adapter="r16", data='source = "stdlib"')
+    assert codes(good) == [] and codes(huge) == ["never_drops"]
+    huge = replace(huge, config=huge.config.with_values({"index": 1}))
+    assert _remedies([good, huge], "never_drops") == ["the LR is above this configuration's best in the run "
+                                                      "(0.002): lower it toward that"]
+    assert "so large" in _remedies([huge], "never_drops")[0]  # alone: both directions are named
+
+
 def test_lion_with_a_high_lr_and_no_warmup_or_clipping_oscillates(tmp_path: Path) -> None:
     r = run(tmp_path, steps=15, lr=2e-2, optimizer="lion_32bit", settings="max_grad_norm = 0")
     assert codes(r) == ["oscillation"] and r.verdict == "oscillation"
@@ -127,9 +146,13 @@ def test_a_low_lr_stalls_a_lora_on_its_early_plateau_and_10x_escapes_it(tmp_path
 
 
 def _plateau_remedies(records: list[Record]) -> list[str]:
+    return _remedies(records, "plateau")
+
+
+def _remedies(records: list[Record], code: str) -> list[str]:
     table = report.diagnosis_table(report.Run(Path("."), records, {}))
     assert table is not None
-    return [row[2] for row in table.rows if row[0] == "plateau"]
+    return [row[2] for row in table.rows if row[0] == code]
 
 
 def test_many_steps_on_a_tiny_text_file_overfit(tmp_path: Path) -> None:

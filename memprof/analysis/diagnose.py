@@ -18,7 +18,9 @@ START_STEPS = 3
 # exploded: the trailing-mean loss went above this multiple of the start (a random model starts near ln(vocab),
 # so twice that means the updates are destroying the model, not learning slowly).
 EXPLODE_FACTOR = 2.0
-# never_drops: the final (smoothed) loss is less than 2% below the start: nothing was learned.
+# never_drops: the final (smoothed) loss is less than 2% below the start: nothing was learned. Judged only when the
+# start and the final smoothed loss are means over different steps (a run of 8 steps or more): in a shorter one they
+# share steps, so the final loss could not be told from the start however much the run learned.
 MIN_DROP = 0.02
 # oscillation: in some window of 10 steps the loss swings from step to step (the median change, less the window's
 # net drift per step) by more than 10% of its level and by more than half of what it had dropped since the start:
@@ -58,8 +60,8 @@ class Finding:
 FINDINGS: dict[str, Finding] = {f.code: f for f in (
     Finding("non_finite", "the loss became NaN or infinite", "the LR is too high: reduce it about 10x"),
     Finding("exploded", "the loss rose to more than twice its start", "the LR is too high: reduce it about 10x"),
-    Finding("never_drops", "the loss never dropped", "check the data and task set-up (labels, what is trainable, "
-            "an LR many orders of magnitude too small)"),
+    Finding("never_drops", "the loss never dropped", "check the data and task set-up (labels, what is trainable) "
+            "and the LR: many orders of magnitude too small, or so large that each update wrecks the model"),
     Finding("oscillation", "the loss swings up and down from step to step",
             "add LR warm-up (lr_warmup_ratio = 0.1) or lower the LR"),
     Finding("spikes", "the loss spiked and recovered", "clip gradients (max_grad_norm = 1.0) or lower the LR"),
@@ -92,7 +94,7 @@ def diagnose(losses: Sequence[float], evals: Sequence[tuple[int, float]], floor:
         codes.append("oscillation")
     elif spike_steps(losses, start):
         codes.append("spikes")
-    if not codes and smoothed[-1] > start * (1 - MIN_DROP):
+    if not codes and len(losses) >= START_STEPS + SMOOTH_WINDOW and smoothed[-1] > start * (1 - MIN_DROP):
         codes.append("never_drops")  # only on a quiet curve: an unstable one has its own cause
     if not {"exploded", "never_drops"} & set(codes) and plateaued(losses, start, floor):
         codes.append("plateau")

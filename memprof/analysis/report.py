@@ -297,12 +297,13 @@ def lr_group(r: Record) -> str:
 
 
 def remedy(code: str, r: Record, best: dict[str, float]) -> str:
-    """A plateau's usual remedy is a higher LR; where the run trained the same configuration at other LRs, the
-    remedy follows them: an LR above the best one plateaued after falling fast (lower it), one below it was too
-    low (raise it), the best one is not held back by its LR alone."""
+    """The finding's usual remedy, except for a curve that stalled (plateau, never dropping) where the run trained the
+    same configuration at other LRs: the remedy follows them. An LR above the best one stalled for being too high
+    (after falling fast, or with each update wrecking the model): lower it; one below it was too low: raise it; the
+    best one is not held back by its LR alone."""
     usual = diagnose.FINDINGS[code].remedy
     lr_star = best.get(lr_group(r))
-    if code != "plateau" or lr_star is None:
+    if code not in ("plateau", "never_drops") or lr_star is None:
         return usual
     lr = r.config.training.lr
     if lr > lr_star:
@@ -318,6 +319,9 @@ class LrPoint:
     and the statuses of those that failed."""
 
     lr: float
+    if code == "never_drops":
+        return "this is the configuration's best LR in the run: check the data and task set-up, or try LRs beyond " \
+               "the run's grid"
     loss: float | None
     failed: tuple[str, ...] = ()
 
