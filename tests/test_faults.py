@@ -152,6 +152,9 @@ def test_oom_under_a_memory_budget_records_where_and_the_peak_reached(fault_run:
     assert 0 < r.peak_rss_delta_bytes <= OOM_BUDGET
     assert r.peak_rss_bytes == r.rss_baseline_bytes + r.peak_rss_delta_bytes
     assert r.trainable_params == 28672  # the model was built: the failure is the forward's, not the set-up's
+    # its optimizer never stepped: no state to speak of (not 0 B, read as "this optimizer needs none")
+    assert r.optimizer_state_bytes is None and r.optimizer_state_bytes_by_dtype == {}
+    assert fault_run["by"]["nan"].optimizer_state_bytes == 0  # plain SGD's none, measured after its first step
 
 
 def test_a_worker_killed_by_sigkill_is_crashed_with_the_signal_and_stderr(fault_run: dict[str, Any]) -> None:
@@ -173,17 +176,20 @@ def test_the_results_table_says_where_each_failed_cell_stopped(fault_run: dict[s
 
     from rich.console import Console
 
-    from memprof.views.tables import results_table
+    from memprof.views.tables import human_bytes, results_table
 
     failed = [r for r in fault_run["records"] if r.status is not Status.OK]
     at_setup = replace(fault_run["by"]["raise"], fail_phase="setup", fail_step=None)  # a model that does not build
     console = Console(width=200, record=True)
     console.print(results_table([*failed, at_setup, fault_run["by"]["sgd"]], 200))
     values = tuple(s.value for s in Status)
-    statuses = [cell.strip() for line in console.export_text().splitlines() for cell in line.split("│")
+    text = console.export_text()
+    statuses = [cell.strip() for line in text.splitlines() for cell in line.split("│")
                 if cell.strip().startswith(values)]
     assert statuses == ["oom forward@0", "crashed", "crashed optimizer@0", "timeout",
                         "diverged forward@1", "crashed setup", "ok"]
+    hog = fault_run["by"]["hog"]  # what a cell that stopped early reached is a lower bound, and says so
+    assert f"≥ {human_bytes(hog.peak_bytes)}" in text
 
 
 def test_a_cell_past_its_timeout_is_killed_and_recorded(fault_run: dict[str, Any]) -> None:

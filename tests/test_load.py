@@ -16,7 +16,7 @@ from rich.console import Console
 from memprof.analysis import report
 from memprof.analysis.contention import CONTENDED
 from memprof.measure.load import PRESSURE, CpuPressure, cpu_stall_us
-from memprof.results.record import Status
+from memprof.results.record import Status, StepLog
 from memprof.run.launch import run_cell
 from memprof.views.tables import results_table
 from test_api import quick_lora_cell
@@ -41,7 +41,8 @@ def test_busy_loops_beyond_the_cores_show_as_pressure_and_the_table_flags_the_ce
     cell = quick_lora_cell("adamw_torch")
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range((os.cpu_count() or 1) + 1)]
     try:
-        busy = run_cell(cell).record
+        result = run_cell(cell)
+        busy = result.record
     finally:
         for p in burners:
             p.kill()
@@ -58,8 +59,11 @@ def test_busy_loops_beyond_the_cores_show_as_pressure_and_the_table_flags_the_ce
     table = report.repeats_table(report.Run(Path("."), [busy], {}))
     assert table.rows[0][table.columns.index("tokens/s")].endswith(" *")
     assert any(note.startswith("*: timed while other work") for note in table.notes)
-    table = report.target_table(report.Run(Path("."), [busy], {}))
+    steps = [StepLog(**{k: v for k, v in row.items() if k not in ("cell_key", "repeat")}) for row in result.steps]
+    table = report.target_table(report.Run(Path("."), [busy], {busy.config.index: steps}))
     assert table.rows[0][table.columns.index("s to relative")].endswith(" *")
+    table = report.target_table(report.Run(Path("."), [busy], {}))  # without its steps: no time, so nothing to mark
+    assert table.rows[0][table.columns.index("s to relative")] == "–"
 
 
 @needs_psi

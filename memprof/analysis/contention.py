@@ -22,13 +22,16 @@ def worst(records: Sequence[Record]) -> float | None:
     return max((r.cpu_pressure for r in records if contended(r.cpu_pressure)), default=None)
 
 
-def mark(records: Sequence[Record]) -> str:
-    """`` *`` beside a timing when any of ``records`` (its repeats) was timed on a contended machine."""
-    return " *" if any(contended(r.cpu_pressure) for r in records) else ""
+def marked(timing: str, records: Sequence[Record]) -> str:
+    """``timing`` with `` *`` beside it when any of ``records`` (its repeats) was timed on a contended machine; no
+    timing ("–") as it is."""
+    if timing == "–" or not any(contended(r.cpu_pressure) for r in records):
+        return timing
+    return timing + " *"
 
 
 def contention_notes(records: Sequence[Record]) -> list[str]:
-    """The note under a table whose timings ``mark`` starred: none when no record was timed under contention."""
+    """The note under a table whose timings ``marked`` starred: none when no record was timed under contention."""
     share = worst(records)
     if share is None:
         return []

@@ -19,7 +19,7 @@ from memprof.analysis import convergence, diagnose, stats
 from memprof.config import catalogue
 from memprof.config.spec import AXES, AXIS_BY_NAME, Axis, varying
 from memprof.errors import UserError
-from memprof.analysis.contention import contention_notes, mark
+from memprof.analysis.contention import contention_notes, marked
 from memprof.results.record import Record, Status, StepLog
 from memprof.results.env import read_env
 from memprof.results.store import read_records, some_records
@@ -178,16 +178,25 @@ def repeats_table(run: Run) -> TableData:
                      mean_ci([r.final_loss_smoothed for r in ok], ".3f"),
                      mean_ci([r.final_eval_loss for r in ok], ".3f"),
                      mean_ci(gaps, ".3f") if any(g is not None for g in gaps) else "–",
-                     mean_ci([r.tokens_per_s for r in ok], ",.0f") + mark(ok), mean_ci(step_ms, ".1f") + mark(ok),
+                     marked(mean_ci([r.tokens_per_s for r in ok], ",.0f"), ok), marked(mean_ci(step_ms, ".1f"), ok),
                      mean_ci([r.loss_auc for r in ok], ".3f"),
-                     ", ".join(sorted({verdict_of(r) for r in rs if r.verdict})) or "–"])
+                     _verdicts(rs)])
     notes = ["mean ± half-width of the 95% Student t interval over the repeats (seeds); one repeat: the value alone",
-             "final loss: smoothed training loss (last 5 steps); gap: final eval loss − entropy floor (nats)",
+             "loss, last 5: the training loss's mean over the last 5 steps; gap: final eval loss − entropy floor "
+             "(nats)",
              "AUC: area under the training-loss curve per step (lower: learned sooner)"]
     notes += contention_notes(run.records)
     return TableData(f"Convergence and speed over repeats ({fixed_axes(run.records)})",
-                     [axis.title for axis in axes] + ["ok", "final loss", "eval loss", "gap", "tokens/s", "step ms",
+                     [axis.title for axis in axes] + ["ok", "loss, last 5", "eval loss", "gap", "tokens/s", "step ms",
                                                        "AUC", "verdict"], rows, notes)
+
+
+def _verdicts(rs: Sequence[Record]) -> str:
+    """The verdicts of a configuration's repeats; "none" when those that trained showed nothing wrong, "–" when none
+    trained."""
+    if not any(r.status in (Status.OK, Status.DIVERGED) for r in rs):
+        return "–"
+    return ", ".join(sorted({verdict_of(r) for r in rs if r.verdict})) or "none"
 
 
 def _steps_to(target: float, steps: list[StepLog]) -> int | None:
@@ -215,8 +224,8 @@ def target_table(run: Run) -> TableData:
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
             row += [_reached([r.steps_to_target for r in rs], rs),
-                    mean_ci([r.seconds_to_target for r in rs], ".2f") + mark(rs)]
-        rows.append(row + [_reached(reached, rs), mean_ci(seconds, ".2f") + mark(rs)])
+                    marked(mean_ci([r.seconds_to_target for r in rs], ".2f"), rs)]
+        rows.append(row + [_reached(reached, rs), marked(mean_ci(seconds, ".2f"), rs)])
     columns = [axis.title for axis in axes]
     notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
              f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
@@ -260,14 +269,14 @@ def diagnosis_table(run: Run) -> TableData | None:
     for r in run.records:
         for code in filter(None, r.diagnosis.split(",")):
             cells.setdefault((code, remedy(code, r, best)), []).append(
-                " ".join(_axis_cells(r, axes)) + f" seed {r.config.training.seed}")
+                " ".join(axis.token(axis.get(r.config)) for axis in axes) + f" seed{r.config.training.seed}")
     if not cells:
         return None
     order = list(diagnose.FINDINGS)
     rows = [[code, diagnose.FINDINGS[code].meaning, text, "; ".join(names)]
             for (code, text), names in sorted(cells.items(), key=lambda item: order.index(item[0][0]))]
     return TableData("Diagnoses and remedies", ["finding", "meaning", "remedy", "cells"], rows,
-                     [f"cells: {', '.join(axis.title for axis in axes)}, seed",
+                     ["cells: named by what varies in the run (" + ", ".join(axis.title for axis in axes) + ", seed)",
                       "remedy: from the run's other LRs where it has them (the same configuration at other LRs), "
                       "else the usual one"])
 
@@ -310,6 +319,9 @@ def remedy(code: str, r: Record, best: dict[str, float]) -> str:
         return f"the LR is above this configuration's best in the run ({lr_star:g}): lower it toward that"
     if lr < lr_star:
         return f"the LR is too low: this configuration did best in the run at {lr_star:g}: raise it toward that"
+    if code == "never_drops":
+        return "this is the configuration's best LR in the run: check the data and task set-up, or try LRs beyond " \
+               "the run's grid"
     return "this is the configuration's best LR in the run: train longer, or try LRs beyond the run's grid"
 
 
@@ -319,9 +331,6 @@ class LrPoint:
     and the statuses of those that failed."""
 
     lr: float
-    if code == "never_drops":
-        return "this is the configuration's best LR in the run: check the data and task set-up, or try LRs beyond " \
-               "the run's grid"
     loss: float | None
     failed: tuple[str, ...] = ()
 

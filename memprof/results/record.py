@@ -128,6 +128,12 @@ class Record:
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
 
     @property
+    def peak_is_lower_bound(self) -> bool:
+        """The cell stopped before its steps were done (OOM, crash, timeout, interrupt): its peaks are what it
+        reached until then, less than its steps need."""
+        return self.status in (Status.OOM, Status.CRASHED, Status.TIMEOUT, Status.INTERRUPTED)
+
+    @property
     def failed_at(self) -> str:
         """Where a cell that did not end ok stopped: its phase, and the step where there was one (``backward@3``,
         ``setup``); "" for an ok cell or one whose phase is unknown."""

@@ -88,7 +88,9 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
 
     if callable(getattr(built.model, "reshard", None)):
         built.model.reshard()  # FSDP2 keeps the root unit gathered after a forward: count the rank's shards
-    values.update(exact_values(built.model, built.optimizer))
+    # the optimizer's state is whole once it has stepped: a cell that stopped before its first step has no figure
+    stepped = probe is not None and bool(probe.logs)
+    values.update(exact_values(built.model, built.optimizer if stepped else None))
     if built.optimizer is not None:
         values["predicted_state_bytes"] = formulas.predict_for_optimizer(cell.optimizer.name, built.optimizer)
     if status is not Status.UNAVAILABLE:  # a cell that never trained has no peak to speak of

@@ -23,7 +23,7 @@ from memprof.analysis.report import (Run, by_config, group_title, label_of, lowe
 from memprof.config.spec import varying  # noqa: E402
 from memprof.measure.attribution import OUTSIDE, PARTS  # noqa: E402
 from memprof.results.record import Record, Status, StepLog  # noqa: E402
-from memprof.views.tables import human_bytes, scale_unit  # noqa: E402
+from memprof.views.tables import human_bytes, peak_text, scale_unit  # noqa: E402
 
 DPI = 100
 COLOURS = plt.get_cmap("tab10").colors
@@ -48,13 +48,15 @@ PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "tr
 def memory_figure(run: Run) -> Figure | None:
     """Each configuration's peak as a stacked bar of its parts (``memprof.measure.attribution``), the configurations
     of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
-    CUDA's context) hatched after it. Beside each group its optimizer state alone, on its own scale, so a saving
-    that is small against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
-    shown = [r for r in one_per_config(run.records) if r.breakdown and r.peak_bytes is not None]
+    CUDA's context) hatched after it. A configuration without parts (OOM, crash, unavailable) says how it ended and
+    what it reached instead. Beside each group its optimizer state alone, on its own scale, so a saving that is small
+    against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
+    records = one_per_config(run.records)
+    shown = [r for r in records if r.breakdown and r.peak_bytes is not None]
     if not shown:
         return None
     groups: dict[str, list[Record]] = {}
-    for r in shown:
+    for r in records:
         groups.setdefault(group_title(r), []).append(r)
     totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
     unit, scale = scale_unit(max(totals))
@@ -62,32 +64,31 @@ def memory_figure(run: Run) -> Figure | None:
     states = len({r.optimizer_state_bytes for r in shown}) > 1  # else the state panel would say nothing
     fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
                              dpi=DPI, squeeze=False, gridspec_kw={"height_ratios": heights,
-                                                                  "width_ratios": (4, 1.2) if states else (1,)})
+                                                                  "width_ratios": (4, 1.5) if states else (1,)})
     present: dict[str, str] = {}
-    for row, (title, rs) in zip(axes, groups.items()):
+    attributed = {id(r) for r in shown}
+    labels: list[Any] = []
+    state_labels: list[Any] = []
+    for i, (row, (title, rs)) in enumerate(zip(axes, groups.items())):
         ax = row[0]
         names = [a for a in varying([r.config for r in rs], always=("optimizer",)) if a.name not in GROUP_AXES]
-        labels = [" ".join(a.text(r.config) for a in names if not (a.lever and a.is_default(r.config)))
-                  for r in rs]
+        ticks = [" ".join(a.text(r.config) for a in names if not (a.lever and a.is_default(r.config))) for r in rs]
         for y, r in enumerate(rs):
             left = 0.0
-            for part, nbytes in _segments(r).items():
+            for part, nbytes in (_segments(r).items() if id(r) in attributed else ()):
                 if nbytes <= 0:
                     continue
                 ax.barh(y, nbytes / scale, left=left, height=0.7, linewidth=0.6, **_style(part))
                 present[part] = (PARTS | OUTSIDE)[part].label
                 left += nbytes / scale
-            outside = sum(max(_segments(r).get(name, 0), 0) for name in OUTSIDE) / scale
-            total = f" {left - outside:.2f} {unit} peak, {left:.2f} in all" if outside else f" {left:.2f} {unit}"
-            ax.text(left, y, total + ("" if r.status is Status.OK else f" ({r.status.value})"), va="center",
-                    fontsize=8)
-        ax.set_yticks(range(len(rs)), labels, fontsize=9)
-        ax.invert_yaxis()
+            labels.append(ax.text(left, y, _bar_label(r, unit, scale, id(r) in attributed), va="center", fontsize=8))
+        ax.set_yticks(range(len(rs)), ticks, fontsize=9)
+        ax.set_ylim(len(rs) - 0.5, -0.5)  # top to bottom, rows without a bar kept whole
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
-        ax.set_xlim(0, max(totals) / scale * 1.18)
+        ax.set_xlim(0, max(totals) / scale * 1.05)
         if states:
-            _state_bars(row[1], rs, shown)
+            state_labels += _state_bars(row[1], rs, shown, last=i == len(groups) - 1)
     if states:
         axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
     measure = "allocator" if shown[0].peak_allocated_bytes is not None else "RSS growth"
@@ -101,29 +102,64 @@ def memory_figure(run: Run) -> Figure | None:
     fig.legend(handles, list(present.values()), loc="lower center", ncol=columns, fontsize=8, frameon=False)
     fig.suptitle("Where each peak's bytes are", fontsize=11)
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    _room_for(labels, [row[0] for row in axes])
+    if states:
+        _room_for(state_labels, [row[1] for row in axes])
     return Figure("memory", "Where each peak's bytes are", _png(fig))
 
 
-def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> None:
+def _bar_label(r: Record, unit: str, scale: int, attributed: bool) -> str:
+    """The figures at a bar's end: the peak, and with what lies outside the torch allocator the sum of all; for a
+    configuration without parts, how it ended and what it reached."""
+    if not attributed:
+        reached = f": {peak_text(r, r.peak_bytes)} reached" if r.peak_bytes is not None else ""
+        return f" {r.outcome}{reached}"
+    outside = sum(getattr(r, name) or 0 for name in OUTSIDE)
+    peak = f" {r.peak_bytes / scale:.2f} {unit}"
+    text = f"{peak} peak, {(r.peak_bytes + outside) / scale:.2f} in all" if outside else peak
+    return text + ("" if r.status is Status.OK else f" ({r.status.value})")
+
+
+def _room_for(labels: list[Any], axes: list[Axes]) -> None:
+    """Widen the axes' common x range (one scale for every group) until each label, written after its bar's end,
+    ends inside its axes: a label ``w`` of an axes' ``W`` pixels wide, starting at ``x``, needs a range to
+    ``x / (1 - w / W)``."""
+    renderer = axes[0].figure.canvas.get_renderer()
+    right = axes[0].get_xlim()[1]
+    for text in labels:
+        width = text.axes.get_window_extent(renderer).width
+        share = text.get_window_extent(renderer).width / width
+        if share < 1:
+            right = max(right, text.get_position()[0] / (1 - share) * 1.02)
+    for ax in axes:
+        ax.set_xlim(0, right)
+
+
+def _state_bars(ax: Axes, rs: list[Record], shown: list[Record], last: bool) -> list[Any]:
     """Each record's optimizer state: what the allocator holds, then its paged part hatched; one scale for all
-    groups."""
+    groups; nothing for a cell whose state was never whole (it stopped before its first step). Returns the labels;
+    the ``last`` group's axes carry the unit."""
     most_bytes = max((r.optimizer_state_bytes or 0) for r in shown)
     unit, scale = scale_unit(most_bytes)
     most = most_bytes / scale
+    labels = []
     for y, r in enumerate(rs):
-        state, paged = r.optimizer_state_bytes or 0, r.optimizer_state_paged_bytes or 0
+        if r.optimizer_state_bytes is None:
+            continue
+        state, paged = r.optimizer_state_bytes, r.optimizer_state_paged_bytes or 0
         ax.barh(y, (state - paged) / scale, height=0.7, linewidth=0.6, **_style("optimizer_state"))
         ax.barh(y, paged / scale, left=(state - paged) / scale, height=0.7, linewidth=0.6,
                 **_style("optimizer_state_paged_bytes"))
         label = f" {human_bytes(state)}" + (f" ({human_bytes(paged)} paged)" if paged else "")
-        ax.text(state / scale, y, label, va="center", fontsize=8)
+        labels.append(ax.text(state / scale, y, label, va="center", fontsize=8))
     ax.set_yticks(range(len(rs)), [""] * len(rs))
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    ax.set_xlim(0, most * 2.2 or 1)
-    if rs[-1] is shown[-1]:
+    ax.set_xlim(0, most * 1.05 or 1)
+    if last:
         paged = any(r.optimizer_state_paged_bytes for r in shown)
         ax.set_xlabel(unit + (" (hatched: paged)" if paged else ""), fontsize=9)
+    return labels
 
 
 def _style(part: str) -> dict[str, Any]:
@@ -158,16 +194,18 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     finite: list[float] = []
     configs = list(by_config(records).values())
     styles = _coinciding_styles([[s.loss for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
-    for colour, style, rs in zip(itertools.cycle(COLOURS), styles, configs):
+    lr_styles = _coinciding_styles([[s.lr for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
+    for k, (colour, style, lr_style, rs) in enumerate(zip(itertools.cycle(COLOURS), styles, lr_styles, configs)):
         for n, r in enumerate(rs):
             rows = run.steps.get(r.config.index, [])
             if not rows:
                 continue
             label = label_of(r) if n == 0 else None
             _curves(by_step, by_time, rows, r.config.training.warmup_steps, style,
-                    dict(color=colour, label=label, alpha=0.9 if len(rs) == 1 else 0.6))
+                    dict(color=colour, label=label, alpha=0.9 if len(rs) == 1 else 0.6), k)
             if n == 0:
-                lr_axis.plot([s.step for s in rows], [s.lr for s in rows], color=colour, label=label)
+                lr_axis.plot([s.step for s in rows], [s.lr for s in rows], color=colour, label=label,
+                             linestyle=lr_style)
             finite += [s.loss for s in rows if math.isfinite(s.loss)]
     floor = next((r.entropy_floor_nats for r in records if r.entropy_floor_nats is not None), None)
     for ax in (by_step, by_time):
@@ -178,12 +216,13 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
         ax.grid(alpha=0.3)
     by_step.set_xlabel("step")
     striped = ", striped: lines that coincide" if any(style != "-" for style in styles) else ""
+    lr_striped = " (striped: lines that coincide)" if any(style != "-" for style in lr_styles) else ""
     by_step.set_title(f"loss vs step (lines: train, dots: eval{striped})")
     by_time.set_xlabel("training time (s; warm-up steps at the median step's time, evaluation excluded)")
     by_time.set_title("loss vs time")
     lr_axis.set_xlabel("step")
     lr_axis.set_ylabel("learning rate")
-    lr_axis.set_title("LR applied at each step")
+    lr_axis.set_title(f"LR applied at each step{lr_striped}")
     lr_axis.grid(alpha=0.3)
     handles, labels = by_time.get_legend_handles_labels()  # solid there: every colour shows
     columns = max(1, min(len(labels), 4))  # a folder without per-step rows has no line to label
@@ -217,8 +256,10 @@ def _within(a: list[float], b: list[float], tolerance: float) -> bool:
 
 
 def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], warmup_steps: int, step_style: Any,
-            line: dict[str, Any]) -> None:
-    """One cell's training loss (and eval markers) against step, in ``step_style``, and against time."""
+            line: dict[str, Any], k: int) -> None:
+    """One cell's training loss (and eval markers) against step, in ``step_style``, and against time; the ``k``-th
+    configuration's eval markers smaller and on top of those before, so markers that coincide show every colour,
+    nested."""
     seconds = convergence.elapsed_s([s.step_time_s for s in rows], warmup_steps)
     losses = [s.loss for s in rows]
     by_step.plot([s.step for s in rows], losses, linewidth=1.2, linestyle=step_style, **{**line, "label": None})
@@ -226,8 +267,9 @@ def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], warmup_steps: int
     evals = [(s.step, t, s.eval_loss) for s, t in zip(rows, seconds) if s.eval_loss is not None]
     if evals:
         steps, times, values = zip(*evals)
-        by_step.plot(steps, values, "o", color=line["color"], markersize=6, markeredgecolor="black")
-        by_time.plot(times, values, "o", color=line["color"], markersize=6, markeredgecolor="black")
+        marker = dict(color=line["color"], markersize=max(3, 9 - 1.5 * k), markeredgecolor="black", zorder=3 + k)
+        by_step.plot(steps, values, "o", **marker)
+        by_time.plot(times, values, "o", **marker)
 
 
 def _loss_limits(ax: Axes, finite: list[float], floor: float | None, first: list[float]) -> None:

@@ -9,10 +9,10 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
-from memprof.analysis.memory import state_vs_baseline
+from memprof.analysis.memory import on_card_bytes, state_vs_baseline
 from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.views.tables import NUMBER, human_bytes
+from memprof.views.tables import NUMBER, human_bytes, peak_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -37,9 +37,10 @@ class Section:
 
 
 def memory_table(run: Run) -> TableData:
-    """One row per configuration: optimizer state (and its ratio to AdamW's in the same group), the paged part, the
-    peak and the moment it fell at (the figure shows its parts). Memory does not vary between repeats: the first
-    ok repeat speaks for them."""
+    """One row per configuration: optimizer state, the peak, the state's ratio to AdamW's in the same group, what
+    was on the card, the paged part and the moment the peak fell at (the figure shows its parts), columns in that
+    order of importance (a narrow terminal leaves out the last). Memory does not vary between repeats: the first ok
+    repeat speaks for them."""
     axes = varying_axes(run.records)
     ratios = state_vs_baseline(run.records)
     cuda = any(r.peak_allocated_bytes is not None for r in run.records)
@@ -48,20 +49,25 @@ def memory_table(run: Run) -> TableData:
     for r in one_per_config(run.records):
         ratio = ratios.get(r.config.index)
         row = [axis.text(r.config) for axis in axes] + [
-            r.status.value, human_bytes(r.optimizer_state_bytes), f"{ratio:.2f}×" if ratio is not None else "–"]
+            r.status.value, human_bytes(r.optimizer_state_bytes), peak_text(r, r.peak_bytes),
+            f"{ratio:.2f}×" if ratio is not None else "–"]
+        row += [peak_text(r, on_card_bytes(r) if r.peak_bytes is not None else None)] if cuda else []
         row += [human_bytes(r.optimizer_state_paged_bytes)] if paged else []
-        card = r.nvml_peak_process_used_bytes if r.peak_bytes is not None else None
-        row += [human_bytes(r.peak_bytes)] + ([human_bytes(card)] if cuda else [])
         row += [r.peak_moment or "–"]
         rows.append(row)
-    columns = [axis.title for axis in axes] + ["status", "optimizer state", "vs AdamW"] + \
-        (["paged"] if paged else []) + ["peak"] + (["on the card (NVML)"] if cuda else []) + ["peak at"]
+    columns = [axis.title for axis in axes] + ["status", "optimizer state", "peak", "vs AdamW"] + \
+        (["on the card"] if cuda else []) + (["paged"] if paged else []) + ["peak at"]
     notes = ["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers",
              "peak: the torch allocator's peak" if cuda else
              "peak: growth of the worker's resident memory (RSS) on this CPU; it includes freed pages the C "
              "allocator keeps, so it differs by tens of MB between repeats"]
+    if cuda:
+        notes.append("on the card: NVML's peak for the process (allocator, its cache, CUDA's context)"
+                     + (" plus paged state" if paged else ""))
     if paged:
         notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
+    if any(r.peak_is_lower_bound and r.peak_bytes is not None for r in run.records):
+        notes.append("≥: the cell stopped early (OOM, crash, timeout, interrupt): the most it reached until then")
     return TableData(f"Optimizer state and peak of each configuration ({fixed_axes(run.records)})", columns, rows,
                      notes)
 

@@ -15,7 +15,7 @@ from memprof.analysis.memory import GROUP_AXES, group_key, state_vs_baseline
 from memprof.analysis.slopes import Slope, activation_slopes
 from memprof.config.spec import CellConfig, varying
 from memprof.measure.attribution import PARTS
-from memprof.analysis.contention import contention_notes, mark
+from memprof.analysis.contention import contention_notes, marked
 from memprof.analysis.report import TableData
 from memprof.results.record import Record, Status
 
@@ -40,6 +40,12 @@ def human_bytes(n: int | float | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     return f"{value:.2f} TiB"
+
+
+def peak_text(r: Record, nbytes: int | None) -> str:
+    """One of ``r``'s peaks (its own, NVML's): marked ``≥`` where the cell stopped early and reached only that."""
+    text = human_bytes(nbytes)
+    return f"≥ {text}" if nbytes is not None and r.peak_is_lower_bound else text
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -108,9 +114,8 @@ def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]
     cells = [r.outcome, human_bytes(r.optimizer_state_bytes), ratio]
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
-    busy = mark([r])
-    return cells + [human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + busy, loss,
-                    _num(step_ms, ".1f") + (" ms" if step_ms is not None else "") + busy]
+    return cells + [peak_text(r, r.peak_bytes), marked(_num(r.tokens_per_s, ",.0f"), [r]), loss,
+                    marked(_num(step_ms, ".1f") + (" ms" if step_ms is not None else ""), [r])]
 
 
 def cells_table(cells: Iterable[CellConfig], title: str) -> Table:
@@ -158,7 +163,8 @@ def levers_markdown(records: Iterable[Record]) -> str:
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
         figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
-                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes), _num(r.tokens_per_s, ",.0f") + mark([r])]
+                   human_bytes(r.activation_bytes), human_bytes(r.peak_bytes),
+                   marked(_num(r.tokens_per_s, ",.0f"), [r])]
         lines.append(f"{names} {' | '.join(figures)} |")
     notes = contention_notes(records)
     return "\n".join(lines + (["", *notes] if notes else []))
@@ -192,7 +198,8 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
 
     titles = [a.title for a in axes] + [f"peak {unit}"] + [PARTS[name].short for name in parts]
     titles += ["small"] if small else []
-    rows = [[a.text(r.config) for a in axes] + [amount(r.peak_bytes)]
+    rows = [[a.text(r.config) for a in axes] + [("≥ " if r.peak_is_lower_bound and r.peak_bytes else "")
+                                                 + amount(r.peak_bytes)]
             + [amount(r.breakdown.get(name)) for name in parts]
             + ([amount(sum(r.breakdown.get(name, 0) for name in small))] if small else [])
             + [moment(r)] for r in records]
@@ -224,9 +231,12 @@ def breakdown_markdown(records: Iterable[Record]) -> str:
 
 
 _NAME_WIDTH = 32  # a text column this narrow holds names (axes, statuses), a wider one prose
-# a figure, with its unit, spread, count or mark (right-aligned in every renderer): 1.13 MiB, 0.30×, 39.5 ms *
-NUMBER = re.compile(r"^[-+]?[\d,.]+(e[-+]?\d+)?(→[\d,.]+)?( ± [\d,.]+)?( ?(×|%|B|KiB|MiB|GiB|TiB|ms|s))?"
+# a figure, with its unit, spread, count or mark (right-aligned in every renderer): 1.13 MiB, 0.30×, 39.5 ms *,
+# ≥ 1.94 GiB
+NUMBER = re.compile(r"^(≥ )?[-+]?[\d,.]+(e[-+]?\d+)?(→[\d,.]+)?( ± [\d,.]+)?( ?(×|%|B|KiB|MiB|GiB|TiB|ms|s))?"
                     r"( \(\d+/\d+\))?( \*)?$")
+# where a figure column has none: "–", "– (oom)", "never (0/2)"
+NO_FIGURE = re.compile(r"^(–|never)( \(.+\))?$")
 
 
 def rich_tables(tables: list[TableData], width: int, elsewhere: str = "report.html") -> Group:
@@ -239,7 +249,7 @@ def rich_tables(tables: list[TableData], width: int, elsewhere: str = "report.ht
         keep, constant = _columns_that_fit(t, width)
         table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
         for j in keep:
-            numeric = all(NUMBER.match(row[j]) or row[j] in ("–", "") for row in t.rows)
+            numeric = all(NUMBER.match(row[j]) or NO_FIGURE.match(row[j]) or not row[j] for row in t.rows)
             if _widest(t, j) > _NAME_WIDTH:
                 table.add_column(t.columns[j], overflow="fold")
             else:
