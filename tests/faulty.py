@@ -23,6 +23,15 @@ class KillSelf(SGD):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillZygote(SGD):
+    """Kills the process that forked it (memprof's zygote) by SIGKILL in its first step, and dies with it."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        print("faulty: KillZygote sends its zygote SIGKILL", file=sys.stderr, flush=True)
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)  # the kernel kills this worker with its parent (PR_SET_PDEATHSIG)
+
+
 class Raise(SGD):
     """Raises a library-style error in its first step."""
 

@@ -63,7 +63,7 @@ seq_len = [32]
 
 
 # every fault comes before the healthy cell, which shows that the suite went on after each of them
-FAULT_SUITE = _suite_text("faults", ["hog", "kill", "raise", "sleep", "nan", "sgd"], f"""
+FAULT_SUITE = _suite_text("faults", ["hog", "kill", "raise", "sleep", "nan", "zygote", "sgd"], f"""
 [optimizers.hog]
 optim = "sgd"
 [optimizers.kill]
@@ -74,6 +74,8 @@ optim = "faulty:Raise"
 optim = "faulty:Sleep"
 [optimizers.nan]
 optim = "sgd"
+[optimizers.zygote]
+optim = "faulty:KillZygote"
 
 [[override]]   # the embeddings of 8192 x 32 tokens alone are 256 MiB; the forward needs several such tensors
 match = {{ optimizer = "hog" }}
@@ -138,9 +140,17 @@ def test_faults_are_statuses_and_the_suite_goes_on(fault_run: dict[str, Any]) ->
     assert fault_run["code"] == 3  # cells crashed and timed out: the suite went on, the exit code says so
     statuses = [(r.config.optimizer.label, r.status) for r in fault_run["records"]]
     assert statuses == [("hog", Status.OOM), ("kill", Status.CRASHED), ("raise", Status.CRASHED),
-                        ("sleep", Status.TIMEOUT), ("nan", Status.DIVERGED), ("sgd", Status.OK)]
+                        ("sleep", Status.TIMEOUT), ("nan", Status.DIVERGED), ("zygote", Status.CRASHED),
+                        ("sgd", Status.OK)]
     cells = pd.read_csv(fault_run["run_dir"] / "cells.csv")
-    assert list(cells["status"]) == ["oom", "crashed", "crashed", "timeout", "diverged", "ok"]
+    assert list(cells["status"]) == ["oom", "crashed", "crashed", "timeout", "diverged", "crashed", "ok"]
+
+
+def test_a_cell_whose_zygote_dies_is_crashed_and_a_new_zygote_runs_the_next(fault_run: dict[str, Any]) -> None:
+    r = fault_run["by"]["zygote"]
+    assert r.error.startswith("the worker zygote exited (code -9)")
+    assert r.error.endswith("the cell's worker died with it") and "\n" not in r.error
+    assert fault_run["by"]["sgd"].status is Status.OK  # run by the zygote started after
 
 
 def test_oom_under_a_memory_budget_records_where_and_the_peak_reached(fault_run: dict[str, Any]) -> None:
@@ -187,7 +197,7 @@ def test_the_results_table_says_where_each_failed_cell_stopped(fault_run: dict[s
     statuses = [cell.strip() for line in text.splitlines() for cell in line.split("│")
                 if cell.strip().startswith(values)]
     assert statuses == ["oom forward@0", "crashed", "crashed optimizer@0", "timeout",
-                        "diverged forward@1", "crashed setup", "ok"]
+                        "diverged forward@1", "crashed", "crashed setup", "ok"]
     hog = fault_run["by"]["hog"]  # what a cell that stopped early reached is a lower bound, and says so
     assert f"≥ {human_bytes(hog.peak_bytes)}" in text
 

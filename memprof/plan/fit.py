@@ -177,16 +177,12 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
                         "space (without it the search would run until the host swaps)")
     with tempfile.TemporaryDirectory(prefix="memprof-fit-") as logs:
         executor = LocalExecutor(Path(logs))
-        # the zygote passes Ctrl-C on to the running trial, which ends 'interrupted'
+        # the zygote passes Ctrl-C on to the running trial, which ends 'interrupted' (so does one whose zygote the
+        # signal reached before it could pass it on)
         with Interrupts(executor.interrupt) as interrupts:
 
             def run(cell: CellConfig) -> Record:
-                try:
-                    return executor.run(cell).record
-                except ZygoteDied:
-                    if interrupts.came:  # the signal reached the zygote before it could pass it on
-                        raise _Stopped from None
-                    raise
+                return executor.run(cell).record
 
             try:
                 try:

@@ -20,7 +20,7 @@ from typing import Protocol
 from memprof.config.spec import CellConfig
 from memprof.errors import UserError
 from memprof.results.env import nvml_cards
-from memprof.results.record import CellResult
+from memprof.results.record import CellResult, Record, Status
 from memprof.run.messages import CellDone, CheckModels, Hello, Message, ModelsChecked, Problem, RunCell, StepDone, \
     decode, encode
 
@@ -57,7 +57,8 @@ class LocalExecutor:
     next) in its own session, so a terminal's Ctrl-C reaches only us; ``interrupt`` forwards it to the cell.
     Nothing is written to disk before ``log_to`` names the logs folder (the runner checks the suite first and
     creates no results folder for a suite it refuses); the zygote's own stderr is kept in a temporary file and
-    copied to ``zygote.log`` there on ``close``.
+    copied to ``zygote.log`` there on ``close``. A zygote that dies while a cell runs takes the cell's worker with
+    it (``processes.die_with``): that cell is a crashed result, and the next cell starts a new zygote.
     """
 
     def __init__(self, log_dir: Path | None = None, sample_interval_s: float | None = None,
@@ -67,12 +68,16 @@ class LocalExecutor:
         self._log = tempfile.TemporaryFile()
         if log_dir is not None:
             self.log_to(log_dir)
+        self._env = {**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"), **(env or {})}
+        self._start()
+        self.has_cuda: bool | None = None
+        self._interrupted = False
+
+    def _start(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "memprof.run.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, start_new_session=True, text=True, bufsize=1,
-            env={**os.environ, "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore"), **(env or {})})
+            stderr=self._log, start_new_session=True, text=True, bufsize=1, env=self._env)
         self._ready = False
-        self.has_cuda: bool | None = None
 
     def _read(self) -> Message:
         # Blocks in read(2) until the zygote answers: the parent takes no CPU while a cell trains.
@@ -90,6 +95,13 @@ class LocalExecutor:
         self.log_dir = log_dir
 
     def wait_ready(self) -> None:
+        """Wait for the zygote's Hello (starting a new one where the last died).
+
+        Raises:
+            ZygoteDied: it did not start (the harness, not a cell, failed).
+        """
+        if self._ready and self._proc.poll() is not None:  # it died after a cell it ran
+            self._start()
         if not self._ready:
             hello = self._read()
             if not isinstance(hello, Hello):
@@ -118,8 +130,11 @@ class LocalExecutor:
         return answer.problems
 
     def _send(self, message: Message) -> None:
-        self._proc.stdin.write(encode(message) + "\n")
-        self._proc.stdin.flush()
+        try:
+            self._proc.stdin.write(encode(message) + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            raise ZygoteDied(f"the worker zygote exited (code {self._proc.wait()})") from None
 
     def log_path(self, cell: CellConfig) -> Path:
         """Where ``run`` writes the cell's log."""
@@ -128,10 +143,26 @@ class LocalExecutor:
         return self.log_dir / f"cell-{cell.index:04d}.log"
 
     def run(self, cell: CellConfig, on_step: OnStep | None = None) -> CellResult:
-        """The cell's result; ``on_step`` hears of each optimizer step as the cell finishes it."""
+        """The cell's result; ``on_step`` hears of each optimizer step as the cell finishes it. A zygote that dies
+        meanwhile makes it a crashed cell (interrupted after ``interrupt``).
+
+        Raises:
+            ZygoteDied: the zygote did not start.
+        """
         log = self.log_path(cell)
         self.wait_ready()
         t0 = time.perf_counter()
+        try:
+            result = self._run(cell, log, on_step)
+        except ZygoteDied as err:
+            self._proc.kill()  # one that answered out of turn; one that exited is reaped already
+            self._proc.wait()
+            status = Status.INTERRUPTED if self._interrupted else Status.CRASHED
+            result = CellResult(Record(cell, status=status, error=f"{err}; the cell's worker died with it"))
+        result.record = replace(result.record, harness_wall_s=time.perf_counter() - t0)
+        return result
+
+    def _run(self, cell: CellConfig, log: Path, on_step: OnStep | None) -> CellResult:
         self._send(RunCell(cell, str(log.resolve()), self.sample_interval_s))
         while True:
             answer = self._read()
@@ -139,14 +170,12 @@ class LocalExecutor:
                 if on_step is not None:
                     on_step(answer)
             elif isinstance(answer, CellDone):
-                break
+                return answer.result
             else:
                 raise ZygoteDied(f"the worker zygote answered a cell with {type(answer).__name__}")
-        result = answer.result
-        result.record = replace(result.record, harness_wall_s=time.perf_counter() - t0)
-        return result
 
     def interrupt(self) -> None:
+        self._interrupted = True
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
 
