@@ -635,6 +635,16 @@ def test_commands_that_run_no_cell_refuse_optimizer_kwargs_in_one_line(tmp_path:
     _assert_refused(code, err.getvalue(), path, tmp_path / "results", "optimizers.mine.kwargs", "Nesterov momentum")
 
 
+@pytest.mark.parametrize(("optim", "fragment"), [("nosuchmod:Adam", "cannot import nosuchmod"),
+                                                ("torch.optim:Adamm", "torch.optim has no Adamm")])
+def test_a_class_the_suite_names_that_is_not_there_is_refused_not_a_run_of_unavailable_cells(
+        tmp_path: Path, optim: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID.replace('"sgd"', '"mine"') + f'[optimizers.mine]\noptim = "{optim}"\n')
+    code, stderr = _run_bad(path, tmp_path / "results", "--dry-run")
+    _assert_refused(code, stderr, path, tmp_path / "results", "optimizers.mine", fragment)
+
+
 def test_dry_run_refuses_lora_targets_that_match_nothing_as_a_run_does(tmp_path: Path) -> None:
     path = _suite(tmp_path, "pre", ["sgd"], '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj"]\n')
     path.write_text(path.read_text().replace('adapter = ["lora"]', 'adapter = ["narrow"]'))

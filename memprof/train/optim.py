@@ -40,7 +40,7 @@ def _plain(cls: type, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 class OptimizerUnavailable(Exception):
-    """The optimizer cannot run here: its library is not installed, or it needs CUDA."""
+    """The optimizer cannot run here: its library is not installed, or it needs CUDA (a cell's result)."""
 
 
 class OptimizerRefused(Exception):
@@ -73,7 +73,7 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
     warm-up, which transformers hands a schedule-free optimizer in place of the schedule it does not take."""
     params = [p for p in model.parameters() if p.requires_grad]
     if catalogue.is_custom(name):
-        return _from_class_path(name, model, lr, kwargs, construct)
+        return _from_class_path(name, model, lr, kwargs, construct, custom=True)
     entry = catalogue.lookup(name)
     if not entry.installed:
         raise OptimizerUnavailable(f"{name} needs {entry.library}, which is not installed "
@@ -101,14 +101,17 @@ def build_optimizer(name: str, kwargs: dict[str, Any], lr: float, model: nn.Modu
 
 
 def _from_class_path(path: str, model: nn.Module, lr: float, kwargs: dict[str, Any],
-                     construct: Construct | None) -> torch.optim.Optimizer:
+                     construct: Construct | None, custom: bool = False) -> torch.optim.Optimizer:
+    """The class at ``module:Class`` built over the model. One the suite names itself (``custom``) that is not
+    there is a mistake (misspelled, or its package not installed), which the checks before any cell refuse; a
+    catalogue entry's, whose library was found installed, is unavailable."""
     module_name, _, class_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except ImportError as err:
-        raise OptimizerUnavailable(f"cannot import {module_name}: {err}") from err
+        raise (ImportError if custom else OptimizerUnavailable)(f"cannot import {module_name}: {err}") from err
     except AttributeError as err:
-        raise OptimizerUnavailable(f"{module_name} has no {class_name}") from err
+        raise (AttributeError if custom else OptimizerUnavailable)(f"{module_name} has no {class_name}") from err
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if next(iter(inspect.signature(cls).parameters), "") == "named_parameters":
         if construct is not None:
