@@ -357,6 +357,31 @@ def test_a_narrow_terminal_gets_the_comparison_as_lines_with_no_name_or_figure_b
     assert f"{grown[0].gradient_bytes:,} B" in shown[80]  # 4 bytes more: to the byte, where rounding hides it
 
 
+def test_notes_wrap_between_words_at_every_width(runs: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    import re
+
+    from rich.console import Console
+
+    from memprof.analysis.compare import compare, load
+    from memprof.results.metrics import resolve_rules
+    from memprof.views.compare import comparison_table
+
+    base = runs["base"][0]
+    grown = [replace(r, optimizer_state_bytes=r.optimizer_state_bytes + 4096) if i == 0 else r
+             for i, r in enumerate(read_records(base))]
+    result = compare(load(base), load(write_records(tmp_path / "grown", grown, like=base)), resolve_rules([], "t"))
+    notes = ("regressed (exact)", "metrics within their rules")  # the regressed cell's note, the other cell's
+    for width in range(80, 161, 4):
+        console = Console(width=width, record=True)
+        console.print(comparison_table(result, width))
+        lines = console.export_text().splitlines()
+        words = {w for line in lines for w in re.split(r"[\s│┃]+", line)}
+        for note_word in {w for note in notes for w in note.split()}:  # "regress" / "ed" before: a 6-column note
+            assert note_word in words, (width, note_word)
+        assert len(lines) <= 12, width  # a line or two per cell, not a column of word fragments
+        assert any(line.startswith("not judged in 2 cells") for line in lines), width  # left, as other captions
+
+
 @pytest.mark.parametrize("case", ["missing folder", "not a result", "other schema", "empty csv", "bad rule",
                                   "missing baseline for --compare-to"])
 def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_path: Path,
