@@ -154,7 +154,8 @@ def levers_markdown(records: Iterable[Record]) -> str:
         names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
                 f"{c.shape.seq_len} |"
         if r.status is not Status.OK:
-            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {r.error[:60]}')} | | | | | |")
+            cause = r.error.splitlines()[0] if r.error else ""  # whole: the cause is often past the 60th character
+            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {cause}')} | | | | | |")
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
         figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
