@@ -479,6 +479,25 @@ def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_
     assert not (tmp_path / "report").exists()
 
 
+def test_cells_csv_keeps_each_family_of_columns_together_and_old_files_read_back() -> None:
+    """The first 8-bit cell's ``optimizer_state_bytes.uint8`` used to land after every ``peak.*`` column, the
+    first cell's ``.float32`` before them; files written that way still read back the same."""
+    from memprof.results.store import read_csv_records, to_csv
+
+    old = Path(__file__).parent.parent / "results" / "gpu" / "h100-2026-11-28" / "reference"
+    records = read_csv_records(old / "cells.csv")
+    assert [r.optimizer_state_bytes_by_dtype for r in records] == \
+        [r.optimizer_state_bytes_by_dtype for r in read_records(old)]
+
+    def dtype_columns(header: str) -> list[int]:
+        return [i for i, c in enumerate(header.split(",")) if c.startswith("optimizer_state_bytes.")]
+
+    before = dtype_columns((old / "cells.csv").read_text().splitlines()[0])
+    now = dtype_columns(to_csv([r.to_row() for r in records]).splitlines()[0])
+    assert len(before) == len(now) == 2 and before[1] - before[0] > 1  # float32 and uint8, once apart
+    assert now[1] == now[0] + 1
+
+
 @pytest.mark.parametrize("case", ["text in a number column", "no config column", "a short row"])
 def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     with open(REFERENCE / "cells.csv", newline="") as f:
