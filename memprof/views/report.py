@@ -12,7 +12,7 @@ from pathlib import Path
 from memprof.analysis.memory import state_vs_baseline
 from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.views.tables import NUMBER, human_bytes
+from memprof.views.tables import NUMBER, human_bytes, peak_note
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -57,9 +57,7 @@ def memory_table(run: Run) -> TableData:
     columns = [axis.title for axis in axes] + ["status", "optimizer state", "vs AdamW"] + \
         (["paged"] if paged else []) + ["peak"] + (["on the card (NVML)"] if cuda else []) + ["peak at"]
     notes = ["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers",
-             "peak: the torch allocator's peak" if cuda else
-             "peak: growth of the worker's resident memory (RSS) on this CPU; it includes freed pages the C "
-             "allocator keeps, so it differs by tens of MB between repeats"]
+             peak_note(cuda)]
     if paged:
         notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
     return TableData(f"Optimizer state and peak of each configuration ({fixed_axes(run.records)})", columns, rows,
