@@ -280,32 +280,41 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
 
 
 def cmd_optimizers(args: argparse.Namespace) -> int:
+    from rich import box
     from rich.table import Table
 
     from memprof.config.catalogue import ENTRIES
 
-    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.measure.formulas)", header_style="bold")
-    for name in ("name", "library", "states kept", "bytes/param", "available"):
-        table.add_column(name, overflow="fold")  # names and commands whole, never cut short
+    # no outer edge and one gap between columns: at 80 columns the prose keeps room once the names stand whole
+    table = Table(title="memprof optimizer catalogue (exact bytes: memprof.measure.formulas)", header_style="bold",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("name", no_wrap=True)  # a name is typed as it stands: never broken
+    table.add_column("library", no_wrap=True)
+    table.add_column("states kept", min_width=12)  # prose, the one column that wraps
+    table.add_column("bytes/param", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    missing = [e for e in ENTRIES if not e.installed]
     for e in ENTRIES:
         per_param = "by shape" if e.bytes_per_param is None else f"{e.bytes_per_param:.3g}"
-        available = "CUDA only" if e.needs_cuda else "yes"
-        if not e.installed:
-            available = f"[dim]no: pip install {e.install or e.requires}[/dim]" + (
-                "\n[dim]CUDA only[/dim]" if e.needs_cuda else "")
+        available = "[dim]no: see below[/dim]" if not e.installed else "CUDA only" if e.needs_cuda else "yes"
         table.add_row(e.name, e.library, e.states, per_param, available)
     out.print(table)
+    for e in missing:  # whole lines, so a command copies in one piece at any width
+        cuda = " (then CUDA only)" if e.needs_cuda else ""
+        out.print(f"{e.name}{cuda}: pip install {e.install or e.requires}", highlight=False, soft_wrap=True)
     return 0
 
 
 def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     plan = sub.add_parser("plan", help="predict peak memory per GPU without weights or a GPU; or refit it")
     plan.add_argument("suite", nargs="?", help="plan every cell of this suite file instead of one configuration")
-    _add_config_options(plan, precision="bf16")
-    from memprof.plan.gpus import CARDS
+    _add_config_options(plan)
+    from memprof.plan.gpus import CARDS, DEFAULT_CARDS
 
-    plan.add_argument("--gpu", nargs="+", metavar="GPU", help=f"cards ({', '.join(CARDS)}) or sizes (24GB, 40GB, "
-                      "48GB, 80GB, 141GB); default: the sizes")
+    plan.add_argument("--gpu", nargs="+", metavar="GPU", help=f"cards ({', '.join(CARDS)}, at the memory the driver "
+                      "reports) or sizes in GiB (80GB = 80 GiB, a little more than a real 80 GB card's 79.6 GiB); "
+                      f"default: {' '.join(DEFAULT_CARDS)}. With --device cpu: memory sizes only (default: this "
+                      "host's RAM)")
     plan.add_argument("--budget-bytes", type=int, metavar="N", help="also plan against a budget of N bytes")
     plan.add_argument("--calibration", type=Path, metavar="FILE", help="coefficients to use (default: the shipped "
                       "memprof/plan/calibration.json, from CPU runs)")
@@ -314,12 +323,13 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--calibration-out", type=Path, metavar="FILE",
                       help="where --calibrate writes (default: the package's calibration.json)")
     plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                      help="plan a GPU's memory (default) or a CPU run's RSS growth")
+                      help="plan a GPU's memory (default) or a CPU run's RSS growth, checked against this host's RAM "
+                           "(or --gpu sizes)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
     plan.set_defaults(func=cmd_plan)
 
     fit = sub.add_parser("fit", help="find the largest batch size (or length) that trains here, by isolated trials")
-    _add_config_options(fit, precision="fp32")
+    _add_config_options(fit)
     fit.add_argument("--search", choices=["batch_size", "seq_len"], default="batch_size", help="what to grow")
     fit.add_argument("--memory-budget", metavar="SIZE", help="the limit, as bytes, a size (512MiB, 24GB) or a card "
                      "(rtx-4090) (required on the CPU, where it "
@@ -342,7 +352,7 @@ def _add_plan_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
+def _add_config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a preset (memprof/config/presets.py) or a local HF config/checkpoint "
                    "folder")
     p.add_argument("--adapter", default="lora", help="none, lora, qlora or dora (default: lora)")
@@ -352,8 +362,8 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
     p.add_argument("--optimizer", default="adamw_torch", help="a catalogue name (memprof optimizers)")
     p.add_argument("--batch-size", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=precision,
-                   help=f"weights and compute dtype (default {precision})")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="weights and compute dtype (default: the device's own, bf16 on CUDA and fp32 on the CPU)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
@@ -366,12 +376,15 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
 
 
 def _request(args: argparse.Namespace) -> CellConfig:
+    """The configuration the flags describe; without --precision, the device's own (plan and fit alike)."""
+    from memprof.plan.fit import on_cuda
     from memprof.plan.predict import cell_from_flags
 
     if not args.model:
         raise UserError("--model", "required (or give a suite file to plan)")
+    precision = args.precision or ("bf16" if on_cuda(args.device) else "fp32")
     return cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
-                              args.batch_size, args.seq_len, args.precision, args.grad_accum,
+                              args.batch_size, args.seq_len, precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
                               args.loss_chunk)
 
@@ -393,7 +406,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         calibration_mod.save(fitted, target)
         out.print(plan_views.calibration_table(fitted, str(target)))
         return 0
-    gpus = [gpus_mod.parse_gpu(name) for name in (args.gpu or ["24GB", "40GB", "48GB", "80GB", "141GB"])]
+    if args.device == "cpu":  # a CPU run has no card: its RSS growth is checked against memory sizes
+        gpus = [gpus_mod.memory_size(text) for text in args.gpu] if args.gpu else [gpus_mod.host_memory()]
+    else:
+        gpus = [gpus_mod.parse_gpu(name) for name in args.gpu or gpus_mod.DEFAULT_CARDS]
     if args.budget_bytes is not None:
         gpus.append(gpus_mod.budget(f"{args.budget_bytes:,} B", args.budget_bytes))
     if args.suite:

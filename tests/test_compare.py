@@ -357,6 +357,31 @@ def test_a_narrow_terminal_gets_the_comparison_as_lines_with_no_name_or_figure_b
     assert f"{grown[0].gradient_bytes:,} B" in shown[80]  # 4 bytes more: to the byte, where rounding hides it
 
 
+def test_notes_wrap_between_words_at_every_width(runs: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    import re
+
+    from rich.console import Console
+
+    from memprof.analysis.compare import compare, load
+    from memprof.results.metrics import resolve_rules
+    from memprof.views.compare import comparison_table
+
+    base = runs["base"][0]
+    grown = [replace(r, optimizer_state_bytes=r.optimizer_state_bytes + 4096) if i == 0 else r
+             for i, r in enumerate(read_records(base))]
+    result = compare(load(base), load(write_records(tmp_path / "grown", grown, like=base)), resolve_rules([], "t"))
+    notes = ("regressed (exact)", "metrics within their rules")  # the regressed cell's note, the other cell's
+    for width in range(80, 161, 4):
+        console = Console(width=width, record=True)
+        console.print(comparison_table(result, width))
+        lines = console.export_text().splitlines()
+        words = {w for line in lines for w in re.split(r"[\s│┃]+", line)}
+        for note_word in {w for note in notes for w in note.split()}:  # "regress" / "ed" before: a 6-column note
+            assert note_word in words, (width, note_word)
+        assert len(lines) <= 12, width  # a line or two per cell, not a column of word fragments
+        assert any(line.startswith("not judged in 2 cells") for line in lines), width  # left, as other captions
+
+
 @pytest.mark.parametrize("case", ["missing folder", "not a result", "other schema", "empty csv", "bad rule",
                                   "missing baseline for --compare-to"])
 def test_bad_inputs_exit_2_with_one_line(runs: dict[str, tuple[Path, int]], tmp_path: Path,
@@ -452,6 +477,25 @@ def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {said}") and "\n" not in err, (command, err)
     assert not (tmp_path / "report").exists()
+
+
+def test_cells_csv_keeps_each_family_of_columns_together_and_old_files_read_back() -> None:
+    """The first 8-bit cell's ``optimizer_state_bytes.uint8`` used to land after every ``peak.*`` column, the
+    first cell's ``.float32`` before them; files written that way still read back the same."""
+    from memprof.results.store import read_csv_records, to_csv
+
+    old = Path(__file__).parent.parent / "results" / "gpu" / "h100-2026-11-28" / "reference"
+    records = read_csv_records(old / "cells.csv")
+    assert [r.optimizer_state_bytes_by_dtype for r in records] == \
+        [r.optimizer_state_bytes_by_dtype for r in read_records(old)]
+
+    def dtype_columns(header: str) -> list[int]:
+        return [i for i, c in enumerate(header.split(",")) if c.startswith("optimizer_state_bytes.")]
+
+    before = dtype_columns((old / "cells.csv").read_text().splitlines()[0])
+    now = dtype_columns(to_csv([r.to_row() for r in records]).splitlines()[0])
+    assert len(before) == len(now) == 2 and before[1] - before[0] > 1  # float32 and uint8, once apart
+    assert now[1] == now[0] + 1
 
 
 @pytest.mark.parametrize("case", ["text in a number column", "no config column", "a short row"])

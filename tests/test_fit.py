@@ -93,6 +93,7 @@ def test_fit_never_tries_past_max(capsys: pytest.CaptureFixture[str]) -> None:
     result = json.loads(capsys.readouterr().out)
     assert [(t["value"], t["fits"]) for t in result["trials"]] == [(3, True), (5, True)]
     assert result["best"] == 5 and result["failed"] is None
+    assert "/fp32/" in result["config"]  # no --precision: the CPU's own, as `memprof plan --device cpu` takes
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA, where a CUDA trial crashes")
@@ -105,6 +106,7 @@ def test_a_crashed_trial_stops_the_search_with_one_line_and_exit_3(capsys: pytes
     crashed = {"value": 1, "status": "crashed", "fits": None}
     assert [{k: t[k] for k in crashed} for t in result["trials"]] == [crashed]
     assert result["failed"] == result["trials"][0] and result["best"] is None
+    assert "/bf16/" in result["config"]  # no --precision: CUDA's own, as `memprof plan` takes
     lines = captured.err.splitlines()
     assert lines[0] == "  batch_size 1: crashed"  # not "does not fit": a crash says nothing about memory
     assert lines[1].startswith("error: batch_size 1: crashed, so the search stopped") and len(lines) == 2

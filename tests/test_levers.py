@@ -141,4 +141,6 @@ num_attention_heads = 2, num_key_value_heads = 1, head_dim = 32 }
     rows = [line for line in levers_markdown(read_records(run_dir)).splitlines() if line.startswith("| gemma2")]
     cells = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]  # the error's own pipes escaped
     assert len(rows) == 2 and cells[0] == cells[1]
+    cause = unavailable.error.splitlines()[0]
+    assert len(cause) > 60 and markdown_cell(cause) in rows[0] + rows[1]  # the whole first line, never cut mid-word
     assert markdown_cell("shape [2 | 3]\n  mismatch") == "shape [2 \\| 3] mismatch"  # one cell, however it reads

@@ -217,12 +217,59 @@ def test_plan_suite_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     plans = _plan_json(str(suite_path), "--gpu", "24GB", capsys=capsys)
     assert len(plans) == 7 + 6  # the measured cells, and batch 64 for the six configurations without a rule
     assert run_cli("plan", str(suite_path), "--gpu", "24GB", "40GB") == 0
-    text = " ".join(capsys.readouterr().out.split())
-    assert "paged_adamw_8bit" in text and "b64" in text and "✓" in text and "predicted peak on a GPU" in text
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "optimizer" in line).split()
+    assert header == ["model", "adapter", "optimizer", "batch", "peak", "24GB", "40GB"]  # a column per GPU, named
+    assert "predicted peak on the card, fits per GPU: seq_len 64, fp32" in " ".join(" ".join(lines).split())
+    row = next(line.split() for line in lines if "paged_adamw_8bit" in line and " 64 " in line)
+    assert row[-2:] in (["✓", "✓"], ["✗", "✓"], ["?", "✓"], ["✗", "?"], ["✗", "✗"]), row  # one mark per GPU
     # planned for the CPU, the table speaks of RSS and memory sizes, not of a card and its paging
     assert run_cli("plan", str(suite_path), "--device", "cpu", "--gpu", "24GB") == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "RSS growth of a CPU run" in text and "per memory size (24GB)" in text and "GPU" not in text
+    assert "RSS growth of a CPU run, fits per memory size" in text and "GPU" not in text
+    assert "host memory" not in text and " 24GB " in text
+
+
+def test_a_cpu_plan_is_checked_against_memory_not_cards(capsys: pytest.CaptureFixture[str]) -> None:
+    from memprof.results.env import memory_bytes
+
+    (cpu,) = _plan_json("--model", "tiny-llama", "--device", "cpu", capsys=capsys)
+    assert [(g["gpu"], g["capacity_bytes"]) for g in cpu["gpus"]] == [("host RAM", memory_bytes())]
+    assert cpu["precision"] == "fp32"  # the CPU's own precision, as `memprof fit` takes it there
+    assert run_cli("plan", "--model", "tiny-llama", "--device", "cpu", "--gpu", "h200") == 2
+    assert "'h200' is a GPU: a CPU plan checks against memory sizes" in capsys.readouterr().err
+
+
+def test_plan_checks_real_cards_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Generic sizes are GiB, more than the cards: "80GB" is 80 GiB, an H100 80GB 81,559 MiB."""
+    from memprof.plan.gpus import CARDS, DEFAULT_CARDS, parse_gpu
+
+    (p,) = _plan_json("--model", "tiny-llama", capsys=capsys)
+    assert [g["gpu"] for g in p["gpus"]] == list(DEFAULT_CARDS)
+    assert p["precision"] == "bf16"  # CUDA's own
+    assert [g["capacity_bytes"] for g in p["gpus"]] == [CARDS[name] for name in DEFAULT_CARDS]
+    assert CARDS["h100-80gb"] == 81559 << 20 < parse_gpu("80GB").capacity_bytes == 80 << 30
+
+
+def test_a_plan_that_does_not_fit_says_by_how_much(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("plan", "--model", "llama-3.1-70b", "--adapter", "none", "--seq-len", "4096", "--gpu",
+                   "h100-80gb") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ h100-80gb"))
+    assert re.search(r"\d+\.\d\d GiB short \(needs \d+\.\d×\)", row), row  # not a headroom of -740%
+    assert "%" not in row and row.count("none fits") == 2 and " 0 " not in row
+
+
+def test_the_fits_table_names_the_total_and_what_must_be_on_the_card(capsys: pytest.CaptureFixture[str]) -> None:
+    from memprof.plan import gpus
+    from memprof.views.plan import verdict_table
+
+    card = gpus.parse_gpu("h100-80gb")
+    for optimizer, headers in (("adamw_torch", ["total"]), ("paged_adamw_8bit", ["total", "on the card"])):
+        request = plan.cell_from_flags("llama-3.2-1b", "qlora", optimizer=optimizer, seq_len=512)
+        (p,) = plan.plan_requests([request], calibration.load(), "cuda")
+        table = verdict_table(p, [plan.verdict(p, card, calibration.load())])
+        shown = [c.header for c in table.columns]
+        assert [h for h in shown if h in ("total", "on the card", "needed")] == headers, shown
 
 
 def test_more_tokens_never_plan_less() -> None:
@@ -377,7 +424,7 @@ target_modules = "all-linear"
     assert "AttributeError: 'tuple' object has no attribute 'dtype'" in plans[2]["error"]
     assert run_cli("plan", str(path), "--device", "cpu", "--gpu", "24GB") == 0
     shown = " ".join(capsys.readouterr().out.split())
-    assert "│ gemma2 │ all │ adamw_torch │ unavailable │ unavailable │" in shown
+    assert "gemma2 all adamw_torch 1 unavailable gemma2 all adamw_torch 2 unavailable" in shown  # no marks
     assert "phimoe / all / adamw_torch: crashed: " in shown and shown.count("gemma2 / all / adamw_torch:") == 1
 
 
@@ -421,7 +468,7 @@ def test_a_cpu_plan_reads_plainly(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("plan", "--model", "tiny-llama", "--device", "cpu", "--seq-len", "2048", "--gpu", "24GB") == 0
     shown = " ".join(capsys.readouterr().out.split())
     assert re.search(r"\(\d+\.\d M params, 0\.1 M trainable\)", shown), shown[:300]
-    assert "not the torch allocator's" not in shown and "headroom %" in shown
+    assert "not the torch allocator's" not in shown and "headroom" in shown
     assert "seq_len 2,048 is beyond its max_position_embeddings (1,024)" in shown
     from memprof.plan import gpus
     from memprof.views.plan import verdict_table

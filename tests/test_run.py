@@ -92,6 +92,8 @@ def test_results_folder_has_records_csv_steps_and_env(quick_run: Path) -> None:
                    "optimizer_state_bytes.uint8"):
         assert column in cells.columns
     assert cells["optimizer_state_bytes"].dtype.kind == "i"
+    dtypes = [i for i, c in enumerate(cells.columns) if c.startswith("optimizer_state_bytes.")]
+    assert dtypes == list(range(dtypes[0], dtypes[0] + len(dtypes)))  # together, though the first cell has no uint8
     steps = pd.read_csv(quick_run / "cells" / "0000" / "steps.csv")
     assert list(steps["step"]) == list(range(12)) and steps["loss"].notna().all()
     timeline = pd.read_csv(quick_run / "cells" / "0000" / "timeline.csv")
@@ -103,3 +105,19 @@ def test_results_folder_has_records_csv_steps_and_env(quick_run: Path) -> None:
     env = json.loads((quick_run / "env.json").read_text())
     assert env["versions"]["torch"].startswith("2.") and env["versions"]["bitsandbytes"]
     assert "git_revision" in env and "cpu" in env
+
+
+def test_the_run_table_says_what_its_peak_is(quick_run: Path) -> None:
+    """On the CPU the peak is RSS growth over the worker's baseline, on CUDA the allocator's: a footnote says which,
+    in the report's words (one definition)."""
+    from rich.console import Console
+
+    from memprof.views.tables import peak_note, results_table
+
+    gpu_run = Path(__file__).parent.parent / "results" / "gpu" / "h100-2026-11-28" / "qlora-70b"
+    for run_dir, cuda in ((quick_run, False), (gpu_run, True)):
+        console = Console(width=200, record=True)
+        console.print(results_table(read_records(run_dir), 200))
+        shown = console.export_text()
+        assert peak_note(cuda) in shown and peak_note(not cuda) not in shown
+    assert "RSS" in peak_note(False) and "baseline" in peak_note(False) and "allocator" in peak_note(True)

@@ -134,6 +134,11 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
     return out
 
 
+def on_cuda(device: str) -> bool:
+    """Whether ``device`` (cuda, cpu or auto) runs on a GPU: auto does where one is visible."""
+    return device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
+
+
 def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin: float, steps: int, device: str,
                start: int, maximum: int, granularity: int, timeout_s: float,
                on_trial: Callable[[Trial], None] | None = None) -> Search:
@@ -164,7 +169,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--timeout", f"must be positive, got {timeout_s}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.device_count() > 0)
+    cuda = on_cuda(device)
     limit = budget_bytes
     if limit is None and cuda:
         gpus = env_mod.capture()["gpus"]

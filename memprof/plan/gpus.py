@@ -2,7 +2,9 @@
 
 Card figures are the total memory the driver reports for the card (``nvidia-smi``'s "MiB" column, as listed by
 NVIDIA's data sheets and users' ``nvidia-smi`` output), which is a little less than the marketing size for some
-cards. Generic sizes (``24GB``) mean that many GiB (``512MB``: MiB). Nothing here was measured by memprof.
+cards. Generic sizes (``24GB``) mean that many GiB (``512MB``: MiB), a little more than the cards sold as that size
+(an H100 80GB has 81,559 MiB = 79.6 GiB): `memprof plan` checks real cards by default. Nothing here was measured by
+memprof.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from memprof.errors import UserError
+from memprof.results.env import memory_bytes
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -27,6 +30,9 @@ CARDS: dict[str, int] = {
     "h100-80gb": 81559 * MIB,
     "h200": 143771 * MIB,
 }
+
+# one card per tier (24, 40, 48, 80, 141 GB), the smaller where two share one: a plan that fits it fits the tier
+DEFAULT_CARDS = ("rtx-4090", "a100-40gb", "l40s", "h100-80gb", "h200")
 
 _GENERIC = re.compile(r"^(\d+(?:\.\d+)?)\s*([gm])i?b$")
 
@@ -56,6 +62,22 @@ def parse_gpu(text: str, where: str = "--gpu") -> Gpu:
         return budget(text, int(key), where)
     raise UserError(where, f"not a GPU or a size: '{text}' (cards: {', '.join(CARDS)}; or a size such as 24GB, "
                     "40GB, 48GB, 80GB, 141GB, 512MiB, or bytes)")
+
+
+def memory_size(text: str, where: str = "--gpu") -> Gpu:
+    """A memory size to plan a CPU run against: a generic size or bytes, never a card.
+
+    Raises:
+        UserError: for a card's name, an unknown name or a size that is not positive.
+    """
+    if text.strip().lower() in CARDS:
+        raise UserError(where, f"'{text}' is a GPU: a CPU plan checks against memory sizes (64GB, or bytes)")
+    return parse_gpu(text, where)
+
+
+def host_memory() -> Gpu:
+    """This host's physical memory, what a CPU plan is checked against by default."""
+    return Gpu("host RAM", memory_bytes())
 
 
 def budget(name: str, capacity_bytes: int, where: str = "--budget-bytes") -> Gpu:

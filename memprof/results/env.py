@@ -22,6 +22,11 @@ MEMORY_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "M
               "MALLOC_TOP_PAD_", "LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
+def memory_bytes() -> int:
+    """This host's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def capture() -> dict[str, Any]:
     versions = {}
     for name in PACKAGES:
@@ -35,7 +40,7 @@ def capture() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "memory_bytes": memory_bytes(),
         "gpus": _gpus(),
         "versions": versions,
         "memory_env": {name: os.environ[name] for name in MEMORY_ENV if os.environ.get(name)},

@@ -3,7 +3,8 @@
 Layout of ``results/<suite>-<timestamp>/``:
 - ``records.jsonl``: one Record per line, appended with one ``write`` each (the source of truth);
 - ``cells.csv``: the same records as a flat table, rewritten atomically after every cell;
-- ``cells/<index>/steps.csv`` and ``timeline.csv``: per-step and sampled rows, written atomically;
+- ``cells/<index>/steps.csv`` and ``timeline.csv`` (the index zero-padded: ``cells/0000/``): per-step and sampled
+  rows, written atomically;
 - ``env.json``, ``suite.toml``, ``manifest.json`` (suite name and hash, the cell keys), ``logs/``.
 Paths come from cell indices, never from names in the suite, so nothing is written outside the folder.
 A folder is written by one process at a time (a lock on the folder); ``prepare_resume`` readies an unfinished
@@ -48,9 +49,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text, the columns in order of first appearance, except that a dotted column first met in a
+    later row (``optimizer_state_bytes.uint8`` of the first 8-bit cell) joins its family instead of the end."""
     columns: list[str] = []
     for row in rows:
-        columns.extend(k for k in row if k not in columns)
+        for key in row:
+            if key in columns:
+                continue
+            family = key.split(".")[0] + "." if "." in key else None
+            kin = [i for i, c in enumerate(columns) if family and c.startswith(family)]
+            columns.insert(kin[-1] + 1 if kin else len(columns), key)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

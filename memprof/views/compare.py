@@ -19,6 +19,7 @@ _STYLE = {Verdict.REGRESSED: "bold red", Verdict.FAILED: "bold red", Verdict.IMP
           Verdict.UNCHANGED: "dim", Verdict.NEW: "cyan", Verdict.MISSING: "yellow",
           Verdict.NOT_COMPARABLE: "yellow"}
 _COLUMNS = ("cell", "verdict", "metric", "baseline", "current", "change", "note")
+_NOTE_WIDTH = 30  # a note narrower than this reads as a column of single words: the rows go as lines instead
 
 
 def header_lines(c: Comparison) -> list[str]:
@@ -55,12 +56,13 @@ def comparison_table(c: Comparison, width: int, show_all: bool = False) -> Table
     caption = _repeated_notes(c)
     figures = [[short[r[0]], *r[1:6]] for cell_rows in rows for r in cell_rows]
     need = sum(max(len(name), *(len(f[j]) for f in figures)) + 3 for j, name in enumerate(_COLUMNS[:6]))
-    if need + len("note") + 4 > width:
+    note_room = _note_room([r[6] for cell_rows in rows for r in cell_rows])
+    if need + note_room + 4 > width:
         return _lines(title, rows, short, caption)
-    table = Table(title=escape(title), header_style="bold")
+    table = Table(title=escape(title), title_justify="left", caption_justify="left", header_style="bold")
     for name in _COLUMNS:
         table.add_column(name, justify="right" if name in ("baseline", "current", "change") else "left",
-                         no_wrap=name != "note", overflow="fold")
+                         no_wrap=name != "note", min_width=note_room if name == "note" else None)
     for cell_rows in rows:
         for i, (key, verdict, metric, base, cur, change, note, style) in enumerate(cell_rows):
             table.add_row(escape(short[key]) if i == 0 else "", f"[{style}]{verdict}[/]" if i == 0 else "", metric,
@@ -70,6 +72,13 @@ def comparison_table(c: Comparison, width: int, show_all: bool = False) -> Table
     if caption:
         table.caption = escape(caption)
     return table
+
+
+def _note_room(notes: list[str]) -> int:
+    """Columns the note needs to read as prose: its longest line, or at most ``_NOTE_WIDTH`` if that breaks no
+    word; never fewer than the longest word, so wrapping happens only between words."""
+    longest_word = max((len(word) for note in notes for word in note.split()), default=0)
+    return max(min(max(map(len, notes), default=0), _NOTE_WIDTH), longest_word, len("note"))
 
 
 def _lines(title: str, rows: list[list[tuple[str, ...]]], short: dict[str, str], caption: str) -> Group:

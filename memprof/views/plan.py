@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.table import Table
 
 from memprof.plan.predict import part_label
@@ -61,72 +62,96 @@ def parts_table(plan: Plan) -> Table:
 
 
 def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
+    """The plan against each GPU (or memory size): whether it fits, the headroom or the shortfall, and the largest
+    batch and length that would. With paged optimizer state, what must be on the card is a column of its own."""
     r = plan.request
     paged = plan.pageable_bytes
-    table = Table(title="fits?", title_justify="left", header_style="bold",
-                  caption=f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver "
-                          "moves to host memory when the card is full" if paged else None, caption_justify="left")
+    caption = f"on the card: the total less the paged optimizer state ({human_bytes(paged)}), which the driver " \
+        "moves to host memory when the card is full"
+    table = Table(title="fits?", title_justify="left", header_style="bold", caption=caption if paged else None,
+                  caption_justify="left")
     first = "GPU" if plan.device == "cuda" else "memory"
-    for name in (first, "capacity", "needed" if paged else "total", "headroom", "headroom %", "fits",
-                 f"max batch @ s{r.shape.seq_len}", f"max seq @ b{r.shape.batch_size}"):
+    names = (first, "capacity", "total", *(["on the card"] if paged else []), "headroom", "fits",
+             f"max batch\n@ s{r.shape.seq_len}", f"max seq\n@ b{r.shape.batch_size}")
+    for name in names:
         table.add_column(name, justify="left" if name in (first, "fits") else "right")
     for v in verdicts:
         fits = {"yes": "[green]yes[/]", "no": "[bold red]no[/]", "borderline": "[yellow]borderline[/]"}[v.answer]
         if not plan.complete:
             fits = "[yellow]at least this much[/]" if v.answer == "no" else "[yellow]unknown[/]"
-        seq = f"{v.max_seq_len:,}" + (" (model max)" if v.seq_len_capped else "")
-        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.needed_bytes),
-                      human_bytes(v.headroom_bytes), f"{v.headroom_fraction:.0%}", fits, f"{v.max_batch_size:,}",
-                      seq)
+        batch = f"{v.max_batch_size:,}" if v.max_batch_size else "none fits"
+        seq = f"{v.max_seq_len:,}" + (" (model max)" if v.seq_len_capped else "") if v.max_seq_len else "none fits"
+        needed = [human_bytes(v.needed_bytes)] if paged else []
+        table.add_row(v.gpu.name, human_bytes(v.gpu.capacity_bytes), human_bytes(v.total_bytes), *needed,
+                      _headroom(v), fits, batch, seq)
     return table
+
+
+def _headroom(v: GpuFit) -> str:
+    """What is left and its share of the capacity; or, when the plan does not fit, what is missing and how many
+    times the capacity it needs (where a headroom of -1395% said nothing)."""
+    if v.headroom_bytes >= 0:
+        return f"{human_bytes(v.headroom_bytes)} ({v.headroom_fraction:.0%})"
+    return f"[red]{human_bytes(-v.headroom_bytes)} short[/] (needs {v.needed_bytes / v.gpu.capacity_bytes:.1f}×)"
+
+
+_MARK = {"yes": "[green]✓[/]", "no": "[red]✗[/]", "borderline": "[yellow]?[/]"}
 
 
 def suite_tables(plans: Sequence[Plan | Refusal], gpus: Sequence[Gpu],
                  verdicts: dict[int, list[GpuFit]]) -> list[Table]:
-    """One table per length/precision: a row per model, adapter and optimizer, a column per batch size; each
-    entry is what must be on the card and, per GPU in order, ✓ (fits) or ✗, or how a run of it would end
-    (unavailable, crashed) where no plan is made. ``verdicts`` is keyed by plan index."""
+    """One table per length/precision: a row per model, adapter, optimizer and batch size with what must be on
+    the card (or in RAM) and a column per GPU (or memory size) marked ✓ (fits), ✗ or ?, or how a run of it would
+    end (unavailable, crashed) where no plan is made. A model or batch size the whole table shares is said in its
+    title instead of a column. ``verdicts`` is keyed by plan index."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(plans):
         r = p.request
         groups.setdefault((r.shape.seq_len, r.shape.precision, r.shape.grad_accum, r.levers_label), []).append(i)
     tables = []
     for (seq, precision, accum, levers), members in groups.items():
-        batches = sorted({plans[i].request.shape.batch_size for i in members})
-        rows: dict[tuple[str, str, str], dict[int, int]] = {}
+        cuda = plans[members[0]].device == "cuda"
+        models = {plans[i].request.model.name for i in members}
+        batches = {plans[i].request.shape.batch_size for i in members}
+        shape = ", ".join([*(models if len(models) == 1 else []), *(f"batch {b}" for b in batches if len(batches) == 1),
+                           f"seq_len {seq}", precision, *([f"grad-accum {accum}"] if accum > 1 else []),
+                           *([levers] if levers else [])])
+        what = "predicted peak on the card, fits per GPU" if cuda else "predicted RSS growth of a CPU run, fits " \
+            "per memory size"
+        paged = ("; paged optimizer state is left out: the driver moves it to host memory when the card is full"
+                 if cuda else "")
+        # a light box, so a name column and a column per GPU stand whole at 80 columns
+        title = f"{what}: {shape}"
+        table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False, collapse_padding=True, min_width=len(title),
+                      caption="✓ fits even at the plan's worst, ✗ does not fit even at its best, ? borderline"
+                              + paged, caption_justify="left")
+        columns = ["model"] * (len(models) > 1) + ["adapter", "optimizer"] + ["batch"] * (len(batches) > 1)
+        for name in columns:
+            table.add_column(name, no_wrap=True, justify="right" if name == "batch" else "left")
+        table.add_column("peak" if cuda else "RSS growth", no_wrap=True, justify="right")
+        for gpu in gpus:  # a card's name over two lines at its hyphen: the marks are one character wide
+            table.add_column(gpu.name.replace("-", "-\n", 1), no_wrap=True, justify="center")
+        order: dict[tuple[str, str, str], int] = {}  # configurations in the suite's order, batch sizes ascending
         for i in members:
+            order.setdefault(_configuration(plans[i]), len(order))
+        for i in sorted(members, key=lambda i: (order[_configuration(plans[i])], plans[i].request.shape.batch_size)):
             r = plans[i].request
-            rows.setdefault((r.model.name, r.adapter.name, r.optimizer.label), {})[r.shape.batch_size] = i
-        title = (f"s{seq} {precision}" + (f" grad-accum {accum}" if accum > 1 else "")
-                 + (f" {levers}" if levers else ""))
-        what = ("predicted peak on a GPU (paged optimizer state left out: the driver moves it to host memory when "
-                "the card is full); per GPU" if plans[members[0]].device == "cuda" else
-                "predicted RSS growth of a CPU run over its worker's start; per memory size")
-        table = Table(title=title, title_justify="left", header_style="bold",
-                      caption=f"{what} ({' '.join(g.name for g in gpus)}): ✓ fits even at the plan's worst, ✗ does "
-                              "not fit even at its best, ? borderline",
-                      caption_justify="left")
-        for name in ("model", "adapter", "optimizer"):
-            table.add_column(name)
-        for b in batches:
-            table.add_column(f"b{b}", justify="right")
-        for (model, adapter, optimizer), by_batch in rows.items():
-            cells = []
-            for b in batches:
-                index = by_batch.get(b)
-                if index is None:
-                    cells.append("")
-                    continue
-                if index not in verdicts:  # a Refusal
-                    cells.append(f"[dim]{plans[index].status}[/]")
-                    continue
-                marks = "".join({"yes": "[green]✓[/]", "no": "[red]✗[/]", "borderline": "[yellow]?[/]"}[v.answer]
-                                for v in verdicts[index])
-                lower = "≥" if not plans[index].complete else ""
-                cells.append(f"{lower}{human_bytes(plans[index].needed_bytes)} {marks}")
-            table.add_row(model, adapter, optimizer, *cells)
+            if i not in verdicts:  # a Refusal
+                needed, marks = f"[dim]{plans[i].status}[/]", [""] * len(gpus)
+            else:
+                needed = ("≥" if not plans[i].complete else "") + human_bytes(plans[i].needed_bytes)
+                marks = [_MARK[v.answer] for v in verdicts[i]]
+            values = {"model": r.model.name, "adapter": r.adapter.name, "optimizer": r.optimizer.label,
+                      "batch": str(r.shape.batch_size)}
+            table.add_row(*(values[name] for name in columns), needed, *marks)
         tables.append(table)
     return tables
+
+
+def _configuration(p: Plan | Refusal) -> tuple[str, str, str]:
+    r = p.request
+    return r.model.name, r.adapter.name, r.optimizer.label
 
 
 def search_table(search: Search) -> Table:

@@ -12,7 +12,7 @@ from pathlib import Path
 from memprof.analysis.memory import on_card_bytes, state_vs_baseline
 from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.views.tables import NUMBER, human_bytes, peak_text
+from memprof.views.tables import NUMBER, human_bytes, peak_note, peak_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -58,9 +58,7 @@ def memory_table(run: Run) -> TableData:
     columns = [axis.title for axis in axes] + ["status", "optimizer state", "peak", "vs AdamW"] + \
         (["on the card"] if cuda else []) + (["paged"] if paged else []) + ["peak at"]
     notes = ["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers",
-             "peak: the torch allocator's peak" if cuda else
-             "peak: growth of the worker's resident memory (RSS) on this CPU; it includes freed pages the C "
-             "allocator keeps, so it differs by tens of MB between repeats"]
+             peak_note(cuda)]
     if cuda:
         notes.append("on the card: NVML's peak for the process (allocator, its cache, CUDA's context)"
                      + (" plus paged state" if paged else ""))

@@ -52,6 +52,13 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def peak_note(cuda: bool) -> str:
+    """What a record's ``peak`` is, for a footnote: the allocator's on CUDA, RSS growth on the CPU."""
+    return "peak: the torch allocator's peak" if cuda else "peak: growth of the worker's resident memory (RSS) " \
+        "over its baseline on this CPU; it includes freed pages the C allocator keeps, so it differs by tens of MB " \
+        "between repeats"
+
+
 def results_table(records: Iterable[Record], width: int, title: str = "memprof results") -> Group:
     """One table per model/adapter/shape group, comparing its cells (against AdamW's state in the same group), for
     a terminal ``width`` columns wide. A row is named by every axis that varies inside its group (always the
@@ -74,7 +81,9 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
             f"{head.shape.precision}, {_num(trainable, ',')} trainable params", columns,
             [[a.text(r.config) for a in axes] + _row(r, ratios.get(r.config.index), show_paged) for r in rows],
             styles={(i, len(axes)): STATUS_STYLE[r.status] for i, r in enumerate(rows)}))
-    parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report")]
+    parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report"),
+                   Text(peak_note(any(r.peak_allocated_bytes is not None for r in records)), style="dim"),
+                   Text("loss: the first step's → the mean of the last 5 steps'", style="dim")]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
                           style="dim"))
@@ -159,7 +168,8 @@ def levers_markdown(records: Iterable[Record]) -> str:
         names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
                 f"{c.shape.seq_len} |"
         if r.status is not Status.OK:
-            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {r.error[:60]}')} | | | | | |")
+            cause = r.error.splitlines()[0] if r.error else ""  # whole: the cause is often past the 60th character
+            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {cause}')} | | | | | |")
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
         figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
