@@ -83,7 +83,7 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
             styles={(i, len(axes)): STATUS_STYLE[r.status] for i, r in enumerate(rows)}))
     parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report"),
                    Text(peak_note(any(r.peak_allocated_bytes is not None for r in records)), style="dim"),
-                   Text("loss: the first step's → the mean of the last 5 steps'", style="dim")]
+                   Text("loss: the first step's → the mean of the last 5 steps", style="dim")]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
         parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
                           style="dim"))
