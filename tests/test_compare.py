@@ -504,6 +504,13 @@ def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytes
     assert err == f"error: {path}: {said}"
 
 
+def test_the_verdict_is_shown_before_a_markdown_file_that_cannot_be_written(capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("compare", str(REFERENCE), str(REFERENCE), "--markdown", "/dev/full") == 2  # a full disk
+    shown = capsys.readouterr()
+    assert "2 cells: 2 unchanged → no regression" in shown.out
+    assert shown.err.startswith("error: /dev/full: cannot write: ")
+
+
 def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     """A run killed while writing its last record: every reader leaves the line out, says so, and reads the rest."""

@@ -179,10 +179,7 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
     same_machine = baseline.env is not None and current.env is not None and machines[0] == machines[1]
     peaks_compared = same_machine or allow_different_machines
     base, cur = _by_config(baseline.records), _by_config(current.records)
-    if not set(base) & set(cur):
-        names = sorted({r.config.suite for r in (*baseline.records, *current.records)})
-        raise UserError(f"{baseline.path} vs {current.path}", "the two result sets share no configuration (suites "
-                        f"{', '.join(names)}): nothing to compare")
+    share_some(baseline, set(cur), {r.config.suite for r in current.records}, current.path)
     cells = []
     for key in list(base) + [k for k in cur if k not in base]:
         if key not in cur:
@@ -197,6 +194,19 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
                         f"({len(shared)} shared keys; {shared[0].key}: {shared[0].note}): nothing to compare")
     return Comparison(baseline, current, rules, machines, peaks_compared,
                       tuple(environment_differences(baseline.env, current.env)), tuple(cells))
+
+
+def share_some(baseline: ResultSet, keys: set[str], suites: set[str], current: Path) -> None:
+    """Refuse a comparison of ``baseline`` to ``current`` (a result set, or a suite about to run) when the two share
+    no configuration (``repeat_key``, ``keys`` on the current side, of ``suites``): nothing would be compared.
+
+    Raises:
+        UserError: naming both sides and their suites.
+    """
+    if not {r.config.repeat_key for r in baseline.records} & keys:
+        names = sorted({r.config.suite for r in baseline.records} | suites)
+        raise UserError(f"{baseline.path} vs {current}", "the two result sets share no configuration (suites "
+                        f"{', '.join(names)}): nothing to compare")
 
 
 def environment_differences(base: dict[str, Any] | None, cur: dict[str, Any] | None) -> list[str]:
