@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from memprof.suite import Suite
 
 # Exit codes (README "Exit codes"): a crashed or timed-out cell is the harness failing, not an answer the user asked
-# for; an OOM, a divergence or an optimizer unavailable here are answers, and never change the code.
+# for (``memprof.results.record.HARNESS_FAILURES``); an OOM, a divergence or an optimizer unavailable here are
+# answers, and never change the code.
 EXIT_CELLS_FAILED = 3
 EXIT_INTERRUPTED = 130
-HARNESS_FAILURES = ("crashed", "timeout")
 
 
 def _console(stderr: bool) -> Console:
@@ -159,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"results: {outcome.run_dir}{hint}", highlight=False, soft_wrap=True)
     if outcome.interrupted:
         return EXIT_INTERRUPTED
+    from memprof.results.record import HARNESS_FAILURES
+
     failed = [r for r in outcome.records if r.status in HARNESS_FAILURES]
     if failed and not args.allow_failures:
         console.print(f"[red]{len(failed)} of {len(outcome.records)} cells "

@@ -504,6 +504,20 @@ def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytes
     assert err == f"error: {path}: {said}"
 
 
+def test_a_cell_that_crashes_on_both_sides_fails_and_one_that_ooms_on_both_is_unchanged(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The harness failing again is no answer (a cell that always crashes must not pass CI); an OOM is one."""
+    lora, qlora = read_records(REFERENCE)
+    ends = [replace(lora, status=Status.CRASHED, error="RuntimeError: boom"), replace(qlora, status=Status.OOM)]
+    base = write_records(tmp_path / "base", ends, like=REFERENCE)
+    current = write_records(tmp_path / "current", ends, like=REFERENCE)
+    code, result = compare_json(capsys, str(base), str(current))
+    assert code == 1 and result["counts"]["failed"] == 1 and result["counts"]["unchanged"] == 1
+    crashed, oom = result["cells"]
+    assert (crashed["verdict"], crashed["note"]) == ("failed", "crashed on both sides: RuntimeError: boom")
+    assert (oom["verdict"], oom["note"]) == ("unchanged", "oom on both sides")
+
+
 def test_the_verdict_is_shown_before_a_markdown_file_that_cannot_be_written(capsys: pytest.CaptureFixture) -> None:
     assert run_cli("compare", str(REFERENCE), str(REFERENCE), "--markdown", "/dev/full") == 2  # a full disk
     shown = capsys.readouterr()

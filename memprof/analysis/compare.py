@@ -2,8 +2,9 @@
 
 The rules live in ``memprof.results.metrics`` and nowhere else. Too few repeats to ever reach a timing rule's
 significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM,
-crash...) is ``failed``; a cell on one side only is ``new`` or ``missing``. Rules are overridden by a suite's
-``[compare]`` table, then by ``--rule metric:spec``.
+crash...) is ``failed``, and so is one that crashed or timed out on both (the harness failing is never an answer);
+an OOM or a divergence on both sides is ``unchanged``. A cell on one side only is ``new`` or ``missing``. Rules are
+overridden by a suite's ``[compare]`` table, then by ``--rule metric:spec``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from memprof.config.spec import LIMITS
 from memprof.errors import UserError
 from memprof.results.env import machine_label, read_env
 from memprof.results.metrics import METRICS, Metric, Rule
-from memprof.results.record import Record, Status
+from memprof.results.record import HARNESS_FAILURES, Record, Status
 from memprof.results.store import read_csv_records, read_records, some_records, torn_last_line
 from memprof.suite.restore import with_suite_configs
 
@@ -257,9 +258,10 @@ def _compare_cell(key: str, base: list[Record], cur: list[Record], rules: dict[s
     repeats = (len(base), len(cur))
     if b_status is not Status.OK or c_status is not Status.OK:
         error = next((r.error for r in cur if r.status is c_status and r.error), "")
-        if b_status is c_status:
-            return CellComparison(key, Verdict.UNCHANGED, b_status, c_status, repeats, note=f"{c_status.value} on "
-                                  "both sides")
+        if b_status is c_status:  # an answer given again (an OOM, a divergence), or the harness failing again
+            verdict = Verdict.FAILED if c_status in HARNESS_FAILURES else Verdict.UNCHANGED
+            note = f"{c_status.value} on both sides" + (f": {error}" if error and verdict is Verdict.FAILED else "")
+            return CellComparison(key, verdict, b_status, c_status, repeats, note=note)
         verdict = Verdict.IMPROVED if c_status is Status.OK else Verdict.FAILED
         note = f"{b_status.value} → {c_status.value}" + (f": {error}" if error else "")
         return CellComparison(key, verdict, b_status, c_status, repeats, note=note)
