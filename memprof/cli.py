@@ -396,14 +396,23 @@ def _add_config_options(p: argparse.ArgumentParser, precision: str) -> None:
 
 
 def _request(args: argparse.Namespace) -> CellConfig:
+    """The cell the flags describe, put through a run's checks (``memprof.run.preflight``): a model that does not
+    build, or targets it lacks, are one line naming the flag, before ``plan`` plans or ``fit`` runs a trial."""
     from memprof.plan.predict import cell_from_flags
+    from memprof.run.preflight import check_all
+    from memprof.suite.load import OPTIMIZER_FIELD
 
     if not args.model:
         raise UserError("--model", "required (or give a suite file to plan)")
-    return cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
+    request = cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
                               args.batch_size, args.seq_len, args.precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
                               args.loss_chunk)
+    for p in check_all([request])[:1]:
+        flag = "--optimizer" if p.field.startswith(OPTIMIZER_FIELD) else f"--model {args.model}" \
+            if p.field == "model" else {"target_modules": "--target-modules", "r": "--rank"}.get(p.field, "--adapter")
+        raise UserError(flag, p.error)
+    return request
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
