@@ -408,10 +408,11 @@ def _request(args: argparse.Namespace) -> CellConfig:
                               args.batch_size, args.seq_len, args.precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
                               args.loss_chunk)
-    for p in check_all([request])[:1]:
-        flag = "--optimizer" if p.field.startswith(OPTIMIZER_FIELD) else f"--model {args.model}" \
-            if p.field == "model" else {"target_modules": "--target-modules", "r": "--rank"}.get(p.field, "--adapter")
-        raise UserError(flag, p.error)
+    problems = check_all([request])
+    if problems:
+        field, error = problems[0].field, problems[0].error
+        flags = {"model": f"--model {args.model}", "target_modules": "--target-modules", "r": "--rank"}
+        raise UserError("--optimizer" if field.startswith(OPTIMIZER_FIELD) else flags.get(field, "--adapter"), error)
     return request
 
 

@@ -240,7 +240,7 @@ def _label(env: dict[str, Any] | None) -> str:
 
 
 def _by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
-    """Records grouped by configuration, one per repeat (the last one wins, as after a resumed run)."""
+    """Records grouped by configuration, one per repeat (the last one wins)."""
     groups: dict[str, dict[int, Record]] = {}
     for r in records:
         groups.setdefault(r.config.repeat_key, {})[r.config.training.repeat] = r
