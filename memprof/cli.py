@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from memprof.suite import Suite
 
 # Exit codes (README "Exit codes"): a crashed or timed-out cell is the harness failing, not an answer the user asked
-# for; an OOM, a divergence or an optimizer unavailable here are answers, and never change the code.
+# for (``memprof.results.record.HARNESS_FAILURES``); an OOM, a divergence or an optimizer unavailable here are
+# answers, and never change the code.
 EXIT_CELLS_FAILED = 3
 EXIT_INTERRUPTED = 130
-HARNESS_FAILURES = ("crashed", "timeout")
 
 
 def _console(stderr: bool) -> Console:
@@ -111,6 +111,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None and not (args.resume / "manifest.json").is_file():
         raise UserError(str(args.resume), "not a memprof result folder (no manifest.json)")
     if args.suite is None and args.resume is not None:
+        if not (args.resume / "suite.toml").is_file():
+            raise UserError(str(args.resume), "has no suite.toml (its copy of the suite it ran): give that suite, "
+                                              f"`memprof run SUITE --resume {args.resume}`")
         suite = suite_mod.load(str(args.resume / "suite.toml"))
     else:
         suite = suite_mod.load(args.suite or "quick")
@@ -132,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from memprof.analysis import compare
 
         baseline = compare.load(args.compare_to)  # a bad baseline fails before the run, not after it
+        compare.share_some(baseline, {c.repeat_key for c in cells}, {suite.name}, suite.path)
     from memprof.run.runner import run_suite
     from memprof.views.progress import ProgressView
     from memprof.views.tables import results_table
@@ -155,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"results: {outcome.run_dir}{hint}", highlight=False, soft_wrap=True)
     if outcome.interrupted:
         return EXIT_INTERRUPTED
+    from memprof.results.record import HARNESS_FAILURES
+
     failed = [r for r in outcome.records if r.status in HARNESS_FAILURES]
     if failed and not args.allow_failures:
         console.print(f"[red]{len(failed)} of {len(outcome.records)} cells "
@@ -178,10 +184,32 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     if args.sample_interval is not None and not (math.isfinite(args.sample_interval) and args.sample_interval > 0):
         raise UserError("--sample-interval", f"must be a positive number of seconds (got {args.sample_interval})")
     _rules(args, ())  # with or without --compare-to: a rule that is never checked is a mistake too
+    if args.compare_to is None:
+        unused = next((flag for flag, given in (("--rule", args.rule), ("--markdown", args.markdown),
+                                                 ("--allow-different-machines", args.allow_different_machines))
+                       if given), None)
+        if unused:
+            raise UserError(unused, "is for the comparison: it needs --compare-to")
+    if args.markdown is not None:
+        _check_file("--markdown", args.markdown)
     if args.resume is None:  # a resumed run writes in its own folder
-        taken = next((p for p in (args.out, *args.out.parents) if p.exists()), None)
-        if taken is not None and not taken.is_dir():
-            raise UserError("--out", f"{taken} is a file, not a folder")
+        _check_folder("--out", args.out)
+
+
+def _check_folder(flag: str, path: Path) -> None:
+    """Refuse ``path``, a folder to write in, when it or the nearest of its parents that exists is a file."""
+    taken = next((p for p in (path, *path.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise UserError(flag, f"{taken} is a file, not a folder")
+
+
+def _check_file(flag: str, path: Path) -> None:
+    """Refuse ``path``, a file to write, when it is a folder or its folder does not exist: before any work."""
+    if path.is_dir():
+        raise UserError(flag, f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(flag, f"{path.parent} {what}: {path.name} cannot be written there")
 
 
 def _refuse(suite: Suite, problems: list[Problem]) -> None:
@@ -211,6 +239,8 @@ def _budget_on_the_cpu_only(cells: list[CellConfig], source: Path) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from memprof.analysis import compare
 
+    if args.markdown is not None:
+        _check_file("--markdown", args.markdown)
     return _compare(compare.load(args.baseline), compare.load(args.current), args)
 
 
@@ -242,18 +272,18 @@ def _compare(baseline: ResultSet, current: ResultSet, args: argparse.Namespace) 
     result = compare.compare(baseline, current, rules, args.allow_different_machines)
     for side in (baseline, current):
         _warn(side.warning)
-    if args.markdown:
+    if getattr(args, "json", False):
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in compare_views.header_lines(result):
+            out.print(line, highlight=False, soft_wrap=True)
+        out.print(compare_views.comparison_table(result, out.width, getattr(args, "all", False)))
+        out.print(compare_views.summary_line(result), highlight=False)
+    if args.markdown:  # after the verdict: a file that cannot be written does not hide it
         try:
             args.markdown.write_text(compare_views.markdown(result), encoding="utf-8")
         except OSError as err:
             raise UserError(str(args.markdown), f"cannot write: {err}") from None
-    if getattr(args, "json", False):
-        print(json.dumps(result.to_dict(), indent=2))
-        return result.exit_code
-    for line in compare_views.header_lines(result):
-        out.print(line, highlight=False, soft_wrap=True)
-    out.print(compare_views.comparison_table(result, out.width, getattr(args, "all", False)))
-    out.print(compare_views.summary_line(result), highlight=False)
     return result.exit_code
 
 
@@ -376,17 +406,27 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def _request(args: argparse.Namespace) -> CellConfig:
-    """The configuration the flags describe; without --precision, the device's own (plan and fit alike)."""
+    """The cell the flags describe (without --precision, the device's own: plan and fit alike), put through a run's
+    checks (``memprof.run.preflight``): a model that does not build, or targets it lacks, are one line naming the
+    flag, before ``plan`` plans or ``fit`` runs a trial."""
     from memprof.plan.fit import on_cuda
     from memprof.plan.predict import cell_from_flags
+    from memprof.run.preflight import check_all
+    from memprof.suite.load import OPTIMIZER_FIELD
 
     if not args.model:
         raise UserError("--model", "required (or give a suite file to plan)")
     precision = args.precision or ("bf16" if on_cuda(args.device) else "fp32")
-    return cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
+    request = cell_from_flags(args.model, args.adapter, args.rank, args.target_modules, args.optimizer,
                               args.batch_size, args.seq_len, precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
                               args.loss_chunk)
+    problems = check_all([request])
+    if problems:
+        field, error = problems[0].field, problems[0].error
+        flags = {"model": f"--model {args.model}", "target_modules": "--target-modules", "r": "--rank"}
+        raise UserError("--optimizer" if field.startswith(OPTIMIZER_FIELD) else flags.get(field, "--adapter"), error)
+    return request
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -592,6 +632,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from memprof.views import plots, report as report_views
     from memprof.views.tables import rich_tables
 
+    if args.out is not None:
+        _check_folder("--out", args.out)  # before the rendering, not after it
     run = report.load_run(args.run_dir)
     run = replace(run, records=[attribute(r, r.peak_phase) for r in run.records])  # records of any memprof version
     memory = [report_views.memory_table(run)]

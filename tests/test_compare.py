@@ -454,16 +454,37 @@ def _spoil(folder: Path, case: str) -> tuple[str, tuple[str, ...]]:
     elif case == "empty records":
         lines = []
         said = f"{records}: no records (empty file)"
+    elif case == "not UTF-8":
+        records.write_bytes(records.read_bytes() + b"\x96\n")
+        return f"{records}: line 3: not UTF-8 text (byte 0x96)", (*READERS, "resume")
+    elif case == "steps not UTF-8":
+        steps = folder / "cells" / "0001" / "steps.csv"
+        steps.write_bytes(b"\x96" + steps.read_bytes())
+        return f"{steps}: cannot read: 'utf-8' codec can't decode byte 0x96", ("report",)
+    elif case == "a line of text":  # no record cut short, which would start as one
+        lines = ["hello world"]
+        said = f"{records}: line 1: not valid JSON"
+    elif case == "a lone torn line":
+        records.write_text(lines[0][:300] + "\n")
+        return f"{records}: no records (its only line is torn: a run killed while writing it)", READERS
+    elif case == "a cell twice":  # would pass for one more repeat
+        lines.append(lines[0])
+        key = read_records(REFERENCE)[0].key
+        said = f"{records}: line 3: cell {first['config']['index']} ({key}) again, first at line 1"
+    elif case == "two suites":
+        lines.append(json.dumps({**first, "config": {**first["config"], "suite": "other", "index": 7}}))
+        said = f"{records}: line 3: a record of suite 'other', where line 1's is of 'reference'"
     else:  # no records.jsonl: the run stopped before its first cell; compare reads the cells.csv beside it
         records.unlink()
         return f"{records}: no records (no such file", ("report", "levers", "attribute")
     records.write_text("".join(line + "\n" for line in lines))
-    return said, READERS
+    return said, READERS if case == "empty records" else (*READERS, "resume")  # an empty file resumes from none
 
 
 @pytest.mark.parametrize("case", ["array line", "null line", "text for bytes", "negative bytes", "bytes in a float",
                                   "unknown status", "no config", "env array", "empty records", "no records.jsonl",
-                                  "steps without header", "text in steps"])
+                                  "steps without header", "text in steps", "not UTF-8", "steps not UTF-8",
+                                  "a line of text", "a lone torn line", "a cell twice", "two suites"])
 def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     folder = tmp_path / "run"
@@ -471,7 +492,8 @@ def test_every_reader_of_a_bad_result_folder_says_one_line_naming_file_line_and_
     said, readers = _spoil(folder, case)
     for command in readers:
         argv = {"report": ["report", str(folder), "--out", str(tmp_path / "report")],
-                "compare": ["compare", str(REFERENCE), str(folder)]}.get(command, [command, str(folder)])
+                "compare": ["compare", str(REFERENCE), str(folder)],
+                "resume": ["run", "--resume", str(folder)]}.get(command, [command, str(folder)])
         capsys.readouterr()
         assert run_cli(*argv) == 2, command
         err = capsys.readouterr().err.strip()
@@ -498,7 +520,8 @@ def test_cells_csv_keeps_each_family_of_columns_together_and_old_files_read_back
     assert now[1] == now[0] + 1
 
 
-@pytest.mark.parametrize("case", ["text in a number column", "no config column", "a short row"])
+@pytest.mark.parametrize("case", ["text in a number column", "no config column", "a short row",
+                                  "a steps.csv of no steps"])
 def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     with open(REFERENCE / "cells.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -516,10 +539,34 @@ def test_a_bad_cells_csv_names_the_line_and_column(tmp_path: Path, capsys: pytes
     if case == "a short row":
         path.write_text(path.read_text() + "2,a/b\n")
         said = f"line 4: not as many cells as the header has columns ({len(rows[0])})"
+    elif case == "a steps.csv of no steps":  # a header alone: no row, yet another kind of CSV
+        path.write_text((REFERENCE / "cells" / "0000" / "steps.csv").read_text().splitlines()[0] + "\n")
+        said = "not a memprof cells.csv (no column schema_version)"
     capsys.readouterr()
     assert run_cli("compare", str(path), str(REFERENCE)) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {path}: {said}"
+
+
+def test_a_cell_that_crashes_on_both_sides_fails_and_one_that_ooms_on_both_is_unchanged(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The harness failing again is no answer (a cell that always crashes must not pass CI); an OOM is one."""
+    lora, qlora = read_records(REFERENCE)
+    ends = [replace(lora, status=Status.CRASHED, error="RuntimeError: boom"), replace(qlora, status=Status.OOM)]
+    base = write_records(tmp_path / "base", ends, like=REFERENCE)
+    current = write_records(tmp_path / "current", ends, like=REFERENCE)
+    code, result = compare_json(capsys, str(base), str(current))
+    assert code == 1 and result["counts"]["failed"] == 1 and result["counts"]["unchanged"] == 1
+    crashed, oom = result["cells"]
+    assert (crashed["verdict"], crashed["note"]) == ("failed", "crashed on both sides: RuntimeError: boom")
+    assert (oom["verdict"], oom["note"]) == ("unchanged", "oom on both sides")
+
+
+def test_the_verdict_is_shown_before_a_markdown_file_that_cannot_be_written(capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("compare", str(REFERENCE), str(REFERENCE), "--markdown", "/dev/full") == 2  # a full disk
+    shown = capsys.readouterr()
+    assert "2 cells: 2 unchanged → no regression" in shown.out
+    assert shown.err.startswith("error: /dev/full: cannot write: ")
 
 
 def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Path,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,6 +363,17 @@ def test_resume_drops_a_torn_line_and_interrupted_records(tmp_path: Path) -> Non
         prepare_resume(run_dir, {**manifest, "suite_digest": "0" * 16})
 
 
+def test_resuming_a_folder_without_its_suite_says_how_to_give_it(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(REFERENCE, folder)
+    (folder / "suite.toml").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_cli("run", "--resume", str(folder)) == 2
+    assert err.getvalue() == f"error: {folder}: has no suite.toml (its copy of the suite it ran): give that suite, " \
+                             f"`memprof run SUITE --resume {folder}`\n"
+
+
 def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
     suite = suite_mod.load(str(write_suite(tmp_path)))
     manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in suite.cells],
@@ -538,6 +550,7 @@ def test_any_malformed_suite_is_one_line_exit_2_and_runs_nothing(mutation: tuple
 
 
 _X, _GRID = '[suite]\nname = "x"\n', '[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n'
+REFERENCE = Path(__file__).parent.parent / "results" / "gpu" / "h200-2026-11-28" / "reference"  # two schema-2 cells
 
 
 @pytest.mark.parametrize(("extra_suite", "fragments"), [
@@ -593,6 +606,12 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     (["--rule", "peak:lots", "--dry-run"], "error: --rule: unknown metric 'peak'"),
     (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
     (["--out", "{file}/results"], "error: --out: {file} is a file, not a folder"),
+    # what only a comparison reads is a mistake without one, as a --rule is
+    (["--rule", "peak_rss_delta_bytes:10%"], "error: --rule: is for the comparison: it needs --compare-to"),
+    (["--markdown", "{file}.md"], "error: --markdown: is for the comparison: it needs --compare-to"),
+    (["--compare-to", "{reference}", "--markdown", "{file}/x.md"],
+     "error: --markdown: {file} is a file, not a folder: x.md cannot be written there"),
+    (["--compare-to", "{reference}"], "error: {reference} vs {suite}: the two result sets share no configuration"),
 ])
 def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Path, flags: list[str],
                                                                     expected: str) -> None:
@@ -600,12 +619,13 @@ def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Pa
     path.write_text(_X + _GRID)
     taken = tmp_path / "a-file"
     taken.write_text("")
-    flags = [flag.format(file=taken) for flag in flags]
+    names = {"file": taken, "reference": REFERENCE, "suite": path}
+    flags = [flag.format(**names) for flag in flags]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = run_cli("run", str(path), *(flags if "--out" in flags else [*flags, "--out", str(tmp_path / "r")]))
     lines = err.getvalue().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(file=taken)), err.getvalue()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(**names)), err.getvalue()
     assert not (tmp_path / "r").exists() and taken.read_text() == ""
 
 

@@ -69,11 +69,23 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
     (["--memory-budget", "1000000", "--search", "seq_len", "--max", "64", "--granularity", "128"],
      "--max: must be at least the granularity (128), got 64"),
     (["--memory-budget", "1000000", "--granularity", "0"], "--granularity: must be positive, got 0"),
+    # what plan and a run refuse: before a trial, not as its crash (exit 3)
+    (["--memory-budget", "1GB", "--target-modules", "nope_proj"],
+     "--target-modules: adapter: Target modules {'nope_proj'} not found in the base model"),
+    (["--memory-budget", "1GB", "--world-size", "3"], "--world-size: 3 needs --strategy (ddp, zero1 or fsdp2)"),
 ])
 def test_fit_bad_input_is_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("fit", "--model", "tiny-llama", "--device", "cpu", *argv) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_fit_refuses_a_model_that_does_not_build_before_any_trial(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')  # cut short
+    assert run_cli("fit", "--model", str(tmp_path), "--device", "cpu", "--memory-budget", "1GB") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {tmp_path}: cannot build the model config: ") and len(err.splitlines()) == 1
 
 
 def test_fit_on_cuda_without_a_gpu_or_a_budget_says_neither_is_there(capsys: pytest.CaptureFixture[str]) -> None:

@@ -337,6 +337,11 @@ def test_a_bad_suite_is_one_line_naming_file_and_key(extra: str, where: str, tmp
     (["--model", "tiny-llama", "--gpu", "0GB"], "--gpu: a memory budget must be positive"),
     (["--model", "no-such-model"], "--model: 'no-such-model' is neither a preset"),
     (["--model", "tiny-llama", "--optimizer", "adamw_torh"], "did you mean 'adamw_torch'"),
+    (["--model", "tiny-llama", "--world-size", "2", "--strategy", "fsdp2", "--loss-chunk", "16"],
+     "--loss-chunk, --strategy: loss_chunk with parallel fsdp2: the chunked loss calls"),
+    (["--model", "tiny-llama", "--world-size", "3"], "--world-size: 3 needs --strategy (ddp, zero1 or fsdp2)"),
+    (["--model", "tiny-llama", "--target-modules", "nope_proj"],
+     "--target-modules: adapter: Target modules {'nope_proj'} not found in the base model"),
 ])
 def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("plan", *argv) == 2

@@ -203,6 +203,15 @@ def test_report_of_a_folder_without_records_is_a_user_error(tmp_path: Path) -> N
     assert run_cli("report", str(tmp_path)) == 2
 
 
+def test_report_out_that_is_a_file_is_refused_before_rendering(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    assert run_cli("report", str(GPU_RUNS / "reference"), "--out", str(taken)) == 2
+    assert capsys.readouterr().err == f"error: --out: {taken} is a file, not a folder\n"
+    assert not (GPU_RUNS / "reference" / "report").exists()
+
+
 def test_the_lr_rank_suite_sweeps_lr_by_rank_on_the_cpu() -> None:
     s = suite.load("lr-rank")
     assert {c.budget.device for c in s.cells} == {"cpu"} and {c.training.data.source for c in s.cells} == {"synthetic"}

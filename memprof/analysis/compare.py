@@ -2,8 +2,9 @@
 
 The rules live in ``memprof.results.metrics`` and nowhere else. Too few repeats to ever reach a timing rule's
 significance level gives "unchanged (not enough repeats)". A cell whose status differs between the sides (OOM,
-crash...) is ``failed``; a cell on one side only is ``new`` or ``missing``. Rules are overridden by a suite's
-``[compare]`` table, then by ``--rule metric:spec``.
+crash...) is ``failed``, and so is one that crashed or timed out on both (the harness failing is never an answer);
+an OOM or a divergence on both sides is ``unchanged``. A cell on one side only is ``new`` or ``missing``. Rules are
+overridden by a suite's ``[compare]`` table, then by ``--rule metric:spec``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from memprof.config.spec import LIMITS
 from memprof.errors import UserError
 from memprof.results.env import machine_label, read_env
 from memprof.results.metrics import METRICS, Metric, Rule
-from memprof.results.record import Record, Status
+from memprof.results.record import HARNESS_FAILURES, Record, Status
 from memprof.results.store import read_csv_records, read_records, some_records, torn_last_line
 from memprof.suite.restore import with_suite_configs
 
@@ -179,10 +180,7 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
     same_machine = baseline.env is not None and current.env is not None and machines[0] == machines[1]
     peaks_compared = same_machine or allow_different_machines
     base, cur = _by_config(baseline.records), _by_config(current.records)
-    if not set(base) & set(cur):
-        names = sorted({r.config.suite for r in (*baseline.records, *current.records)})
-        raise UserError(f"{baseline.path} vs {current.path}", "the two result sets share no configuration (suites "
-                        f"{', '.join(names)}): nothing to compare")
+    share_some(baseline, set(cur), {r.config.suite for r in current.records}, current.path)
     cells = []
     for key in list(base) + [k for k in cur if k not in base]:
         if key not in cur:
@@ -197,6 +195,19 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
                         f"({len(shared)} shared keys; {shared[0].key}: {shared[0].note}): nothing to compare")
     return Comparison(baseline, current, rules, machines, peaks_compared,
                       tuple(environment_differences(baseline.env, current.env)), tuple(cells))
+
+
+def share_some(baseline: ResultSet, keys: set[str], suites: set[str], current: Path) -> None:
+    """Refuse a comparison of ``baseline`` to ``current`` (a result set, or a suite about to run) when the two share
+    no configuration (``repeat_key``, ``keys`` on the current side, of ``suites``): nothing would be compared.
+
+    Raises:
+        UserError: naming both sides and their suites.
+    """
+    if not {r.config.repeat_key for r in baseline.records} & keys:
+        names = sorted({r.config.suite for r in baseline.records} | suites)
+        raise UserError(f"{baseline.path} vs {current}", "the two result sets share no configuration (suites "
+                        f"{', '.join(names)}): nothing to compare")
 
 
 def environment_differences(base: dict[str, Any] | None, cur: dict[str, Any] | None) -> list[str]:
@@ -229,7 +240,7 @@ def _label(env: dict[str, Any] | None) -> str:
 
 
 def _by_config(records: Iterable[Record]) -> dict[str, list[Record]]:
-    """Records grouped by configuration, one per repeat (the last one wins, as after a resumed run)."""
+    """Records grouped by configuration, one per repeat (the last one wins)."""
     groups: dict[str, dict[int, Record]] = {}
     for r in records:
         groups.setdefault(r.config.repeat_key, {})[r.config.training.repeat] = r
@@ -247,9 +258,10 @@ def _compare_cell(key: str, base: list[Record], cur: list[Record], rules: dict[s
     repeats = (len(base), len(cur))
     if b_status is not Status.OK or c_status is not Status.OK:
         error = next((r.error for r in cur if r.status is c_status and r.error), "")
-        if b_status is c_status:
-            return CellComparison(key, Verdict.UNCHANGED, b_status, c_status, repeats, note=f"{c_status.value} on "
-                                  "both sides")
+        if b_status is c_status:  # an answer given again (an OOM, a divergence), or the harness failing again
+            verdict = Verdict.FAILED if c_status in HARNESS_FAILURES else Verdict.UNCHANGED
+            note = f"{c_status.value} on both sides" + (f": {error}" if error and verdict is Verdict.FAILED else "")
+            return CellComparison(key, verdict, b_status, c_status, repeats, note=note)
         verdict = Verdict.IMPROVED if c_status is Status.OK else Verdict.FAILED
         note = f"{b_status.value} → {c_status.value}" + (f": {error}" if error else "")
         return CellComparison(key, verdict, b_status, c_status, repeats, note=note)

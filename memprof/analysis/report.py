@@ -77,13 +77,16 @@ def read_steps(path: Path) -> list[StepLog]:
     """
     if not path.exists():
         return []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [name for name in STEP_COLUMNS if name not in (reader.fieldnames or [])]
-        if missing and reader.fieldnames:
-            raise UserError(str(path), f"its header has no {', '.join(missing)} column (read: "
-                                       f"{','.join(reader.fieldnames)[:60]})")
-        return [_step_log(row, path, reader.line_num) for row in reader]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [name for name in STEP_COLUMNS if name not in (reader.fieldnames or [])]
+            if missing and reader.fieldnames:
+                raise UserError(str(path), f"its header has no {', '.join(missing)} column (read: "
+                                           f"{','.join(reader.fieldnames)[:60]})")
+            return [_step_log(row, path, reader.line_num) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
 
 
 def _step_log(row: dict[str, str], path: Path, line: int) -> StepLog:

@@ -62,8 +62,10 @@ def samples(run_dirs: Sequence[Path]) -> tuple[list[Sample], dict[str, Any]]:
         suite_path = run_dir / "suite.toml"
         try:
             cells = {c.key: c for c in parse(suite_path.read_text(encoding="utf-8"), suite_path).cells}
-        except OSError as err:
+        except FileNotFoundError as err:
             raise UserError(str(run_dir), f"not a complete memprof result folder: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(str(suite_path), f"cannot read: {err}") from None
         env = _env(run_dir)
         source.update(host=env.get("host"), machine=env_mod.machine_label(env), versions=env.get("versions", {}))
         for r in records:

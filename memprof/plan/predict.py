@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import ValidationError
 from torch import nn
 
 from memprof.measure import meta_step, step_memory
@@ -722,26 +723,30 @@ def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_m
     if error:
         raise UserError("--optimizer", error)
     lora = {**LORA_DEFAULTS, "r": rank, "lora_alpha": 2 * rank, "target_modules": targets}
+    parallel = sharding_flags(world_size, strategy)
+    try:
+        levers = Levers(gradient_checkpointing="on" if gradient_checkpointing else "off",
+                        attn_implementation=attn_implementation, parallel=parallel, loss_chunk=loss_chunk)
+    except ValidationError as err:  # each flag is checked above: what is left is two levers that do not go together
+        raise UserError("--loss-chunk, --strategy", err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     return CellConfig(model=spec, adapter=AdapterSpec(name=adapter, kind=adapter, lora=lora if adapter != "none"
                                                       else {}),
                       optimizer=OptimizerSpec(label=optimizer, name=optimizer),
                       shape=ShapeSpec(batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
                                       precision=precision),
-                      levers=Levers(gradient_checkpointing="on" if gradient_checkpointing else "off",
-                                    attn_implementation=attn_implementation,
-                                    parallel=sharding_flags(world_size, strategy), loss_chunk=loss_chunk))
+                      levers=levers)
 
 
 def sharding_flags(world_size: int, strategy: str | None) -> ParallelSpec:
-    """``--world-size``/``--strategy`` as a cell's parallel lever (a world size alone means ddp).
+    """``--world-size``/``--strategy`` as a cell's parallel lever: both or neither, as a suite's ``parallel``.
 
     Raises:
         UserError: naming the flag that is wrong.
     """
     if world_size < 1:
         raise UserError("--world-size", f"must be positive, got {world_size}")
-    if strategy is None:
-        strategy = "ddp" if world_size > 1 else "none"
-    elif world_size == 1:
+    if strategy is None and world_size > 1:
+        raise UserError("--world-size", f"{world_size} needs --strategy (ddp, zero1 or fsdp2)")
+    if strategy is not None and world_size == 1:
         raise UserError("--strategy", f"{strategy} needs --world-size > 1")
-    return ParallelSpec(strategy=strategy, world_size=world_size)
+    return ParallelSpec(strategy=strategy or "none", world_size=world_size)

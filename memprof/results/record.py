@@ -36,6 +36,11 @@ class Status(str, enum.Enum):
     UNAVAILABLE = "unavailable"    # its optimizer's library or a lever is missing here, or it needs CUDA
 
 
+# the harness failed, where the other statuses are answers (an OOM, a divergence): `memprof run` exits 3, `compare`
+# fails such a cell even when it failed before
+HARNESS_FAILURES = (Status.CRASHED, Status.TIMEOUT)
+
+
 @dataclass(frozen=True)
 class Record:
     """What one cell measured. Fields a device does not have (CUDA peaks on the CPU) stay None.

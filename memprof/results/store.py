@@ -139,6 +139,8 @@ def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
         raise UserError(str(run_dir), "not a memprof result folder (no manifest.json)") from None
     except (OSError, ValueError) as err:
         raise UserError(str(path), f"cannot read: {err}") from None
+    if not isinstance(recorded, dict):
+        raise UserError(str(path), "not a JSON object")
     for key in RESUME_KEYS:
         if key == "config_hashes" and recorded.get("schema_version") == 1:
             continue  # schema 1 hashed configurations another way; its cell keys still name the same cells
@@ -152,7 +154,7 @@ def prepare_resume(run_dir: Path, manifest: dict[str, Any]) -> list[Record]:
     if records_path.exists():
         read_records(run_dir)  # raises on a corrupt line other than the last
         kept = []
-        for line in records_path.read_text(encoding="utf-8").splitlines():
+        for line in _lines(records_path):
             try:
                 data = json.loads(line)
             except json.JSONDecodeError:
@@ -176,7 +178,8 @@ def read_records(run_dir: Path) -> list[Record]:
     """The records of a run folder (schema 1 or 2); a torn last line (the writer was killed mid-write) is skipped.
 
     Raises:
-        UserError: when the folder is not a result folder, or has a record this memprof cannot read.
+        UserError: when the folder is not a result folder, or has a record this memprof cannot read, or records of
+            more than one run.
     """
     path = run_dir / "records.jsonl"
     if not path.exists() and (run_dir / "manifest.json").exists():
@@ -184,13 +187,13 @@ def read_records(run_dir: Path) -> list[Record]:
     if not path.exists():
         raise UserError(str(run_dir), "not a memprof result folder (no records.jsonl)")
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _lines(path)
     for n, line in enumerate(lines, 1):
         try:
             data = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):
-                break  # torn (``torn_last_line`` says so)
+            if _torn(lines, n):
+                break  # ``torn_last_line`` says so
             raise UserError(str(path), f"line {n}: not valid JSON") from None
         if not isinstance(data, dict):
             raise UserError(str(path), f"line {n}: not a JSON object")
@@ -198,6 +201,49 @@ def read_records(run_dir: Path) -> list[Record]:
             records.append(read_record(data))
         except (ValueError, TypeError, KeyError) as err:
             raise UserError(str(path), f"line {n}: {_reason(err, 'field')}") from None
+    return _one_run(records, path, 1)
+
+
+def _lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (records.jsonl).
+
+    Raises:
+        UserError: naming the file, and the line of the first byte that is not UTF-8.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(str(path), f"cannot read: {err}") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(str(path), f"line {line}: not UTF-8 text (byte {data[err.start]:#04x})") from None
+
+
+def _torn(lines: list[str], n: int) -> bool:
+    """Whether line ``n``, not JSON, is torn: the last, and the start of a record (its writer was killed while
+    appending it). Any other line that is not JSON is no record cut short, and an error."""
+    return n == len(lines) > 0 and lines[-1].startswith("{")
+
+
+def _one_run(records: list[Record], path: Path, first_line: int) -> list[Record]:
+    """``records`` (line ``first_line`` on of ``path``), refused where they are not one run's: a record of another
+    suite, or a cell recorded twice (each repeat is a cell of its own, with its own index), which would pass for
+    one more repeat.
+
+    Raises:
+        UserError: naming the file and the line.
+    """
+    first: dict[int, int] = {}
+    for n, r in enumerate(records, first_line):
+        if r.config.suite != records[0].config.suite:
+            raise UserError(str(path), f"line {n}: a record of suite '{r.config.suite}', where line {first_line}'s "
+                                       f"is of '{records[0].config.suite}': a file holds one run's records")
+        if r.config.index in first:
+            raise UserError(str(path), f"line {n}: cell {r.config.index} ({r.key}) again, first at line "
+                                       f"{first[r.config.index]}: a run records each cell once")
+        first[r.config.index] = n
     return records
 
 
@@ -205,10 +251,11 @@ def torn_last_line(run_dir: Path) -> str:
     """A warning when the last line of the folder's records.jsonl is torn (not JSON), which ``read_records`` leaves
     out: a run killed while writing it, or a file cut short; '' when there is none."""
     path = run_dir / "records.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    lines = _lines(path) if path.exists() else []
+    if not _torn(lines, len(lines)):
+        return ""
     try:
-        if lines:
-            json.loads(lines[-1])
+        json.loads(lines[-1])
     except json.JSONDecodeError:
         return f"{path}: its last line is torn (a run killed while writing it): left out"
     return ""
@@ -225,6 +272,8 @@ def some_records(records: list[Record], source: Path) -> list[Record]:
         return records
     if not source.exists():
         raise UserError(str(source), "no records (no such file: the run stopped before its first cell finished)")
+    if source.name == "records.jsonl" and torn_last_line(source.parent):
+        raise UserError(str(source), "no records (its only line is torn: a run killed while writing it)")
     raise UserError(str(source), "no records" + (" (empty file)" if source.stat().st_size == 0 else ""))
 
 
@@ -237,7 +286,8 @@ def read_csv_records(path: Path) -> list[Record]:
     """The records of a ``cells.csv`` (the flat copy of records.jsonl); an empty file gives none.
 
     Raises:
-        UserError: when the file cannot be read, lacks the key columns, or holds another schema version.
+        UserError: when the file cannot be read, lacks the key columns, holds another schema version, or records of
+            more than one run.
     """
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -246,10 +296,8 @@ def read_csv_records(path: Path) -> list[Record]:
             columns = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(str(path), f"cannot read: {err}") from None
-    if not rows:
-        return []
     missing = [c for c in ("cell_key", "schema_version") if c not in columns]
-    if missing:
+    if columns and missing:  # a header alone (a steps.csv of a cell with no steps) is another kind of CSV too
         raise UserError(str(path), f"not a memprof cells.csv (no column {', '.join(missing)})")
     records = []
     for n, row in enumerate(rows, 2):
@@ -259,7 +307,7 @@ def read_csv_records(path: Path) -> list[Record]:
             records.append(read_row(row))
         except (ValueError, TypeError, KeyError) as err:
             raise UserError(str(path), f"line {n}: {_reason(err, 'column')}") from None
-    return records
+    return _one_run(records, path, 2)
 
 
 def copy_run(run_dir: Path, out: Path, records: list[Record]) -> None:
@@ -276,6 +324,11 @@ def copy_run(run_dir: Path, out: Path, records: list[Record]) -> None:
     try:
         manifest = json.loads(source.read_text(encoding="utf-8")) if source.exists() else \
             {"suite": records[0].config.suite if records else "", "cell_keys": [r.key for r in records]}
+    except (OSError, ValueError) as err:
+        raise UserError(str(source), f"cannot read: {err}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(str(source), "not a JSON object")
+    try:
         shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("records.jsonl", "cells.csv", "manifest.json",
                                                                     "*.tmp"))
         manifest.update(schema_version=SCHEMA_VERSION, config_hashes=[r.config.config_hash for r in records])
