@@ -65,6 +65,20 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('[grid]', '[grid\n'), "malformed TOML"),
     (('seq_len = [32]', 'seq_len = [32]\nschedule = ["cosinee"]'), "grid.schedule[0]: unknown schedule 'cosinee'"),
     (('seq_len = [32]', 'seq_len = [32]\nlr = [inf]'), "grid.lr[0]: Input should be a finite number"),
+    (('seq_len = [32]', 'seq_len = [32]\nlr = [nan]'), "grid.lr[0]: Input should be a finite number"),
+    (('timeout_s = 120', 'timeout_s = nan'), "suite.timeout_s: Input should be a finite number"),
+    (('steps = 3', 'steps = 3\nmax_grad_norm = nan'), "suite.max_grad_norm: Input should be a finite number"),
+    (('steps = 3', 'steps = 3\ntarget_loss = inf'), "suite.target_loss: Input should be a finite number"),
+    (('timeout_s = 120', 'timeout_s = 1e300'), "suite.timeout_s: Input should be less than or equal to 604800"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = nan'),
+     "adapters.lora.dropout: Input should be a finite number"),
+    (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { seq_len = 32 }\nset = { timeout_s = inf }'),
+     "override[0].set.timeout_s: Input should be a finite number"),
+    (('batch_size = [2]', 'batch_size = [100000000000000000000]'),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (('batch_size = [2]', 'batch_size = [9223372036854775807]'),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (('seq_len = [32]', 'seq_len = [33554432]'), "grid.seq_len[0]: Input should be less than or equal to 16777216"),
     (('batch_size = [2]', 'batch_size = [2, 2]'), "grid.batch_size[1]: 2 is given twice"),
     (('seq_len = [32]', 'seq_len = [32]\n[[exclude]]\noptimizer = "adamw_torh"'), "exclude[0]: matches no cell"),
     (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { optimizer = "adamw_torch" }\n'
@@ -99,6 +113,27 @@ def test_cli_reports_a_bad_suite_in_one_line_and_exits_2(tmp_path: Path, capsys:
     assert run_cli("run", str(path), "--out", str(tmp_path / "results")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "suite.steps" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("mutation", "expected"), [
+    (("timeout_s = 120", "timeout_s = inf"), "suite.timeout_s: Input should be a finite number"),
+    (("batch_size = [2]", "batch_size = [100000000000000000000]"),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (("batch_size = [2]", f"batch_size = {list(range(1, 101))}\nlr = {[i / 1e4 for i in range(1, 101)]}\n"
+                          f"grad_accum = {list(range(1, 3))}"),
+     "grid: 20,000 cells (100 batch_size × 2 grad_accum × 100 lr), more than the 10,000 a suite may have; split it "
+     "into suites or thin its axes"),
+], ids=["infinite-timeout", "huge-batch", "huge-grid"])
+def test_a_suite_no_cell_can_run_is_refused_before_any_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      mutation: tuple[str, str], expected: str) -> None:
+    """Each of these passed load and --dry-run: the zygote died on an infinite timeout after the results folder was
+    made, a huge batch crashed every cell in C++, and a million-cell grid hung --dry-run for minutes."""
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace(*mutation))
+    for dry_run in (("--dry-run",), ()):
+        assert run_cli("run", str(path), "--out", str(tmp_path / "results"), *dry_run) == 2
+        assert capsys.readouterr().err.strip() == f"error: {path}: {expected}"
     assert not (tmp_path / "results").exists()
 
 

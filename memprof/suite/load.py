@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from memprof.config import catalogue
 from memprof.config.corpus import file_bytes
@@ -30,6 +30,9 @@ SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
 OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
+# The most cells a suite may expand to (its grid's product times its repeats, before [[exclude]]): ten thousand
+# take seconds to expand and days to run; a million took minutes to expand, silently, before a mistake surfaced.
+MAX_CELLS = 10_000
 
 
 class Suite:
@@ -178,6 +181,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
         _check_axes(path, f"override[{i}].match", rule.match)
         _check_overridable(path, f"override[{i}].set", rule.set, spec)
     grid = {axis.name: getattr(spec.grid, axis.name) for axis in AXES}
+    _check_size(path, grid, spec.suite.repeats)
     cells: list[CellConfig] = []
     excluding: set[int] = set()  # the [[exclude]] rules that match a cell
     overriding: set[int] = set()  # the [[override]] rules that match a cell that runs
@@ -218,6 +222,16 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
                                    f"not have, or only excluded cells?)")
     _check_corpus(path, spec, cells)
     return cells
+
+
+def _check_size(path: Path, grid: dict[str, list[Any]], repeats: int) -> None:
+    """A grid of more than ``MAX_CELLS`` cells is refused before it is expanded, naming the axes that make it."""
+    count = math.prod(len(values) for values in grid.values()) * repeats
+    if count > MAX_CELLS:
+        factors = [f"{len(values)} {name}" for name, values in grid.items() if len(values) > 1]
+        factors += [f"{repeats} repeats"] if repeats > 1 else []
+        raise UserError(str(path), f"grid: {count:,} cells ({' × '.join(factors)}), more than the {MAX_CELLS:,} a "
+                                   f"suite may have; split it into suites or thin its axes")
 
 
 def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellConfig:
@@ -290,7 +304,7 @@ def _check_adapters(path: Path, spec: SuiteFile) -> None:
             kind = LORA_VALUES.get(LORA_ALIASES.get(key, key))
             try:
                 if kind is not None:
-                    TypeAdapter(kind).validate_python(value, strict=True)
+                    TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False)).validate_python(value, strict=True)
             except ValidationError as err:
                 raise UserError(str(path), f"adapters.{name}.{key}: {_message(err.errors()[0])}") from None
 

@@ -15,20 +15,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from memprof.config import catalogue
 from memprof.config.spec import (AXES, LORA_DEFAULTS, AdapterSpec, Axis, Budget, CellConfig, DataSpec, ModelSpec,
                                  NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, QuantSpec,
-                                 Spec, TrainingSpec)
+                                 Spec, TimeoutSeconds, TrainingSpec)
 from memprof.errors import UserError
 from memprof.results.metrics import resolve_rules
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 # A suite's name: also the start of its result folders' names, so one path component
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class SuiteSettings(_Strict):
+class SuiteSettings(Spec):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -36,7 +32,7 @@ class SuiteSettings(_Strict):
     warmup_steps: NonNegativeInt = 2
     seed: int = 0
     repeats: PositiveInt = 1
-    timeout_s: PositiveFloat = 600.0
+    timeout_s: TimeoutSeconds = 600.0
     memory_budget_bytes: NonNegativeInt = 0
     lr_warmup_steps: NonNegativeInt = 0
     max_grad_norm: NonNegativeFloat = 1.0
@@ -108,7 +104,7 @@ class AdapterTable(BaseModel):
     """An ``[adapters.NAME]`` table: ``kind``, QLoRA's quantisation (for ``qlora`` only), and any
     ``peft.LoraConfig`` keyword (``alpha`` and ``dropout`` are accepted for ``lora_alpha`` and ``lora_dropout``)."""
 
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
 
     kind: Literal["none", "lora", "qlora", "dora"] = "lora"
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -138,7 +134,7 @@ BUILTIN_ADAPTERS: dict[str, AdapterTable] = {kind: AdapterTable(kind=kind) for k
                                                                                        "dora")}
 
 
-class OptimizerTable(_Strict):
+class OptimizerTable(Spec):
     optim: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -171,15 +167,15 @@ def _axis_field(axis: Axis) -> tuple[Any, Any]:
     return Annotated[list[item], BeforeValidator(_listed)], Field(default=[axis.default()], min_length=1)
 
 
-GridSettings = create_model("GridSettings", __base__=_Strict, **{axis.name: _axis_field(axis) for axis in AXES})
+GridSettings = create_model("GridSettings", __base__=Spec, **{axis.name: _axis_field(axis) for axis in AXES})
 
 
-class Override(_Strict):
+class Override(Spec):
     match: dict[str, Any]
     set: dict[str, Any]
 
 
-class SuiteFile(_Strict):
+class SuiteFile(Spec):
     suite: SuiteSettings
     data: DataTable = DataTable()
     grid: GridSettings  # type: ignore[valid-type]
