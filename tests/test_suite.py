@@ -88,6 +88,11 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = 1.5'),
      "adapters.lora.dropout: Input should be less than or equal to 1"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = 0'), "adapters.lora.r: Input should be greater than 0"),
+    (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 2 }]\nloss_chunk = [16]'),
+     "grid.parallel[0] with grid.loss_chunk[0]: loss_chunk with parallel ddp"),
+    (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 2 }]\n[[override]]\n'
+                        'match = { seq_len = 32 }\nset = { loss_chunk = 16 }'),
+     "grid.parallel[0] with override[0].set.loss_chunk: loss_chunk with parallel ddp"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = -8'), "adapters.lora.r: Input should be greater than 0"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = "16"'),
      "adapters.lora.r: Input should be a valid integer"),

@@ -194,11 +194,13 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
             continue
         settings = {"steps": s.steps, "warmup_steps": s.warmup_steps, "timeout_s": s.timeout_s,
                     "memory_budget_bytes": s.memory_budget_bytes, "max_grad_norm": s.max_grad_norm}
+        set_by: dict[str, int] = {}  # the override that set each key of this cell
         for i, rule in enumerate(spec.override):
             if _matches(axes, rule.match):
                 overriding.add(i)
                 for key, value in rule.set.items():
                     (axes if key in AXIS_BY_NAME else settings)[key] = value
+                    set_by[key] = i
         settings["lr_warmup_steps"] = settings.get("lr_warmup_steps", s.lr_warmup_steps
                                                    or math.ceil(s.lr_warmup_ratio * settings["steps"]))
         for repeat in range(s.repeats):
@@ -209,7 +211,10 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
                            "training.target_loss": s.target_loss, "training.data": spec.data.model_dump(),
                            "training.schedule_kwargs": dict(spec.schedules.get(axes["schedule"], {})),
                            "budget.device": s.device})
-            cells.append(_cell(path, s.name, len(cells), values))
+            try:
+                cells.append(_cell(s.name, len(cells), values))
+            except ValidationError as err:
+                raise _conflict(path, err, spec, axes, set_by) from None
     unused = [i for i in range(len(spec.exclude)) if i not in excluding]
     if unused:
         raise UserError(str(path), f"exclude[{unused[0]}]: matches no cell of the grid (a value the grid does not "
@@ -234,7 +239,7 @@ def _check_size(path: Path, grid: dict[str, list[Any]], repeats: int) -> None:
                                    f"suite may have; split it into suites or thin its axes")
 
 
-def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellConfig:
+def _cell(suite: str, index: int, values: dict[str, Any]) -> CellConfig:
     data: dict[str, Any] = {"suite": suite, "index": index}
     for dotted, value in values.items():
         *parents, leaf = dotted.split(".")
@@ -242,10 +247,27 @@ def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellCon
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = value.model_dump() if isinstance(value, BaseModel) else value
-    try:
-        return CellConfig.model_validate(data, strict=False)
-    except ValidationError as err:  # an override's values together with the rest (e.g. warmup vs steps)
-        raise _first(path, err, "override") from None
+    return CellConfig.model_validate(data, strict=False)
+
+
+def _conflict(path: Path, err: ValidationError, spec: SuiteFile, axes: dict[str, Any],
+              set_by: dict[str, int]) -> UserError:
+    """A cell whose values do not go together (a chunked loss under ddp), naming where each of the values in the
+    failing part of the cell comes from: an override's setting, or a grid value away from its default."""
+    first = err.errors()[0]
+    part = ".".join(str(p) for p in first["loc"])
+    sources = []
+    for axis in AXES:
+        if axis.path != part and not axis.path.startswith(f"{part}."):
+            continue
+        if axis.name in set_by:
+            sources.append(f"override[{set_by[axis.name]}].set.{axis.name}")
+        elif _plain(axes[axis.name]) != _plain(axis.default()):
+            given = [_plain(v) for v in getattr(spec.grid, axis.name)]
+            sources.append(f"grid.{axis.name}[{given.index(_plain(axes[axis.name]))}]")
+    sources += [f"override[{i}].set.{key}" for key, i in set_by.items()
+                if key in OVERRIDABLE and OVERRIDABLE[key].startswith(f"{part}.")]
+    return UserError(str(path), f"{' with '.join(sources) or part or 'grid'}: {_message(first)}")
 
 
 def _value(spec: SuiteFile, axis: str, value: Any) -> Any:
