@@ -30,6 +30,7 @@ SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
 OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
+SCHEDULE_FIELD = "schedule:"  # ... and for a schedule: this, its name, and where a kwarg is at fault, "." and its key
 # The most cells a suite may expand to (its grid's product times its repeats, before [[exclude]]): ten thousand
 # take seconds to expand and days to run; a million took minutes to expand, silently, before a mistake surfaced.
 MAX_CELLS = 10_000
@@ -56,21 +57,33 @@ class Suite:
     def preflight_pairs(self) -> list[CellConfig]:
         """One cell for each distinct (model, adapter, optimizer), for the checks that need the libraries
         (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match, does
-        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits)."""
+        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits), and the first
+        cell of each schedule not among them (does it build with its kwargs)."""
         cells: dict[tuple[str, str, str], CellConfig] = {}
         for c in self.cells:
             cells.setdefault((c.model.name, c.adapter.name, c.optimizer.label), c)
+        schedules = {c.training.schedule for c in cells.values()}
+        for c in self.cells:
+            if c.training.schedule not in schedules:
+                schedules.add(c.training.schedule)
+                cells[(c.model.name, c.adapter.name, c.optimizer.label, c.training.schedule)] = c
         return list(cells.values())
 
     def preflight_error(self, model: str, adapter: str, field: str, error: str) -> UserError:
         """A problem ``memprof.run.preflight`` found in ``model``, ``adapter`` or an optimizer (``field``:
-        ``model``, ``adapter``, the adapter's key at fault, or ``OPTIMIZER_FIELD`` + the optimizer's label), as a
-        UserError naming the key that defines the culprit."""
+        ``model`` or ``model.`` + the key of its table at fault, ``adapter``, the adapter's key at fault,
+        ``OPTIMIZER_FIELD`` + the optimizer's label, or ``SCHEDULE_FIELD`` + the schedule's name and the kwarg at
+        fault), as a UserError naming the key that defines the culprit."""
         if field.startswith(OPTIMIZER_FIELD):
             return self.optimizer_error(field.removeprefix(OPTIMIZER_FIELD), error)
-        if field == "model":
-            return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
-                                             f"{error}")
+        if field.startswith(SCHEDULE_FIELD):
+            name, _, key = field.removeprefix(SCHEDULE_FIELD).partition(".")
+            where = self._defined_at("schedule", name) + (f".{key}" if key and name in self.spec.schedules else "")
+            return UserError(str(self.path), f"{where}: schedule '{name}' does not build: {error}")
+        if field == "model" or field.startswith("model."):
+            key = field.removeprefix("model") if model in self.spec.models else ""
+            return UserError(str(self.path), f"{self._defined_at('model', model)}{key}: model '{model}' does not "
+                                             f"build: {error}")
         where = self._defined_at("adapter", adapter)
         table = self.spec.adapters.get(adapter)
         if table is not None and field != "adapter":
@@ -89,7 +102,8 @@ class Suite:
         return UserError(str(self.path), f"{where}: optimizer {name} does not build: {error}")
 
     def _defined_at(self, axis: str, name: str) -> str:
-        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers}[axis]
+        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers,
+                  "schedule": self.spec.schedules}[axis]
         if name in tables:
             return f"{axis}s.{name}"
         names = getattr(self.spec.grid, axis)
