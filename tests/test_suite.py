@@ -79,6 +79,10 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('batch_size = [2]', 'batch_size = [9223372036854775807]'),
      "grid.batch_size[0]: Input should be less than or equal to 1048576"),
     (('seq_len = [32]', 'seq_len = [33554432]'), "grid.seq_len[0]: Input should be less than or equal to 16777216"),
+    (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/nonexistent/model"'),
+     "models.unused.path: no such folder: /nonexistent/model"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.full]\nkind = "none"\nr = 8'),
+     'adapters.full.r: a kind = "none" adapter trains every weight and has no LoRA settings'),
     (('batch_size = [2]', 'batch_size = [2, 2]'), "grid.batch_size[1]: 2 is given twice"),
     (('seq_len = [32]', 'seq_len = [32]\n[[exclude]]\noptimizer = "adamw_torh"'), "exclude[0]: matches no cell"),
     (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { optimizer = "adamw_torch" }\n'
@@ -195,3 +199,26 @@ def test_a_corpus_file_a_cell_cannot_train_on_is_refused_at_load(tmp_path: Path,
     text = "x" * 400  # 360 to train on and 40 held out: enough for seq_len 32
     data.write_text(json.dumps({"text": text}) if data.suffix == ".jsonl" else text)
     assert len(suite.load(str(path)).cells) == 1
+
+
+def test_relative_paths_start_from_the_suite_files_folder_and_a_resumed_run_reads_the_same_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative data.path was read from the working directory: from elsewhere, another file of that name."""
+    folder, elsewhere = tmp_path / "suites", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "corpus.txt").write_text("x" * 400)
+    (elsewhere / "corpus.txt").write_text("y" * 400)  # what the working directory would have given
+    (folder / "ckpt").mkdir()
+    path = write_suite(folder, steps=2, extra='[data]\nsource = "file"\npath = "corpus.txt"\n'
+                                              '[models.local]\npath = "ckpt"\n')
+    monkeypatch.chdir(elsewhere)
+    loaded = suite.load(str(path))
+    (cell,) = loaded.cells
+    assert cell.training.data.path == str(folder / "corpus.txt")
+    assert loaded.spec.models["local"].path == str(folder / "ckpt")
+    assert run_cli("run", str(path), "--out", str(tmp_path / "results")) == 0
+    (run_dir,) = (tmp_path / "results").iterdir()
+    copy = suite.load(str(run_dir / "suite.toml"))  # what --resume reads: the folder's copy of the suite
+    assert [c.config_hash for c in copy.cells] == [cell.config_hash]
+    assert run_cli("run", "--resume", str(run_dir)) == 0

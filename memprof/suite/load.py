@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -39,10 +40,11 @@ MAX_CELLS = 10_000
 class Suite:
     """A validated suite: its source file, its tables and the cells it expands to."""
 
-    def __init__(self, path: Path, text: str, spec: SuiteFile) -> None:
+    def __init__(self, path: Path, text: str, spec: SuiteFile, folder: Path) -> None:
         self.path = path
         self.text = text
         self.spec = spec
+        self.folder = folder  # where its relative paths start (``paths_folder``)
         self.cells = _expand(path, spec)
 
     @property
@@ -141,11 +143,27 @@ def parse(text: str, path: Path) -> Suite:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(str(path), f"malformed TOML: {err}") from None
+    folder = paths_folder(path)
     try:
-        spec = SuiteFile.model_validate(raw)
+        spec = SuiteFile.model_validate(raw, context={"folder": folder})
     except ValidationError as err:
         raise _first(path, err, "", raw) from None
-    return Suite(path, text, spec)
+    return Suite(path, text, spec, folder)
+
+
+def paths_folder(path: Path) -> Path:
+    """The folder a suite's relative paths (``data.path``, a model's ``path``) start from: the suite file's own, or
+    for a results folder's copy of it (``suite.toml`` beside a ``manifest.json``), the folder of the suite the run
+    started from, which the manifest keeps as ``suite_folder``: a resumed run reads the same files."""
+    manifest = path.parent / "manifest.json"
+    if path.name == "suite.toml" and manifest.is_file():
+        try:
+            folder = json.loads(manifest.read_text(encoding="utf-8")).get("suite_folder")
+        except (OSError, ValueError, AttributeError):
+            folder = None  # prepare_resume says what is wrong with the manifest
+        if isinstance(folder, str) and folder:
+            return Path(folder)
+    return path.parent.absolute()
 
 
 def _first(path: Path, err: ValidationError, where: str, raw: Any = None) -> UserError:
@@ -328,14 +346,17 @@ def _check_repeated_values(path: Path, spec: SuiteFile) -> None:
 
 
 def _check_adapters(path: Path, spec: SuiteFile) -> None:
-    """What can be checked of an adapter table without peft: quantisation settings only on a QLoRA adapter, and
-    the LoRA values peft takes as they are and only a model build refuses (``LORA_VALUES``). peft judges the rest
-    of its keywords (``memprof.run.preflight``)."""
+    """What can be checked of an adapter table without peft, used by the grid or not: quantisation settings only on
+    a QLoRA adapter, LoRA settings on no ``none`` adapter, and the LoRA values peft takes as they are and only a model
+    build refuses (``LORA_VALUES``). peft judges the rest of its keywords (``memprof.run.preflight``)."""
     for name, table in spec.adapters.items():
         quant = [key for key in QUANT_KEYS if key in table.model_fields_set]
         if quant and table.kind != "qlora":
             raise UserError(str(path), f"adapters.{name}.{quant[0]}: only a qlora adapter quantises its base "
                                        f"(this one is kind = \"{table.kind}\")")
+        if table.kind == "none" and table.model_extra:
+            raise UserError(str(path), f"adapters.{name}.{next(iter(table.model_extra))}: a kind = \"none\" adapter "
+                                       f"trains every weight and has no LoRA settings")
         for key, value in (table.model_extra or {}).items():
             kind = LORA_VALUES.get(LORA_ALIASES.get(key, key))
             try:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from memprof.config import catalogue
 from memprof.config.spec import (AXES, LORA_DEFAULTS, AdapterSpec, Axis, Budget, CellConfig, DataSpec, ModelSpec,
@@ -50,10 +51,18 @@ class SuiteSettings(Spec):
         return self
 
 
+def in_folder(path: str, info: ValidationInfo) -> str:
+    """A path as a suite wrote it, a relative one joined to the folder the suite's paths start from (the validation
+    context's ``folder``, see ``memprof.suite.load``): a suite means the same files from any working directory."""
+    folder = (info.context or {}).get("folder")
+    return str(Path(folder, path)) if path and folder else path
+
+
 class DataTable(DataSpec):
     @field_validator("path")
     @classmethod
-    def _a_file(cls, path: str) -> str:
+    def _a_file(cls, path: str, info: ValidationInfo) -> str:
+        path = in_folder(path, info)
         if path and Path(path).is_dir():
             raise ValueError(f"is a directory, not a file: {path}")
         if path and not Path(path).is_file():
@@ -79,6 +88,16 @@ class ModelTable(ModelSpec):
         if isinstance(data, dict) and "name" in data:
             raise ValueError("'name' is the table's key ([models.NAME]), not one of its fields")
         return data
+
+    @field_validator("path")
+    @classmethod
+    def _a_folder(cls, path: str, info: ValidationInfo) -> str:
+        path = in_folder(path, info)
+        if path and not Path(path).exists():
+            raise ValueError(f"no such folder: {path}")
+        if path and not Path(path).is_dir():
+            raise ValueError(f"not a folder: {path} (a local checkpoint is the folder from_pretrained reads)")
+        return path
 
     @model_validator(mode="after")
     def _a_source(self) -> ModelTable:
