@@ -687,9 +687,11 @@ _M = _GRID.replace('"tiny-llama"', '"m"') + '[models.m]\n'
     (_GRID + 'schedule = ["cosine_with_min_lr"]\n[schedules.cosine_with_min_lr]\nmin_lr_rate = "x"\n',
      "schedules.cosine_with_min_lr: schedule 'cosine_with_min_lr' does not build: unsupported operand"),
     (_GRID + 'adapter = ["a"]\n[adapters.a]\ntarget_modules = 5\n',
-     "peft's LoraConfig takes a list of strings or a string here, not 5"),
+     "peft's LoraConfig takes a string or a list of strings here, not 5"),
+    (_GRID + '[optimizers.unused]\noptim = "adamw_torch"\nkwargs = { nonsense = 1 }\n', "optimizers.unused.kwargs: "
+     "optimizer 'unused' (adamw_torch) does not build: AdamW.__init__() got an unexpected keyword argument 'nonsense'"),
 ], ids=["override-unknown", "override-negative", "model-type-unknown", "model-type-misspelt", "schedule-kwarg",
-        "constant-kwarg", "schedule-value", "targets-int"])
+        "constant-kwarg", "schedule-value", "targets-int", "unused-optimizer"])
 def test_dry_run_names_the_key_of_the_model_adapter_or_schedule_that_does_not_build(tmp_path: Path, extra_suite: str,
                                                                                       fragment: str) -> None:
     """Each passed --dry-run (an unknown override or schedule kwarg, then every cell crashed), blamed another key (the

@@ -59,11 +59,16 @@ class Suite:
     def preflight_pairs(self) -> list[CellConfig]:
         """One cell for each distinct (model, adapter, optimizer), for the checks that need the libraries
         (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match, does
-        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits), and the first
-        cell of each schedule not among them (does it build with its kwargs)."""
+        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits), the first cell
+        of each schedule not among them (does it build with its kwargs), and for each [optimizers] table no cell
+        uses, the first cell with that optimizer (its kwargs are checked over the first cell's model)."""
         cells: dict[tuple[str, str, str], CellConfig] = {}
         for c in self.cells:
             cells.setdefault((c.model.name, c.adapter.name, c.optimizer.label), c)
+        first, used = self.cells[0], {c.optimizer.label for c in self.cells}
+        for label in (label for label in self.spec.optimizers if label not in used):
+            cells[(first.model.name, first.adapter.name, label)] = first.model_copy(
+                update={"optimizer": _value(self.spec, "optimizer", label)})
         schedules = {c.training.schedule for c in cells.values()}
         for c in self.cells:
             if c.training.schedule not in schedules:

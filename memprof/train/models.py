@@ -313,14 +313,14 @@ _TYPE_WORDS = {str: "string", int: "integer", float: "number", bool: "boolean", 
 
 
 def _type_name(hint: Any, plural: bool = False) -> str:
-    """An annotation in a suite author's words: ``Optional[Union[list[str], str]]`` is 'a list of strings or a
-    string' (None, which TOML cannot write, left out)."""
+    """An annotation in a suite author's words: ``Optional[Union[list[str], str]]`` is 'a string or a list of
+    strings' (None, which TOML cannot write, left out)."""
     import types
     import typing
 
     origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg, plural) for arg in args)
+    if origin in (typing.Union, types.UnionType):  # scalars first: typing hands back a cached Union in any order
+        return " or ".join(sorted((_type_name(arg, plural) for arg in args), key=lambda w: ("list" in w, w)))
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, args))
     if origin in (list, tuple, set):
