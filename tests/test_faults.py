@@ -685,7 +685,8 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
     from memprof.run.preflight import check_all
 
-    path = _suite(tmp_path, "pre", ["sgd", "bad"], '[models.mine]\npath = "/nonexistent/model-dir"\n'
+    (tmp_path / "model-dir").mkdir()  # a folder, but no checkpoint in it
+    path = _suite(tmp_path, "pre", ["sgd", "bad"], f'[models.mine]\npath = "{tmp_path / "model-dir"}"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
                   '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n'
                   '[optimizers.bad]\noptim = "adamw_torch"\nkwargs = { eps = -1 }\n')
@@ -697,13 +698,58 @@ def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does
     assert [(p.model, p.adapter, p.field) for p in problems] == [("mine", "wide", "model"),
                                                                  ("tiny-qwen2", "wide", "optimizer:bad"),
                                                                  ("tiny-qwen2", "none_here", "target_modules")]
-    assert "/nonexistent/model-dir" in problems[0].error
+    assert str(tmp_path / "model-dir") in problems[0].error
     errors = [str(suite.preflight_error(p.model, p.adapter, p.field, p.error)) for p in problems]
     assert errors[0].startswith(f"{path}: models.mine: model 'mine' does not build: ")
     assert errors[1] == f"{path}: optimizers.bad.kwargs: optimizer 'bad' (adamw_torch) does not build: Invalid " \
                         "epsilon value: -1"
     assert errors[2].startswith(
         f"{path}: adapters.none_here.target_modules: adapter 'none_here' does not fit model 'tiny-qwen2': ")
+
+
+_M = _GRID.replace('"tiny-llama"', '"m"') + '[models.m]\n'
+
+
+@pytest.mark.parametrize(("extra_suite", "fragment"), [
+    (_M + 'preset = "tiny-llama"\noverrides = { nonsense_field = 3 }\n',
+     "models.m.overrides.nonsense_field: model 'm' does not build: LlamaConfig has no field 'nonsense_field'"),
+    (_M + 'preset = "tiny-llama"\noverrides = { num_hidden_layers = -1 }\n',
+     "models.m.overrides.num_hidden_layers: model 'm' does not build: num_hidden_layers must be a positive integer, "
+     "not -1"),
+    (_M + 'config = { model_type = "nosucharch" }\n', "models.m.config.model_type: model 'm' does not build: unknown "
+     "model_type 'nosucharch' (no close match among transformers'"),
+    (_M + 'config = { model_type = "lama", vocab_size = 256 }\n',
+     "models.m.config.model_type: model 'm' does not build: unknown model_type 'lama' (did you mean 'llama'"),
+    (_GRID + 'schedule = ["cosine"]\n[schedules.cosine]\nbogus = 3\n', "schedules.cosine.bogus: schedule 'cosine' "
+     "does not build: no parameter 'bogus' (it takes num_cycles, last_epoch)"),
+    (_GRID + 'schedule = ["constant"]\n[schedules.constant]\nnum_cycles = 3\n', "schedules.constant.num_cycles: "
+     "schedule 'constant' does not build: no parameter 'num_cycles' (transformers passes it none)"),
+    (_GRID + 'schedule = ["cosine_with_min_lr"]\n[schedules.cosine_with_min_lr]\nmin_lr_rate = "x"\n',
+     "schedules.cosine_with_min_lr: schedule 'cosine_with_min_lr' does not build: unsupported operand"),
+    (_GRID + 'adapter = ["a"]\n[adapters.a]\ntarget_modules = 5\n',
+     "peft's LoraConfig takes a string or a list of strings here, not 5"),
+    (_GRID + '[optimizers.unused]\noptim = "adamw_torch"\nkwargs = { nonsense = 1 }\n', "optimizers.unused.kwargs: "
+     "optimizer 'unused' (adamw_torch) does not build: AdamW.__init__() got an unexpected keyword argument 'nonsense'"),
+], ids=["override-unknown", "override-negative", "model-type-unknown", "model-type-misspelt", "schedule-kwarg",
+        "constant-kwarg", "schedule-value", "targets-int", "unused-optimizer"])
+def test_dry_run_names_the_key_of_the_model_adapter_or_schedule_that_does_not_build(tmp_path: Path, extra_suite: str,
+                                                                                      fragment: str) -> None:
+    """Each passed --dry-run (an unknown override or schedule kwarg, then every cell crashed), blamed another key (the
+    adapter, for a model with -1 layers), listed all of transformers' model types in one line, or named no type."""
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + extra_suite)
+    code, stderr = _run_bad(path, tmp_path / "results", "--dry-run")
+    _assert_refused(code, stderr, path, tmp_path / "results", fragment)
+    assert len(stderr) < 300, stderr
+
+
+def test_a_run_refuses_a_schedule_kwarg_before_its_results_folder(tmp_path: Path) -> None:
+    """The schedule of a cell that is not the first of its (model, adapter, optimizer) is checked too."""
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID + 'schedule = ["linear", "cosine"]\n[schedules.cosine]\nbogus = 3\n')
+    code, stderr = _run_bad(path, tmp_path / "results")
+    _assert_refused(code, stderr, path, tmp_path / "results", "schedules.cosine.bogus: schedule 'cosine' does not "
+                    "build: no parameter 'bogus'")
 
 
 def test_trust_remote_code_is_off_unless_the_suite_sets_it(tmp_path: Path) -> None:

@@ -65,6 +65,24 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('[grid]', '[grid\n'), "malformed TOML"),
     (('seq_len = [32]', 'seq_len = [32]\nschedule = ["cosinee"]'), "grid.schedule[0]: unknown schedule 'cosinee'"),
     (('seq_len = [32]', 'seq_len = [32]\nlr = [inf]'), "grid.lr[0]: Input should be a finite number"),
+    (('seq_len = [32]', 'seq_len = [32]\nlr = [nan]'), "grid.lr[0]: Input should be a finite number"),
+    (('timeout_s = 120', 'timeout_s = nan'), "suite.timeout_s: Input should be a finite number"),
+    (('steps = 3', 'steps = 3\nmax_grad_norm = nan'), "suite.max_grad_norm: Input should be a finite number"),
+    (('steps = 3', 'steps = 3\ntarget_loss = inf'), "suite.target_loss: Input should be a finite number"),
+    (('timeout_s = 120', 'timeout_s = 1e300'), "suite.timeout_s: Input should be less than or equal to 604800"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = nan'),
+     "adapters.lora.dropout: Input should be a finite number"),
+    (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { seq_len = 32 }\nset = { timeout_s = inf }'),
+     "override[0].set.timeout_s: Input should be a finite number"),
+    (('batch_size = [2]', 'batch_size = [100000000000000000000]'),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (('batch_size = [2]', 'batch_size = [9223372036854775807]'),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (('seq_len = [32]', 'seq_len = [33554432]'), "grid.seq_len[0]: Input should be less than or equal to 16777216"),
+    (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/nonexistent/model"'),
+     "models.unused.path: no such folder: /nonexistent/model"),
+    (('seq_len = [32]', 'seq_len = [32]\n[adapters.full]\nkind = "none"\nr = 8'),
+     'adapters.full.r: a kind = "none" adapter trains every weight and has no LoRA settings'),
     (('batch_size = [2]', 'batch_size = [2, 2]'), "grid.batch_size[1]: 2 is given twice"),
     (('seq_len = [32]', 'seq_len = [32]\n[[exclude]]\noptimizer = "adamw_torh"'), "exclude[0]: matches no cell"),
     (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { optimizer = "adamw_torch" }\n'
@@ -74,6 +92,11 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\ndropout = 1.5'),
      "adapters.lora.dropout: Input should be less than or equal to 1"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = 0'), "adapters.lora.r: Input should be greater than 0"),
+    (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 2 }]\nloss_chunk = [16]'),
+     "grid.parallel[0] with grid.loss_chunk[0]: loss_chunk with parallel ddp"),
+    (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 2 }]\n[[override]]\n'
+                        'match = { seq_len = 32 }\nset = { loss_chunk = 16 }'),
+     "grid.parallel[0] with override[0].set.loss_chunk: loss_chunk with parallel ddp"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = -8'), "adapters.lora.r: Input should be greater than 0"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.lora]\nr = "16"'),
      "adapters.lora.r: Input should be a valid integer"),
@@ -99,6 +122,27 @@ def test_cli_reports_a_bad_suite_in_one_line_and_exits_2(tmp_path: Path, capsys:
     assert run_cli("run", str(path), "--out", str(tmp_path / "results")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "suite.steps" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(("mutation", "expected"), [
+    (("timeout_s = 120", "timeout_s = inf"), "suite.timeout_s: Input should be a finite number"),
+    (("batch_size = [2]", "batch_size = [100000000000000000000]"),
+     "grid.batch_size[0]: Input should be less than or equal to 1048576"),
+    (("batch_size = [2]", f"batch_size = {list(range(1, 101))}\nlr = {[i / 1e4 for i in range(1, 101)]}\n"
+                          f"grad_accum = {list(range(1, 3))}"),
+     "grid: 20,000 cells (100 batch_size × 2 grad_accum × 100 lr), more than the 10,000 a suite may have; split it "
+     "into suites or thin its axes"),
+], ids=["infinite-timeout", "huge-batch", "huge-grid"])
+def test_a_suite_no_cell_can_run_is_refused_before_any_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                      mutation: tuple[str, str], expected: str) -> None:
+    """Each of these passed load and --dry-run: the zygote died on an infinite timeout after the results folder was
+    made, a huge batch crashed every cell in C++, and a million-cell grid hung --dry-run for minutes."""
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace(*mutation))
+    for dry_run in (("--dry-run",), ()):
+        assert run_cli("run", str(path), "--out", str(tmp_path / "results"), *dry_run) == 2
+        assert capsys.readouterr().err.strip() == f"error: {path}: {expected}"
     assert not (tmp_path / "results").exists()
 
 
@@ -155,3 +199,26 @@ def test_a_corpus_file_a_cell_cannot_train_on_is_refused_at_load(tmp_path: Path,
     text = "x" * 400  # 360 to train on and 40 held out: enough for seq_len 32
     data.write_text(json.dumps({"text": text}) if data.suffix == ".jsonl" else text)
     assert len(suite.load(str(path)).cells) == 1
+
+
+def test_relative_paths_start_from_the_suite_files_folder_and_a_resumed_run_reads_the_same_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative data.path was read from the working directory: from elsewhere, another file of that name."""
+    folder, elsewhere = tmp_path / "suites", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "corpus.txt").write_text("x" * 400)
+    (elsewhere / "corpus.txt").write_text("y" * 400)  # what the working directory would have given
+    (folder / "ckpt").mkdir()
+    path = write_suite(folder, steps=2, extra='[data]\nsource = "file"\npath = "corpus.txt"\n'
+                                              '[models.local]\npath = "ckpt"\n')
+    monkeypatch.chdir(elsewhere)
+    loaded = suite.load(str(path))
+    (cell,) = loaded.cells
+    assert cell.training.data.path == str(folder / "corpus.txt")
+    assert loaded.spec.models["local"].path == str(folder / "ckpt")
+    assert run_cli("run", str(path), "--out", str(tmp_path / "results")) == 0
+    (run_dir,) = (tmp_path / "results").iterdir()
+    copy = suite.load(str(run_dir / "suite.toml"))  # what --resume reads: the folder's copy of the suite
+    assert [c.config_hash for c in copy.cells] == [cell.config_hash]
+    assert run_cli("run", "--resume", str(run_dir)) == 0

@@ -43,17 +43,26 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, BeforeValidator(_int_to_float), Field(gt=0)]
 NonNegativeFloat = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0)]
-FiniteNonNegativeFloat = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0, allow_inf_nan=False)]
 Probability = Annotated[float, BeforeValidator(_int_to_float), Field(ge=0, le=1)]
+# A cell's wall-clock limit, at most a week: far beyond the few steps a cell measures, and within what enforces it
+# (the zygote's poll takes whole milliseconds in a C int: 24 days; torch.distributed's timeout a timedelta).
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+TimeoutSeconds = Annotated[float, BeforeValidator(_int_to_float), Field(gt=0, le=MAX_TIMEOUT_S)]
+# A micro-batch's bounds: far past any real run (a million sequences; 16M tokens each), and where a batch's logits
+# (batch × seq × a vocabulary up to 2**18) still count in int64. Beyond them torch fails in C++ at setup instead of
+# running out of memory, which is a result.
+MAX_BATCH_SIZE = 2**20
+MAX_SEQ_LEN = 2**24
 Precision = Literal["fp32", "bf16", "fp16"]
 Checkpointing = Annotated[Literal["off", "on", "reentrant"], BeforeValidator(_on_off)]  # true/false: on/off
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
 
 
 class Spec(BaseModel):
-    """Frozen, strict and closed: an unknown key or a wrong type is an error naming the field."""
+    """Frozen, strict and closed: an unknown key or a wrong type is an error naming the field. Every float is finite:
+    a NaN or an infinity passes no bound (a NaN timeout, an infinite target loss) and is no setting of a run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(Spec):
@@ -120,8 +129,9 @@ class OptimizerSpec(Spec):
 class ShapeSpec(Spec):
     """One optimizer step's work: micro-batches of ``batch_size`` × ``seq_len`` tokens, ``grad_accum`` of them."""
 
-    batch_size: NonNegativeInt = 1  # 0: not known (a tracked loop nobody told); a suite's cells have >= 1
-    seq_len: NonNegativeInt = 128
+    # 0: not known (a tracked loop nobody told); a suite's cells have >= 1
+    batch_size: Annotated[int, Field(ge=0, le=MAX_BATCH_SIZE)] = 1
+    seq_len: Annotated[int, Field(ge=0, le=MAX_SEQ_LEN)] = 128
     grad_accum: PositiveInt = 1
     precision: Precision = "fp32"
 
@@ -178,7 +188,7 @@ class TrainingSpec(Spec):
     """How the cell trains: LR and schedule, steps (the first ``warmup_steps`` left out of timing), clipping,
     held-out evaluation, the seed of this repeat and the data."""
 
-    lr: FiniteNonNegativeFloat = 1e-3  # 0: a run that measures memory and moves no weight
+    lr: NonNegativeFloat = 1e-3  # 0: a run that measures memory and moves no weight
     schedule: str = "constant"
     schedule_kwargs: dict[str, Any] = Field(default_factory=dict)
     lr_warmup_steps: NonNegativeInt = 0
@@ -204,7 +214,7 @@ class Budget(Spec):
     budget beyond the worker's size (a real OOM)."""
 
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
-    timeout_s: PositiveFloat = 600.0
+    timeout_s: TimeoutSeconds = 600.0
     memory_budget_bytes: NonNegativeInt = 0
 
 

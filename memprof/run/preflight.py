@@ -13,7 +13,7 @@ from torch import nn
 
 from memprof.config.spec import AdapterSpec, CellConfig, ModelSpec
 from memprof.run.messages import Problem
-from memprof.suite.load import OPTIMIZER_FIELD
+from memprof.suite.load import OPTIMIZER_FIELD, SCHEDULE_FIELD
 from memprof.train import models, optim
 
 MAX_MESSAGE = 400
@@ -24,7 +24,9 @@ def check_all(cells: list[CellConfig]) -> list[Problem]:
     (``Suite.preflight_pairs`` gives the cells).
 
     Returns:
-        One ``Problem`` per problem, its ``field`` being ``model``, ``adapter``, the adapter's key at fault, or
+        One ``Problem`` per problem, its ``field`` being ``model`` (``model.`` + the key of the model's table at
+        fault, where transformers' refusal names one: ``model.overrides.num_hidden_layers``), ``adapter``, the
+        adapter's key at fault, or
         ``OPTIMIZER_FIELD`` + the optimizer's label; a model that does not build is reported once and its adapters
         are not checked.
     """
@@ -41,7 +43,8 @@ def check_all(cells: list[CellConfig]) -> list[Problem]:
                 model = meta_model(cell.model)
             except Exception as err:  # noqa: BLE001 - any failure to build is the suite's problem, said in one line
                 broken.add(name)
-                problems.append(Problem(name, adapter, "model", _one_line(err)))
+                key = err.key if isinstance(err, models.ModelConfigError) else ""
+                problems.append(Problem(name, adapter, f"model.{key}" if key else "model", _one_line(err)))
                 continue
             problem = adapter_problem(model, cell.adapter)
             if problem is not None:
@@ -55,12 +58,29 @@ def check_all(cells: list[CellConfig]) -> list[Problem]:
             optim.check_builds(cell.optimizer, model)
         except optim.OptimizerRefused as err:
             problems.append(Problem(name, adapter, OPTIMIZER_FIELD + label, _one_line(err)))
+    return problems + schedule_problems(cells)
+
+
+def schedule_problems(cells: list[CellConfig]) -> list[Problem]:
+    """Each schedule with its kwargs built once (``optim.check_schedule``), over the first of ``cells`` that has it;
+    a problem's ``field`` is ``SCHEDULE_FIELD`` + the schedule's name (+ ``.`` + the kwarg at fault)."""
+    problems: list[Problem] = []
+    first: dict[str, CellConfig] = {}
+    for cell in cells:
+        first.setdefault(cell.training.schedule, cell)
+    for name, cell in first.items():
+        t = cell.training
+        try:
+            optim.check_schedule(name, t.schedule_kwargs, t.lr_warmup_steps, t.steps)
+        except optim.ScheduleRefused as err:
+            field = SCHEDULE_FIELD + name + (f".{err.key}" if err.key else "")
+            problems.append(Problem(cell.model.name, cell.adapter.name, field, _one_line(err)))
     return problems
 
 
 def config_problems(cells: list[CellConfig]) -> list[Problem]:
     """What peft says of each adapter's configuration without a model (``models.lora_config``: its fields and
-    their types), for the commands that run no cell (``--dry-run``, ``plan``, ``crosscheck``)."""
+    their types), and each schedule's kwargs, for the commands that run no cell (``plan``, ``crosscheck``)."""
     problems: list[Problem] = []
     adapters = {cell.adapter.name: cell for cell in cells if cell.adapter.kind != "none"}
     for name, cell in adapters.items():
@@ -68,7 +88,7 @@ def config_problems(cells: list[CellConfig]) -> list[Problem]:
             models.lora_config(cell.adapter)
         except models.AdapterConfigError as err:
             problems.append(Problem(cell.model.name, name, err.field or "adapter", _one_line(err)))
-    return problems
+    return problems + schedule_problems(cells)
 
 
 def meta_model(spec: ModelSpec) -> nn.Module:

@@ -58,7 +58,7 @@ def run_suite(suite: Suite, cells: list[CellConfig], out_root: Path, sample_inte
         UserError: a model or adapter the checks refuse, or a folder that cannot be resumed.
     """
     manifest = {"suite": suite.name, "suite_digest": suite.digest, "cell_keys": [c.key for c in cells],
-                "config_hashes": [c.config_hash for c in cells]}
+                "config_hashes": [c.config_hash for c in cells], "suite_folder": str(suite.folder)}
     if resume is not None:
         prepare_resume(resume, manifest)  # before the zygote starts: the wrong folder fails at once
     pool = make_pool(executor, jobs, address, sample_interval_s)

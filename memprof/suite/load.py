@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from memprof.config import catalogue
 from memprof.config.corpus import file_bytes
@@ -30,15 +31,20 @@ SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"),
                   "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
                   "warmup_stable_decay": ("num_decay_steps",)}
 OPTIMIZER_FIELD = "optimizer:"  # a preflight problem's field for an optimizer: this, then its label
+SCHEDULE_FIELD = "schedule:"  # ... and for a schedule: this, its name, and where a kwarg is at fault, "." and its key
+# The most cells a suite may expand to (its grid's product times its repeats, before [[exclude]]): ten thousand
+# take seconds to expand and days to run; a million took minutes to expand, silently, before a mistake surfaced.
+MAX_CELLS = 10_000
 
 
 class Suite:
     """A validated suite: its source file, its tables and the cells it expands to."""
 
-    def __init__(self, path: Path, text: str, spec: SuiteFile) -> None:
+    def __init__(self, path: Path, text: str, spec: SuiteFile, folder: Path) -> None:
         self.path = path
         self.text = text
         self.spec = spec
+        self.folder = folder  # where its relative paths start (``paths_folder``)
         self.cells = _expand(path, spec)
 
     @property
@@ -53,21 +59,38 @@ class Suite:
     def preflight_pairs(self) -> list[CellConfig]:
         """One cell for each distinct (model, adapter, optimizer), for the checks that need the libraries
         (``memprof.run.preflight``: does the model build, does peft take the adapter and do its targets match, does
-        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits)."""
+        the optimizer build with its kwargs: each optimizer over the first of its pairs that fits), the first cell
+        of each schedule not among them (does it build with its kwargs), and for each [optimizers] table no cell
+        uses, the first cell with that optimizer (its kwargs are checked over the first cell's model)."""
         cells: dict[tuple[str, str, str], CellConfig] = {}
         for c in self.cells:
             cells.setdefault((c.model.name, c.adapter.name, c.optimizer.label), c)
+        first, used = self.cells[0], {c.optimizer.label for c in self.cells}
+        for label in (label for label in self.spec.optimizers if label not in used):
+            cells[(first.model.name, first.adapter.name, label)] = first.model_copy(
+                update={"optimizer": _value(self.spec, "optimizer", label)})
+        schedules = {c.training.schedule for c in cells.values()}
+        for c in self.cells:
+            if c.training.schedule not in schedules:
+                schedules.add(c.training.schedule)
+                cells[(c.model.name, c.adapter.name, c.optimizer.label, c.training.schedule)] = c
         return list(cells.values())
 
     def preflight_error(self, model: str, adapter: str, field: str, error: str) -> UserError:
         """A problem ``memprof.run.preflight`` found in ``model``, ``adapter`` or an optimizer (``field``:
-        ``model``, ``adapter``, the adapter's key at fault, or ``OPTIMIZER_FIELD`` + the optimizer's label), as a
-        UserError naming the key that defines the culprit."""
+        ``model`` or ``model.`` + the key of its table at fault, ``adapter``, the adapter's key at fault,
+        ``OPTIMIZER_FIELD`` + the optimizer's label, or ``SCHEDULE_FIELD`` + the schedule's name and the kwarg at
+        fault), as a UserError naming the key that defines the culprit."""
         if field.startswith(OPTIMIZER_FIELD):
             return self.optimizer_error(field.removeprefix(OPTIMIZER_FIELD), error)
-        if field == "model":
-            return UserError(str(self.path), f"{self._defined_at('model', model)}: model '{model}' does not build: "
-                                             f"{error}")
+        if field.startswith(SCHEDULE_FIELD):
+            name, _, key = field.removeprefix(SCHEDULE_FIELD).partition(".")
+            where = self._defined_at("schedule", name) + (f".{key}" if key and name in self.spec.schedules else "")
+            return UserError(str(self.path), f"{where}: schedule '{name}' does not build: {error}")
+        if field == "model" or field.startswith("model."):
+            key = field.removeprefix("model") if model in self.spec.models else ""
+            return UserError(str(self.path), f"{self._defined_at('model', model)}{key}: model '{model}' does not "
+                                             f"build: {error}")
         where = self._defined_at("adapter", adapter)
         table = self.spec.adapters.get(adapter)
         if table is not None and field != "adapter":
@@ -86,7 +109,8 @@ class Suite:
         return UserError(str(self.path), f"{where}: optimizer {name} does not build: {error}")
 
     def _defined_at(self, axis: str, name: str) -> str:
-        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers}[axis]
+        tables = {"model": self.spec.models, "adapter": self.spec.adapters, "optimizer": self.spec.optimizers,
+                  "schedule": self.spec.schedules}[axis]
         if name in tables:
             return f"{axis}s.{name}"
         names = getattr(self.spec.grid, axis)
@@ -124,11 +148,27 @@ def parse(text: str, path: Path) -> Suite:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(str(path), f"malformed TOML: {err}") from None
+    folder = paths_folder(path)
     try:
-        spec = SuiteFile.model_validate(raw)
+        spec = SuiteFile.model_validate(raw, context={"folder": folder})
     except ValidationError as err:
         raise _first(path, err, "", raw) from None
-    return Suite(path, text, spec)
+    return Suite(path, text, spec, folder)
+
+
+def paths_folder(path: Path) -> Path:
+    """The folder a suite's relative paths (``data.path``, a model's ``path``) start from: the suite file's own, or
+    for a results folder's copy of it (``suite.toml`` beside a ``manifest.json``), the folder of the suite the run
+    started from, which the manifest keeps as ``suite_folder``: a resumed run reads the same files."""
+    manifest = path.parent / "manifest.json"
+    if path.name == "suite.toml" and manifest.is_file():
+        try:
+            folder = json.loads(manifest.read_text(encoding="utf-8")).get("suite_folder")
+        except (OSError, ValueError, AttributeError):
+            folder = None  # prepare_resume says what is wrong with the manifest
+        if isinstance(folder, str) and folder:
+            return Path(folder)
+    return path.parent.absolute()
 
 
 def _first(path: Path, err: ValidationError, where: str, raw: Any = None) -> UserError:
@@ -178,6 +218,7 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
         _check_axes(path, f"override[{i}].match", rule.match)
         _check_overridable(path, f"override[{i}].set", rule.set, spec)
     grid = {axis.name: getattr(spec.grid, axis.name) for axis in AXES}
+    _check_size(path, grid, spec.suite.repeats)
     cells: list[CellConfig] = []
     excluding: set[int] = set()  # the [[exclude]] rules that match a cell
     overriding: set[int] = set()  # the [[override]] rules that match a cell that runs
@@ -190,11 +231,13 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
             continue
         settings = {"steps": s.steps, "warmup_steps": s.warmup_steps, "timeout_s": s.timeout_s,
                     "memory_budget_bytes": s.memory_budget_bytes, "max_grad_norm": s.max_grad_norm}
+        set_by: dict[str, int] = {}  # the override that set each key of this cell
         for i, rule in enumerate(spec.override):
             if _matches(axes, rule.match):
                 overriding.add(i)
                 for key, value in rule.set.items():
                     (axes if key in AXIS_BY_NAME else settings)[key] = value
+                    set_by[key] = i
         settings["lr_warmup_steps"] = settings.get("lr_warmup_steps", s.lr_warmup_steps
                                                    or math.ceil(s.lr_warmup_ratio * settings["steps"]))
         for repeat in range(s.repeats):
@@ -205,7 +248,10 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
                            "training.target_loss": s.target_loss, "training.data": spec.data.model_dump(),
                            "training.schedule_kwargs": dict(spec.schedules.get(axes["schedule"], {})),
                            "budget.device": s.device})
-            cells.append(_cell(path, s.name, len(cells), values))
+            try:
+                cells.append(_cell(s.name, len(cells), values))
+            except ValidationError as err:
+                raise _conflict(path, err, spec, axes, set_by) from None
     unused = [i for i in range(len(spec.exclude)) if i not in excluding]
     if unused:
         raise UserError(str(path), f"exclude[{unused[0]}]: matches no cell of the grid (a value the grid does not "
@@ -220,7 +266,17 @@ def _expand(path: Path, spec: SuiteFile) -> list[CellConfig]:
     return cells
 
 
-def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellConfig:
+def _check_size(path: Path, grid: dict[str, list[Any]], repeats: int) -> None:
+    """A grid of more than ``MAX_CELLS`` cells is refused before it is expanded, naming the axes that make it."""
+    count = math.prod(len(values) for values in grid.values()) * repeats
+    if count > MAX_CELLS:
+        factors = [f"{len(values)} {name}" for name, values in grid.items() if len(values) > 1]
+        factors += [f"{repeats} repeats"] if repeats > 1 else []
+        raise UserError(str(path), f"grid: {count:,} cells ({' × '.join(factors)}), more than the {MAX_CELLS:,} a "
+                                   f"suite may have; split it into suites or thin its axes")
+
+
+def _cell(suite: str, index: int, values: dict[str, Any]) -> CellConfig:
     data: dict[str, Any] = {"suite": suite, "index": index}
     for dotted, value in values.items():
         *parents, leaf = dotted.split(".")
@@ -228,10 +284,27 @@ def _cell(path: Path, suite: str, index: int, values: dict[str, Any]) -> CellCon
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = value.model_dump() if isinstance(value, BaseModel) else value
-    try:
-        return CellConfig.model_validate(data, strict=False)
-    except ValidationError as err:  # an override's values together with the rest (e.g. warmup vs steps)
-        raise _first(path, err, "override") from None
+    return CellConfig.model_validate(data, strict=False)
+
+
+def _conflict(path: Path, err: ValidationError, spec: SuiteFile, axes: dict[str, Any],
+              set_by: dict[str, int]) -> UserError:
+    """A cell whose values do not go together (a chunked loss under ddp), naming where each of the values in the
+    failing part of the cell comes from: an override's setting, or a grid value away from its default."""
+    first = err.errors()[0]
+    part = ".".join(str(p) for p in first["loc"])
+    sources = []
+    for axis in AXES:
+        if axis.path != part and not axis.path.startswith(f"{part}."):
+            continue
+        if axis.name in set_by:
+            sources.append(f"override[{set_by[axis.name]}].set.{axis.name}")
+        elif _plain(axes[axis.name]) != _plain(axis.default()):
+            given = [_plain(v) for v in getattr(spec.grid, axis.name)]
+            sources.append(f"grid.{axis.name}[{given.index(_plain(axes[axis.name]))}]")
+    sources += [f"override[{i}].set.{key}" for key, i in set_by.items()
+                if key in OVERRIDABLE and OVERRIDABLE[key].startswith(f"{part}.")]
+    return UserError(str(path), f"{' with '.join(sources) or part or 'grid'}: {_message(first)}")
 
 
 def _value(spec: SuiteFile, axis: str, value: Any) -> Any:
@@ -278,19 +351,22 @@ def _check_repeated_values(path: Path, spec: SuiteFile) -> None:
 
 
 def _check_adapters(path: Path, spec: SuiteFile) -> None:
-    """What can be checked of an adapter table without peft: quantisation settings only on a QLoRA adapter, and
-    the LoRA values peft takes as they are and only a model build refuses (``LORA_VALUES``). peft judges the rest
-    of its keywords (``memprof.run.preflight``)."""
+    """What can be checked of an adapter table without peft, used by the grid or not: quantisation settings only on
+    a QLoRA adapter, LoRA settings on no ``none`` adapter, and the LoRA values peft takes as they are and only a model
+    build refuses (``LORA_VALUES``). peft judges the rest of its keywords (``memprof.run.preflight``)."""
     for name, table in spec.adapters.items():
         quant = [key for key in QUANT_KEYS if key in table.model_fields_set]
         if quant and table.kind != "qlora":
             raise UserError(str(path), f"adapters.{name}.{quant[0]}: only a qlora adapter quantises its base "
                                        f"(this one is kind = \"{table.kind}\")")
+        if table.kind == "none" and table.model_extra:
+            raise UserError(str(path), f"adapters.{name}.{next(iter(table.model_extra))}: a kind = \"none\" adapter "
+                                       f"trains every weight and has no LoRA settings")
         for key, value in (table.model_extra or {}).items():
             kind = LORA_VALUES.get(LORA_ALIASES.get(key, key))
             try:
                 if kind is not None:
-                    TypeAdapter(kind).validate_python(value, strict=True)
+                    TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False)).validate_python(value, strict=True)
             except ValidationError as err:
                 raise UserError(str(path), f"adapters.{name}.{key}: {_message(err.errors()[0])}") from None
 

@@ -10,25 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from memprof.config import catalogue
 from memprof.config.spec import (AXES, LORA_DEFAULTS, AdapterSpec, Axis, Budget, CellConfig, DataSpec, ModelSpec,
                                  NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, QuantSpec,
-                                 Spec, TrainingSpec)
+                                 Spec, TimeoutSeconds, TrainingSpec)
 from memprof.errors import UserError
 from memprof.results.metrics import resolve_rules
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 # A suite's name: also the start of its result folders' names, so one path component
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class SuiteSettings(_Strict):
+class SuiteSettings(Spec):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -36,7 +33,7 @@ class SuiteSettings(_Strict):
     warmup_steps: NonNegativeInt = 2
     seed: int = 0
     repeats: PositiveInt = 1
-    timeout_s: PositiveFloat = 600.0
+    timeout_s: TimeoutSeconds = 600.0
     memory_budget_bytes: NonNegativeInt = 0
     lr_warmup_steps: NonNegativeInt = 0
     max_grad_norm: NonNegativeFloat = 1.0
@@ -54,10 +51,18 @@ class SuiteSettings(_Strict):
         return self
 
 
+def in_folder(path: str, info: ValidationInfo) -> str:
+    """A path as a suite wrote it, a relative one joined to the folder the suite's paths start from (the validation
+    context's ``folder``, see ``memprof.suite.load``): a suite means the same files from any working directory."""
+    folder = (info.context or {}).get("folder")
+    return str(Path(folder, path)) if path and folder else path
+
+
 class DataTable(DataSpec):
     @field_validator("path")
     @classmethod
-    def _a_file(cls, path: str) -> str:
+    def _a_file(cls, path: str, info: ValidationInfo) -> str:
+        path = in_folder(path, info)
         if path and Path(path).is_dir():
             raise ValueError(f"is a directory, not a file: {path}")
         if path and not Path(path).is_file():
@@ -84,6 +89,16 @@ class ModelTable(ModelSpec):
             raise ValueError("'name' is the table's key ([models.NAME]), not one of its fields")
         return data
 
+    @field_validator("path")
+    @classmethod
+    def _a_folder(cls, path: str, info: ValidationInfo) -> str:
+        path = in_folder(path, info)
+        if path and not Path(path).exists():
+            raise ValueError(f"no such folder: {path}")
+        if path and not Path(path).is_dir():
+            raise ValueError(f"not a folder: {path} (a local checkpoint is the folder from_pretrained reads)")
+        return path
+
     @model_validator(mode="after")
     def _a_source(self) -> ModelTable:
         if not self.known:
@@ -108,7 +123,7 @@ class AdapterTable(BaseModel):
     """An ``[adapters.NAME]`` table: ``kind``, QLoRA's quantisation (for ``qlora`` only), and any
     ``peft.LoraConfig`` keyword (``alpha`` and ``dropout`` are accepted for ``lora_alpha`` and ``lora_dropout``)."""
 
-    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True, allow_inf_nan=False)
 
     kind: Literal["none", "lora", "qlora", "dora"] = "lora"
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -138,7 +153,7 @@ BUILTIN_ADAPTERS: dict[str, AdapterTable] = {kind: AdapterTable(kind=kind) for k
                                                                                        "dora")}
 
 
-class OptimizerTable(_Strict):
+class OptimizerTable(Spec):
     optim: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -171,15 +186,15 @@ def _axis_field(axis: Axis) -> tuple[Any, Any]:
     return Annotated[list[item], BeforeValidator(_listed)], Field(default=[axis.default()], min_length=1)
 
 
-GridSettings = create_model("GridSettings", __base__=_Strict, **{axis.name: _axis_field(axis) for axis in AXES})
+GridSettings = create_model("GridSettings", __base__=Spec, **{axis.name: _axis_field(axis) for axis in AXES})
 
 
-class Override(_Strict):
+class Override(Spec):
     match: dict[str, Any]
     set: dict[str, Any]
 
 
-class SuiteFile(_Strict):
+class SuiteFile(Spec):
     suite: SuiteSettings
     data: DataTable = DataTable()
     grid: GridSettings  # type: ignore[valid-type]

@@ -26,8 +26,23 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
                     "logits_mup_width_multiplier")
 
 
+# Sizes a transformers config needs positive: a model with -1 layers builds (with none), and the adapter that then
+# finds nothing to wrap was blamed for it.
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads")
+
+
 class ModelLoadError(Exception):
     """The model named by a cell could not be built (bad path, unknown architecture, too small a vocabulary)."""
+
+
+class ModelConfigError(ModelLoadError):
+    """A key of the model's table transformers cannot build from; ``key`` is its path in the table
+    (``overrides.num_hidden_layers``, ``config.model_type``), '' for the preset's or the folder's own."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class LeverUnavailable(Exception):
@@ -36,26 +51,63 @@ class LeverUnavailable(Exception):
 
 
 def build_config(spec: ModelSpec):
-    """The transformers config of a model spec (preset, inline config or local path), with its overrides."""
-    from transformers import AutoConfig
+    """The transformers config of a model spec (preset, inline config or local path), with its overrides.
+
+    Raises:
+        ModelConfigError: an unknown model_type, a key the config class does not have, or a size not positive.
+        ModelLoadError: a folder transformers cannot read a config from.
+    """
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if not spec.known:
         raise ModelLoadError(f"model '{spec.name}' was read back from a schema-1 record, which kept only its name")
+    values = dict(PRESETS[spec.preset] if spec.preset else spec.config)
+    values.update(spec.overrides)
     try:
         if spec.path:
             config = AutoConfig.from_pretrained(spec.path, local_files_only=True,
                                                 trust_remote_code=spec.trust_remote_code)
-            for key, value in spec.overrides.items():
-                setattr(config, key, value)
+            defaults = type(config)()
         else:
-            values = dict(PRESETS[spec.preset] if spec.preset else spec.config)
-            values.update(spec.overrides)
-            config = AutoConfig.for_model(values.pop("model_type"), **values)
+            model_type = values.pop("model_type")
+            if model_type not in CONFIG_MAPPING:
+                raise ModelConfigError(_key(spec, "model_type"), _unknown_model_type(model_type, CONFIG_MAPPING))
+            defaults = CONFIG_MAPPING[model_type]()
+            config = AutoConfig.for_model(model_type, **values)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot build the model config: {err}") from err
+    for key, value in values.items() if spec.path else ():
+        setattr(config, key, value)
+    # transformers keeps a keyword its class does not know as an attribute that nothing reads (one it converts, as
+    # Llama's rope_theta into rope_parameters, is not kept)
+    unknown = next((key for key in values if key in vars(config) and not hasattr(defaults, key)), None)
+    if unknown is not None:
+        raise ModelConfigError(_key(spec, unknown), f"{type(defaults).__name__} has no field '{unknown}'")
+    text = config.get_text_config()
+    for name in SIZES:
+        value = getattr(text, name, None)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ModelConfigError(_key(spec, name), f"{name} must be a positive integer, not {value!r}")
     if getattr(config, "vocab_size", BYTE_VOCAB) < BYTE_VOCAB:
-        raise ModelLoadError(f"vocab_size {config.vocab_size} < 256: memprof's corpora are byte-level")
+        raise ModelConfigError(_key(spec, "vocab_size"),
+                               f"vocab_size {config.vocab_size} < 256: memprof's corpora are byte-level")
     return config
+
+
+def _key(spec: ModelSpec, name: str) -> str:
+    """Where the model's table sets config field ``name``: ``overrides.NAME``, ``config.NAME``, or '' (its preset's or
+    its folder's own value)."""
+    return f"overrides.{name}" if name in spec.overrides else f"config.{name}" if name in spec.config else ""
+
+
+def _unknown_model_type(model_type: str, known: Any) -> str:
+    """An unknown model_type, with the closest of transformers' few hundred (all of them make no readable line)."""
+    import difflib
+
+    names = list(known.keys())
+    close = difflib.get_close_matches(model_type, names, n=3)
+    return f"unknown model_type '{model_type}' " + (f"(did you mean {', '.join(map(repr, close))}?)" if close else
+                                                   f"(no close match among transformers' {len(names)} model types)")
 
 
 def experts(config: Any) -> int:
@@ -257,8 +309,24 @@ def lora_config(adapter: AdapterSpec):
         raise AdapterConfigError("", f"peft's LoraConfig refuses it: {' '.join(str(err).split())}") from err
 
 
-def _type_name(hint: object) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+_TYPE_WORDS = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "table"}
+
+
+def _type_name(hint: Any, plural: bool = False) -> str:
+    """An annotation in a suite author's words: ``Optional[Union[list[str], str]]`` is 'a string or a list of
+    strings' (None, which TOML cannot write, left out)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):  # scalars first: typing hands back a cached Union in any order
+        return " or ".join(sorted((_type_name(arg, plural) for arg in args), key=lambda w: ("list" in w, w)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple, set):
+        return ("lists" if plural else "a list") + (f" of {_type_name(args[0], True)}" if args else "")
+    word = _TYPE_WORDS.get(origin or hint, getattr(hint, "__name__", str(hint)))
+    return f"{word}s" if plural else f"an {word}" if word[0].lower() in "aeiou" else f"a {word}"
 
 
 def attach_adapter(model: nn.Module, adapter: AdapterSpec) -> nn.Module:

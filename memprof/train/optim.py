@@ -145,6 +145,44 @@ def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: in
                          scheduler_specific_kwargs=kwargs or None)
 
 
+# Schedules transformers.get_scheduler passes none of a suite's kwargs to: a kwarg for them would be dropped unread.
+_NO_KWARGS = ("constant", "constant_with_warmup")
+# What get_scheduler itself passes a schedule: a kwarg of the same name would be given twice.
+_PASSED = ("optimizer", "num_warmup_steps", "num_training_steps")
+
+
+class ScheduleRefused(Exception):
+    """A schedule transformers does not build with the suite's kwargs; ``key`` names the kwarg at fault ('' where
+    the schedule refuses the table as a whole)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def check_schedule(name: str, kwargs: dict[str, Any], warmup_steps: int, total_steps: int) -> None:
+    """Schedule ``name`` with ``kwargs`` built as a cell's setup builds it, over a one-parameter SGD, after its kwargs
+    were checked against the schedule function's parameters (which names the one at fault).
+
+    Raises:
+        ScheduleRefused: a kwarg the schedule does not take, or the schedule refusing the values.
+    """
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+    takes = [] if name in _NO_KWARGS else [p for p in parameters if p not in _PASSED]
+    if name in _NO_KWARGS or all(p.kind is not p.VAR_KEYWORD for p in parameters.values()):
+        unknown = next((key for key in kwargs if key not in takes), None)
+        if unknown is not None:
+            said = f"it takes {', '.join(takes)}" if takes else "transformers passes it none"
+            raise ScheduleRefused(unknown, f"no parameter '{unknown}' ({said})")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    try:
+        build_schedule(name, optimizer, warmup_steps, total_steps, kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever the schedule raises, every cell's setup would raise
+        raise ScheduleRefused("", " ".join(str(err).split()) or type(err).__name__) from err
+
+
 def steps_on_metric(scheduler: Scheduler) -> bool:
     """ReduceLROnPlateau and GreedyLR step on a metric (the eval loss), not once per optimizer step."""
     from transformers.optimization import GreedyLR
