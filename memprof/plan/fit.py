@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from memprof.config.spec import CellConfig
+from memprof.config.spec import MAX_TIMEOUT_S, CellConfig
 from memprof.errors import UserError
 from memprof.plan.predict import largest
 from memprof.results.record import Record, Status
@@ -165,8 +165,8 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
     if start > maximum:
         raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
-    if not timeout_s > 0:
-        raise UserError("--timeout", f"must be positive, got {timeout_s}")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise UserError("--timeout", f"must be positive and at most {MAX_TIMEOUT_S:g} s (a week), got {timeout_s}")
     if budget_bytes is not None and budget_bytes <= 0:
         raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
     cuda = on_cuda(device)
