@@ -259,12 +259,12 @@ def test_a_plan_that_does_not_fit_says_by_how_much(capsys: pytest.CaptureFixture
     assert "%" not in row and row.count("none fits") == 2 and " 0 " not in row
 
 
-def test_the_fits_table_names_the_total_and_what_must_be_on_the_card(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_fits_table_names_the_total_and_what_is_needed_on_the_card(capsys: pytest.CaptureFixture[str]) -> None:
     from memprof.plan import gpus
     from memprof.views.plan import verdict_table
 
     card = gpus.parse_gpu("h100-80gb")
-    for optimizer, headers in (("adamw_torch", ["total"]), ("paged_adamw_8bit", ["total", "on the card"])):
+    for optimizer, headers in (("adamw_torch", ["total"]), ("paged_adamw_8bit", ["total", "needed"])):
         request = plan.cell_from_flags("llama-3.2-1b", "qlora", optimizer=optimizer, seq_len=512)
         (p,) = plan.plan_requests([request], calibration.load(), "cuda")
         table = verdict_table(p, [plan.verdict(p, card, calibration.load())])

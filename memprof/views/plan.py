@@ -63,15 +63,16 @@ def parts_table(plan: Plan) -> Table:
 
 def verdict_table(plan: Plan, verdicts: Sequence[GpuFit]) -> Table:
     """The plan against each GPU (or memory size): whether it fits, the headroom or the shortfall, and the largest
-    batch and length that would. With paged optimizer state, what must be on the card is a column of its own."""
+    batch and length that would. With paged optimizer state, what is needed on the card (the total less that
+    state) is a column of its own."""
     r = plan.request
     paged = plan.pageable_bytes
-    caption = f"on the card: the total less the paged optimizer state ({human_bytes(paged)}), which the driver " \
+    caption = f"needed: the total less the paged optimizer state ({human_bytes(paged)}), which the driver " \
         "moves to host memory when the card is full"
     table = Table(title="fits?", title_justify="left", header_style="bold", caption=caption if paged else None,
                   caption_justify="left")
     first = "GPU" if plan.device == "cuda" else "memory"
-    names = (first, "capacity", "total", *(["on the card"] if paged else []), "headroom", "fits",
+    names = (first, "capacity", "total", *(["needed"] if paged else []), "headroom", "fits",
              f"max batch\n@ s{r.shape.seq_len}", f"max seq\n@ b{r.shape.batch_size}")
     for name in names:
         table.add_column(name, justify="left" if name in (first, "fits") else "right")
