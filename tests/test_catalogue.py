@@ -62,18 +62,24 @@ def test_optimizers_command_lists_the_catalogue(capsys: pytest.CaptureFixture[st
     assert "CUDA only" in listing  # galore_adamw_8bit
 
 
+@pytest.mark.parametrize("none_installed", [False, True])  # as this venv has them, and with every library missing
 @pytest.mark.parametrize("width", [80, 120])
-def test_optimizers_command_keeps_names_and_install_commands_whole(width: int, monkeypatch: pytest.MonkeyPatch,
+def test_optimizers_command_keeps_names_and_install_commands_whole(width: int, none_installed: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from rich.console import Console
 
     from memprof import cli
+    from memprof.config.catalogue import OptimizerEntry
 
     monkeypatch.setattr(cli, "out", Console(width=width, force_terminal=False))
+    if none_installed:
+        monkeypatch.setattr(OptimizerEntry, "installed", property(lambda e: not e.requires))
     assert run_cli("optimizers") == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines) <= width
     for e in ENTRIES:  # each name whole, first on its row; a missing package's command whole on one line
         assert any(line.startswith(e.name + " ") for line in lines), e.name
         if not e.installed:
-            assert f"{e.name}: pip install {e.install or e.requires}" in lines
+            then = " (then CUDA only)" if e.needs_cuda else ""
+            assert f"{e.name}{then}: pip install {e.install or e.requires}" in lines
