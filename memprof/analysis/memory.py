@@ -39,7 +39,6 @@ def on_card_bytes(r: Record) -> int | None:
     no processes) plus its paged optimizer state, CUDA managed memory that NVML's process figure leaves out (the
     H100's 70B QLoRA cell: 1.64 GB paged, NVML 0.78 GB above the allocator's reserved peak). None where NVML did not
     read it (the CPU)."""
-    nvml = r.nvml_peak_process_used_bytes or r.nvml_peak_device_used_bytes
-    if nvml is None:
+    if r.nvml_peak_bytes is None:
         return None
-    return nvml + (r.optimizer_state_paged_bytes or 0)
+    return r.nvml_peak_bytes + (r.optimizer_state_paged_bytes or 0)

@@ -75,9 +75,8 @@ def attribute(record: Record, peak_phase: str = "") -> Record:
     values: dict[str, object] = {}
     if cuda:
         values["allocator_cache_bytes"] = record.peak_reserved_bytes - record.peak_allocated_bytes
-        nvml = record.nvml_peak_process_used_bytes or record.nvml_peak_device_used_bytes
-        if nvml is not None:
-            values["non_pytorch_bytes"] = nvml - record.peak_reserved_bytes
+        if record.nvml_peak_bytes is not None:
+            values["non_pytorch_bytes"] = record.nvml_peak_bytes - record.peak_reserved_bytes
     moment, breakdown = _parts(record, "cuda" if cuda else "cpu", peak_phase)
     if not cuda and record.heap_free_delta_bytes:  # inside the RSS peak, unlike CUDA's cache beyond the allocator's
         breakdown["heap_free"] = max(record.heap_free_delta_bytes, 0)

@@ -133,6 +133,12 @@ class Record:
         return self.peak_allocated_bytes if self.peak_allocated_bytes is not None else self.peak_rss_delta_bytes
 
     @property
+    def nvml_peak_bytes(self) -> int | None:
+        """NVML's peak for this cell's process, or for the whole device where the driver lists no processes (a
+        container's host PIDs); None where NVML did not read it (the CPU)."""
+        return self.nvml_peak_process_used_bytes or self.nvml_peak_device_used_bytes
+
+    @property
     def peak_is_lower_bound(self) -> bool:
         """The cell stopped before its steps were done (OOM, crash, timeout, interrupt): its peaks are what it
         reached until then, less than its steps need."""
