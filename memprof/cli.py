@@ -425,7 +425,9 @@ def _request(args: argparse.Namespace) -> CellConfig:
     if problems:
         field, error = problems[0].field, problems[0].error
         flags = {"model": f"--model {args.model}", "target_modules": "--target-modules", "r": "--rank"}
-        raise UserError("--optimizer" if field.startswith(OPTIMIZER_FIELD) else flags.get(field, "--adapter"), error)
+        # a model's own key (model.vocab_size, of a folder's config.json) is the --model flag's
+        raise UserError("--optimizer" if field.startswith(OPTIMIZER_FIELD) else
+                        flags.get(field.split(".")[0], "--adapter"), error)
     return request
 
 

@@ -349,6 +349,18 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytes
     assert where in " ".join(err.split()) and "Traceback" not in err
 
 
+def test_a_model_folder_a_model_cannot_be_built_from_is_the_model_flags_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A key of the folder's config.json at fault (here a vocabulary too small for byte-level corpora) names
+    --model, the flag that gave the folder, not --adapter."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    assert run_cli("plan", "--model", str(tmp_path)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: --model {tmp_path}: vocab_size 100 < 256"), err
+
+
 def test_qwen3_plans_analytically_and_a_mixture_of_experts_on_the_meta_device(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Qwen3 (per-head q/k norms, tests/test_step_memory.py) is in the analytic model; Mixtral's experts, which
