@@ -115,7 +115,13 @@ class LocalExecutor:
         Raises:
             PreflightFailed: the checking process died or hung (the reason is the message).
         """
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except ZygoteDied:
+            if not self._interrupted:
+                raise
+        if self._interrupted:  # Ctrl-C while the zygote imported: the checks would only delay the exit
+            raise PreflightFailed("interrupted before the checks")
         fd, log = tempfile.mkstemp(prefix="memprof-preflight-", suffix=".log")
         os.close(fd)
         try:
@@ -150,7 +156,12 @@ class LocalExecutor:
             ZygoteDied: the zygote did not start.
         """
         log = self.log_path(cell)
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except ZygoteDied:
+            if not self._interrupted:
+                raise
+            return CellResult(Record(cell, status=Status.INTERRUPTED, error="interrupted while its zygote started"))
         t0 = time.perf_counter()
         try:
             result = self._run(cell, log, on_step)
@@ -175,9 +186,14 @@ class LocalExecutor:
                 raise ZygoteDied(f"the worker zygote answered a cell with {type(answer).__name__}")
 
     def interrupt(self) -> None:
+        """Pass Ctrl-C on to the running cell or model checks; a zygote still importing has nothing to keep and
+        goes at once (not after its imports and the checks)."""
         self._interrupted = True
         if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGINT)
+            if self._ready:
+                self._proc.send_signal(signal.SIGINT)
+            else:
+                self._proc.kill()
 
     def close(self) -> None:
         if self._proc.poll() is None:
