@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-interval", type=float, default=None,
                      help="memory sampling interval, seconds (default: 0.01 on the CPU, 0.05 on CUDA)")
     run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="run N cells at a time (one GPU each on CUDA; cores shared out on the CPU)")
+                     help="run N cells at a time (one GPU each on CUDA; cores shared out on the CPU, at most one job "
+                          "per core)")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="where cells run: local processes (default), or tasks on a Ray cluster, one GPU each "
                           '(pip install "memprof[ray]")')

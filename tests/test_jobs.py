@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,12 @@ def test_two_jobs_run_the_same_cells_with_identical_exact_metrics(tmp_path: Path
             assert getattr(r, name) == getattr(serial[key], name), (key, name)
 
 
-def test_jobs_below_one_is_a_usage_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", [0, (os.cpu_count() or 1) + 1])
+def test_jobs_below_one_or_beyond_the_cores_are_a_usage_error(tmp_path: Path, jobs: int,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     suite = write_suite(tmp_path)
-    assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--jobs", "0") == 2
+    assert run_cli("run", str(suite), "--out", str(tmp_path / "r"), "--device", "cpu", "--jobs", str(jobs)) == 2
+    assert capsys.readouterr().err.startswith("error: --jobs: ")
     assert not (tmp_path / "r").exists()
 
 

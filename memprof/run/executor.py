@@ -245,6 +245,9 @@ class LocalPool:
         gpus = visible_gpus()
         if gpus and jobs > len(gpus):
             raise UserError("--jobs", f"{jobs} jobs but {len(gpus)} GPU(s): cells never share a GPU")
+        cores = os.cpu_count() or 1
+        if not gpus and jobs > cores:  # each job's zygote holds the libraries (~0.5 GB) and each cell a core
+            raise UserError("--jobs", f"{jobs} jobs but {cores} CPU cores: cells never share a core")
         self.jobs = jobs
         self.envs = [self._env(i, gpus) for i in range(jobs)]
         self.executors = [LocalExecutor(sample_interval_s=sample_interval_s, env=env) for env in self.envs]
@@ -254,7 +257,7 @@ class LocalPool:
             return {}
         if gpus:
             return {"CUDA_VISIBLE_DEVICES": gpus[index]}
-        return threads_env(max(1, (os.cpu_count() or 1) // self.jobs))
+        return threads_env((os.cpu_count() or 1) // self.jobs)
 
     def preflight(self, cells: list[CellConfig]) -> list[Problem]:
         return self.executors[0].preflight(cells)
