@@ -589,3 +589,28 @@ def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Pat
     assert [cell["verdict"] for cell in result["cells"]] == ["unchanged", "missing"]
     assert run_cli("compare", str(REFERENCE), str(folder)) == 0
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == [warning]
+
+
+def test_levers_keys_of_different_lengths_are_cut_to_what_varies_and_each_side_says_what_it_lacks() -> None:
+    """The H200's 18 levers cells against the H100's 4 (records committed under results/gpu/): a lever left at its
+    default adds no part to a key, so the keys differ in length, and the table shows only the parts not every cell
+    shares; a missing cell says which side lacks it; an interrupted cell's note does not say so twice."""
+    from rich.console import Console
+
+    from memprof.analysis.compare import compare, load
+    from memprof.results.metrics import resolve_rules
+    from memprof.views.compare import comparison_table
+
+    gpu = Path(__file__).parents[1] / "results" / "gpu"
+    result = compare(load(gpu / "h200-2026-11-27" / "levers-gpu"), load(gpu / "h100-2026-11-28" / "levers-gpu"),
+                     resolve_rules([], "t"), allow_different_machines=True)
+    for width in (80, 200):
+        console = Console(width=width, record=True)
+        console.print(comparison_table(result, width))
+        lines = console.export_text().splitlines()
+        assert " ".join(" ".join(lines[:2]).split()).startswith(  # at 80 columns on two lines
+            "memprof compare: cells llama-3.2-1b/lora16/adamw_torch/b1/*/ga1/bf16/lr0.001/constant/seed0/*"), width
+        assert any(line.startswith("s4096/gc/flash_attention_2 missing: not in the current run") for line in lines) \
+            if width == 80 else any("│ s4096/gc/flash_attention_2 │ missing" in line for line in lines)
+    gc = next(cell for cell in result.cells if cell.key.endswith("/s1024/ga1/bf16/lr0.001/constant/seed0/gc"))
+    assert gc.note == "ok → interrupted"

@@ -184,9 +184,11 @@ def compare(baseline: ResultSet, current: ResultSet, rules: dict[str, Rule],
     cells = []
     for key in list(base) + [k for k in cur if k not in base]:
         if key not in cur:
-            cells.append(CellComparison(key, Verdict.MISSING, _status(base[key]), None, (len(base[key]), 0)))
+            cells.append(CellComparison(key, Verdict.MISSING, _status(base[key]), None, (len(base[key]), 0),
+                                        note="not in the current run"))
         elif key not in base:
-            cells.append(CellComparison(key, Verdict.NEW, None, _status(cur[key]), (0, len(cur[key]))))
+            cells.append(CellComparison(key, Verdict.NEW, None, _status(cur[key]), (0, len(cur[key])),
+                                        note="not in the baseline"))
         else:
             cells.append(_compare_cell(key, base[key], cur[key], rules, peaks_compared))
     shared = [c for c in cells if c.verdict not in (Verdict.NEW, Verdict.MISSING)]
@@ -257,7 +259,7 @@ def _compare_cell(key: str, base: list[Record], cur: list[Record], rules: dict[s
     b_status, c_status = _status(base), _status(cur)
     repeats = (len(base), len(cur))
     if b_status is not Status.OK or c_status is not Status.OK:
-        error = next((r.error for r in cur if r.status is c_status and r.error), "")
+        error = next((r.error for r in cur if r.status is c_status and r.error not in ("", c_status.value)), "")
         if b_status is c_status:  # an answer given again (an OOM, a divergence), or the harness failing again
             verdict = Verdict.FAILED if c_status in HARNESS_FAILURES else Verdict.UNCHANGED
             note = f"{c_status.value} on both sides" + (f": {error}" if error and verdict is Verdict.FAILED else "")

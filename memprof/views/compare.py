@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -87,7 +88,8 @@ def _lines(title: str, rows: list[list[tuple[str, ...]]], short: dict[str, str],
     for cell_rows in rows:
         key, verdict, metric, *_, note, style = cell_rows[0]
         if not metric:  # nothing moved: the cell's note says why
-            parts.append(Text.assemble((short[key], "bold"), " ", (verdict, style), (f": {note}", "dim")))
+            said = f": {note}" if note else ""
+            parts.append(Text.assemble((short[key], "bold"), " ", (verdict, style), (said, "dim")))
             continue
         parts.append(Text.assemble((short[key], "bold"), " ", (verdict, style)))
         parts.extend(Text.assemble(f"  {metric}: {base} → {cur}, {change}: ", (note, "dim"))
@@ -129,15 +131,16 @@ def markdown(c: Comparison) -> str:
 
 
 def _short_keys(keys: list[str]) -> tuple[str, dict[str, str]]:
-    """Keys cut to the parts that differ between cells, and the pattern they share (``*`` where they differ)."""
+    """Keys cut to the parts not every cell shares, and the pattern of those they all do (``*`` for the rest). A
+    part is one token of a key (``s1024``, ``gc``, ``eager``); a lever left at its default adds none, so the keys
+    of a levers suite differ in length. Whole keys where one would be cut to nothing."""
     parts = [key.split("/") for key in keys]
-    if len(keys) < 2 or len({len(p) for p in parts}) != 1:
+    common = set.intersection(*map(set, parts)) if parts else set()
+    short = {key: "/".join(part for part in p if part not in common) for key, p in zip(keys, parts)}
+    if len(keys) < 2 or not all(short.values()) or len(set(short.values())) < len(keys):
         return "", {key: key for key in keys}
-    varying = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
-    if not varying:
-        return "", {key: key for key in keys}
-    pattern = "/".join("*" if i in varying else part for i, part in enumerate(parts[0]))
-    return pattern, {key: "/".join(p[i] for i in varying) for key, p in zip(keys, parts)}
+    pattern = "/".join(part if part in common else "*" for part in max(parts, key=len))
+    return re.sub(r"\*(/\*)+", "*", pattern), short
 
 
 def _describe(side: ResultSet, path: bool = True) -> str:
