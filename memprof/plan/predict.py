@@ -446,10 +446,15 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
 
 
 def _other(measured: DeviceCalibration, feature: int, adapter: str, peak: int) -> Part:
-    """The unnamed remainder a device's cells left beside a ``peak`` (on the CPU with glibc's free heap)."""
+    """The unnamed remainder a device's cells left beside a ``peak`` of named parts (on the CPU with glibc's free
+    heap). Its error is the calibration's spread s, a fraction of a cell's measured peak (the named parts and the
+    remainder, which on the CPU is half of it or more): a measured peak that is s of itself over the planned one
+    is over by s / (1 - s) of the plan's."""
     other = measured.other_bytes(feature, adapter)
     heap = "" if measured.device == "cuda" else " (with glibc's free heap, which the RSS peak holds)"
-    return Part("other", other, f"fitted to {measured.cells} cells{heap}", measured.other_spread * peak / max(other, 1))
+    spread = measured.other_spread
+    return Part("other", other, f"fitted to {measured.cells} cells{heap}",
+                spread / (1 - spread) * (peak + other) / max(other, 1))
 
 
 def _outside_pytorch(calibration: Calibration, peak: int, pressure: int) -> list[Part]:
