@@ -406,10 +406,10 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help="what the ranks shard: ddp nothing, zero1 the optimizer state, fsdp2 everything")
 
 
-def _request(args: argparse.Namespace) -> CellConfig:
+def _request(args: argparse.Namespace, weights: bool) -> CellConfig:
     """The cell the flags describe (without --precision, the device's own: plan and fit alike), put through a run's
     checks (``memprof.run.preflight``): a model that does not build, or targets it lacks, are one line naming the
-    flag, before ``plan`` plans or ``fit`` runs a trial."""
+    flag, before ``plan`` plans or ``fit`` runs a trial; with ``weights`` (fit), a model folder that holds none too."""
     from memprof.plan.fit import on_cuda
     from memprof.plan.predict import cell_from_flags
     from memprof.run.preflight import check_all
@@ -422,7 +422,7 @@ def _request(args: argparse.Namespace) -> CellConfig:
                               args.batch_size, args.seq_len, precision, args.grad_accum,
                               args.gradient_checkpointing, args.attn, args.world_size, args.strategy,
                               args.loss_chunk)
-    problems = check_all([request])
+    problems = check_all([request], weights)
     if problems:
         field, error = problems[0].field, problems[0].error
         flags = {"model": f"--model {args.model}", "target_modules": "--target-modules", "r": "--rank"}
@@ -476,7 +476,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             levers["levers.loss_chunk"] = args.loss_chunk
         requests = [r.with_values(levers) for r in requests]
     else:
-        requests = [_request(args)]
+        requests = [_request(args, weights=False)]
     calibration = calibration_mod.load(args.calibration or calibration_mod.DEFAULT_PATH)
     try:
         results, verdicts = plan_mod.plan_with_verdicts(requests, calibration, args.device, gpus)
@@ -527,7 +527,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from memprof.plan import gpus as gpus_mod
     from memprof.views import plan as plan_views
 
-    request = _request(args)
+    request = _request(args, weights=True)
     granularity = args.granularity if args.granularity is not None else 1 if args.search == "batch_size" else 64
 
     def progress(trial: fit_mod.Trial) -> None:

@@ -758,6 +758,26 @@ def test_dry_run_names_the_key_of_the_model_adapter_or_schedule_that_does_not_bu
     assert len(stderr) < 300, stderr
 
 
+def test_a_model_folder_without_weights_is_refused_by_run_and_fit_and_planned(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder with a config.json alone: a plan needs no more, but every cell of a run crashed at set-up and fit
+    found out in its first trial (exit 3). Both now refuse it in one line, before any cell or trial."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}))
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _GRID.replace('"tiny-llama"', '"m"') + f'[models.m]\npath = "{folder}"\n')
+    code, stderr = _run_bad(path, tmp_path / "results", "--dry-run")
+    _assert_refused(code, stderr, path, tmp_path / "results",
+                    f"models.m.path: model 'm' does not build: {folder} holds no weights to load (none of "
+                    "model.safetensors")
+    assert run_cli("fit", "--model", str(folder), "--device", "cpu", "--memory-budget", "1GB") == 2
+    assert capsys.readouterr().err.startswith(f"error: --model {folder}: {folder} holds no weights")
+    assert run_cli("plan", "--model", str(folder), "--device", "cpu") == 0
+
+
 def test_a_run_refuses_a_schedule_kwarg_before_its_results_folder(tmp_path: Path) -> None:
     """The schedule of a cell that is not the first of its (model, adapter, optimizer) is checked too."""
     path = tmp_path / "bad.toml"

@@ -19,9 +19,10 @@ from memprof.train import models, optim
 MAX_MESSAGE = 400
 
 
-def check_all(cells: list[CellConfig]) -> list[Problem]:
+def check_all(cells: list[CellConfig], weights: bool = True) -> list[Problem]:
     """Check each cell's model and adapter once per pair, and each optimizer once, over the first pair that fits
-    (``Suite.preflight_pairs`` gives the cells).
+    (``Suite.preflight_pairs`` gives the cells); with ``weights``, that a model's folder holds weights to load (a
+    plan needs only its config).
 
     Returns:
         One ``Problem`` per problem, its ``field`` being ``model`` (``model.`` + the key of the model's table at
@@ -41,6 +42,8 @@ def check_all(cells: list[CellConfig]) -> list[Problem]:
         if (name, adapter) not in adapted:
             try:
                 model = meta_model(cell.model)
+                if weights:
+                    models.check_weights(cell.model)
             except Exception as err:  # noqa: BLE001 - any failure to build is the suite's problem, said in one line
                 broken.add(name)
                 key = err.key if isinstance(err, models.ModelConfigError) else ""

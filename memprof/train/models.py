@@ -4,6 +4,7 @@ bitsandbytes for 4-bit (QLoRA) base weights."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,6 +132,16 @@ def kernel_unavailable(err: ValueError, attn: str) -> LeverUnavailable | None:
         return None
     first = str(err).split(". ")[0]  # the sentence that says so, without transformers' advice
     return LeverUnavailable(f"attn_implementation {attn}: {first} (eager does)")
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """Raises ``ModelConfigError`` (key ``path``) where ``spec`` is a folder that holds no weights for
+    ``from_pretrained`` to load (a config.json alone plans, but does not train)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    if spec.path and not any((Path(spec.path) / name).is_file() for name in names):
+        raise ModelConfigError("path", f"{spec.path} holds no weights to load (none of {', '.join(names)})")
 
 
 def build_model(spec: ModelSpec, adapter: AdapterSpec, precision: str, device: torch.device,
