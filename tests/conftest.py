@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +47,18 @@ def write_suite(directory: Path, name: str = "tiny", steps: int = 3, adapters: s
     path.write_text(TINY_SUITE.format(name=name, steps=steps, adapters=adapters, optimizers=optimizers,
                                       batch_sizes=batch_sizes) + extra)
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped quick suite (the README's default run) run once, one cell at a time, by ``python -m memprof``:
+    its results folder, which the serial runs of several tests would otherwise repeat."""
+    out = tmp_path_factory.mktemp("quick")
+    proc = subprocess.run([sys.executable, "-m", "memprof", "run", "quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    return run_dir
 
 
 def run_cli(*argv: str) -> int:

@@ -19,16 +19,15 @@ EXACT = ("optimizer_state_bytes", "trainable_weight_bytes", "frozen_weight_bytes
          "activation_bytes")
 
 
-def run(tmp_path: Path, name: str, *extra: str) -> dict:
-    """The shipped quick suite (the README's default run) into ``tmp_path/name``."""
-    assert run_cli("run", "quick", "--out", str(tmp_path / name), *extra) == 0
-    (run_dir,) = (tmp_path / name).iterdir()
+def by_key(run_dir: Path) -> dict:
     return {r.key: r for r in read_records(run_dir)}
 
 
-def test_two_jobs_run_the_same_cells_with_identical_exact_metrics(tmp_path: Path) -> None:
-    serial = run(tmp_path, "serial")
-    parallel = run(tmp_path, "parallel", "--jobs", "2")
+def test_two_jobs_run_the_same_cells_with_identical_exact_metrics(tmp_path: Path, quick_run: Path) -> None:
+    serial = by_key(quick_run)
+    assert run_cli("run", "quick", "--out", str(tmp_path / "parallel"), "--jobs", "2") == 0
+    (run_dir,) = (tmp_path / "parallel").iterdir()
+    parallel = by_key(run_dir)
     assert serial.keys() == parallel.keys() and len(serial) == QUICK_CELLS
     for key, r in parallel.items():
         assert r.status is Status.OK and r.concurrent_jobs == 2 and serial[key].concurrent_jobs == 1

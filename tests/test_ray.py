@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import run_cli, write_suite
-from test_jobs import EXACT, QUICK_CELLS, run
+from test_jobs import EXACT, QUICK_CELLS, by_key
 
 from memprof.results.record import Record, Status
 from memprof.results.store import read_records
@@ -42,8 +42,9 @@ def records_of(root: Path) -> dict[str, Record]:
     return {r.key: r for r in read_records(run_dir)}
 
 
-def test_ray_runs_the_same_cells_with_identical_exact_metrics(tmp_path: Path, local_ray: str) -> None:
-    serial = run(tmp_path, "serial")
+def test_ray_runs_the_same_cells_with_identical_exact_metrics(tmp_path: Path, local_ray: str,
+                                                             quick_run: Path) -> None:
+    serial = by_key(quick_run)
     # Its own driver process connecting by address, as on a cluster.
     subprocess.run([sys.executable, "-m", "memprof", "run", "quick", "--out",
                     str(tmp_path / "ray"), "--executor", "ray", "--address", local_ray], check=True,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,16 +17,6 @@ from memprof.results.store import read_records
 
 BNB_BLOCK = 256
 BNB_MIN_8BIT = 4096
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("results")
-    proc = subprocess.run([sys.executable, "-m", "memprof", "run", "quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (run_dir,) = out.iterdir()
-    return run_dir
 
 
 @pytest.fixture(scope="module")
