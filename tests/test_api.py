@@ -21,6 +21,7 @@ from memprof.results.record import Status
 from memprof.results.store import read_records
 from memprof.run.launch import run_cell
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 4
 
 

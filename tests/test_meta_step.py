@@ -19,6 +19,7 @@ SMALL = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 344, "num_a
          "num_key_value_heads": 2, "pad_token_id": 0}
 # more layers than the meta step measures (it extrapolates a period of the layer pattern), Gemma's alternating
 # sliding and full attention included
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ARCHITECTURES = {
     "gemma2": {"model_type": "gemma2", "head_dim": 32, "num_hidden_layers": 6, "sliding_window": 16},
     "gemma3": {"model_type": "gemma3_text", "head_dim": 32, "num_hidden_layers": 6, "sliding_window": 16,

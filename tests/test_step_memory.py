@@ -15,6 +15,7 @@ from memprof.measure.replay import replay_step, saved_bytes
 from memprof.train import models
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cell(preset: str, adapter: str, target_modules: str | None, precision: str, checkpointing: bool = False,
