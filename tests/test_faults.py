@@ -610,8 +610,8 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     out = tmp_path / "results"
     code, stderr = _run_bad(path, out)
     _assert_refused(code, stderr, path, out, *fragments)
-    with pytest.raises(UserError):  # --debug shows the traceback instead
-        run_cli("--debug", "run", str(path), "--out", str(out))
+    with pytest.raises(UserError):  # --debug shows the traceback instead (--dry-run: checked in this process)
+        run_cli("--debug", "run", str(path), "--out", str(out), "--dry-run")
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
