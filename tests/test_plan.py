@@ -178,6 +178,7 @@ def test_llama_8b_qlora_and_70b_plan_offline(capsys: pytest.CaptureFixture[str],
     # LoRA r=16 on all seven linear layers of 32 layers: r * (in + out) each
     per_layer = 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
     assert p8["trainable_params"] == 32 * per_layer == 41_943_040
+    assert (p8["batch_size"], p8["seq_len"], p8["parallel.world_size"], p8["loss_chunk"]) == (4, 2048, 1, 0)  # data
     assert p8["total_params"] == 8_030_261_248 + 41_943_040  # Llama-3.1-8B and its adapter
     parts = p8["parts"]
     assert parts["trainable_weights"]["bytes"] == 4 * 41_943_040  # peft keeps adapters in fp32

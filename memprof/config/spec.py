@@ -347,6 +347,14 @@ class Axis:
             return (self.show or self.token)(value) if not self.is_default(config) else self.default_text
         return f"{value:g}" if isinstance(value, float) else str(self.display(value))
 
+    def columns(self, config: CellConfig) -> dict[str, Any]:
+        """This axis of ``config`` as data (cells.csv, ``plan --json``): a spec-valued one by its fields
+        (``parallel.strategy``, ``parallel.world_size``), any other by ``display`` (a number stays a number)."""
+        value = self.get(config)
+        if isinstance(value, Spec) and not self.named:
+            return {f"{self.name}.{k}": v for k, v in value.model_dump(mode="json").items()}
+        return {self.name: self.display(value)}
+
     def display(self, value: Any) -> Any:
         """The value as data shows it (a spec by its name)."""
         if isinstance(value, (ModelSpec, AdapterSpec)):

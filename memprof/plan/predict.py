@@ -145,15 +145,20 @@ class Plan:
         return round(sum((p.bytes or 0) * p.error for p in self.parts))
 
     def to_dict(self) -> dict[str, Any]:
-        axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
-        return {**axes, "config": self.request.model_dump(mode="json"), "total_params": self.exact.total_params,
-                "trainable_params": self.exact.trainable_params, "calibration": self.calibration,
-                "device": self.device, "moment": self.moment, "method": self.method,
+        return {**_axes(self.request), "config": self.request.model_dump(mode="json"),
+                "total_params": self.exact.total_params, "trainable_params": self.exact.trainable_params,
+                "calibration": self.calibration, "device": self.device, "moment": self.moment, "method": self.method,
                 "parts": {p.name: {"bytes": p.bytes, "how": p.how, "error": p.error, "allocated": p.allocated}
                           for p in self.parts},
                 "ranks": [vars(rank) for rank in self.exact.ranks], "allocated_bytes": self.allocated_bytes,
                 "total_bytes": self.total_bytes, "pageable_bytes": self.pageable_bytes,
                 "uncertainty_bytes": self.uncertainty_bytes, "complete": self.complete}
+
+
+def _axes(request: CellConfig) -> dict[str, Any]:
+    """A request's axes as ``--json`` gives them (as cells.csv does; a plan has no LR nor schedule)."""
+    return {key: value for axis in AXES if axis.name not in ("lr", "schedule")
+            for key, value in axis.columns(request).items()}
 
 
 @dataclass(frozen=True)
@@ -637,9 +642,8 @@ class Refusal:
         return cls(request, "unavailable" if isinstance(err, LeverUnavailable) else "crashed", str(err), device)
 
     def to_dict(self) -> dict[str, Any]:
-        axes = {axis.name: axis.text(self.request) for axis in AXES if axis.name not in ("lr", "schedule")}
-        return {**axes, "config": self.request.model_dump(mode="json"), "device": self.device, "status": self.status,
-                "error": self.error}
+        return {**_axes(self.request), "config": self.request.model_dump(mode="json"), "device": self.device,
+                "status": self.status, "error": self.error}
 
 
 REFUSED = (LeverUnavailable, meta_step.StepFails)  # what a request's plan raises that a run records as its result

@@ -10,7 +10,7 @@ import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from memprof.config.spec import AXES, CellConfig, Spec
+from memprof.config.spec import AXES, CellConfig
 
 SCHEMA_VERSION = 2  # 2: the configuration nested in ``config`` (1: its fields flat beside the measurements)
 # Record fields that map a name to bytes, and the column prefix each takes in a CSV row (``peak.activations``).
@@ -189,11 +189,7 @@ class Record:
                                "config_hash": self.config.config_hash, "suite": self.config.suite,
                                "cell_index": self.config.index}
         for axis in AXES:
-            value = axis.get(self.config)
-            if isinstance(value, Spec) and not axis.named:
-                row.update({f"{axis.name}.{k}": v for k, v in value.model_dump(mode="json").items()})
-            else:
-                row[axis.name] = axis.display(value)
+            row.update(axis.columns(self.config))
         row.update(seed=self.config.training.seed, repeat=self.config.training.repeat,
                    config=json.dumps(self.config.model_dump(mode="json"), sort_keys=True))
         data = asdict(self)
