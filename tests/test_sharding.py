@@ -109,6 +109,18 @@ def test_what_each_strategy_divides(sharded: tuple[list, list]) -> None:
     assert full.ranks[0]["optimizer_state_bytes"] > full.ranks[1]["optimizer_state_bytes"]
 
 
+def test_every_rank_saves_the_activations_an_unsharded_step_saves(sharded: tuple[list, list]) -> None:
+    """Sharding splits weights, gradients and state, never a rank's activations: each rank's saved bytes are those
+    of the ddp cell, whose ranks each run the whole model. FSDP2 frees a layer's gathered weights after its
+    forward while autograd still holds them, and malloc hands their addresses to the next activations: those
+    count too (they were missed, and each rank missed different ones)."""
+    _, records = sharded
+    runs = {(r.config.adapter.name, r.config.optimizer.label, r.config.levers.parallel.strategy): r for r in records}
+    for (adapter, optimizer, strategy), r in runs.items():
+        ddp = runs[(adapter, optimizer, "ddp")]
+        assert [rank["activation_bytes"] for rank in r.ranks] == [ddp.activation_bytes] * 2, (r.key, strategy)
+
+
 def test_partition_rules() -> None:
     assert sharding.local_shapes((257, 4), 2) == [(129, 4), (128, 4)]
     assert sharding.local_shapes((1, 4), 2) == [(1, 4), (0, 4)]

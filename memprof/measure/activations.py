@@ -50,14 +50,16 @@ class SavedActivations:
     def _count(self, t: torch.Tensor) -> None:
         if isinstance(t, nn.Parameter) or self._at_backward is not None:
             return
-        key = storage_key(t)
+        key, storage = storage_key(t), t.untyped_storage()
         refs = self._refs.get(key, [])
-        if refs and all(ref() is None for ref in refs):  # another storage at the address of one that died
+        # another storage at the address of one that died, or of one whose memory was freed under its live tensors
+        # (FSDP2 frees a layer's all-gathered parameters after its forward, while autograd still holds views of them)
+        moved_in = self._saved.get(key, (storage._cdata,))[0] != storage._cdata
+        if refs and (moved_in or all(ref() is None for ref in refs)):
             self._saved.pop(key, None)
             refs = []
         self._refs[key] = [*refs, weakref.ref(t)]
         if key not in self._saved and key not in self._exclude:
-            storage = t.untyped_storage()
             self._saved[key] = (storage._cdata, storage.nbytes())
 
     def _counting(self, checkpoint: Any) -> Any:
