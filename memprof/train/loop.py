@@ -96,6 +96,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Schedul
             with probe.phase(step, "backward"):
                 micro.backward()
             loss_sum += micro.detach()  # stays on the device: no sync here
+            # as transformers' Trainer, keep no graph past its backward: its nodes hold an input made to require grad
+            # (transformers' hook for checkpointing under an adapter) and that input's gradient, into the next forward
+            del micro
         lr = optimizer.param_groups[0]["lr"]  # the LR this step's update uses: the scheduler moves it afterwards
         with probe.phase(step, "optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # queued, no sync
