@@ -14,7 +14,8 @@ from memprof.results.record import SCHEMA_VERSION, Record, Status
 from memprof.results.store import read_csv_records, read_records
 
 RESULTS = Path(__file__).parent.parent / "results"
-LEVERS = RESULTS / "levers-cpu"  # schema 1: small-llama, checkpointing, attention and sharding levers
+# schema 1: small-llama, checkpointing, attention and sharding levers (results/levers-cpu as first committed)
+LEVERS = Path(__file__).parent / "schema1" / "levers-cpu"
 BASELINE = RESULTS / "baselines" / "quick-cpu"  # schema 1: the quick suite
 
 
