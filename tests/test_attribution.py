@@ -112,3 +112,20 @@ def test_the_breakdown_table_names_every_cell_whole_and_drops_columns_not_names(
     assert all(r.config.optimizer.label in text for r in attributed)  # never cut, never folded
     assert "…" not in text
     assert ("not shown at 100 columns" in text) == (width == 100) and ("loss backward" in text) == (width == 300)
+
+
+def test_a_narrow_terminal_leaves_out_the_smallest_parts_not_the_largest() -> None:
+    """On the CPU the free heap and the remainder are often most of the peak: the committed levers run at 120
+    columns shows them and leaves out the gradients (under a tenth of every peak), where it left out the remainder."""
+    from rich.console import Console
+
+    from memprof.views.tables import breakdown_table
+
+    records = read_records(H200.parents[1] / "levers-cpu")
+    console = Console(width=120, record=True)
+    console.print(breakdown_table(records, "parts", 120))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "peak MiB" in line)
+    shown = [title.strip() for title in header.split("┃") if title.strip()]
+    assert shown[shown.index("peak MiB") + 1:][:3] == ["heap free", "act", "other"]  # the largest first
+    assert "not shown at 120 columns: grads, at" in text

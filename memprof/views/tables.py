@@ -198,7 +198,10 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
     present = [name for name in PARTS if any(r.breakdown.get(name) for r in attributed)]
     small = [name for name in present if name != "other"
              and all(abs(r.breakdown.get(name, 0)) < fold * (r.peak_bytes or 1) for r in attributed)]
-    parts = [name for name in present if name not in small]
+    # the largest parts first: a narrow terminal leaves out the least of the peak (on the CPU the remainder and the
+    # free heap are often most of it)
+    parts = sorted((name for name in present if name not in small),
+                   key=lambda name: -max(abs(r.breakdown.get(name, 0)) for r in attributed))
 
     def amount(n: int | None) -> str:
         return f"{n / scale:.{digits}f}" if n else "–"
@@ -224,8 +227,9 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
 
 def breakdown_table(records: Iterable[Record], title: str, width: int) -> Group:
     """Each cell's peak split into the parts alive at its moment (``memprof attribute``): a row per cell, named by
-    the axes that vary, a column per part, the moment last, a legend below; parts under 0.1% of every peak share the
-    column "small". Columns that do not fit ``width`` are left out from the right, named in a note, never cut."""
+    the axes that vary, a column per part (the largest first), the moment last, a legend below; parts under 0.1% of
+    every peak share the column "small". Columns that do not fit ``width`` are left out from the right, named in a
+    note, never cut."""
     titles, rows, notes = _breakdown_rows(records, fold=0.001)
     return rich_tables([TableData(title, titles, rows, notes)], width, elsewhere="--markdown")
 
