@@ -69,10 +69,10 @@ def test_optimizers_command_keeps_names_and_install_commands_whole(width: int, n
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     from rich.console import Console
 
-    from memprof import cli
+    from memprof.cli import output
     from memprof.config.catalogue import OptimizerEntry
 
-    monkeypatch.setattr(cli, "out", Console(width=width, force_terminal=False))
+    monkeypatch.setattr(output, "out", Console(width=width, force_terminal=False))
     if none_installed:
         monkeypatch.setattr(OptimizerEntry, "installed", property(lambda e: not e.requires))
     assert run_cli("optimizers") == 0

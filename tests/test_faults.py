@@ -801,6 +801,7 @@ def test_the_example_workflow_runs_commands_memprof_accepts_and_names_every_fail
     import yaml
 
     from memprof import cli
+    from memprof.cli.exit_codes import EXIT_CELLS_FAILED
 
     workflow = yaml.safe_load((TESTS_DIR.parent / "examples" / "github-actions.yml").read_text())
     scripts = [step["run"] for job in workflow["jobs"].values() for step in job["steps"] if "run" in step]
@@ -811,7 +812,7 @@ def test_the_example_workflow_runs_commands_memprof_accepts_and_names_every_fail
         args = cli._parser().parse_args(shlex.split(command)[1:])  # argparse exits 2 on an unknown flag
         assert args.command == "run" and args.compare_to is not None
     handled = {int(code) for script in scripts for code in re.findall(r"^\s*(\d+)\)", script, re.M)}
-    assert {1, 2, cli.EXIT_CELLS_FAILED} <= handled
+    assert {1, 2, EXIT_CELLS_FAILED} <= handled
 
 
 def test_after_cuda_initialised_the_zygote_refuses_to_fork_and_keeps_no_pipe(monkeypatch: pytest.MonkeyPatch,

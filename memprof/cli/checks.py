@@ -1,0 +1,35 @@
+"""Input checks several commands share, each refusing with one line before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memprof.errors import UserError
+
+if TYPE_CHECKING:
+    from memprof.run.messages import Problem
+    from memprof.suite import Suite
+
+
+def check_folder(flag: str, path: Path) -> None:
+    """Refuse ``path``, a folder to write in, when it or the nearest of its parents that exists is a file."""
+    taken = next((p for p in (path, *path.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise UserError(flag, f"{taken} is a file, not a folder")
+
+
+def check_file(flag: str, path: Path) -> None:
+    """Refuse ``path``, a file to write, when it is a folder or its folder does not exist: before any work."""
+    if path.is_dir():
+        raise UserError(flag, f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise UserError(flag, f"{path.parent} {what}: {path.name} cannot be written there")
+
+
+def refuse(suite: Suite, problems: list[Problem]) -> None:
+    """The first problem the checks found (``memprof.run.preflight``), as the suite's one-line error."""
+    if problems:
+        p = problems[0]
+        raise suite.preflight_error(p.model, p.adapter, p.field, p.error)
