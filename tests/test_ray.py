@@ -141,10 +141,11 @@ def test_memprof_does_not_import_ray_and_says_how_to_install_it(tmp_path: Path) 
     check = "import sys, memprof, memprof.cli, memprof.run.runner; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
-    without_ray = ("import sys; sys.modules['ray'] = None; from memprof.cli import main; "
-                   f"main(['run', 'quick', '--executor', 'ray', '--out', {str(tmp_path / 'r')!r}])")
-    done = subprocess.run([sys.executable, "-c", without_ray], capture_output=True, text=True)
-    assert done.returncode == 2, done.stderr
-    (line,) = done.stderr.strip().splitlines()
-    assert "--executor" in line and 'pip install "memprof[ray]"' in line
-    assert not (tmp_path / "r").exists()
+    for dry_run in ([], ["--dry-run"]):  # the dry run said nothing and listed the cells
+        without_ray = ("import sys; sys.modules['ray'] = None; from memprof.cli import main; "
+                       f"main(['run', 'quick', '--executor', 'ray', '--out', {str(tmp_path / 'r')!r}, *{dry_run}])")
+        done = subprocess.run([sys.executable, "-c", without_ray], capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert "--executor" in line and 'pip install "memprof[ray]"' in line
+        assert not (tmp_path / "r").exists()

@@ -117,8 +117,13 @@ def _check_run_flags(args: argparse.Namespace) -> None:
 
     if args.jobs < 1:
         raise UserError("--jobs", f"must be at least 1 (got {args.jobs})")
-    if args.executor == "ray" and args.jobs != 1:
-        raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a cell")
+    if args.executor == "ray":
+        from memprof.run.ray_pool import require_ray
+
+        require_ray()  # --dry-run too: a run would fail on it
+        if args.jobs != 1:
+            raise UserError("--jobs", "is for the local executor: on Ray every GPU (or core) of the cluster runs a "
+                                      "cell")
     if args.address is not None and args.executor != "ray":
         raise UserError("--address", "needs --executor ray")
     if args.sample_interval is not None and not (math.isfinite(args.sample_interval) and args.sample_interval > 0):

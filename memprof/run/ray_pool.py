@@ -107,6 +107,12 @@ def _take_tail(log: Path) -> str:
     return cut + data.decode("utf-8", "replace")
 
 
+def require_ray() -> None:
+    """Raises ``UserError`` where Ray, an optional extra, is not installed."""
+    if ray is None:
+        raise UserError("--executor", 'ray is not installed: pip install "memprof[ray]"')
+
+
 class RayPool:
     """Cells as Ray tasks, behind the interface of ``LocalPool`` (the runner does not care which it has).
 
@@ -118,8 +124,7 @@ class RayPool:
     """
 
     def __init__(self, address: str | None = None, sample_interval_s: float | None = None) -> None:
-        if ray is None:
-            raise UserError("--executor", 'ray is not installed: pip install "memprof[ray]"')
+        require_ray()
         self.sample_interval_s = sample_interval_s
         self.log_dir: Path | None = None
         self._refs: dict[ray.ObjectRef, tuple[CellConfig, int]] = {}
