@@ -222,6 +222,9 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
              + (f"; small: {', '.join(PARTS[name].label for name in small)}" if small else "")] if present else []
     if any(r.optimizer_state_paged_bytes for r in records):
         notes.append("paged optimizer state (CUDA managed memory) is outside the allocator's peak, so not in state")
+    if any(r.breakdown.get("other", 0) < 0 and r.breakdown.get("heap_free") for r in attributed):
+        notes.append("a negative other: the free heap at the RSS high holds memory a part counts as alive at the "
+                     "moment (activations freed earlier in the same backward), so those bytes are counted twice")
     return titles + ["at"], rows, notes
 
 
