@@ -148,7 +148,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         UserError: for bad limits, or no memory budget on the CPU (the search would run until the host swaps).
     """
     from memprof.results import env as env_mod
-    from memprof.run.executor import LocalExecutor, ZygoteDied
+    from memprof.run.executor import LocalExecutor
     from memprof.run.processes import Interrupts
 
     if axis not in AXES:
@@ -190,11 +190,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
                 return executor.run(cell).record
 
             try:
-                try:
-                    executor.wait_ready()  # the worker's start is no trial's time
-                except ZygoteDied:
-                    if not interrupts.came:
-                        raise
+                executor.ready_unless_interrupted()  # the worker's start is no trial's time
                 return search(request, axis, run, limit, margin, steps, "cuda" if cuda else "cpu",
                               cap_address_space=not cuda, start=start, maximum=maximum, granularity=granularity,
                               timeout_s=timeout_s, on_trial=on_trial, interrupted=lambda: interrupts.came)

@@ -109,17 +109,28 @@ class LocalExecutor:
             self.has_cuda = hello.cuda
             self._ready = True
 
-    def preflight(self, cells: list[CellConfig]) -> list[Problem]:
-        """The problems ``memprof.run.preflight.check_all`` finds in these cells' models and adapters.
+    def ready_unless_interrupted(self) -> bool:
+        """``wait_ready``; False where ``interrupt`` came first and the zygote died of it (one still importing is
+        killed) instead of saying Hello.
 
         Raises:
-            PreflightFailed: the checking process died or hung (the reason is the message).
+            ZygoteDied: it did not start, and no interrupt explains why.
         """
         try:
             self.wait_ready()
         except ZygoteDied:
             if not self._interrupted:
                 raise
+            return False
+        return True
+
+    def preflight(self, cells: list[CellConfig]) -> list[Problem]:
+        """The problems ``memprof.run.preflight.check_all`` finds in these cells' models and adapters.
+
+        Raises:
+            PreflightFailed: the checking process died or hung (the reason is the message).
+        """
+        self.ready_unless_interrupted()
         if self._interrupted:  # Ctrl-C while the zygote imported: the checks would only delay the exit
             raise PreflightFailed("interrupted before the checks")
         fd, log = tempfile.mkstemp(prefix="memprof-preflight-", suffix=".log")
@@ -156,11 +167,7 @@ class LocalExecutor:
             ZygoteDied: the zygote did not start.
         """
         log = self.log_path(cell)
-        try:
-            self.wait_ready()
-        except ZygoteDied:
-            if not self._interrupted:
-                raise
+        if not self.ready_unless_interrupted():
             return CellResult(Record(cell, status=Status.INTERRUPTED, error="interrupted while its zygote started"))
         t0 = time.perf_counter()
         try:
