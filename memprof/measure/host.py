@@ -9,6 +9,7 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import BinaryIO
 
 import psutil
 
@@ -62,6 +63,61 @@ class HostBaseline:
         """The baseline now, less ``resident_tensor_bytes`` of CPU tensors already there that the measurement is to
         count as its own (a tracked loop's model, built before the tracking began)."""
         return cls(rss_bytes() - resident_tensor_bytes, heap_free_bytes(), high_water_bytes())
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+
+
+def map_inherited_file_pages() -> None:
+    """Map the file-backed pages (library code and data) that this process's parent has resident, in the mappings
+    this process inherited from it by fork: 26 ms of minor faults for 70 MiB. fork copies no page-table entry of a
+    file mapping, so a cell forked from the zygote would fault in again, page by page, library pages the zygote had
+    loaded long before, and its RSS growth counted them (14.5 MiB of a tiny-llama cell's 65 MiB on a 2-core VM),
+    which a process that imported the libraries itself does not. Nothing to do where nothing is inherited (the parent
+    is another program); nothing done where the parent's page map cannot be read, or off Linux."""
+    try:
+        parent, own = _file_mappings(os.getppid()), set(_file_mappings(os.getpid()))
+        madvise = _madvise()
+        with open(f"/proc/{os.getppid()}/pagemap", "rb") as pagemap:
+            runs = [run for lo, hi, *_ in (m for m in parent if m in own) for run in _resident_runs(pagemap, lo, hi)]
+    except (OSError, AttributeError):
+        return
+    for start, end in runs:
+        madvise(start, end - start, _MADV_POPULATE_READ)  # fails (EINVAL) before Linux 5.14: then the RSS as it was
+
+
+def _file_mappings(pid: int) -> list[tuple[int, int, str, str, str]]:
+    """(start, end, offset, inode, path) of each mapping of a file in ``/proc/PID/maps``."""
+    out = []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out.append((lo, hi, fields[2], fields[4], fields[5].rstrip("\n")))
+    return out
+
+
+def _resident_runs(pagemap: BinaryIO, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The runs of pages of [lo, hi) present in the page map's process (bit 63 of each 8-byte entry)."""
+    pagemap.seek(lo // _PAGE_BYTES * 8)
+    entries = pagemap.read((hi - lo) // _PAGE_BYTES * 8)
+    present = [entries[i + 7] & 0x80 for i in range(0, len(entries), 8)] + [0]
+    runs, start = [], None
+    for i, page in enumerate(present):
+        if page and start is None:
+            start = i
+        elif not page and start is not None:
+            runs.append((lo + start * _PAGE_BYTES, lo + i * _PAGE_BYTES))
+            start = None
+    return runs
+
+
+@cache
+def _madvise() -> Callable[[int, int, int], int]:
+    function = ctypes.CDLL(None, use_errno=True).madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
 
 
 class _MallInfo2(ctypes.Structure):

@@ -16,7 +16,7 @@ import torch
 from memprof.config.spec import CellConfig
 from memprof.errors import one_line
 from memprof.measure.attribution import attribute
-from memprof.measure.host import HostBaseline
+from memprof.measure.host import HostBaseline, map_inherited_file_pages
 from memprof.results.record import CellResult, Record, Status
 from memprof.train.training import Training
 
@@ -45,6 +45,10 @@ def measure_cell(cell: CellConfig, device: torch.device, sample_interval_s: floa
     from memprof.train import models, optim
     from memprof.train.loop import Diverged
 
+    # where RSS growth is the peak, the zygote's library pages are in its baseline, as in a process that loaded the
+    # libraries itself (harness time, not the cell's: 30-60 ms on a 2-core VM)
+    if device.type == "cpu":
+        map_inherited_file_pages()
     t_start = time.perf_counter()
     if device.type == "cuda":  # an earlier cell of this process (tests, track) may sit in reference cycles on the
         gc.collect()  # device: the allocator's peaks are the process's, so free it before they are reset
