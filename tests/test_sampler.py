@@ -60,19 +60,56 @@ def test_a_sample_is_labelled_with_the_phase_its_reading_ended_in() -> None:
                                                                                                      9_000)
 
 
+def test_a_source_read_each_phase_is_read_at_the_first_sample_after_each_mark() -> None:
+    reads = itertools.count(1)
+    sampler = Sampler([Source(("heap",), lambda: (next(reads),), due=lambda: False, each_phase=True)])
+    sampler.sample()
+    sampler.mark(0, "forward")
+    sampler.sample()
+    sampler.sample()
+    sampler.mark(0, "backward")
+    sampler.mark(0, "optimizer")  # two marks between samples: one read, labelled with the phase it ended in
+    sampler.sample()
+    sampler.sample()
+    assert [(row["phase"], row["heap"]) for row in sampler.timeline] == [
+        ("setup", None), ("forward", 1), ("forward", None), ("optimizer", 2), ("optimizer", None)]
+
+
+def test_the_free_heap_at_the_peak_is_its_least_reading_in_the_step_of_the_rss_high() -> None:
+    """What the step freed before its RSS high is free there, but the peak's moment counts it alive (activations
+    a backward consumed): what stayed free through the step is the reading's least."""
+    from memprof.measure.readings import heap_free_at_peak
+
+    def row(step: int, phase: str, rss: int, heap: int | None) -> dict[str, object]:
+        return {"step": step, "phase": phase, "rss_bytes": rss, "heap_free_bytes": heap}
+
+    timeline = [row(-1, "setup", 100, 10), row(0, "forward", 150, 5), row(0, "backward", 200, 40),
+                row(1, "forward", 210, 60), row(1, "forward", 205, None), row(1, "backward", 210, 30),
+                row(1, "backward", 260, 90), row(1, "optimizer", 260, 95), row(2, "forward", 250, 20)]
+    assert heap_free_at_peak(timeline) == 30
+    assert heap_free_at_peak([row(-1, "setup", 100, None)]) is None
+    assert heap_free_at_peak([]) is None
+
+
 def test_on_the_cpu_only_host_memory_is_sampled() -> None:
     import torch
 
     from memprof.measure.host import heap_free_bytes
 
     measured = memory_sources(torch.device("cpu"))
-    glibc = heap_free_bytes() is not None  # its free heap is read beside each RSS sample
-    assert [s.columns for s in measured.sources] == [("rss_bytes", "heap_free_bytes") if glibc else ("rss_bytes",)]
+    glibc = heap_free_bytes() is not None  # its free heap, read as RSS rises and as each phase begins
+    assert [s.columns for s in measured.sources] == [("rss_bytes",)] + [("heap_free_bytes",)] * glibc
     assert measured.allocator is None
     with Sampler(measured.sources, 0.005) as sampler:
         time.sleep(0.03)
-    assert sampler.peaks["rss_bytes"] > 0 and all(row["rss_bytes"] for row in sampler.timeline)
-    assert not glibc or all(row["heap_free_bytes"] is not None for row in sampler.timeline)
+        sampler.mark(0, "forward")
+        time.sleep(0.03)
+    rows = sampler.timeline
+    assert sampler.peaks["rss_bytes"] > 0 and all(row["rss_bytes"] for row in rows)
+    if glibc:  # the first and last samples and the first of the phase read it, a still RSS leaves it unread
+        heap = [row["heap_free_bytes"] for row in rows]
+        first_forward = next(i for i, row in enumerate(rows) if row["phase"] == "forward")
+        assert heap[0] and heap[-1] and heap[first_forward] and None in heap
 
 
 def test_nvml_is_due_when_the_allocators_reserved_bytes_move_or_after_a_long_idle(monkeypatch) -> None:

@@ -46,9 +46,11 @@ def memory_sources(device: torch.device) -> MemorySources:
     """
     rss = Source(("rss_bytes",), lambda: (rss_bytes(),))
     if device.type != "cuda":
-        if heap_free_bytes() is not None:  # glibc: its free heap at each new RSS high, to name it at the peak
-            rss = Source(("rss_bytes", "heap_free_bytes"), _rss_and_heap_at_highs())
-        return MemorySources("cpu", [rss])
+        if heap_free_bytes() is None:
+            return MemorySources("cpu", [rss])
+        rss, rose = _rss_and_its_rises()  # glibc: its free heap where the peak can need it (``peak_values``)
+        return MemorySources("cpu", [rss, Source(("heap_free_bytes",), lambda: (heap_free_bytes(),), due=rose,
+                                                 each_phase=True)])
     allocator = CudaAllocator(device)
     out = MemorySources(torch.cuda.get_device_name(device), [rss, Source(("allocated_bytes", "reserved_bytes"),
                                                                          allocator.current)], allocator)
@@ -85,20 +87,25 @@ def _reserved_moved(allocator: CudaAllocator) -> Callable[[], bool]:
     return due
 
 
-def _rss_and_heap_at_highs() -> Callable[[], tuple[int, int | None]]:
-    """A reader of (RSS, glibc's free heap when RSS last set a new high). ``mallinfo2`` walks every free chunk of
-    every arena under its lock, which blocks the training threads' mallocs on a fragmented heap: it is read only
-    when RSS climbs past its highest so far (early in a cell, then rarely), which is the reading the peak needs."""
-    high, heap = -1, None
+def _rss_and_its_rises() -> tuple[Source, Callable[[], bool]]:
+    """The RSS source, and whether RSS rose past its highest since the last time that answered True. ``mallinfo2``
+    walks every free chunk of every arena under its lock, which blocks the training threads' mallocs on a
+    fragmented heap: the free heap is read when RSS climbs past its highest (early in a cell, then rarely) and when a
+    phase begins, the readings the peak needs."""
+    high, seen = -1, -1
 
-    def read() -> tuple[int, int | None]:
-        nonlocal high, heap
+    def read() -> tuple[int]:
+        nonlocal high
         rss = rss_bytes()
-        if rss > high:
-            high, heap = rss, heap_free_bytes()
-        return rss, heap
+        high = max(high, rss)
+        return (rss,)
 
-    return read
+    def rose() -> bool:
+        nonlocal seen
+        risen, seen = high > seen, high
+        return risen
+
+    return Source(("rss_bytes",), read), rose
 
 
 def exact_values(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -121,8 +128,8 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, baseline: Hos
     """Peaks from the allocator (exact), NVML (sampled) and the host (sampled, and the kernel's high-water mark where
     it rose during the measurement), and on CUDA the phase the peak fell in: the allocator's phase with the highest
     peak at the step it was split by phase (samples cannot tell: the loss's backward, often the peak, lasts a few
-    milliseconds). With glibc, how much its free heap had grown over the baseline's at the highest RSS sample (read
-    when RSS reached it): freed memory glibc kept, part of the RSS peak though no tensor holds it."""
+    milliseconds). With glibc, how much its free heap had grown over the baseline's (``heap_free_at_peak``): freed
+    memory glibc kept, part of the RSS peak though no tensor holds it."""
     values: dict[str, Any] = {}
     if allocator is not None:
         peaks = allocator.peaks
@@ -137,11 +144,24 @@ def peak_values(sampler: Sampler, allocator: CudaAllocator | None, baseline: Hos
     peak_rss = max(sampler.peaks["rss_bytes"] or 0, high_water if high_water > baseline.high_water else 0)
     values.update(rss_baseline_bytes=baseline.rss, peak_rss_bytes=peak_rss,
                   peak_rss_delta_bytes=peak_rss - baseline.rss)
-    heap = [row for row in sampler.timeline if row.get("heap_free_bytes") is not None]
-    if baseline.heap_free is not None and heap:
-        at_peak = max(heap, key=lambda row: row["rss_bytes"])
-        values["heap_free_delta_bytes"] = at_peak["heap_free_bytes"] - baseline.heap_free
+    heap = heap_free_at_peak(sampler.timeline)
+    if baseline.heap_free is not None and heap is not None:
+        values["heap_free_delta_bytes"] = heap - baseline.heap_free
     return values
+
+
+def heap_free_at_peak(timeline: Sequence[dict[str, Any]]) -> int | None:
+    """glibc's least free heap read in the step of the highest RSS sample (read as each phase begins and as RSS
+    rises): memory it kept free through that step, so no moment of the step counts it alive. Read at the RSS high
+    alone, it would also hold what the step freed before it, which the peak's moment counts alive: late in a
+    backward, the activations it consumed (small-llama's eager full fine-tune: 139 MB free when its backward began,
+    314 MB at its RSS high, and a remainder of -71 MB)."""
+    sampled = [row for row in timeline if row.get("rss_bytes") is not None]
+    if not sampled:
+        return None
+    step = max(sampled, key=lambda row: row["rss_bytes"])["step"]
+    return min((row["heap_free_bytes"] for row in timeline
+                if row["step"] == step and row.get("heap_free_bytes") is not None), default=None)
 
 
 def step_summary(logs: Sequence[StepLog], warmup_steps: int, tokens_per_step: int | None,

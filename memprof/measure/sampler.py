@@ -21,12 +21,14 @@ from types import TracebackType
 class Source:
     """Figures read by one call, in ``columns`` order; read at most once per ``period_s`` (0: at every sample), and
     where ``due`` is given only when it answers True (what the source measures may have moved), but always at the
-    first and last sample. A sample that skips a source leaves its columns None in that row."""
+    first and last sample, and with ``each_phase`` also at the first sample after each ``mark``. A sample that skips
+    a source leaves its columns None in that row."""
 
     columns: tuple[str, ...]
     read: Callable[[], Sequence[int | None]]
     period_s: float = 0.0
     due: Callable[[], bool] | None = None
+    each_phase: bool = False
 
 
 class Sampler:
@@ -38,7 +40,9 @@ class Sampler:
         self.peaks: dict[str, int | None] = {name: None for s in self.sources for name in s.columns}
         self.timeline: list[dict[str, float | int | str | None]] = []
         self._where: tuple[int, str] = (-1, "setup")  # one attribute: a sample reads step and phase together
+        self._marks = 0
         self._last_read = [-float("inf")] * len(self.sources)
+        self._marks_read = [0] * len(self.sources)  # how many marks there had been at each source's last read
         self.busy_s = 0.0  # CPU time of the sampling thread: an upper bound on the GIL it held
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="memprof-sampler", daemon=True)
@@ -46,16 +50,19 @@ class Sampler:
 
     def mark(self, step: int, phase: str) -> None:
         self._where = (step, phase)
+        self._marks += 1
 
     def sample(self, every_source: bool = False) -> None:
         now = time.perf_counter()
         row: dict[str, float | int | str | None] = {"t_s": now - self._t0, "step": None, "phase": None}
+        marks = self._marks
         for i, source in enumerate(self.sources):
-            if not every_source and (now - self._last_read[i] < source.period_s
-                                     or (source.due is not None and not source.due())):
+            new_phase = source.each_phase and marks != self._marks_read[i]
+            if not (every_source or new_phase) and (now - self._last_read[i] < source.period_s
+                                                    or (source.due is not None and not source.due())):
                 row.update(dict.fromkeys(source.columns))
                 continue
-            self._last_read[i] = now
+            self._last_read[i], self._marks_read[i] = now, marks
             for name, value in zip(source.columns, source.read()):
                 row[name] = value
                 if value is not None and (self.peaks[name] is None or value > self.peaks[name]):

@@ -94,7 +94,8 @@ class Record:
     rss_baseline_bytes: int | None = None  # what RSS growth counts from (memprof.track: less the model it was given)
     peak_rss_bytes: int | None = None
     peak_rss_delta_bytes: int | None = None
-    heap_free_delta_bytes: int | None = None  # CPU (glibc): growth of malloc's free heap at the highest RSS sample
+    # CPU (glibc): growth of malloc's free heap, its least in the step of the highest RSS sample
+    heap_free_delta_bytes: int | None = None
     # time and loss
     step_time_median_s: float | None = None
     step_time_p95_s: float | None = None

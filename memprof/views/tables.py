@@ -223,8 +223,9 @@ def _breakdown_rows(records: Iterable[Record], fold: float = 0.0) -> tuple[list[
     if any(r.optimizer_state_paged_bytes for r in records):
         notes.append("paged optimizer state (CUDA managed memory) is outside the allocator's peak, so not in state")
     if any(r.breakdown.get("other", 0) < 0 and r.breakdown.get("heap_free") for r in attributed):
-        notes.append("a negative other: the free heap at the RSS high holds memory a part counts as alive at the "
-                     "moment (activations freed earlier in the same backward), so those bytes are counted twice")
+        notes.append("a negative other: the free heap holds bytes a part counts as alive at the moment, so they are "
+                     "counted twice (records of an older memprof read it at the RSS high, which late in a backward "
+                     "holds the activations freed earlier in it)")
     return titles + ["at"], rows, notes
 
 
