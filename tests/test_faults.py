@@ -626,6 +626,8 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     (["--markdown", "{file}.md"], "error: --markdown: is for the comparison: it needs --compare-to"),
     (["--compare-to", "{reference}", "--markdown", "{file}/x.md"],
      "error: --markdown: {file} is a file, not a folder: x.md cannot be written there"),
+    (["--compare-to", "{reference}", "--markdown", "/proc/memprof.md"],
+     "error: --markdown: /proc/memprof.md: cannot be written: No such file or directory"),
     (["--compare-to", "{reference}"], "error: {reference} vs {suite}: the two result sets share no configuration"),
 ])
 def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Path, flags: list[str],
