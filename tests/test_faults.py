@@ -312,7 +312,8 @@ def _assert_readable(run_dir: Path) -> list[Record]:
         assert len(pd.read_csv(csv_path)) > 0
     for r in records:
         if r.status is Status.OK:
-            assert len(pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv")) == r.config.training.steps
+            steps = pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv")
+            assert len(steps) == r.config.training.steps
     return records
 
 
@@ -395,7 +396,8 @@ def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
                 "config_hashes": [c.config_hash for c in suite.cells]}
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results.store import RunWriter; "
+        [sys.executable, "-c", "import sys, json; from pathlib import Path; "
+         "from memprof.results.store import RunWriter; "
          "RunWriter(Path(sys.argv[1]), '', json.loads(sys.argv[2]), {}); print('held', flush=True); sys.stdin.read()",
          str(run_dir), json.dumps(manifest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -570,7 +572,8 @@ REFERENCE = Path(__file__).parent.parent / "results" / "gpu" / "h200-2026-11-28"
 
 @pytest.mark.parametrize(("extra_suite", "fragments"), [
     ('[suite]\nname = "x"\nsteps = 3\n[grid\n', ["malformed TOML"]),
-    ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.stepz", "unknown key"]),
+    ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n',
+     ["suite.stepz", "unknown key"]),
     ('[suite]\nname = "x"\nsteps = "3"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
     ('[suite]\nname = "x"\nsteps = 0\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
     ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\nbatch_size = [0]\n',
@@ -691,7 +694,8 @@ def test_dry_run_refuses_lora_targets_that_match_nothing_as_a_run_does(tmp_path:
 
 
 def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
-    path = _suite(tmp_path, "pre", ["sgd"], '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj", "dense"]\n')
+    path = _suite(tmp_path, "pre", ["sgd"],
+                  '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj", "dense"]\n')
     path.write_text(path.read_text().replace('adapter = ["lora"]', 'adapter = ["narrow"]'))
     out = tmp_path / "results"
     code, stderr = _run_bad(path, out)
