@@ -360,6 +360,38 @@ def test_a_trainer_that_raises_keeps_its_record_inside_the_callbacks_with_block(
     assert fresh.tracking.record.activation_bytes > 0
 
 
+def test_a_run_a_trainer_left_open_by_raising_outside_the_block_is_measured_until_discard(tmp_path: Path) -> None:
+    """transformers' callbacks have no event for a training that raises, so outside the callback's ``with`` block
+    its run stays measured, as MemprofCallback's docstring and the README say, until ``callback.tracking.discard()``
+    ends it, without a record."""
+    import threading
+
+    class Boom(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise RuntimeError("boom at step 1")
+
+    def sampling() -> bool:
+        return any(thread.name == "memprof-sampler" for thread in threading.enumerate())
+
+    callback = MemprofCallback(out=None)
+    trainer = _trainer(tmp_path, callback)
+    trainer.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    model, optimizer = _tiny_lora()
+    try:
+        assert sampling()
+        with pytest.raises(RuntimeError, match=r"callback\.tracking\.discard\(\) ends it"):
+            memprof.track(model, optimizer).__enter__()
+    finally:  # the other tests' tracks need the process free
+        assert callback.tracking.discard()
+    assert not sampling() and callback.tracking.record is None
+    with memprof.track(model, optimizer, warmup_steps=0) as t:  # the process is free for the next one
+        _train(model, optimizer, t, steps=1)
+    assert t.record.status is Status.OK
+
+
 def test_track_takes_what_users_bring_an_lr_free_optimizer_a_plain_config_and_accelerate() -> None:
     from accelerate import Accelerator
     from transformers.optimization import Adafactor

@@ -562,11 +562,30 @@ def test_a_cell_that_crashes_on_both_sides_fails_and_one_that_ooms_on_both_is_un
     assert (oom["verdict"], oom["note"]) == ("unchanged", "oom on both sides")
 
 
+def test_a_markdown_file_that_cannot_be_made_is_refused_before_the_comparison(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """/proc takes no new file, though it is a folder and root may write anywhere: compare printed "no regression"
+    and then exited 2. The probe leaves no file behind where the comparison then fails, and an existing one as it
+    was."""
+    assert run_cli("compare", str(REFERENCE), str(REFERENCE), "--markdown", "/proc/memprof.md") == 2
+    shown = capsys.readouterr()
+    assert shown.out == ""
+    assert shown.err.strip() == "error: --markdown: /proc/memprof.md: cannot be written: No such file or directory"
+    assert run_cli("compare", str(REFERENCE), str(tmp_path / "none"), "--markdown", str(tmp_path / "new.md")) == 2
+    kept = tmp_path / "kept.md"
+    kept.write_text("before")
+    assert run_cli("compare", str(REFERENCE), str(tmp_path / "none"), "--markdown", str(kept)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.md"] and kept.read_text() == "before"
+
+
 def test_the_verdict_is_shown_before_a_markdown_file_that_cannot_be_written(capsys: pytest.CaptureFixture) -> None:
+    """A full disk is found only by the write, after the comparison: its verdict stays shown, and the error says
+    that only the summary is missing."""
     assert run_cli("compare", str(REFERENCE), str(REFERENCE), "--markdown", "/dev/full") == 2  # a full disk
     shown = capsys.readouterr()
     assert "2 cells: 2 unchanged → no regression" in shown.out
-    assert shown.err.startswith("error: /dev/full: cannot write: ")
+    assert shown.err.strip() == ("error: --markdown: /dev/full: cannot write: No space left on device (the comparison "
+                                 "above is complete; only its Markdown summary is missing)")
 
 
 def test_a_torn_last_line_is_left_out_and_said_in_one_warning_line(tmp_path: Path,

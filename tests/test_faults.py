@@ -312,7 +312,8 @@ def _assert_readable(run_dir: Path) -> list[Record]:
         assert len(pd.read_csv(csv_path)) > 0
     for r in records:
         if r.status is Status.OK:
-            assert len(pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv")) == r.config.training.steps
+            steps = pd.read_csv(run_dir / "cells" / f"{r.config.index:04d}" / "steps.csv")
+            assert len(steps) == r.config.training.steps
     return records
 
 
@@ -395,7 +396,8 @@ def test_a_folder_being_written_cannot_be_resumed(tmp_path: Path) -> None:
                 "config_hashes": [c.config_hash for c in suite.cells]}
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, json; from pathlib import Path; from memprof.results.store import RunWriter; "
+        [sys.executable, "-c", "import sys, json; from pathlib import Path; "
+         "from memprof.results.store import RunWriter; "
          "RunWriter(Path(sys.argv[1]), '', json.loads(sys.argv[2]), {}); print('held', flush=True); sys.stdin.read()",
          str(run_dir), json.dumps(manifest)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -570,7 +572,8 @@ REFERENCE = Path(__file__).parent.parent / "results" / "gpu" / "h200-2026-11-28"
 
 @pytest.mark.parametrize(("extra_suite", "fragments"), [
     ('[suite]\nname = "x"\nsteps = 3\n[grid\n', ["malformed TOML"]),
-    ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.stepz", "unknown key"]),
+    ('[suite]\nname = "x"\nstepz = 3\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n',
+     ["suite.stepz", "unknown key"]),
     ('[suite]\nname = "x"\nsteps = "3"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
     ('[suite]\nname = "x"\nsteps = 0\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\n', ["suite.steps"]),
     ('[suite]\nname = "x"\n[grid]\nmodel = ["tiny-llama"]\noptimizer = ["sgd"]\nbatch_size = [0]\n',
@@ -626,6 +629,8 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     (["--markdown", "{file}.md"], "error: --markdown: is for the comparison: it needs --compare-to"),
     (["--compare-to", "{reference}", "--markdown", "{file}/x.md"],
      "error: --markdown: {file} is a file, not a folder: x.md cannot be written there"),
+    (["--compare-to", "{reference}", "--markdown", "/proc/memprof.md"],
+     "error: --markdown: /proc/memprof.md: cannot be written: No such file or directory"),
     (["--compare-to", "{reference}"], "error: {reference} vs {suite}: the two result sets share no configuration"),
 ])
 def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Path, flags: list[str],
@@ -689,7 +694,8 @@ def test_dry_run_refuses_lora_targets_that_match_nothing_as_a_run_does(tmp_path:
 
 
 def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: Path) -> None:
-    path = _suite(tmp_path, "pre", ["sgd"], '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj", "dense"]\n')
+    path = _suite(tmp_path, "pre", ["sgd"],
+                  '[adapters.narrow]\nkind = "lora"\ntarget_modules = ["qkv_proj", "dense"]\n')
     path.write_text(path.read_text().replace('adapter = ["lora"]', 'adapter = ["narrow"]'))
     out = tmp_path / "results"
     code, stderr = _run_bad(path, out)
@@ -776,6 +782,52 @@ def test_a_model_folder_without_weights_is_refused_by_run_and_fit_and_planned(
     assert run_cli("fit", "--model", str(folder), "--device", "cpu", "--memory-budget", "1GB") == 2
     assert capsys.readouterr().err.startswith(f"error: --model {folder}: {folder} holds no weights")
     assert run_cli("plan", "--model", str(folder), "--device", "cpu") == 0
+
+
+def test_an_inline_config_without_its_sizes_is_refused_by_run_and_plan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``config = { model_type = "llama" }`` passed --dry-run and was planned as transformers' default Llama
+    (``LlamaConfig()`` is Llama-2-7B's), which a CPU cell then built for minutes before running out of memory."""
+    path = tmp_path / "bad.toml"
+    path.write_text(_X + _M + 'config = { model_type = "llama" }\n')
+    line = (f"error: {path}: models.m.config: model 'm' does not build: missing vocab_size, hidden_size, "
+            "intermediate_size, num_hidden_layers and num_attention_heads: LlamaConfig's defaults would make it a "
+            "6,738,415,616-parameter model; set them, or start from a preset and change it with overrides")
+    code, stderr = _run_bad(path, tmp_path / "results", "--dry-run")
+    _assert_refused(code, stderr, path, tmp_path / "results")
+    assert stderr.strip() == line
+    assert run_cli("plan", str(path), "--device", "cpu", "--gpu", "24GB") == 2
+    assert capsys.readouterr().err.strip() == line
+
+
+def test_the_sizes_an_inline_config_leaves_to_transformers_are_those_its_class_fixes() -> None:
+    """A size the config class derives (Llama's num_key_value_heads, from the heads) is given with what it derives
+    from, a size under the class's own name (GPT-2's n_embd) is given, and so is one in ``overrides``; Qwen2's fixed
+    default of 32 key-value heads is not (on 2 attention heads it made a 32-head projection)."""
+    from memprof.config.presets import PRESETS
+    from memprof.config.spec import ModelSpec
+    from memprof.run.preflight import meta_model
+    from memprof.train import models
+
+    small = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    cases = [({"model_type": "llama", **small}, {}, []),
+             ({"model_type": "llama", "vocab_size": 256}, {k: v for k, v in small.items() if k != "vocab_size"}, []),
+             ({"model_type": "gpt2", "vocab_size": 256, "n_embd": 64, "n_layer": 1, "n_head": 2}, {}, []),
+             ({"model_type": "qwen2", **small}, {}, ["num_key_value_heads"]),
+             ({"model_type": "mistral", **small, "num_key_value_heads": 1}, {}, []),
+             ({"model_type": "gemma3", "text_config": {"vocab_size": 300}}, {},
+              ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"])]
+    for config, overrides, unset in cases:
+        spec = ModelSpec(name="m", config=config, overrides=overrides)
+        assert models.unset_sizes(spec, models.build_config(spec)) == unset, config
+    for preset in PRESETS:  # a preset gives every size
+        assert models.unset_sizes(ModelSpec(name=preset, preset=preset), models.build_config(
+            ModelSpec(name=preset, preset=preset))) == []
+    unsized = ModelSpec(name="m", config={"model_type": "qwen2", **small})
+    with pytest.raises(models.UnsizedModel, match=r"^missing num_key_value_heads: Qwen2Config's defaults would make "
+                                                  r"it a 198,912-parameter model"):
+        meta_model(unsized)
 
 
 def test_a_run_refuses_a_schedule_kwarg_before_its_results_folder(tmp_path: Path) -> None:

@@ -21,11 +21,20 @@ class MemprofCallback(TrainerCallback):
 
     Key figures (optimizer-state bytes, peak memory) are added to the Trainer's own logs under ``memprof/``. A
     step's loss is the one the Trainer logs: the mean over its ``logging_steps``, given to the last step they
-    cover; the steps between have none. A Trainer that raises never calls ``on_train_end``: to keep such a run's
-    record (``crashed``, or ``interrupted`` on Ctrl-C), train inside the callback's ``with`` block::
+    cover; the steps between have none.
+
+    A Trainer that raises never calls ``on_train_end``, and transformers' ``TrainerCallback`` has no event for a
+    training that ends in an exception (no ``on_exception``), so a callback cannot see such a run end. Train inside
+    the callback's ``with`` block: its exit ends the run and keeps its record (``crashed``, or ``interrupted`` on
+    Ctrl-C)::
 
         with MemprofCallback(out="results") as callback:
             Trainer(..., callbacks=[callback]).train()
+
+    Outside the block, a run whose Trainer raised stays measured: its sampler thread keeps sampling (a timeline row
+    every 10 ms on the CPU) and its hooks stay on the model and the optimizer, and ``memprof.track`` refuses to
+    start, until the next ``on_train_begin`` of a ``MemprofCallback`` in the process drops it or
+    ``callback.tracking.discard()`` ends it; either way it leaves no record.
 
     Args:
         out: results root; the run goes to ``out/<name>-<timestamp>/``. None writes nothing.

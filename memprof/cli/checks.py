@@ -20,12 +20,23 @@ def check_folder(flag: str, path: Path) -> None:
 
 
 def check_file(flag: str, path: Path) -> None:
-    """Refuse ``path``, a file to write, when it is a folder or its folder does not exist: before any work."""
+    """Refuse ``path``, a file to write, before any work: when it is a folder, its folder does not exist, or it
+    cannot be opened for writing (no permission, a read-only file system, a folder that takes no file: /proc). The
+    probe opens it for appending, so a file that exists is left as it is, and one it makes is removed again; only
+    the write itself can find a full disk."""
     if path.is_dir():
         raise UserError(flag, f"{path} is a folder, not a file")
     if not path.parent.is_dir():
         what = "is a file, not a folder" if path.parent.exists() else "does not exist"
         raise UserError(flag, f"{path.parent} {what}: {path.name} cannot be written there")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as err:
+        raise UserError(flag, f"{path}: cannot be written: {err.strerror or err}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def refuse(suite: Suite, problems: list[Problem]) -> None:

@@ -71,9 +71,10 @@ def compare_sets(baseline: ResultSet, current: ResultSet, args: argparse.Namespa
             output.out.print(line, highlight=False, soft_wrap=True)
         output.out.print(compare_views.comparison_table(result, output.out.width, getattr(args, "all", False)))
         output.out.print(compare_views.summary_line(result), highlight=False)
-    if args.markdown:  # after the verdict: a file that cannot be written does not hide it
+    if args.markdown:  # checked before the comparison (check_file); a full disk is found only here, after the verdict
         try:
             args.markdown.write_text(compare_views.markdown(result), encoding="utf-8")
         except OSError as err:
-            raise UserError(str(args.markdown), f"cannot write: {err}") from None
+            raise UserError("--markdown", f"{args.markdown}: cannot write: {err.strerror or err} (the comparison "
+                                          "above is complete; only its Markdown summary is missing)") from None
     return result.exit_code

@@ -83,8 +83,18 @@ def schedule_problems(cells: list[CellConfig]) -> list[Problem]:
 
 def config_problems(cells: list[CellConfig]) -> list[Problem]:
     """What peft says of each adapter's configuration without a model (``models.lora_config``: its fields and
-    their types), and each schedule's kwargs, for the commands that run no cell (``plan``, ``crosscheck``)."""
+    their types), each schedule's kwargs, and each inline model config that leaves sizes to transformers'
+    defaults (``meta_model``), for the commands that run no cell (``plan``, ``crosscheck``)."""
     problems: list[Problem] = []
+    inline = {cell.model.name: cell for cell in cells if cell.model.config}
+    for name, cell in inline.items():
+        try:
+            if models.unset_sizes(cell.model, models.build_config(cell.model)):
+                meta_model(cell.model)  # refuses it, with the parameters transformers' defaults would make
+        except models.UnsizedModel as err:
+            problems.append(Problem(name, cell.adapter.name, f"model.{err.key}", _one_line(err)))
+        except models.ModelLoadError:
+            pass  # the plan says in its own words why a model does not build
     adapters = {cell.adapter.name: cell for cell in cells if cell.adapter.kind != "none"}
     for name, cell in adapters.items():
         try:
@@ -95,12 +105,26 @@ def config_problems(cells: list[CellConfig]) -> list[Problem]:
 
 
 def meta_model(spec: ModelSpec) -> nn.Module:
-    """The model's architecture with meta tensors: what ``models.build_model`` would build, without weights."""
+    """The model's architecture with meta tensors: what ``models.build_model`` would build, without weights.
+
+    Raises:
+        models.UnsizedModel: an inline config that leaves sizes to transformers' defaults (a full-size model,
+            which a cell would build for minutes and run out of memory with), naming the parameters it would have.
+    """
     from transformers import AutoModelForCausalLM
 
     config = models.build_config(spec)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    unset = models.unset_sizes(spec, config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except Exception:
+        if unset:
+            raise models.unsized(config, unset, None) from None
+        raise
+    if unset:
+        raise models.unsized(config, unset, sum(p.numel() for p in model.parameters()))
+    return model
 
 
 def adapter_problem(model: nn.Module, adapter: AdapterSpec) -> tuple[str, str] | None:

@@ -46,6 +46,11 @@ class ModelConfigError(ModelLoadError):
         self.key = key
 
 
+class UnsizedModel(ModelConfigError):
+    """An inline config that leaves sizes to its transformers class's defaults, which are a full-size model's
+    (``LlamaConfig()`` is Llama-2-7B's: 6.7B parameters)."""
+
+
 class LeverUnavailable(Exception):
     """A lever this machine or model cannot pull (flash_attention_2 without CUDA or the flash-attn package; a chunked
     loss on a model that transforms its logits)."""
@@ -93,6 +98,42 @@ def build_config(spec: ModelSpec):
         raise ModelConfigError(_key(spec, "vocab_size"),
                                f"vocab_size {config.vocab_size} < 256: memprof's corpora are byte-level")
     return config
+
+
+def unset_sizes(spec: ModelSpec, config: Any) -> list[str]:
+    """The sizes (``SIZES``) an inline config leaves to its transformers class's defaults: those the class's
+    ``__init__`` gives a number (not those it derives from others, as Llama's ``num_key_value_heads`` from the
+    heads), written neither in ``config`` nor in ``overrides``, under their name or the class's own (GPT-2's
+    ``n_embd``). A nested text config's sizes are read in ``config.text_config``. A preset and a folder's
+    config.json give all of theirs: none is unset."""
+    import inspect
+
+    if not spec.config:
+        return []
+    given: Any = {**spec.config, **spec.overrides}
+    text = config.get_text_config()
+    if text is not config:
+        given = given.get("text_config") if isinstance(given.get("text_config"), dict) else {}
+    params = inspect.signature(type(text).__init__).parameters
+    aliases = getattr(type(text), "attribute_map", {})
+    unset = []
+    for name in SIZES:
+        param = params.get(aliases.get(name, name))
+        fixed = param is not None and isinstance(param.default, int) and not isinstance(param.default, bool)
+        if fixed and name not in given and param.name not in given:
+            unset.append(name)
+    return unset
+
+
+def unsized(config: Any, unset: list[str], parameters: int | None) -> UnsizedModel:
+    """The refusal of an inline config that sets none of the sizes ``unset``, with the ``parameters`` its class's
+    defaults would give the model (None: it does not even build with them)."""
+    text = config.get_text_config()
+    names = ", ".join(unset[:-1]) + (" and " if len(unset) > 1 else "") + unset[-1]
+    made = f"a {parameters:,}-parameter model" if parameters is not None else "a model that does not build"
+    where = "config.text_config" if text is not config else "config"
+    return UnsizedModel(where, f"missing {names}: {type(text).__name__}'s defaults would make it {made}; set them, "
+                               f"or start from a preset and change it with overrides")
 
 
 def _key(spec: ModelSpec, name: str) -> str:
