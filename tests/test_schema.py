@@ -13,10 +13,9 @@ from conftest import run_cli
 from memprof.results.record import SCHEMA_VERSION, Record, Status
 from memprof.results.store import read_csv_records, read_records
 
-RESULTS = Path(__file__).parent.parent / "results"
 # schema 1: small-llama, checkpointing, attention and sharding levers (results/levers-cpu as first committed)
 LEVERS = Path(__file__).parent / "schema1" / "levers-cpu"
-BASELINE = RESULTS / "baselines" / "quick-cpu"  # schema 1: the quick suite
+BASELINE = Path(__file__).parent / "schema1" / "quick-cpu"  # schema 1: the quick suite (results/baselines' first)
 
 
 @pytest.mark.parametrize("folder", [LEVERS, BASELINE], ids=["levers-cpu", "quick-cpu"])
