@@ -49,6 +49,18 @@ def write_suite(directory: Path, name: str = "tiny", steps: int = 3, adapters: s
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker() -> Iterator[None]:
+    """One OpenMP/MKL thread in every process the tests start (zygotes and their cells, ``python -m memprof``): on a
+    busy 2-core box a cell's second thread spends its time spin-waiting, and the quick suite's serial run took 386 s
+    with two threads where it takes 31 s with one. What the tests assert (bytes, statuses, losses) does not depend on
+    the thread count; ``--jobs`` sets its own (``executor.threads_env``)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("MKL_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped quick suite (the README's default run) run once, one cell at a time, by ``python -m memprof``:
