@@ -9,7 +9,6 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_suite
 
 from memprof.measure.host import heap_free_bytes
 from memprof.results.store import read_records
@@ -33,18 +32,19 @@ def test_blocks_freed_below_a_live_one_stay_in_glibcs_free_heap() -> None:
 
 
 @needs_glibc
-def test_a_cpu_cell_names_the_free_heap_at_its_peak(tmp_path: Path) -> None:
-    suite = write_suite(tmp_path, steps=4)
-    assert run_cli("run", str(suite), "--out", str(tmp_path / "out")) == 0
-    (run_dir,) = (tmp_path / "out").iterdir()
-    (record,) = read_records(run_dir)
-    assert record.heap_free_delta_bytes is not None
-    parts = record.breakdown
-    assert parts.get("heap_free", 0) == max(record.heap_free_delta_bytes, 0)
-    assert sum(parts.values()) == record.peak_rss_delta_bytes  # the remainder is what the named parts leave
-    with open(run_dir / "cells" / "0000" / "timeline.csv") as f:
-        rows = [row for row in csv.DictReader(f) if row["rss_bytes"]]
-    at_peak = max(rows, key=lambda row: int(row["rss_bytes"]))
-    # training frees what it made (activations, gradients of the loss), and glibc keeps some: the free heap has grown
-    # by the highest RSS sample, from a baseline taken before the sampler started
-    assert 0 < record.heap_free_delta_bytes <= int(at_peak["heap_free_bytes"])
+def test_a_cpu_cell_names_the_free_heap_at_its_peak(quick_run: Path) -> None:
+    """Every cell of the quick suite's run (``memprof run``, each in its own worker)."""
+    records = read_records(quick_run)
+    assert records
+    for record in records:
+        assert record.heap_free_delta_bytes is not None, record.key
+        parts = record.breakdown
+        assert parts.get("heap_free", 0) == max(record.heap_free_delta_bytes, 0), record.key
+        # the remainder is what the named parts leave
+        assert sum(parts.values()) == record.peak_rss_delta_bytes, record.key
+        with open(quick_run / "cells" / f"{record.config.index:04d}" / "timeline.csv") as f:
+            rows = [row for row in csv.DictReader(f) if row["rss_bytes"]]
+        at_peak = max(rows, key=lambda row: int(row["rss_bytes"]))
+        # training frees what it made (activations, gradients of the loss), and glibc keeps some: the free heap has
+        # grown by the highest RSS sample, from a baseline taken before the sampler started
+        assert 0 < record.heap_free_delta_bytes <= int(at_peak["heap_free_bytes"]), record.key
