@@ -44,14 +44,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]
     repeats_suite.write_text(repeats_suite.read_text().replace("warmup_steps = 1", f"warmup_steps = 1\n"
                                                                                    f"repeats = {REPEATS}"))
     out: dict[str, tuple[Path, int]] = {}
-    with pytest.MonkeyPatch.context() as env:
-        # one torch thread per worker: on a busy shared machine, spinning OpenMP threads make tiny steps 30x slower
-        env.setenv("OMP_NUM_THREADS", "1")
-        out["base"] = _run(base_suite, tmp / "base")
-        out["rerun"] = _run(base_suite, tmp / "rerun", "--compare-to", str(out["base"][0]))
-        out["changed"] = _run(changed_suite, tmp / "changed-out", "--compare-to", str(out["base"][0]),
-                              "--markdown", str(tmp / "changed.md"))
-        out["repeats"] = _run(repeats_suite, tmp / "repeats")
+    out["base"] = _run(base_suite, tmp / "base")
+    out["rerun"] = _run(base_suite, tmp / "rerun", "--compare-to", str(out["base"][0]))
+    out["changed"] = _run(changed_suite, tmp / "changed-out", "--compare-to", str(out["base"][0]),
+                          "--markdown", str(tmp / "changed.md"))
+    out["repeats"] = _run(repeats_suite, tmp / "repeats")
     return out
 
 

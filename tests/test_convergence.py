@@ -30,10 +30,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def convergence_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("results")
-    with pytest.MonkeyPatch.context() as mp:
-        # Two OpenMP threads on two cores shared with other jobs spend most of their time spin-waiting.
-        mp.setenv("OMP_NUM_THREADS", "1")
-        assert run_cli("run", "convergence", "--out", str(out)) == 0
+    assert run_cli("run", "convergence", "--out", str(out)) == 0
     (run_dir,) = out.iterdir()
     yield run_dir
 

@@ -17,6 +17,8 @@ LORA_TENSORS = 2 * 4 * 2
 ADAPTER = '[adapters.r16]\nkind = "lora"\nr = 16\n'
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "adafactor")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def suite_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

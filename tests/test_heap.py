@@ -33,7 +33,10 @@ def test_blocks_freed_below_a_live_one_stay_in_glibcs_free_heap() -> None:
 
 @needs_glibc
 def test_a_cpu_cell_names_the_free_heap_at_its_peak(quick_run: Path) -> None:
-    for record in read_records(quick_run):
+    """Every cell of the quick suite's run (``memprof run``, each in its own worker)."""
+    records = read_records(quick_run)
+    assert records
+    for record in records:
         assert record.heap_free_delta_bytes is not None
         parts = record.breakdown
         assert parts.get("heap_free", 0) == max(record.heap_free_delta_bytes, 0)

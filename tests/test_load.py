@@ -22,6 +22,7 @@ from memprof.views.tables import results_table
 from test_api import quick_lora_cell
 
 needs_psi = pytest.mark.skipif(cpu_stall_us() is None, reason="this kernel has no /proc/pressure/cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_share_is_the_stall_total_grown_over_the_window(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from memprof.measure.attribution import PARTS
 from memprof.results.record import Status
 from memprof.run.launch import run_cell
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def records_by_batch(tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -7,9 +7,6 @@ import itertools
 import json
 import math
 import re
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -457,13 +454,14 @@ def test_the_fallbacks_stated_uncertainty_covers_its_committed_miss() -> None:
     assert max(abs(r["miss"]) for r in result["rows"] if r["architecture"] in moe) <= plan.MOE_ERROR
 
 
-def test_model_that_is_not_a_causal_lm(tmp_path: Path) -> None:
+def test_model_that_is_not_a_causal_lm(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 32128}))
-    proc = subprocess.run([sys.executable, "-m", "memprof", "plan", "--model", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "T5Config" in last and "Traceback" not in proc.stderr
+    assert run_cli("plan", "--model", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and "T5Config" in last and "Traceback" not in err
 
 
 def test_the_qlora_papers_65b_on_48gb_question(capsys: pytest.CaptureFixture[str]) -> None:
