@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,12 @@ def write_suite(directory: Path, name: str = "tiny", steps: int = 3, adapters: s
     return path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tables are read at the width a piped run prints (120 columns) whatever runs the tests: at the 80 columns of a
+    narrow terminal, or of pytest-xdist's workers, rich wraps a cell over several lines."""
+    os.environ["COLUMNS"] = "120"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread_per_worker() -> Iterator[None]:
     """One OpenMP/MKL thread in every process the tests start (zygotes and their cells, ``python -m memprof``): on a
@@ -61,38 +69,51 @@ def one_thread_per_worker() -> Iterator[None]:
         yield
 
 
+def _session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder every test process of the session sees: with pytest-xdist the workers' common parent."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 def _start_quick(root: Path) -> subprocess.Popen:
-    """``python -m memprof run quick`` into ``root / "results"``, its output in ``root / "run.log"``."""
-    with open(root / "run.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "memprof", "run", "quick", "--out", str(root / "results")],
-                                stdout=log, stderr=subprocess.STDOUT)
+    """``python -m memprof run quick`` into ``root / "results"``, its output in ``root / "run.log"``; its exit code
+    goes to ``root / "exit"`` when it ends, for whichever test process waits on it."""
+    script = '"$0" -m memprof run quick --out "$1/results" > "$1/run.log" 2>&1; echo $? > "$1/exit.tmp"; ' \
+             'mv "$1/exit.tmp" "$1/exit"'
+    return subprocess.Popen(["sh", "-c", script, sys.executable, str(root)])
 
 
 @pytest.fixture(scope="session", autouse=True)
 def quick_run_started(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                      one_thread_per_worker: None) -> Iterator[tuple[subprocess.Popen, Path] | None]:
-    """The quick suite's run for ``quick_run``, started with the session when a collected test uses it: it runs on
-    one core beside the first files' tests, which train on the other (one thread each), so its 30 s are mostly gone
-    by the time test_heap, test_jobs, test_ray and test_run ask for it. Killed at the end if it is still running."""
+                      one_thread_per_worker: None) -> Iterator[Path | None]:
+    """The folder of the quick suite's run for ``quick_run``, started with the session, by the first test process to
+    get here, when a collected test uses it: one run for all of pytest-xdist's workers, beside the first files' tests
+    (one thread each), so its 30 s are mostly gone by the time test_heap, test_jobs, test_ray and test_run ask for
+    it. The process that started it waits for its end before leaving: another may still need it."""
     if not any("quick_run" in item.fixturenames for item in request.session.items):
         yield None
         return
-    root = tmp_path_factory.mktemp("quick")
+    root = _session_tmp(tmp_path_factory) / "quick"
+    try:
+        root.mkdir()
+    except FileExistsError:  # another worker started it
+        yield root
+        return
     proc = _start_quick(root)
-    yield proc, root
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    yield root
+    proc.wait(timeout=600)
 
 
 @pytest.fixture(scope="session")
-def quick_run(quick_run_started: tuple[subprocess.Popen, Path] | None) -> Path:
+def quick_run(quick_run_started: Path | None) -> Path:
     """The shipped quick suite (the README's default run) run once, one cell at a time, by ``python -m memprof``:
     its results folder, which the serial runs of several tests would otherwise repeat."""
     assert quick_run_started is not None  # started for every collected test that uses this fixture
-    proc, root = quick_run_started
-    code = proc.wait(timeout=600)
-    assert code == 0, (root / "run.log").read_text()[-2000:]
+    root, deadline = quick_run_started, time.monotonic() + 600
+    while not (root / "exit").exists():  # polled: the run may belong to another test process
+        assert time.monotonic() < deadline, "the quick suite's run did not end within 600 s"
+        time.sleep(0.5)
+    assert (root / "exit").read_text().strip() == "0", (root / "run.log").read_text()[-2000:]
     (run_dir,) = (root / "results").iterdir()
     return run_dir
 
