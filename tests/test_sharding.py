@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from conftest import run_cli, short_suite
 from memprof.plan import predict as plan
@@ -66,6 +68,7 @@ def test_every_rank_is_measured_and_the_headline_is_the_fullest_rank(sharded: tu
         assert r.config.levers.parallel.world_size == 2 and len(r.ranks) == 2
         for name in PARTS + ("activation_bytes", "peak_rss_delta_bytes"):
             assert getattr(r, name) == max(rank[name] for rank in r.ranks), (r.key, name)
+        assert sum(r.breakdown.values()) == r.peak_rss_delta_bytes, r.key  # the parts of the headline's peak
 
 
 def test_per_rank_figures_come_back_from_cells_csv(sharded: tuple[list, list], tmp_path: Path) -> None:
@@ -119,6 +122,101 @@ def test_every_rank_saves_the_activations_an_unsharded_step_saves(sharded: tuple
     for (adapter, optimizer, strategy), r in runs.items():
         ddp = runs[(adapter, optimizer, "ddp")]
         assert [rank["activation_bytes"] for rank in r.ranks] == [ddp.activation_bytes] * 2, (r.key, strategy)
+
+
+def test_an_fsdp2_rank_names_its_all_gathered_weights_as_the_plan_derives_them(sharded: tuple[list, list]) -> None:
+    """The breakdown of an fsdp2 cell's peak (in backward here) holds the root unit's and two layers' unsharded
+    weights, the plan's figure to the byte; ddp and zero1 cells hold no such part."""
+    cells, records = sharded
+    by_key = {r.key: r for r in records}
+    for cell in cells:
+        r = by_key[cell.key]
+        if cell.levers.parallel.strategy != "fsdp2":
+            assert "gathered_weights" not in r.breakdown, r.key
+            continue
+        exact = plan.exact_parts(cell)
+        assert r.peak_moment != "optimizer step" and exact.gathered_bytes > 0, r.key
+        assert r.breakdown["gathered_weights"] == exact.gathered_bytes, r.key
+
+
+def _unsharded_bytes(module: torch.nn.Module) -> int:
+    """The bytes of an FSDP2 unit's own unsharded parameters that are allocated now (FSDP2 frees them by resizing
+    their storage to nothing)."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    return sum(p._unsharded_param.untyped_storage().nbytes() for p in group.fsdp_params
+               if hasattr(p, "_unsharded_param"))
+
+
+def _fsdp2_rank(rank: int, rendezvous: str, out: str) -> None:
+    """One of two gloo ranks training tiny-llama's LoRA under memprof's FSDP2 wrapping for two steps; rank 0 writes
+    the unsharded bytes of the root unit and of each layer at each layer's forward and backward start, at the end of
+    backward and after the optimizer step, with each unit's full size, to ``out`` (JSON)."""
+    import json
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memprof.config.presets import PRESETS
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**PRESETS["tiny-llama"])),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    layers = sharding.decoder_layers(model)
+    full = {"root": sharding.gathered_bytes(model) - 2 * max(
+        sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)}
+    full.update({f"layer {i}": sum(p.numel() * p.element_size() for p in layer.parameters())
+                 for i, layer in enumerate(layers)})
+    model, _ = sharding.shard(model, "fsdp2", torch.device("cpu"))
+    units = {"root": model, **{f"layer {i}": layer for i, layer in enumerate(layers)}}
+    seen: list[tuple[str, dict[str, int]]] = []
+
+    def note(moment: str) -> None:
+        seen.append((moment, {name: _unsharded_bytes(unit) for name, unit in units.items()}))
+
+    def on_output(i: int, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.register_hook(lambda grad: note(f"layer {i} backward"))
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda module, args, i=i: note(f"layer {i} forward"))
+        layer.register_forward_hook(lambda module, args, output, i=i: on_output(i, output))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 256, (2, 32))
+    for _ in range(2):
+        seen.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        note("backward end")
+        optimizer.step()
+        note("optimizer step")
+        optimizer.zero_grad(set_to_none=True)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"full": full, "seen": seen}))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_holds_the_root_unit_through_the_step_and_one_layer_at_a_time(tmp_path: Path) -> None:
+    """What ``sharding.gathered_bytes`` and ``step_memory.with_gathered`` assume of FSDP2, watched in a real
+    two-rank step on gloo: the root unit's weights are unsharded from the first layer's forward to the last
+    layer's backward, each layer's while it works, none at the end of backward nor after the optimizer step. The
+    second layer of the derivation, the next one's all-gather issued ahead, is a buffer no parameter shows."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "seen.json"
+    mp.spawn(_fsdp2_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    found = json.loads(out.read_text())
+    full, seen = found["full"], dict(found["seen"])
+    layers = [name for name in full if name != "root"]
+    assert list(seen) == [f"{name} forward" for name in layers] + [f"{name} backward" for name in reversed(layers)] \
+        + ["backward end", "optimizer step"]
+    for moment, alive in seen.items():
+        at_work = moment.rsplit(" ", 1)[0] if moment.startswith("layer") else None
+        expected = {name: full[name] if at_work and name in ("root", at_work) else 0 for name in full}
+        assert alive == expected, moment
 
 
 def test_partition_rules() -> None:

@@ -18,10 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from memprof.config.spec import CellConfig
 from memprof.measure import step_memory
 from memprof.results.record import Record
+
+if TYPE_CHECKING:
+    from torch import nn
+
 
 @dataclass(frozen=True)
 class Part:
@@ -45,6 +50,7 @@ PARTS: dict[str, Part] = {
     "optimizer_temporaries": Part("opt tmp", "optimizer step temporaries"),
     "workspaces": Part("cuBLAS", "cuBLAS workspaces"),
     "input": Part("input", "input batch"),
+    "gathered_weights": Part("gathered", "all-gathered weights (FSDP2)"),
     "heap_free": Part("heap free", "freed memory glibc keeps (CPU)"),
     "other": Part("other", "unnamed remainder"),
 }
@@ -59,7 +65,8 @@ _NAMES = {"optimizer_state": "optimizer_state", "cublas_workspaces": "workspaces
           "layer_saved": "activations", "logits": "loss_logits", "logits_fp32_copy": "loss_logits",
           "nll_grad": "loss_logits", "log_softmax_grad": "loss_logits", "log_softmax_out": "loss_logits",
           "gradients": "gradients", "foreach_temporaries": "optimizer_temporaries",
-          "hidden_grad": "loss_logits", "eval_hidden": "loss_logits", "head_grad_sum": "gradients"}
+          "hidden_grad": "loss_logits", "eval_hidden": "loss_logits", "head_grad_sum": "gradients",
+          "gathered_weights": "gathered_weights"}
 
 
 def attribute(record: Record, peak_phase: str = "") -> Record:
@@ -92,12 +99,15 @@ def _parts(record: Record, device: str, peak_phase: str) -> tuple[str, dict[str,
     # paged state is CUDA managed memory: outside the allocator, so not part of its peak
     paged = (record.optimizer_state_paged_bytes or 0) if device == "cuda" else 0
     state = record.optimizer_state_bytes - paged
+    gathered = _gathered_bytes(record.config)
     shape = step_memory.step_shape(record.config, device)
     if shape is None:
         return "", {**weights, "gradients": record.gradient_bytes or 0, "optimizer_state": state,
-                    "activations": record.activation_bytes}
-    moments = step_memory.moments(shape, weights=sum(weights.values()), optimizer=state,
-                                  gradients=record.gradient_bytes or 0, activations=record.activation_bytes)
+                    "activations": record.activation_bytes,
+                    **({"gathered_weights": gathered} if gathered and peak_phase != "optimizer" else {})}
+    moments = step_memory.with_gathered(step_memory.moments(
+        shape, weights=sum(weights.values()), optimizer=state, gradients=record.gradient_bytes or 0,
+        activations=record.activation_bytes), gathered)
     candidates = {name: parts for name, parts in moments.items()
                   if not peak_phase or step_memory.phase(name) == peak_phase} or moments
     moment = max(candidates, key=lambda name: sum(candidates[name].values()))
@@ -129,27 +139,42 @@ def _frozen_split(record: Record) -> tuple[int, int]:
 
 
 def _four_bit_bytes(config: CellConfig) -> int | None:
-    return _four_bit_bytes_of(config.model.model_dump_json(), config.adapter.model_dump_json(),
-                              config.shape.precision)
+    from memprof.train import meta
+    from memprof.train.fourbit import is_four_bit
+
+    built = _meta_model(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
+    if built is None:
+        return None
+    return sum(meta.four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
+               for p in built.parameters() if is_four_bit(p))
+
+
+def _gathered_bytes(config: CellConfig) -> int:
+    """An FSDP2 rank's all-gathered weights (``memprof.train.sharding.gathered_bytes``); 0 for another strategy, or a
+    model that does not build on the meta device."""
+    from memprof.train import sharding
+
+    if config.levers.parallel.strategy != "fsdp2":
+        return 0
+    built = _meta_model(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
+    return 0 if built is None else sharding.gathered_bytes(built)
 
 
 @lru_cache(maxsize=32)
-def _four_bit_bytes_of(model: str, adapter: str, precision: str) -> int | None:
+def _meta_model(model: str, adapter: str, precision: str) -> nn.Module | None:
+    """A record's model on the meta device (by its specs' JSON, so that a run's records build it once); None where
+    it does not build."""
     from memprof.config.spec import AdapterSpec, ModelSpec
     from memprof.errors import UserError
     from memprof.train import meta
-    from memprof.train.fourbit import is_four_bit
 
     spec = ModelSpec.model_validate_json(model)
     if not spec.known:
         return None
     try:
-        built = meta.meta_model(spec, AdapterSpec.model_validate_json(adapter), precision)
+        return meta.meta_model(spec, AdapterSpec.model_validate_json(adapter), precision)
     except UserError:
         return None
-    return sum(meta.four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
-               for p in built.parameters() if is_four_bit(p))
-
 
 
 def attribute_run(run_dir: Path) -> list[Record]:

@@ -676,6 +676,16 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
     return out
 
 
+def with_gathered(every: dict[str, dict[str, int]], gathered: int) -> dict[str, dict[str, int]]:
+    """``moments`` with an FSDP2 rank's all-gathered weights (``memprof.train.sharding.gathered_bytes``) alive where
+    FSDP2 holds them: at every moment but the end of backward and the optimizer step, by which it has resharded
+    every unit."""
+    if not gathered:
+        return every
+    return {name: parts if name in ("backward end", "optimizer step") else {**parts, "gathered_weights": gathered}
+            for name, parts in every.items()}
+
+
 def peak_parts(s: StepShape, weights: int, optimizer: int, gradients: int | None = None,
                activations: int | None = None) -> tuple[str, dict[str, int]]:
     """The moment of the step with the most bytes allocated, and its named parts (arguments as ``moments``)."""

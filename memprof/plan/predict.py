@@ -68,12 +68,11 @@ class Exact:
     adapted_numel: int       # base weight elements under an adapter
     residual_itemsize: int   # element size of the hidden states between layers (what checkpointing keeps)
     ranks: tuple[RankParts, ...] = ()
-    gathered_bytes: int = 0  # FSDP2: the root unit and two layers all-gathered at once (one computing, one next)
+    gathered_bytes: int = 0  # FSDP2: the root unit's and two layers' weights unsharded (sharding.gathered_bytes)
 
 
 # Parts a plan has beyond those of a measured peak (memprof.measure.attribution.PARTS and OUTSIDE)
-PLAN_PARTS = {"temporaries": "temporaries (fitted)", "ddp_buckets": "DDP gradient buckets",
-              "gathered_weights": "all-gathered weights (FSDP2)"}
+PLAN_PARTS = {"temporaries": "temporaries (fitted)", "ddp_buckets": "DDP gradient buckets"}
 
 
 def part_label(name: str) -> str:
@@ -250,7 +249,7 @@ def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
     """
     from memprof.measure import formulas
     from memprof.measure.accounting import weight_bytes
-    from memprof.train import models
+    from memprof.train import models, sharding
 
     if model is None:
         model = meta_model(request.model, request.adapter, request.shape.precision)
@@ -270,7 +269,8 @@ def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
                  adapted_numel=adapted_numel(model),
                  residual_itemsize=model.get_input_embeddings().weight.element_size(),
                  ranks=ranks if request.levers.parallel.world_size > 1 else (),
-                 gathered_bytes=gathered_bytes(request, model),
+                 gathered_bytes=sharding.gathered_bytes(model) if request.levers.parallel.strategy == "fsdp2"
+                 else 0,
                  **fullest)
 
 
@@ -303,20 +303,6 @@ def rank_parts(request: CellConfig, model: nn.Module, state: StatePlan) -> tuple
             {**g, "params": [replace(p, shape=sharding.local_shapes(p.shape, n)[rank]) for p in g["params"]]}
             for g in state.groups], state.settings) for rank in range(n)]
     return tuple(RankParts(four_bit + plain_frozen, held(trainable), held(trainable), s) for s in states)
-
-
-def gathered_bytes(request: CellConfig, model: nn.Module) -> int:
-    """FSDP2 all-gathers a unit's weights to compute with them: the root unit (embeddings, final norm, head)
-    stays gathered through forward and backward, and a layer is gathered while the previous one computes."""
-    if request.levers.parallel.strategy != "fsdp2":
-        return 0
-    from memprof.train.sharding import decoder_layers
-
-    def full(params: Iterable[nn.Parameter]) -> int:
-        return sum(p.numel() * p.element_size() for p in params if not is_four_bit(p))
-
-    layers = [full(layer.parameters()) for layer in decoder_layers(model)]
-    return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
 
 
 # --- predictions ----------------------------------------------------------------------------------------------
@@ -375,12 +361,17 @@ def _weights(request: CellConfig, exact: Exact) -> list[Part]:
     return parts
 
 
-def _sharding(request: CellConfig, exact: Exact) -> list[Part]:
+GATHERED = "derived: the root unit and two layers unsharded"
+
+
+def _sharding(request: CellConfig, exact: Exact, gathered: bool = True) -> list[Part]:
+    """DDP's gradient buckets, and (``gathered``: where no moment of the step holds them) FSDP2's all-gathered
+    weights."""
     strategy = request.levers.parallel.strategy
     if strategy in ("ddp", "zero1"):
         return [Part("ddp_buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients")]
-    if strategy == "fsdp2":
-        return [Part("gathered_weights", exact.gathered_bytes, "derived: the root unit and two layers unsharded")]
+    if strategy == "fsdp2" and gathered:
+        return [Part("gathered_weights", exact.gathered_bytes, GATHERED)]
     return []
 
 
@@ -389,14 +380,15 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, c
     weights = _weights(request, exact)
     held = sum(p.bytes or 0 for p in weights if p.allocated and p.name != "optimizer_state")
     state = next(p.bytes for p in weights if p.name == "optimizer_state")
-    moments = step_memory.moments(shape, weights=held, optimizer=state or 0, gradients=exact.gradient_bytes)
+    moments = step_memory.with_gathered(step_memory.moments(
+        shape, weights=held, optimizer=state or 0, gradients=exact.gradient_bytes), exact.gathered_bytes)
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     error = ESTIMATE_ERROR if moment in step_memory.ESTIMATES else ANALYTIC_ERROR
     how = "analytic" + (" (an estimate from CPU replays)" if error == ESTIMATE_ERROR else "")
     exact_names = {p.name for p in weights}
-    parts = weights + [Part(name, nbytes, how, error) for name, nbytes in name_parts(moments[moment]).items()
-                       if name not in exact_names]
-    parts += _sharding(request, exact)
+    parts = weights + [Part(name, nbytes, GATHERED) if name == "gathered_weights" else Part(name, nbytes, how, error)
+                       for name, nbytes in name_parts(moments[moment]).items() if name not in exact_names]
+    parts += _sharding(request, exact, gathered=False)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
     parts.append(_other(measured, other_feature(shape.tokens, shape.layers, shape.hidden, shape.intermediate),
                         shape.adapter, peak))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from memprof.config.spec import CellConfig
+from memprof.measure.attribution import attribute
 from memprof.results.record import RANK_FIELDS, CellResult, Record, Status
 from memprof.run import processes
 from memprof.run.worker import measure_cell
@@ -93,8 +94,10 @@ def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_inter
 
 
 def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
-    """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``.
-    The first rank to fail (``codes`` is in exit order) gives the status and the base record (else rank 0)."""
+    """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``, and
+    the peak split into parts again, so that they sum to the fullest rank's peak (the base record's other figures:
+    glibc's free heap, the phase of the peak). The first rank to fail (``codes`` is in exit order) gives the status
+    and the base record (else rank 0)."""
     failed = [r for r, code in codes.items() if code != 0]
     base = failed[0] if failed else 0
     if base not in results:
@@ -108,6 +111,7 @@ def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int
         if figures and name != "step_time_median_s":
             values[name] = max(figures)
     record = replace(results[base].record, ranks=ranks, **values)
+    record = attribute(record, record.peak_phase)
     if failed:
         record = replace(record, error=f"rank {base}: {record.error}")
     return CellResult(record, results[base].steps, results[base].timeline)

@@ -10,7 +10,7 @@ the fewest elements so far.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,6 +68,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 # --- plan side -------------------------------------------------------------------------------------------
+
+
+def gathered_bytes(model: nn.Module) -> int:
+    """The weights an FSDP2 rank holds unsharded at once in forward and backward: the root unit's own (embeddings,
+    final norm, head: all-gathered at the first forward, resharded at the end of backward) and two decoder layers'
+    (the one at work, and the next, whose all-gather is issued before it is needed). 4-bit weights are never
+    sharded (``_fully_shard``), so never gathered."""
+
+    def full(params: Iterable[nn.Parameter]) -> int:
+        return sum(p.numel() * p.element_size() for p in params if not is_four_bit(p))
+
+    layers = [full(layer.parameters()) for layer in decoder_layers(model)]
+    return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
 
 
 def chunk_rows(rows: int, world_size: int) -> int:

@@ -41,8 +41,8 @@ PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "tr
                 "buffers": "#bcbd22", "gradients": "#9edae5", "optimizer_state": "#1f77b4",
                 "optimizer_state_paged_bytes": "#aec7e8", "activations": "#ff7f0e", "loss_logits": "#d62728",
                 "layer": "#ffbb78", "optimizer_temporaries": "#9467bd", "workspaces": "#8c564b", "input": "#c49c94",
-                "heap_free": "#dbdb8d", "other": "#7f7f7f", "allocator_cache_bytes": "#c7c7c7",
-                "non_pytorch_bytes": "#e377c2"}
+                "gathered_weights": "#006d2c", "heap_free": "#dbdb8d", "other": "#7f7f7f",
+                "allocator_cache_bytes": "#c7c7c7", "non_pytorch_bytes": "#e377c2"}
 
 
 def memory_figure(run: Run) -> Figure | None:
