@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -14,7 +15,11 @@ def quiet_libraries() -> None:
     it loads): memprof disables that path on its layers (``train.models``). peft's read of transformers' deprecated
     ``is_gradient_checkpointing``. Kineto's ``STAGE``/``USDT`` lines on every profiler start and stop (level 6 keeps
     none; a level the user set stays). Where torchao is installed (peft imports it): on a CPU-only torch, its
-    failure to load its CUDA kernels, and torch's notice that torchao registers enums it no longer needs to."""
+    failure to load its CUDA kernels, and torch's notice that torchao registers enums it no longer needs to. peft's
+    warning that the rank and alpha patterns it adds itself for MoE experts' fused ``gate_up_proj`` (transformers 5
+    keeps gate and up as one parameter) match no targeted module: it looks at module names, the experts are targeted
+    as parameters, and the patterns apply (their LoRA has rank 2r); a pattern of the user's that matches nothing still
+    warns."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "gemm_4bit_forward" not in record.getMessage())
     logging.getLogger("torchao").addFilter(
@@ -22,6 +27,9 @@ def quiet_libraries() -> None:
     logging.getLogger("torch.utils._pytree").addFilter(
         lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    peft_added = str([r".*\.gate_up_proj"])  # as peft's warning lists the patterns
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message=r"The following (rank|alpha)_pattern keys did "
+                            + re.escape(f"not match any targeted module and were ignored: {peft_added}.") + "$")
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 

@@ -38,9 +38,18 @@ config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_si
 model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=["q_proj"]))
 with profile(profile_memory=True):
     model(torch.zeros(1, 4, dtype=torch.long))
+moe = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                  num_experts=4, num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=2)
+experts = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(moe),
+                              peft.LoraConfig(r=2, target_modules="all-linear"))
+assert experts.base_model.model.model.layers[0].mlp.experts.base_layer.r["default"] == 4  # the fused pattern applies
+peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(moe),
+                    peft.LoraConfig(r=2, target_modules=["q_proj"], rank_pattern={{"no_such_module": 4}}))
 print("ran")
 """
-NOISE = ("gemm_4bit_forward", "is_gradient_checkpointing", "USDT:")
+NOISE = ("gemm_4bit_forward", "is_gradient_checkpointing", "USDT:", "gate_up_proj']")
+USERS = "['no_such_module']"  # a pattern of the user's that matches nothing: peft's warning stays
 
 
 def _stderr(with_memprof: bool, avx512bf16: bool) -> str:
@@ -58,6 +67,7 @@ def test_memprof_silences_exactly_the_library_noise(avx512bf16: bool) -> None:
     assert present == (list(NOISE) if avx512bf16 else list(NOISE[1:])), bare[-2000:]
     quiet = _stderr(with_memprof=True, avx512bf16=avx512bf16)
     assert not [n for n in NOISE if n in quiet], quiet[-2000:]
+    assert USERS in bare and USERS in quiet, quiet[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed (memprof[torchao])")
