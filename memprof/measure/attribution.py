@@ -42,6 +42,7 @@ PARTS: dict[str, Part] = {
     "kbit_fp32_weights": Part("fp32 cast", "frozen weights cast to fp32 by k-bit prep (QLoRA)"),
     "trainable_weights": Part("trainable", "trainable weights"),
     "buffers": Part("buffers", "buffers"),
+    "gathered_weights": Part("gathered", "all-gathered weights (FSDP2)"),
     "gradients": Part("grads", "gradients"),
     "optimizer_state": Part("state", "optimizer state"),
     "activations": Part("act", "saved activations"),
@@ -50,7 +51,6 @@ PARTS: dict[str, Part] = {
     "optimizer_temporaries": Part("opt tmp", "optimizer step temporaries"),
     "workspaces": Part("cuBLAS", "cuBLAS workspaces"),
     "input": Part("input", "input batch"),
-    "gathered_weights": Part("gathered", "all-gathered weights (FSDP2)"),
     "heap_free": Part("heap free", "freed memory glibc keeps (CPU)"),
     "other": Part("other", "unnamed remainder"),
 }
