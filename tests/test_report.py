@@ -296,7 +296,7 @@ def test_a_gpu_run_s_table_and_figure_agree_on_what_was_on_the_card_and_mark_wha
         row = next(row for row in table.rows if row[:2] == [r.config.adapter.name, r.config.optimizer.label])
         card = r.nvml_peak_process_used_bytes + r.optimizer_state_paged_bytes
         assert row[column("on the card")] == human_bytes(card) == human_bytes(on_card_bytes(r))
-        assert plots._bar_label(r, "GiB", 1 << 30, True).endswith(f", {card / (1 << 30):.2f} in all")
+        assert plots._bar_label(r, "GiB", 1 << 30, True).endswith(f", {card / (1 << 30):.2f} on the card")
     levers = report.load_run(GPU_RUNS / "levers-gpu")
     (stopped,) = [r for r in levers.records if r.status is Status.INTERRUPTED]
     table = memory_table(levers)

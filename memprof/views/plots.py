@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 from matplotlib.axes import Axes  # noqa: E402
 
 from memprof.analysis import convergence  # noqa: E402
-from memprof.analysis.memory import GROUP_AXES  # noqa: E402
+from memprof.analysis.memory import GROUP_AXES, on_card_bytes  # noqa: E402
 from memprof.analysis.report import (Run, by_config, group_title, label_of, lowest_loss_lr,  # noqa: E402
                                      lr_rank_grid, one_per_config)
 from memprof.config.spec import varying  # noqa: E402
@@ -92,7 +92,7 @@ def memory_figure(run: Run) -> Figure | None:
     if states:
         axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
     measure = "allocator" if shown[0].peak_allocated_bytes is not None else "RSS growth"
-    hatched = "; hatched: outside the torch allocator, in all with them" if set(present) & set(OUTSIDE) else ""
+    hatched = "; hatched: outside the torch allocator, on the card with them" if set(present) & set(OUTSIDE) else ""
     axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}{hatched})")
     handles = [plt.Rectangle((0, 0), 1, 1, **_style(p)) for p in present]
     columns = 4
@@ -109,14 +109,14 @@ def memory_figure(run: Run) -> Figure | None:
 
 
 def _bar_label(r: Record, unit: str, scale: int, attributed: bool) -> str:
-    """The figures at a bar's end: the peak, and with what lies outside the torch allocator the sum of all; for a
-    configuration without parts, how it ended and what it reached."""
+    """The figures at a bar's end: the peak, and on CUDA what was on the card (the tables' figure: the bar with
+    what lies outside the torch allocator); for a configuration without parts, how it ended and what it reached."""
     if not attributed:
         reached = f": {peak_text(r, r.peak_bytes)} reached" if r.peak_bytes is not None else ""
         return f" {r.outcome}{reached}"
-    outside = sum(getattr(r, name) or 0 for name in OUTSIDE)
+    card = on_card_bytes(r)
     peak = f" {r.peak_bytes / scale:.2f} {unit}"
-    text = f"{peak} peak, {(r.peak_bytes + outside) / scale:.2f} in all" if outside else peak
+    text = f"{peak} peak, {card / scale:.2f} on the card" if card is not None else peak
     return text + ("" if r.status is Status.OK else f" ({r.status.value})")
 
 
