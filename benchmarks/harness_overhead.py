@@ -1,9 +1,10 @@
 """Per-cell harness overhead: a cell's wall time as the parent sees it, minus the time inside training steps.
 
 Compares memprof's zygote-forked workers with the naive design, a fresh Python interpreter per cell that imports
-torch/transformers/peft/bitsandbytes itself. Writes results/benchmarks/harness_overhead.{json,md}.
+torch/transformers/peft/bitsandbytes itself. Writes harness_overhead.{json,md} to ``--out`` (default
+results/benchmarks).
 
-    python benchmarks/harness_overhead.py [--naive-cells 3]
+    python benchmarks/harness_overhead.py [--naive-cells 3] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ print(json.dumps({"train_s": record.train_s, "import_and_run_s": time.perf_count
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--naive-cells", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for harness_overhead.{json,md}")
     args = parser.parse_args()
     cells = suite.load("quick").cells
 
@@ -70,8 +72,8 @@ def main() -> None:
         "forked": forked,
         "naive": naive,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "harness_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "harness_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         f"# Harness overhead per cell ({machine['cpu']}, {machine['cpu_count']} cores, quick suite)",
         "",
@@ -88,7 +90,7 @@ def main() -> None:
         f"The zygote's one-time start-up (imports, paid once per suite): {startup_s:.2f} s.",
         "",
     ]
-    (OUT / "harness_overhead.md").write_text("\n".join(md))
+    (args.out / "harness_overhead.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
