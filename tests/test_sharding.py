@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, short_suite
+from memprof.measure import step_memory
 from memprof.plan import predict as plan
 from memprof.train import sharding
 from memprof.results.record import Status
@@ -125,8 +126,8 @@ def test_every_rank_saves_the_activations_an_unsharded_step_saves(sharded: tuple
 
 
 def test_an_fsdp2_rank_names_its_all_gathered_weights_as_the_plan_derives_them(sharded: tuple[list, list]) -> None:
-    """The breakdown of an fsdp2 cell's peak (in backward here) holds the root unit's and two layers' unsharded
-    weights, the plan's figure to the byte; ddp and zero1 cells hold no such part."""
+    """The breakdown of an fsdp2 cell's peak (in backward here) holds the all-gathered weights FSDP2 keeps at that
+    moment, as the plan derives them from the meta model, to the byte; ddp and zero1 cells hold no such part."""
     cells, records = sharded
     by_key = {r.key: r for r in records}
     for cell in cells:
@@ -134,9 +135,10 @@ def test_an_fsdp2_rank_names_its_all_gathered_weights_as_the_plan_derives_them(s
         if cell.levers.parallel.strategy != "fsdp2":
             assert "gathered_weights" not in r.breakdown, r.key
             continue
-        exact = plan.exact_parts(cell)
-        assert r.peak_moment != "optimizer step" and exact.gathered_bytes > 0, r.key
-        assert r.breakdown["gathered_weights"] == exact.gathered_bytes, r.key
+        gathered = plan.exact_parts(cell).gathered
+        assert step_memory.phase(r.peak_moment) == "backward" and gathered.root > 0, r.key
+        at_peak = step_memory.with_gathered({r.peak_moment: {}}, gathered)[r.peak_moment]["gathered_weights"]
+        assert r.breakdown["gathered_weights"] == at_peak >= gathered.root + min(gathered.layers), r.key
 
 
 def _unsharded_bytes(module: torch.nn.Module) -> int:
@@ -148,9 +150,11 @@ def _unsharded_bytes(module: torch.nn.Module) -> int:
 
 
 def _fsdp2_rank(rank: int, rendezvous: str, out: str) -> None:
-    """One of two gloo ranks training tiny-llama's LoRA under memprof's FSDP2 wrapping for two steps; rank 0 writes
-    the unsharded bytes of the root unit and of each layer at each layer's forward and backward start, at the end of
-    backward and after the optimizer step, with each unit's full size, to ``out`` (JSON)."""
+    """One of two gloo ranks training tiny-llama's LoRA under memprof's FSDP2 wrapping for two steps, then
+    evaluating; rank 0 writes to ``out`` (JSON) what ``sharding.gathered`` says of the model, and the unsharded
+    bytes of the root unit and of each layer at each layer's forward and backward start, after the forward (the
+    loss forward), at the logits' gradient (the loss backward), at the end of backward, after the optimizer step and
+    after an eval forward."""
     import json
 
     import torch.distributed as dist
@@ -165,10 +169,7 @@ def _fsdp2_rank(rank: int, rendezvous: str, out: str) -> None:
     model = get_peft_model(LlamaForCausalLM(LlamaConfig(**PRESETS["tiny-llama"])),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     layers = sharding.decoder_layers(model)
-    full = {"root": sharding.gathered_bytes(model) - 2 * max(
-        sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)}
-    full.update({f"layer {i}": sum(p.numel() * p.element_size() for p in layer.parameters())
-                 for i, layer in enumerate(layers)})
+    gathered = sharding.gathered(model)
     model, _ = sharding.shard(model, "fsdp2", torch.device("cpu"))
     units = {"root": model, **{f"layer {i}": layer for i, layer in enumerate(layers)}}
     seen: list[tuple[str, dict[str, int]]] = []
@@ -178,7 +179,8 @@ def _fsdp2_rank(rank: int, rendezvous: str, out: str) -> None:
 
     def on_output(i: int, output: Any) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
-        hidden.register_hook(lambda grad: note(f"layer {i} backward"))
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: note(f"layer {i} backward"))
 
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda module, args, i=i: note(f"layer {i} forward"))
@@ -187,21 +189,28 @@ def _fsdp2_rank(rank: int, rendezvous: str, out: str) -> None:
     ids = torch.randint(0, 256, (2, 32))
     for _ in range(2):
         seen.clear()
-        model(input_ids=ids, labels=ids).loss.backward()
+        output = model(input_ids=ids, labels=ids)
+        note("loss forward")
+        output.logits.register_hook(lambda grad: note("loss backward"))
+        output.loss.backward()
         note("backward end")
         optimizer.step()
         note("optimizer step")
         optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    note("eval")
     if rank == 0:
-        Path(out).write_text(json.dumps({"full": full, "seen": seen}))
+        Path(out).write_text(json.dumps({"root": gathered.root, "layers": gathered.layers, "seen": seen}))
     dist.destroy_process_group()
 
 
 def test_fsdp2_holds_the_root_unit_through_the_step_and_one_layer_at_a_time(tmp_path: Path) -> None:
-    """What ``sharding.gathered_bytes`` and ``step_memory.with_gathered`` assume of FSDP2, watched in a real
-    two-rank step on gloo: the root unit's weights are unsharded from the first layer's forward to the last
-    layer's backward, each layer's while it works, none at the end of backward nor after the optimizer step. The
-    second layer of the derivation, the next one's all-gather issued ahead, is a buffer no parameter shows."""
+    """What ``sharding.gathered`` and ``step_memory.with_gathered`` assume of FSDP2, watched in a real two-rank step
+    on gloo: the root unit's weights are unsharded from the first layer's forward to the last layer's backward and
+    after an eval, each layer's while it works, none at the end of backward nor after the optimizer step; at no
+    moment more than ``with_gathered`` places there. The derivation's extra layer (at the loss's backward, and inside
+    a layer: the next one's all-gather, issued ahead) is a buffer no parameter shows."""
     import json
 
     import torch.multiprocessing as mp
@@ -209,14 +218,21 @@ def test_fsdp2_holds_the_root_unit_through_the_step_and_one_layer_at_a_time(tmp_
     out = tmp_path / "seen.json"
     mp.spawn(_fsdp2_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
     found = json.loads(out.read_text())
-    full, seen = found["full"], dict(found["seen"])
+    full = {"root": found["root"], **{f"layer {i}": nbytes for i, nbytes in enumerate(found["layers"])}}
+    seen = dict(found["seen"])
     layers = [name for name in full if name != "root"]
-    assert list(seen) == [f"{name} forward" for name in layers] + [f"{name} backward" for name in reversed(layers)] \
-        + ["backward end", "optimizer step"]
+    assert list(seen) == [f"{name} forward" for name in layers] + ["loss forward", "loss backward"] \
+        + [f"{name} backward" for name in reversed(layers)] + ["backward end", "optimizer step", "eval"]
+    placed = step_memory.with_gathered(dict.fromkeys(step_memory.PHASES, {}),
+                                       sharding.Gathered(found["root"], tuple(found["layers"])))
     for moment, alive in seen.items():
         at_work = moment.rsplit(" ", 1)[0] if moment.startswith("layer") else None
-        expected = {name: full[name] if at_work and name in ("root", at_work) else 0 for name in full}
-        assert alive == expected, moment
+        held = ("root", at_work) if moment not in ("backward end", "optimizer step") else ()
+        assert alive == {name: full[name] if name in held else 0 for name in full}, moment
+        derived = placed["MLP backward" if at_work else moment].get("gathered_weights", 0)
+        assert sum(alive.values()) <= derived, moment
+        if not at_work and moment != "loss backward":
+            assert sum(alive.values()) == derived, moment  # root alone, or nothing
 
 
 def test_partition_rules() -> None:

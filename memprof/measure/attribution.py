@@ -27,6 +27,8 @@ from memprof.results.record import Record
 if TYPE_CHECKING:
     from torch import nn
 
+    from memprof.train.sharding import Gathered
+
 
 @dataclass(frozen=True)
 class Part:
@@ -99,15 +101,15 @@ def _parts(record: Record, device: str, peak_phase: str) -> tuple[str, dict[str,
     # paged state is CUDA managed memory: outside the allocator, so not part of its peak
     paged = (record.optimizer_state_paged_bytes or 0) if device == "cuda" else 0
     state = record.optimizer_state_bytes - paged
-    gathered = _gathered_bytes(record.config)
+    gathered = _gathered(record.config)
     shape = step_memory.step_shape(record.config, device)
-    if shape is None:
+    if shape is None:  # no moment to place FSDP2's all-gathered weights at: left in the remainder
         return "", {**weights, "gradients": record.gradient_bytes or 0, "optimizer_state": state,
-                    "activations": record.activation_bytes,
-                    **({"gathered_weights": gathered} if gathered and peak_phase != "optimizer" else {})}
-    moments = step_memory.with_gathered(step_memory.moments(
-        shape, weights=sum(weights.values()), optimizer=state, gradients=record.gradient_bytes or 0,
-        activations=record.activation_bytes), gathered)
+                    "activations": record.activation_bytes}
+    moments = step_memory.moments(shape, weights=sum(weights.values()), optimizer=state,
+                                  gradients=record.gradient_bytes or 0, activations=record.activation_bytes)
+    if gathered is not None:
+        moments = step_memory.with_gathered(moments, gathered)
     candidates = {name: parts for name, parts in moments.items()
                   if not peak_phase or step_memory.phase(name) == peak_phase} or moments
     moment = max(candidates, key=lambda name: sum(candidates[name].values()))
@@ -149,15 +151,15 @@ def _four_bit_bytes(config: CellConfig) -> int | None:
                for p in built.parameters() if is_four_bit(p))
 
 
-def _gathered_bytes(config: CellConfig) -> int:
-    """An FSDP2 rank's all-gathered weights (``memprof.train.sharding.gathered_bytes``); 0 for another strategy, or a
-    model that does not build on the meta device."""
+def _gathered(config: CellConfig) -> Gathered | None:
+    """What an FSDP2 rank all-gathers (``memprof.train.sharding.gathered``); None for another strategy, or a model
+    that does not build on the meta device."""
     from memprof.train import sharding
 
     if config.levers.parallel.strategy != "fsdp2":
-        return 0
+        return None
     built = _meta_model(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
-    return 0 if built is None else sharding.gathered_bytes(built)
+    return None if built is None else sharding.gathered(built)
 
 
 @lru_cache(maxsize=32)
@@ -165,7 +167,6 @@ def _meta_model(model: str, adapter: str, precision: str) -> nn.Module | None:
     """A record's model on the meta device (by its specs' JSON, so that a run's records build it once); None where
     it does not build."""
     from memprof.config.spec import AdapterSpec, ModelSpec
-    from memprof.errors import UserError
     from memprof.train import meta
 
     spec = ModelSpec.model_validate_json(model)
@@ -173,7 +174,7 @@ def _meta_model(model: str, adapter: str, precision: str) -> nn.Module | None:
         return None
     try:
         return meta.meta_model(spec, AdapterSpec.model_validate_json(adapter), precision)
-    except UserError:
+    except Exception:  # noqa: BLE001 - a model that trained may not build here: attributed without these
         return None
 
 

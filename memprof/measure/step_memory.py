@@ -31,6 +31,7 @@ from memprof.config.catalogue import CATALOGUE
 
 if TYPE_CHECKING:
     from memprof.config.spec import AdapterSpec, CellConfig
+    from memprof.train.sharding import Gathered
 
 MiB = 1 << 20
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down")
@@ -676,14 +677,26 @@ def moments(s: StepShape, weights: int, optimizer: int, gradients: int | None = 
     return out
 
 
-def with_gathered(every: dict[str, dict[str, int]], gathered: int) -> dict[str, dict[str, int]]:
-    """``moments`` with an FSDP2 rank's all-gathered weights (``memprof.train.sharding.gathered_bytes``) alive where
-    FSDP2 holds them: at every moment but the end of backward and the optimizer step, by which it has resharded
-    every unit."""
-    if not gathered:
+# FSDP2 at each moment: the root unit's weights alone once the last layer's forward is done (its head and loss, and
+# an eval's); at the loss's backward also the last layer's, whose all-gather the root's pre-backward issues; inside
+# a layer, that layer's and the next one's (gathered ahead); none at the end of backward, which reshards every unit
+_GATHERED_LAYERS = {"loss forward": 0, "chunked loss forward": 0, "eval": 0, "loss backward": 1,
+                    "chunked loss backward": 1, "chunked loss head backward": 1}
+_RESHARDED = ("backward end", "optimizer step")
+
+
+def gathered_layers(moment: str) -> int:
+    """How many decoder layers' weights FSDP2 holds all-gathered at ``moment`` beside the root unit's."""
+    return _GATHERED_LAYERS.get(moment, 2)
+
+
+def with_gathered(every: dict[str, dict[str, int]], gathered: Gathered) -> dict[str, dict[str, int]]:
+    """``moments`` with an FSDP2 rank's all-gathered weights (``memprof.train.sharding.gathered``) where FSDP2 holds
+    them (``_GATHERED_LAYERS``)."""
+    if not gathered.root and not gathered.layers:
         return every
-    return {name: parts if name in ("backward end", "optimizer step") else {**parts, "gathered_weights": gathered}
-            for name, parts in every.items()}
+    return {name: parts if name in _RESHARDED else
+            {**parts, "gathered_weights": gathered.with_layers(gathered_layers(name))} for name, parts in every.items()}
 
 
 def peak_parts(s: StepShape, weights: int, optimizer: int, gradients: int | None = None,

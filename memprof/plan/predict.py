@@ -34,6 +34,7 @@ from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
 from memprof.train.fourbit import is_four_bit
 from memprof.train.models import LeverUnavailable
+from memprof.train.sharding import Gathered
 from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, meta_model
 
 MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
@@ -68,7 +69,7 @@ class Exact:
     adapted_numel: int       # base weight elements under an adapter
     residual_itemsize: int   # element size of the hidden states between layers (what checkpointing keeps)
     ranks: tuple[RankParts, ...] = ()
-    gathered_bytes: int = 0  # FSDP2: the root unit's and two layers' weights unsharded (sharding.gathered_bytes)
+    gathered: Gathered = Gathered()  # FSDP2: what a rank all-gathers (none for another strategy)
 
 
 # Parts a plan has beyond those of a measured peak (memprof.measure.attribution.PARTS and OUTSIDE)
@@ -269,8 +270,7 @@ def exact_parts(request: CellConfig, model: nn.Module | None = None) -> Exact:
                  adapted_numel=adapted_numel(model),
                  residual_itemsize=model.get_input_embeddings().weight.element_size(),
                  ranks=ranks if request.levers.parallel.world_size > 1 else (),
-                 gathered_bytes=sharding.gathered_bytes(model) if request.levers.parallel.strategy == "fsdp2"
-                 else 0,
+                 gathered=sharding.gathered(model) if request.levers.parallel.strategy == "fsdp2" else Gathered(),
                  **fullest)
 
 
@@ -361,9 +361,6 @@ def _weights(request: CellConfig, exact: Exact) -> list[Part]:
     return parts
 
 
-GATHERED = "derived: the root unit and two layers unsharded"
-
-
 def _sharding(request: CellConfig, exact: Exact, gathered: bool = True) -> list[Part]:
     """DDP's gradient buckets, and (``gathered``: where no moment of the step holds them) FSDP2's all-gathered
     weights."""
@@ -371,7 +368,8 @@ def _sharding(request: CellConfig, exact: Exact, gathered: bool = True) -> list[
     if strategy in ("ddp", "zero1"):
         return [Part("ddp_buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients")]
     if strategy == "fsdp2" and gathered:
-        return [Part("gathered_weights", exact.gathered_bytes, GATHERED)]
+        return [Part("gathered_weights", exact.gathered.with_layers(2), "derived: the root unit and two layers "
+                     "unsharded")]
     return []
 
 
@@ -381,12 +379,14 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, c
     held = sum(p.bytes or 0 for p in weights if p.allocated and p.name != "optimizer_state")
     state = next(p.bytes for p in weights if p.name == "optimizer_state")
     moments = step_memory.with_gathered(step_memory.moments(
-        shape, weights=held, optimizer=state or 0, gradients=exact.gradient_bytes), exact.gathered_bytes)
+        shape, weights=held, optimizer=state or 0, gradients=exact.gradient_bytes), exact.gathered)
     moment = max(moments, key=lambda name: sum(moments[name].values()))
     error = ESTIMATE_ERROR if moment in step_memory.ESTIMATES else ANALYTIC_ERROR
     how = "analytic" + (" (an estimate from CPU replays)" if error == ESTIMATE_ERROR else "")
     exact_names = {p.name for p in weights}
-    parts = weights + [Part(name, nbytes, GATHERED) if name == "gathered_weights" else Part(name, nbytes, how, error)
+    layers = ("", " and one layer", " and two layers")[step_memory.gathered_layers(moment)]
+    gathered = f"derived: the root unit{layers} unsharded"
+    parts = weights + [Part(name, nbytes, gathered) if name == "gathered_weights" else Part(name, nbytes, how, error)
                        for name, nbytes in name_parts(moments[moment]).items() if name not in exact_names]
     parts += _sharding(request, exact, gathered=False)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from memprof.config.spec import CellConfig
-from memprof.measure.attribution import attribute
 from memprof.results.record import RANK_FIELDS, CellResult, Record, Status
 from memprof.run import processes
 from memprof.run.worker import measure_cell
@@ -93,11 +92,18 @@ def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_inter
     return 0 if result.record.status is Status.OK else EXIT_CELL_FAILED
 
 
+# A rank's figures of its own peak that ``ranks`` does not keep apart, besides its RANK_FIELDS
+PEAK_FIELDS = ("peak_reserved_bytes", "num_alloc_retries", "num_ooms", "phase_peak_allocated_bytes",
+               "nvml_peak_device_used_bytes", "nvml_peak_process_used_bytes", "peak_phase", "peak_moment", "breakdown",
+               "allocator_cache_bytes", "non_pytorch_bytes", "rss_baseline_bytes", "peak_rss_bytes",
+               "heap_free_delta_bytes")
+
+
 def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
     """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``, and
-    the peak split into parts again, so that they sum to the fullest rank's peak (the base record's other figures:
-    glibc's free heap, the phase of the peak). The first rank to fail (``codes`` is in exit order) gives the status
-    and the base record (else rank 0)."""
+    the rest of its peak (``PEAK_FIELDS``: its parts, the allocator's and NVML's figures, the free heap) the fullest
+    rank's, so that its parts sum to the headline peak. The first rank to fail (``codes`` is in exit order) gives
+    the status and the base record (else rank 0: losses and steps, one stream of batches)."""
     failed = [r for r, code in codes.items() if code != 0]
     base = failed[0] if failed else 0
     if base not in results:
@@ -110,8 +116,10 @@ def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int
         figures = [f[name] for f in ranks if f.get(name) is not None]
         if figures and name != "step_time_median_s":
             values[name] = max(figures)
+    if not failed:  # the rank with the highest peak (the lowest of equals)
+        fullest = results[max(results, key=lambda r: (results[r].record.peak_bytes or 0, -r))].record
+        values.update({name: getattr(fullest, name) for name in PEAK_FIELDS})
     record = replace(results[base].record, ranks=ranks, **values)
-    record = attribute(record, record.peak_phase)
     if failed:
         record = replace(record, error=f"rank {base}: {record.error}")
     return CellResult(record, results[base].steps, results[base].timeline)

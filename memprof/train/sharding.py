@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -70,17 +71,29 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 # --- plan side -------------------------------------------------------------------------------------------
 
 
-def gathered_bytes(model: nn.Module) -> int:
-    """The weights an FSDP2 rank holds unsharded at once in forward and backward: the root unit's own (embeddings,
-    final norm, head: all-gathered at the first forward, resharded at the end of backward) and two decoder layers'
-    (the one at work, and the next, whose all-gather is issued before it is needed). 4-bit weights are never
-    sharded (``_fully_shard``), so never gathered."""
+@dataclass(frozen=True)
+class Gathered:
+    """What an FSDP2 rank all-gathers, in bytes: its root unit's own weights (embeddings, final norm, head: gathered
+    at the first forward, resharded at the end of backward) and each decoder layer's (gathered while it works, the
+    next one's all-gather issued before it is needed). 4-bit weights are never sharded (``_fully_shard``), so never
+    gathered."""
+
+    root: int = 0
+    layers: tuple[int, ...] = ()
+
+    def with_layers(self, n: int) -> int:
+        """The root unit's weights and the ``n`` largest layers'."""
+        return self.root + sum(sorted(self.layers)[len(self.layers) - n:]) if n else self.root
+
+
+def gathered(model: nn.Module) -> Gathered:
+    """What an FSDP2 rank of ``model`` (on the meta device, or real) all-gathers."""
 
     def full(params: Iterable[nn.Parameter]) -> int:
         return sum(p.numel() * p.element_size() for p in params if not is_four_bit(p))
 
-    layers = [full(layer.parameters()) for layer in decoder_layers(model)]
-    return full(model.parameters()) - sum(layers) + 2 * max(layers, default=0)
+    layers = tuple(full(layer.parameters()) for layer in decoder_layers(model))
+    return Gathered(full(model.parameters()) - sum(layers), layers)
 
 
 def chunk_rows(rows: int, world_size: int) -> int:
