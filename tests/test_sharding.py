@@ -241,6 +241,8 @@ def test_partition_rules() -> None:
     assert sharding.padded_shard_numel((257, 4), 2) == 129 * 4
     # largest first, each to the rank with the fewest elements so far, sizes carried across groups
     assert sharding.zero1_partition([[10, 30, 20], [5]], 2) == [[[1], [0]], [[2, 0], []]]
+    # FSDP2's gathered weights: the root unit's and the largest layers', a one-layer model's layer once
+    assert sharding.Gathered(10, (3, 5, 4)).with_layers(2) == 19 and sharding.Gathered(7, (2,)).with_layers(2) == 9
 
 
 def test_plan_per_rank_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:

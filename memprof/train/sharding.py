@@ -83,7 +83,7 @@ class Gathered:
 
     def with_layers(self, n: int) -> int:
         """The root unit's weights and the ``n`` largest layers'."""
-        return self.root + sum(sorted(self.layers)[len(self.layers) - n:]) if n else self.root
+        return self.root + sum(sorted(self.layers, reverse=True)[:n])
 
 
 def gathered(model: nn.Module) -> Gathered:
