@@ -101,13 +101,13 @@ def _parts(record: Record, device: str, peak_phase: str) -> tuple[str, dict[str,
     # paged state is CUDA managed memory: outside the allocator, so not part of its peak
     paged = (record.optimizer_state_paged_bytes or 0) if device == "cuda" else 0
     state = record.optimizer_state_bytes - paged
-    gathered = _gathered(record.config)
     shape = step_memory.step_shape(record.config, device)
     if shape is None:  # no moment to place FSDP2's all-gathered weights at: left in the remainder
         return "", {**weights, "gradients": record.gradient_bytes or 0, "optimizer_state": state,
                     "activations": record.activation_bytes}
     moments = step_memory.moments(shape, weights=sum(weights.values()), optimizer=state,
                                   gradients=record.gradient_bytes or 0, activations=record.activation_bytes)
+    gathered = _gathered(record.config)
     if gathered is not None:
         moments = step_memory.with_gathered(moments, gathered)
     candidates = {name: parts for name, parts in moments.items()
@@ -144,7 +144,7 @@ def _four_bit_bytes(config: CellConfig) -> int | None:
     from memprof.train import meta
     from memprof.train.fourbit import is_four_bit
 
-    built = _meta_model(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
+    built = _meta_model(config)
     if built is None:
         return None
     return sum(meta.four_bit_bytes(p.numel(), p.blocksize, p.compress_statistics)
@@ -158,14 +158,18 @@ def _gathered(config: CellConfig) -> Gathered | None:
 
     if config.levers.parallel.strategy != "fsdp2":
         return None
-    built = _meta_model(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
+    built = _meta_model(config)
     return None if built is None else sharding.gathered(built)
 
 
+def _meta_model(config: CellConfig) -> nn.Module | None:
+    """A record's model on the meta device; None where it does not build."""
+    return _meta_model_of(config.model.model_dump_json(), config.adapter.model_dump_json(), config.shape.precision)
+
+
 @lru_cache(maxsize=32)
-def _meta_model(model: str, adapter: str, precision: str) -> nn.Module | None:
-    """A record's model on the meta device (by its specs' JSON, so that a run's records build it once); None where
-    it does not build."""
+def _meta_model_of(model: str, adapter: str, precision: str) -> nn.Module | None:
+    """``_meta_model`` by the specs' JSON, so that a run's records build each model once."""
     from memprof.config.spec import AdapterSpec, ModelSpec
     from memprof.train import meta
 

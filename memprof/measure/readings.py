@@ -65,9 +65,9 @@ def sample_interval(device: torch.device, asked: float | None = None) -> float:
     """The sampler's interval: ``asked``, else 10 ms on the CPU and 50 ms on CUDA. Each wake-up of the sampler's
     thread takes the GIL from the training thread, which a launch-bound GPU step cannot spare: over a loop of small
     torch ops the thread used 1.21% of a CPU at 10 ms and 0.38% at 50 ms (2-core Intel Xeon VM), a bound on the GIL
-    it took (results/benchmarks/sampler_cost.md). On CUDA no peak depends on the interval (the allocator's are exact, NVML
-    is read when they move, the kernel keeps the host's high-water mark); on the CPU the samples name the phase
-    of the RSS peak."""
+    it took (results/benchmarks/sampler_cost.md). On CUDA no peak depends on the interval (the allocator's are
+    exact, NVML is read when they move, the kernel keeps the host's high-water mark); on the CPU the samples name
+    the phase of the RSS peak."""
     return asked if asked is not None else SAMPLE_INTERVAL_S["cuda" if device.type == "cuda" else "cpu"]
 
 

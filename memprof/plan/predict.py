@@ -361,16 +361,17 @@ def _weights(request: CellConfig, exact: Exact) -> list[Part]:
     return parts
 
 
-def _sharding(request: CellConfig, exact: Exact, gathered: bool = True) -> list[Part]:
-    """DDP's gradient buckets, and (``gathered``: where no moment of the step holds them) FSDP2's all-gathered
-    weights."""
-    strategy = request.levers.parallel.strategy
-    if strategy in ("ddp", "zero1"):
+def _ddp_buckets(request: CellConfig, exact: Exact) -> list[Part]:
+    """DDP's flat copies of the gradients, under ddp and zero1."""
+    if request.levers.parallel.strategy in ("ddp", "zero1"):
         return [Part("ddp_buckets", exact.gradient_bytes, "derived: DDP's flat copies of the gradients")]
-    if strategy == "fsdp2" and gathered:
-        return [Part("gathered_weights", exact.gathered.with_layers(2), "derived: the root unit and two layers "
-                     "unsharded")]
     return []
+
+
+def _gathered_part(gathered: Gathered, layers: int) -> Part:
+    """FSDP2's all-gathered weights: the root unit's and ``layers`` decoder layers' (0 to 2)."""
+    named = ("", " and one layer", " and two layers")[layers]
+    return Part("gathered_weights", gathered.with_layers(layers), f"derived: the root unit{named} unsharded")
 
 
 def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, calibration: Calibration,
@@ -384,11 +385,10 @@ def _analytic(request: CellConfig, exact: Exact, shape: step_memory.StepShape, c
     error = ESTIMATE_ERROR if moment in step_memory.ESTIMATES else ANALYTIC_ERROR
     how = "analytic" + (" (an estimate from CPU replays)" if error == ESTIMATE_ERROR else "")
     exact_names = {p.name for p in weights}
-    layers = ("", " and one layer", " and two layers")[step_memory.gathered_layers(moment)]
-    gathered = f"derived: the root unit{layers} unsharded"
-    parts = weights + [Part(name, nbytes, gathered) if name == "gathered_weights" else Part(name, nbytes, how, error)
+    parts = weights + [_gathered_part(exact.gathered, step_memory.gathered_layers(moment))
+                       if name == "gathered_weights" else Part(name, nbytes, how, error)
                        for name, nbytes in name_parts(moments[moment]).items() if name not in exact_names]
-    parts += _sharding(request, exact, gathered=False)
+    parts += _ddp_buckets(request, exact)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
     parts.append(_other(measured, other_feature(shape.tokens, shape.layers, shape.hidden, shape.intermediate),
                         shape.adapter, peak))
@@ -430,7 +430,7 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
     weights = _weights(request, exact)
     parts = weights + [p for p in moments[moment] + [
         Part("workspaces", step_memory.cublas_workspace_bytes(device), "derived: cuBLAS's, one per thread"),
-        Part("input", request.shape.tokens * 8, "exact")] if p.bytes] + _sharding(request, exact)
+        Part("input", request.shape.tokens * 8, "exact")] if p.bytes] + _ddp_buckets(request, exact)
     peak = sum(p.bytes or 0 for p in parts if p.allocated)
     if measured is not None:
         widths = exact.shape
@@ -491,7 +491,9 @@ def fitted_plan(request: CellConfig, exact: Exact, calibration: Calibration, dev
                       fitted + (f", the loss's logits {chunk} tokens at a time" if chunk else ""),
                       group.peak_max_error if device == "cpu" else
                       max(group.peak_max_error, FITTED_TEMPORARIES_CUDA_ERROR)))
-    parts += _sharding(request, exact)
+    parts += _ddp_buckets(request, exact)
+    if request.levers.parallel.strategy == "fsdp2":  # no moment to place them at: the most FSDP2 holds at once
+        parts.append(_gathered_part(exact.gathered, 2))
     if device == "cuda":
         parts += _outside_pytorch(calibration, sum(p.bytes or 0 for p in parts if p.allocated), 0)
     return Plan(request, exact, tuple(parts), calibration.path or calibration.device, device, method="fitted")
