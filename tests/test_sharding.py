@@ -72,6 +72,27 @@ def test_every_rank_is_measured_and_the_headline_is_the_fullest_rank(sharded: tu
         assert sum(r.breakdown.values()) == r.peak_rss_delta_bytes, r.key  # the parts of the headline's peak
 
 
+def test_a_cuda_cells_peak_figures_are_the_fullest_ranks_and_its_host_figures_the_rank_whose_rss_rose_most(
+        tmp_path: Path) -> None:
+    """On CUDA the allocator's peak and host RSS's rise can top out on different ranks: each set of figures comes
+    whole from one rank, so the parts sum to the headline and the RSS peak less its baseline is the RSS rise."""
+    from dataclasses import replace
+
+    from memprof.results.record import CellResult, Record
+    from memprof.run.ranks import merge
+
+    cell = parse(SUITE, tmp_path / "sharded.toml").cells[0]
+    mib = 1 << 20
+    fuller = Record(cell, peak_allocated_bytes=300 * mib, breakdown={"frozen_weights": 200 * mib, "other": 100 * mib},
+                    peak_rss_delta_bytes=40 * mib, rss_baseline_bytes=900 * mib, peak_rss_bytes=940 * mib)
+    busier_host = replace(fuller, peak_allocated_bytes=250 * mib, breakdown={"frozen_weights": 250 * mib},
+                          peak_rss_delta_bytes=70 * mib, rss_baseline_bytes=1000 * mib, peak_rss_bytes=1070 * mib)
+    for order in ((fuller, busier_host), (busier_host, fuller)):
+        merged = merge(cell, {rank: CellResult(r) for rank, r in enumerate(order)}, {0: 0, 1: 0}).record
+        assert merged.peak_bytes == 300 * mib == sum(merged.breakdown.values())
+        assert merged.peak_rss_delta_bytes == 70 * mib == merged.peak_rss_bytes - merged.rss_baseline_bytes
+
+
 def test_per_rank_figures_come_back_from_cells_csv(sharded: tuple[list, list], tmp_path: Path) -> None:
     """`memprof compare` reads a cells.csv as well as records.jsonl: the rank columns round-trip."""
     _, records = sharded

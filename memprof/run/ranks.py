@@ -95,15 +95,18 @@ def _rank(cell: CellConfig, rank: int, rendezvous: Path, out: Path, sample_inter
 # A rank's figures of its own peak that ``ranks`` does not keep apart, besides its RANK_FIELDS
 PEAK_FIELDS = ("peak_reserved_bytes", "num_alloc_retries", "num_ooms", "phase_peak_allocated_bytes",
                "nvml_peak_device_used_bytes", "nvml_peak_process_used_bytes", "peak_phase", "peak_moment", "breakdown",
-               "allocator_cache_bytes", "non_pytorch_bytes", "rss_baseline_bytes", "peak_rss_bytes",
-               "heap_free_delta_bytes")
+               "allocator_cache_bytes", "non_pytorch_bytes", "heap_free_delta_bytes")
+# A rank's host figures, from the rank whose host memory rose most, so that they give the record's
+# peak_rss_delta_bytes (the max over ranks). On the CPU that rank is the fullest; on CUDA it may be another.
+HOST_FIELDS = ("rss_baseline_bytes", "peak_rss_bytes")
 
 
 def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int]) -> CellResult:
     """One record for the cell: each memory figure the max over ranks, every rank's figures kept in ``ranks``, and
     the rest of its peak (``PEAK_FIELDS``: its parts, the allocator's and NVML's figures, the free heap) the fullest
-    rank's, so that its parts sum to the headline peak. The first rank to fail (``codes`` is in exit order) gives
-    the status and the base record (else rank 0: losses and steps, one stream of batches)."""
+    rank's, so that its parts sum to the headline peak; its host RSS (``HOST_FIELDS``) that of the rank whose RSS
+    rose most. The first rank to fail (``codes`` is in exit order) gives the status and the base record (else rank
+    0: losses and steps, one stream of batches)."""
     failed = [r for r, code in codes.items() if code != 0]
     base = failed[0] if failed else 0
     if base not in results:
@@ -119,6 +122,8 @@ def merge(cell: CellConfig, results: dict[int, CellResult], codes: dict[int, int
     if not failed:  # the rank with the highest peak (the lowest of equals)
         fullest = results[max(results, key=lambda r: (results[r].record.peak_bytes or 0, -r))].record
         values.update({name: getattr(fullest, name) for name in PEAK_FIELDS})
+        host = results[max(results, key=lambda r: (results[r].record.peak_rss_delta_bytes or 0, -r))].record
+        values.update({name: getattr(host, name) for name in HOST_FIELDS})
     record = replace(results[base].record, ranks=ranks, **values)
     if failed:
         record = replace(record, error=f"rank {base}: {record.error}")
