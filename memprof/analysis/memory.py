@@ -20,17 +20,20 @@ def group_key(config: CellConfig) -> tuple:
 
 def state_vs_baseline(records: Iterable[Record]) -> dict[int, float]:
     """Each cell's optimizer-state bytes over those of the ``adamw_torch`` cell of its group with the same levers,
-    by cell index (cells without such a baseline are left out)."""
+    by cell index. Left out: cells without such a baseline, and groups where no other optimizer is compared with it
+    (each of their cells would read 1.00×, its own baseline)."""
     records = list(records)
     base: dict[tuple, int] = {}
     for r in reversed(records):
         if r.config.optimizer.name == BASELINE_OPTIMIZER and r.optimizer_state_bytes:
             base[group_key(r.config), r.config.levers_label] = r.optimizer_state_bytes
+    compared = {(group_key(r.config), r.config.levers_label) for r in records
+                if r.config.optimizer.name != BASELINE_OPTIMIZER and r.optimizer_state_bytes is not None}
     out = {}
     for r in records:
-        denominator = base.get((group_key(r.config), r.config.levers_label))
-        if denominator and r.optimizer_state_bytes is not None:
-            out[r.config.index] = r.optimizer_state_bytes / denominator
+        key = group_key(r.config), r.config.levers_label
+        if key in base and key in compared and r.optimizer_state_bytes is not None:
+            out[r.config.index] = r.optimizer_state_bytes / base[key]
     return out
 
 

@@ -49,16 +49,17 @@ def memory_table(run: Run) -> TableData:
     for r in one_per_config(run.records):
         ratio = ratios.get(r.config.index)
         row = [axis.text(r.config) for axis in axes] + [
-            r.status.value, human_bytes(r.optimizer_state_bytes), peak_text(r, r.peak_bytes),
-            f"{ratio:.2f}×" if ratio is not None else "–"]
+            r.status.value, human_bytes(r.optimizer_state_bytes), peak_text(r, r.peak_bytes)]
+        row += [f"{ratio:.2f}×" if ratio is not None else "–"] if ratios else []
         row += [peak_text(r, on_card_bytes(r) if r.peak_bytes is not None else None)] if cuda else []
         row += [human_bytes(r.optimizer_state_paged_bytes)] if paged else []
         row += [r.peak_moment or "–"]
         rows.append(row)
-    columns = [axis.title for axis in axes] + ["status", "optimizer state", "peak", "vs AdamW"] + \
-        (["on the card"] if cuda else []) + (["paged"] if paged else []) + ["peak at"]
-    notes = ["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers",
-             peak_note(cuda)]
+    columns = [axis.title for axis in axes] + ["status", "optimizer state", "peak"] + \
+        (["vs AdamW"] if ratios else []) + (["on the card"] if cuda else []) + (["paged"] if paged else []) + \
+        ["peak at"]
+    notes = (["vs AdamW: optimizer-state bytes over adamw_torch's with the same model, adapter, shape and levers"]
+             if ratios else []) + [peak_note(cuda)]
     if cuda:
         notes.append("on the card: NVML's peak for the process (allocator, its cache, CUDA's context)"
                      + (" plus paged state" if paged else ""))

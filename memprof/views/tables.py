@@ -74,12 +74,14 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
         head = rows[0].config
         trainable = next((r.trainable_params for r in rows if r.trainable_params), None)
         axes = [a for a in varying([r.config for r in rows], always=("optimizer",)) if a.name not in GROUP_AXES]
-        columns = [a.title for a in axes] + ["status", "state", "vs AdamW"] + (["paged"] if show_paged else []) + \
-            ["peak", "tokens/s", "loss", "step p50"]
+        compared = any(r.config.index in ratios for r in rows)
+        columns = [a.title for a in axes] + ["status", "state"] + (["vs AdamW"] if compared else []) + \
+            (["paged"] if show_paged else []) + ["peak", "tokens/s", "loss", "step p50"]
         tables.append(TableData(
             f"{head.model.name} / {head.adapter.name}  b{head.shape.batch_size}×s{head.shape.seq_len} "
             f"{head.shape.precision}, {_num(trainable, ',')} trainable params", columns,
-            [[a.text(r.config) for a in axes] + _row(r, ratios.get(r.config.index), show_paged) for r in rows],
+            [[a.text(r.config) for a in axes] + _row(r, ratios.get(r.config.index), compared, show_paged)
+             for r in rows],
             styles={(i, len(axes)): STATUS_STYLE[r.status] for i, r in enumerate(rows)}))
     parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report"),
                    Text(peak_note(any(r.peak_allocated_bytes is not None for r in records)), style="dim"),
@@ -113,14 +115,16 @@ def slopes_table(slopes: Iterable[Slope]) -> Table:
     return table
 
 
-def _row(r: Record, ratio_to_adamw: float | None, show_paged: bool) -> list[str]:
-    """The figures of one results row (its names come from the varying axes)."""
-    ratio = f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–"
+def _row(r: Record, ratio_to_adamw: float | None, compared: bool, show_paged: bool) -> list[str]:
+    """The figures of one results row (its names come from the varying axes); the ratio to AdamW's state where its
+    group is ``compared``."""
     loss = _num(r.final_loss_smoothed, ".3f")
     if r.first_loss is not None and r.status is Status.OK:
         loss = f"{_num(r.first_loss, '.3f')}→{loss}"
     step_ms = r.step_time_median_s * 1e3 if r.step_time_median_s is not None else None
-    cells = [r.outcome, human_bytes(r.optimizer_state_bytes), ratio]
+    cells = [r.outcome, human_bytes(r.optimizer_state_bytes)]
+    if compared:
+        cells.append(f"{ratio_to_adamw:.2f}×" if ratio_to_adamw is not None else "–")
     if show_paged:
         cells.append(human_bytes(r.optimizer_state_paged_bytes))
     return cells + [peak_text(r, r.peak_bytes), marked(_num(r.tokens_per_s, ",.0f"), [r]), loss,
