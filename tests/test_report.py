@@ -81,13 +81,17 @@ def test_the_page_embeds_every_figure_and_the_pngs_are_written(run_dir: Path) ->
     assert "src='http" not in page and "<script" not in page  # self-contained
 
 
-def test_loss_lines_that_coincide_are_striped_each_at_its_own_offset_and_the_others_solid() -> None:
-    from memprof.views.plots import _coinciding_styles
+def test_loss_lines_that_coincide_are_striped_each_at_its_own_offset_and_their_eval_dots_nest() -> None:
+    from memprof.views.plots import _coinciding, _line_style, _marker_size
 
     adamw = [5.0, 4.0, 3.0]
-    styles = _coinciding_styles([adamw, [x + 1e-3 for x in adamw], [5.0, 4.5, 4.0], adamw, []])
+    places = _coinciding([adamw, [x + 1e-3 for x in adamw], [5.0, 4.5, 4.0], adamw, []])
+    assert places == [(0, 3), (1, 3), (0, 1), (2, 3), (0, 1)]
+    styles = [_line_style(p) for p in places]
     assert styles[0] == styles[2] == styles[4] == "-"
     assert "-" != styles[1] != styles[3] != "-"
+    sizes = [_marker_size(p) for p in places]
+    assert sizes[2] == sizes[4] and sizes[0] > sizes[1] > sizes[3] > 2  # each later dot inside the one before
 
 
 def test_memory_is_the_first_section_with_state_and_each_peak(run_dir: Path) -> None:
@@ -198,6 +202,27 @@ def test_time_to_target_has_the_suite_target_and_the_relative_one(run_dir: Path)
     assert not row[-2].startswith("never")  # the best cell reaches a target 5% above its own final loss
 
 
+def test_a_folder_copied_without_its_step_logs_says_so_and_draws_no_empty_curves(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Records alone (results/levers-cpu is committed so): the suite's target still has its table, the relative
+    target (which needs the logs) and the loss figures are left out, and the command says why."""
+    import shutil
+
+    copy = tmp_path / "records-only"
+    copy.mkdir()
+    for name in ("records.jsonl", "env.json", "suite.toml"):
+        shutil.copy(run_dir / name, copy / name)
+    capsys.readouterr()
+    assert run_cli("report", str(copy)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {copy}/cells holds no steps.csv: no loss curves" in " ".join(err.split())
+    # no loss figures; the LR sweep's points are the records' own final losses
+    assert sorted(p.name for p in (copy / "report").glob("*.png")) == ["lr-rank.png", "memory.png"]
+    table, logged = report.target_table(report.load_run(copy)), report.target_table(report.load_run(run_dir))
+    assert logged.columns[-2:] == ["steps to relative", "s to relative"] and table.columns == logged.columns[:-2]
+    assert table.rows == [row[:-2] for row in logged.rows]  # the suite target's figures are the records' own
+
+
 def test_report_of_a_folder_without_records_is_a_user_error(tmp_path: Path) -> None:
     assert run_cli("report", str(tmp_path)) == 2
 
@@ -292,13 +317,16 @@ def test_a_gpu_run_s_table_and_figure_agree_on_what_was_on_the_card_and_mark_wha
     table = memory_table(run)
     column = table.columns.index
     assert column("peak") < column("vs AdamW") < column("on the card")  # the headline first: kept on 80 columns
+    from memprof.views.report import _env_line
+
+    assert ", 1× NVIDIA H100 80GB HBM3, Intel(R) Xeon(R)" in _env_line(run)  # the page names the card it ran on
     paged = [r for r in report.one_per_config(run.records) if r.optimizer_state_paged_bytes]
     assert len(paged) == 4  # paged 8- and 32-bit AdamW, LoRA and QLoRA
     for r in paged:  # NVML's process figure leaves the managed memory out: both views add it, to the same figure
         row = next(row for row in table.rows if row[:2] == [r.config.adapter.name, r.config.optimizer.label])
         card = r.nvml_peak_process_used_bytes + r.optimizer_state_paged_bytes
         assert row[column("on the card")] == human_bytes(card) == human_bytes(on_card_bytes(r))
-        assert plots._bar_label(r, "GiB", 1 << 30, True).endswith(f", {card / (1 << 30):.2f} on the card")
+        assert plots._bar_label(r, "GiB", 1 << 30, True).endswith(f", {card / (1 << 30):.2f} GiB on the card")
     levers = report.load_run(GPU_RUNS / "levers-gpu")
     (stopped,) = [r for r in levers.records if r.status is Status.INTERRUPTED]
     table = memory_table(levers)

@@ -210,37 +210,54 @@ def _steps_to(target: float, steps: list[StepLog]) -> int | None:
     return None if n is None else known[n - 1].step + 1
 
 
-def target_table(run: Run) -> TableData:
-    """Steps and seconds to a target loss: the suite's own (from the records) and one relative to the best cell."""
+def target_table(run: Run) -> TableData | None:
+    """Steps and seconds to a target loss: the suite's own (from the records) and one relative to the best cell
+    (from the cells' per-step logs, left out where a folder kept none). None when there is neither."""
     ok = [r for r in run.records if r.status is Status.OK and r.final_loss_smoothed is not None]
     best = min((r.final_loss_smoothed for r in ok), default=None)
     relative = best * (1 + RELATIVE_TARGET_MARGIN) if best is not None else None
     suite_target = next((r.config.training.target_loss for r in run.records
                          if r.config.training.target_loss is not None), None)
+    logged = has_step_logs(run)
+    if suite_target is None and not logged:
+        return None
     axes = varying_axes(run.records)
     rows = []
     for rs in by_config(run.records).values():
-        reached = [_steps_to(relative, run.steps.get(r.config.index, []))
-                   if relative is not None and r.status is Status.OK else None for r in rs]
-        seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n,
-                                                 r.config.training.warmup_steps) for r, n in zip(rs, reached)]
         row = _axis_cells(rs[0], axes)
         if suite_target is not None:
             row += [_reached([r.steps_to_target for r in rs], rs),
                     marked(mean_ci([r.seconds_to_target for r in rs], ".2f"), rs)]
-        rows.append(row + [_reached(reached, rs), marked(mean_ci(seconds, ".2f"), rs)])
+        if logged:
+            reached = [_steps_to(relative, run.steps.get(r.config.index, []))
+                       if relative is not None and r.status is Status.OK else None for r in rs]
+            seconds = [convergence.seconds_to_target([s.step_time_s for s in run.steps.get(r.config.index, [])], n,
+                                                     r.config.training.warmup_steps) for r, n in zip(rs, reached)]
+            row += [_reached(reached, rs), marked(mean_ci(seconds, ".2f"), rs)]
+        rows.append(row)
     columns = [axis.title for axis in axes]
-    notes = [f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
-             f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished",
-             "steps: until the smoothed training loss first reaches the target, mean over the repeats that did "
+    notes = ["steps: until the smoothed training loss first reaches the target, mean over the repeats that did "
              "(k/n reached, of the n that trained); seconds: training time of those steps, warm-up steps at the "
              "median step's time, evaluation excluded"]
+    if logged:
+        notes.insert(0, f"relative target: {relative:.3f} = the best final smoothed training loss of the run "
+                        f"({best:.3f}) + {RELATIVE_TARGET_MARGIN:.0%}" if relative is not None else "no cell finished")
+    else:
+        notes.append(NO_STEP_LOGS.format(run.run_dir))
     if suite_target is not None:
         columns += [f"steps to {suite_target:g}", f"s to {suite_target:g}"]
         notes.insert(0, f"suite target_loss: {suite_target:g}")
+    columns += ["steps to relative", "s to relative"] if logged else []
     notes += contention_notes(run.records)
-    return TableData(f"Time to target ({fixed_axes(run.records)})", columns + ["steps to relative", "s to relative"],
-                     rows, notes)
+    return TableData(f"Time to target ({fixed_axes(run.records)})", columns, rows, notes)
+
+
+NO_STEP_LOGS = "{}/cells holds no steps.csv: no loss curves, and no time to a target relative to the best cell"
+
+
+def has_step_logs(run: Run) -> bool:
+    """Whether any cell's per-step log is in the folder (a folder copied without cells/ has records alone)."""
+    return any(run.steps.values())
 
 
 def _reached(steps: Sequence[int | None], rs: Sequence[Record]) -> str:

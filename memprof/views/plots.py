@@ -67,8 +67,9 @@ def memory_figure(run: Run) -> Figure | None:
                                                                   "width_ratios": (4, 1.5) if states else (1,)})
     present: dict[str, str] = {}
     attributed = {id(r) for r in shown}
+    overshoot = False  # a bar whose named parts exceed its peak (a negative remainder)
     labels: list[Any] = []
-    state_labels: list[Any] = []
+    state_labels: list[list[Any]] = []
     for i, (row, (title, rs)) in enumerate(zip(axes, groups.items())):
         ax = row[0]
         names = [a for a in varying([r.config for r in rs], always=("optimizer",)) if a.name not in GROUP_AXES]
@@ -81,6 +82,9 @@ def memory_figure(run: Run) -> Figure | None:
                 ax.barh(y, nbytes / scale, left=left, height=0.7, linewidth=0.6, **_style(part))
                 present[part] = (PARTS | OUTSIDE)[part].label
                 left += nbytes / scale
+            if id(r) in attributed and r.breakdown.get("other", 0) < 0:
+                overshoot = True
+                ax.plot([r.peak_bytes / scale] * 2, [y - 0.45, y + 0.45], color="black", linewidth=1.5)
             labels.append(ax.text(left, y, _bar_label(r, unit, scale, id(r) in attributed), va="center", fontsize=8))
         ax.set_yticks(range(len(rs)), ticks, fontsize=9)
         ax.set_ylim(len(rs) - 0.5, -0.5)  # top to bottom, rows without a bar kept whole
@@ -88,12 +92,13 @@ def memory_figure(run: Run) -> Figure | None:
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlim(0, max(totals) / scale * 1.05)
         if states:
-            state_labels += _state_bars(row[1], rs, shown, last=i == len(groups) - 1)
+            state_labels.append(_state_bars(row[1], rs, shown))
     if states:
-        axes[0, 1].set_title("optimizer state alone", fontsize=10, loc="left")
+        axes[0, 1].set_title("optimizer state alone (each group's own scale)", fontsize=10, loc="left")
     measure = "allocator" if shown[0].peak_allocated_bytes is not None else "RSS growth"
     hatched = "; hatched: outside the torch allocator, on the card with them" if set(present) & set(OUTSIDE) else ""
-    axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}{hatched})")
+    over = "; black tick: the peak, where the named parts exceed it (a negative remainder)" if overshoot else ""
+    axes[-1, 0].set_xlabel(f"{unit} at the peak ({measure}{hatched}{over})")
     handles = [plt.Rectangle((0, 0), 1, 1, **_style(p)) for p in present]
     columns = 4
     rows = math.ceil(len(present) / columns)
@@ -103,8 +108,8 @@ def memory_figure(run: Run) -> Figure | None:
     fig.suptitle("Where each peak's bytes are", fontsize=11)
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
     _room_for(labels, [row[0] for row in axes])
-    if states:
-        _room_for(state_labels, [row[1] for row in axes])
+    for row, group_labels in zip(axes, state_labels):
+        _room_for(group_labels, [row[1]])
     return Figure("memory", "Where each peak's bytes are", _png(fig))
 
 
@@ -116,7 +121,7 @@ def _bar_label(r: Record, unit: str, scale: int, attributed: bool) -> str:
         return f" {r.outcome}{reached}"
     card = on_card_bytes(r)
     peak = f" {r.peak_bytes / scale:.2f} {unit}"
-    text = f"{peak} peak, {card / scale:.2f} on the card" if card is not None else peak
+    text = f"{peak} peak, {card / scale:.2f} {unit} on the card" if card is not None else peak
     return text + ("" if r.status is Status.OK else f" ({r.status.value})")
 
 
@@ -135,13 +140,12 @@ def _room_for(labels: list[Any], axes: list[Axes]) -> None:
         ax.set_xlim(0, right)
 
 
-def _state_bars(ax: Axes, rs: list[Record], shown: list[Record], last: bool) -> list[Any]:
-    """Each record's optimizer state: what the allocator holds, then its paged part hatched; one scale for all
-    groups; nothing for a cell whose state was never whole (it stopped before its first step). Returns the labels;
-    the ``last`` group's axes carry the unit."""
-    most_bytes = max((r.optimizer_state_bytes or 0) for r in shown)
-    unit, scale = scale_unit(most_bytes)
-    most = most_bytes / scale
+def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> list[Any]:
+    """Each record of a group's optimizer state, on the group's own scale: what the allocator holds, then its paged
+    part hatched; nothing for a cell whose state was never whole (it stopped before its first step). Returns the
+    labels."""
+    most_bytes = max((r.optimizer_state_bytes or 0) for r in rs)
+    unit, scale = scale_unit(most_bytes or 1)
     labels = []
     for y, r in enumerate(rs):
         if r.optimizer_state_bytes is None:
@@ -153,12 +157,11 @@ def _state_bars(ax: Axes, rs: list[Record], shown: list[Record], last: bool) -> 
         label = f" {human_bytes(state)}" + (f" ({human_bytes(paged)} paged)" if paged else "")
         labels.append(ax.text(state / scale, y, label, va="center", fontsize=8))
     ax.set_yticks(range(len(rs)), [""] * len(rs))
-    ax.invert_yaxis()
+    ax.set_ylim(len(rs) - 0.5, -0.5)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_xlim(0, most * 1.05 or 1)
-    if last:
-        paged = any(r.optimizer_state_paged_bytes for r in shown)
-        ax.set_xlabel(unit + (" (hatched: paged)" if paged else ""), fontsize=9)
+    ax.set_xlim(0, most_bytes / scale * 1.05 or 1)
+    paged = any(r.optimizer_state_paged_bytes for r in shown)
+    ax.set_xlabel(unit + (" (hatched: paged)" if paged else ""), fontsize=8, labelpad=1)
     return labels
 
 
@@ -178,10 +181,11 @@ def _segments(r: Record) -> dict[str, int]:
 
 
 def figures(run: Run) -> list[Figure]:
-    """One loss figure per model/shape group, then the LR x rank sweep when the run is one."""
+    """One loss figure per model/shape group with per-step logs, then the LR x rank sweep when the run is one."""
     groups: dict[str, list[Record]] = {}
     for r in run.records:
         groups.setdefault(group_title(r), []).append(r)
+    groups = {key: rs for key, rs in groups.items() if any(run.steps.get(r.config.index) for r in rs)}
     out = [group_figure(i, key, records, run) for i, (key, records) in enumerate(groups.items())]
     sweep = lr_sweep_figure(run)
     return out + ([sweep] if sweep else [])
@@ -193,20 +197,21 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     fig, (by_step, by_time, lr_axis) = plt.subplots(1, 3, figsize=(16, 5.4), dpi=DPI)
     finite: list[float] = []
     configs = list(by_config(records).values())
-    styles = _coinciding_styles([[s.loss for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
-    lr_styles = _coinciding_styles([[s.lr for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
-    for k, (colour, style, lr_style, rs) in enumerate(zip(itertools.cycle(COLOURS), styles, lr_styles, configs)):
+    places = _coinciding([[s.loss for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
+    lr_places = _coinciding([[s.lr for s in run.steps.get(rs[0].config.index, [])] for rs in configs])
+    styles, lr_styles = [_line_style(p) for p in places], [_line_style(p) for p in lr_places]
+    for colour, place, lr_style, rs in zip(itertools.cycle(COLOURS), places, lr_styles, configs):
         for n, r in enumerate(rs):
             rows = run.steps.get(r.config.index, [])
             if not rows:
                 continue
             label = label_of(r) if n == 0 else None
-            _curves(by_step, by_time, rows, r.config.training.warmup_steps, style,
-                    dict(color=colour, label=label, alpha=0.9 if len(rs) == 1 else 0.6), k)
+            _curves(by_step, by_time, rows, r.config.training.warmup_steps, place,
+                    dict(color=colour, label=label, alpha=0.9 if len(rs) == 1 else 0.6))
             if n == 0:
                 lr_axis.plot([s.step for s in rows], [s.lr for s in rows], color=colour, label=label,
                              linestyle=lr_style)
-            finite += [s.loss for s in rows if math.isfinite(s.loss)]
+            finite += [x for s in rows for x in (s.loss, s.eval_loss) if x is not None and math.isfinite(x)]
     floor = next((r.entropy_floor_nats for r in records if r.entropy_floor_nats is not None), None)
     for ax in (by_step, by_time):
         if floor is not None:
@@ -233,43 +238,55 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     return Figure(f"loss-{index:02d}", title, _png(fig))
 
 
-def _coinciding_styles(curves: list[list[float]]) -> list[Any]:
-    """A line style per curve: solid, but where curves coincide on the plot (within 0.5% of the losses' range: the
-    AdamW variants that take the same steps), the later ones dashed, each at its own offset over the first, so the
-    line shows every colour in turn."""
+def _coinciding(curves: list[list[float]]) -> list[tuple[int, int]]:
+    """Each curve's place among those it coincides with on the plot (within 0.5% of the losses' range: the AdamW
+    variants that take the same steps), and how many they are: (0, 1) for a curve that coincides with none."""
     finite = [x for curve in curves for x in curve if math.isfinite(x)]
     tolerance = 0.005 * (max(finite) - min(finite)) if finite else 0.0
     heads: dict[int, list[int]] = {}
     for i, curve in enumerate(curves):
         head = next((h for h in heads if _within(curves[h], curve, tolerance)), None) if curve else None
         heads.setdefault(i if head is None else head, []).append(i)
-    styles: list[Any] = ["-"] * len(curves)
+    places = [(0, 1)] * len(curves)
     for members in heads.values():
-        period = 5 * len(members)
-        for j, i in enumerate(members[1:], start=1):
-            styles[i] = (period - 5 * j, (5, period - 5))
-    return styles
+        for j, i in enumerate(members):
+            places[i] = (j, len(members))
+    return places
+
+
+def _line_style(place: tuple[int, int]) -> Any:
+    """Solid for the first of coinciding curves, the later ones dashed, each at its own offset over the first, so the
+    line shows every colour in turn."""
+    j, n = place
+    period = 5 * n
+    return "-" if j == 0 else (period - 5 * j, (5, period - 5))
+
+
+def _marker_size(place: tuple[int, int]) -> float:
+    """The first of coinciding curves' eval dots the largest, each later one smaller and drawn on top: the dots of
+    curves that coincide nest as rings of every colour."""
+    j, n = place
+    return (9 if n == 1 else 12) * (1 - j / (n + 0.5))
 
 
 def _within(a: list[float], b: list[float], tolerance: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
 
 
-def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], warmup_steps: int, step_style: Any,
-            line: dict[str, Any], k: int) -> None:
-    """One cell's training loss (and eval markers) against step, in ``step_style``, and against time; the ``k``-th
-    configuration's eval markers smaller and on top of those before, so markers that coincide show every colour,
-    nested."""
+def _curves(by_step: Axes, by_time: Axes, rows: list[StepLog], warmup_steps: int, place: tuple[int, int],
+            line: dict[str, Any]) -> None:
+    """One cell's training loss (and eval markers) against step, in its ``place``'s style among the curves it
+    coincides with, and against time."""
     seconds = convergence.elapsed_s([s.step_time_s for s in rows], warmup_steps)
     losses = [s.loss for s in rows]
-    by_step.plot([s.step for s in rows], losses, linewidth=1.2, linestyle=step_style, **{**line, "label": None})
+    by_step.plot([s.step for s in rows], losses, linewidth=1.2, linestyle=_line_style(place), **{**line, "label": None})
     by_time.plot(seconds, losses, linewidth=1.2, **line)
     evals = [(s.step, t, s.eval_loss) for s, t in zip(rows, seconds) if s.eval_loss is not None]
     if evals:
         steps, times, values = zip(*evals)
-        marker = dict(color=line["color"], markersize=max(3, 9 - 1.5 * k), markeredgecolor="black", zorder=3 + k)
-        by_step.plot(steps, values, "o", **marker)
-        by_time.plot(times, values, "o", **marker)
+        marker = dict(color=line["color"], markeredgecolor="white", markeredgewidth=0.5)
+        by_step.plot(steps, values, "o", markersize=_marker_size(place), zorder=3 + place[0], **marker)
+        by_time.plot(times, values, "o", markersize=_marker_size((0, 1)), zorder=3, **marker)  # apart in time
 
 
 def _loss_limits(ax: Axes, finite: list[float], floor: float | None, first: list[float]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.best { font-weight: bold; background: #dff5df; }
 p.note { color: #666; font-size: 12px; margin: 0.1em 0; }
 img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
-h1.section { font-size: 22px; border-bottom: 2px solid #333; margin-top: 1.5em; }
+h1.section { font-size: 24px; border-bottom: 2px solid #333; margin-top: 1.5em; }
+h2 { font-size: 16px; margin: 1.2em 0 0.3em; }
 """
 
 
@@ -106,7 +108,9 @@ def _env_line(run: Run) -> str:
     if run.env is None:
         return ""
     torch_version = (run.env.get("versions") or {}).get("torch", "?")
-    return html.escape(f"; torch {torch_version}, {run.env.get('cpu') or 'cpu'}")
+    gpus = Counter(gpu.get("name", "?") for gpu in run.env.get("gpus") or [] if isinstance(gpu, dict))
+    cards = "".join(f"{n}× {name}, " for name, n in gpus.items())
+    return html.escape(f"; torch {torch_version}, {cards}{run.env.get('cpu') or 'cpu'}")
 
 
 def write(run: Run, sections: list[Section], out_dir: Path) -> Path:
