@@ -335,6 +335,16 @@ def test_a_gpu_run_s_table_and_figure_agree_on_what_was_on_the_card_and_mark_wha
     assert any(note.startswith("≥: the cell stopped early") for note in table.notes)
     assert plots._bar_label(stopped, "GiB", 1 << 30, False) == f" interrupted: ≥ {human_bytes(stopped.peak_bytes)} " \
                                                                "reached"
+    # at 80 columns a column with one value in every row (its only optimizer) gives way to the figures first
+    from memprof.views.report import _html_table
+    from memprof.views.tables import rich_tables
+
+    printed = " ".join(_printed(rich_tables([table], 80), 80).split())
+    assert "in every row: optimizer adamw_torch" in printed
+    assert "not shown at 80 columns: on the card, peak at" in printed
+    page = _html_table(table)  # and the page says it in a line too
+    assert "<th>optimizer</th>" not in page and "<th>peak</th>" in page
+    assert "in every row: optimizer adamw_torch" in page
     # its only optimizer is AdamW: each cell would be its own baseline, so neither view has a "vs AdamW" column
     assert "vs AdamW" not in table.columns and not any("vs AdamW" in note for note in table.notes)
     assert "vs AdamW" not in _printed(results_table(levers.records, 200))

@@ -227,6 +227,7 @@ def group_figure(index: int, title: str, records: list[Record], run: Run) -> Fig
     by_time.set_title("loss vs time")
     lr_axis.set_xlabel("step")
     lr_axis.set_ylabel("learning rate")
+    lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     lr_axis.set_title(f"LR applied at each step{lr_striped}")
     lr_axis.grid(alpha=0.3)
     handles, labels = by_time.get_legend_handles_labels()  # solid there: every colour shows

@@ -13,7 +13,7 @@ from pathlib import Path
 from memprof.analysis.memory import on_card_bytes, state_vs_baseline
 from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.views.tables import NUMBER, human_bytes, peak_note, peak_text
+from memprof.views.tables import constant_columns, every_row_line, human_bytes, numeric_column, peak_note, peak_text
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -90,17 +90,22 @@ def html_page(run: Run, sections: list[Section]) -> str:
 
 
 def _html_table(t: TableData) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in t.columns)
+    """A table, its columns that hold one value in every row said in a line under it instead."""
+    constant = constant_columns(t)
+    keep = [j for j in range(len(t.columns)) if j not in constant]
+    numeric = {j for j in keep if numeric_column(t, j)}
+    head = "".join(f"<th>{html.escape(t.columns[j])}</th>" for j in keep)
     rows = []
     for i, row in enumerate(t.rows):
-        cells = "".join(f"<td{_classes(c, (i, j) in t.best)}>{html.escape(c)}</td>" for j, c in enumerate(row))
+        cells = "".join(f"<td{_classes(j in numeric, (i, j) in t.best)}>{html.escape(row[j])}</td>" for j in keep)
         rows.append(f"<tr>{cells}</tr>")
-    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in t.notes)
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>"
+                    for n in t.notes + ([every_row_line(t, constant)] if constant else []))
     return f"<h2>{html.escape(t.title)}</h2><table><tr>{head}</tr>{''.join(rows)}</table>{notes}"
 
 
-def _classes(text: str, best: bool) -> str:
-    names = (["num"] if NUMBER.match(text) else []) + (["best"] if best else [])
+def _classes(numeric: bool, best: bool) -> str:
+    names = (["num"] if numeric else []) + (["best"] if best else [])
     return f" class='{' '.join(names)}'" if names else ""
 
 

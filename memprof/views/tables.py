@@ -271,7 +271,7 @@ def rich_tables(tables: list[TableData], width: int, elsewhere: str = "report.ht
         keep, constant = _columns_that_fit(t, width)
         table = Table(title=f"[bold]{t.title}[/]", title_justify="left", header_style="bold")
         for j in keep:
-            numeric = all(NUMBER.match(row[j]) or NO_FIGURE.match(row[j]) or not row[j] for row in t.rows)
+            numeric = numeric_column(t, j)
             if _widest(t, j) > _NAME_WIDTH:
                 table.add_column(t.columns[j], overflow="fold")
             else:
@@ -283,13 +283,31 @@ def rich_tables(tables: list[TableData], width: int, elsewhere: str = "report.ht
         parts.append(table)
         parts.extend(Text(note, style="dim") for note in t.notes)
         if constant:
-            parts.append(Text("in every row: " + ", ".join(f"{t.columns[j]} {t.rows[0][j]}" for j in constant),
-                              style="dim"))
+            parts.append(Text(every_row_line(t, constant), style="dim"))
         left_out = [t.columns[j] for j in range(len(t.columns)) if j not in keep and j not in constant]
         if left_out:
             parts.append(Text(f"not shown at {width} columns: {', '.join(left_out)} (a wider terminal, or "
                               f"{elsewhere}, has {'them' if len(left_out) > 1 else 'it'})", style="yellow"))
     return Group(*parts)
+
+
+def numeric_column(t: TableData, j: int) -> bool:
+    """Whether column ``j`` holds figures (or none: '–', 'never'), to be right-aligned."""
+    return all(NUMBER.match(row[j]) or NO_FIGURE.match(row[j]) or not row[j] for row in t.rows)
+
+
+def constant_columns(t: TableData) -> list[int]:
+    """The columns that hold one value in every row of a table of several rows (all but the first where every
+    column does: a row still says what it is)."""
+    if len(t.rows) < 2:
+        return []
+    constant = [j for j in range(len(t.columns)) if len({row[j] for row in t.rows}) == 1]
+    return constant[1:] if len(constant) == len(t.columns) else constant
+
+
+def every_row_line(t: TableData, constant: list[int]) -> str:
+    """The line that says the ``constant`` columns' one value each."""
+    return "in every row: " + ", ".join(f"{t.columns[j]} {t.rows[0][j]}" for j in constant)
 
 
 def _widest(t: TableData, j: int) -> int:
@@ -298,8 +316,8 @@ def _widest(t: TableData, j: int) -> int:
 
 def _columns_that_fit(t: TableData, width: int) -> tuple[list[int], list[int]]:
     """(The columns to show, the ones said in a line instead): all that fit in ``width``; where they do not, those
-    but the first that hold one value in every row go to the line, then columns drop from the right. Prose columns
-    count at their narrowest useful width."""
+    that hold one value in every row go to the line (``constant_columns``), then columns drop from the right. Prose
+    columns count at their narrowest useful width."""
     def need(j: int) -> int:  # the widest cell or the header, plus rich's padding and border
         return max(min(_widest(t, j), _NAME_WIDTH), len(t.columns[j])) + 3
 
@@ -307,8 +325,8 @@ def _columns_that_fit(t: TableData, width: int) -> tuple[list[int], list[int]]:
         return sum(need(j) for j in columns) + 1 <= width
 
     keep, constant = list(range(len(t.columns))), []
-    if not fits(keep) and len(t.rows) > 1:
-        constant = [j for j in keep[1:] if len({row[j] for row in t.rows}) == 1]
+    if not fits(keep):
+        constant = constant_columns(t)
         keep = [j for j in keep if j not in constant]
     while len(keep) > 1 and not fits(keep):
         keep.pop()
