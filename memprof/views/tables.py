@@ -161,27 +161,37 @@ def crosscheck_table(rows: Iterable[CategoryCheck], title: str) -> Group:
 
 def levers_markdown(records: Iterable[Record]) -> str:
     """A Markdown table of one run's lever cells, per rank: what each lever does to each part of the memory
-    (``memprof levers RUN_DIR``, pasted into the README), timings taken under contention marked as elsewhere."""
+    (``memprof levers RUN_DIR``, pasted into the README), timings taken under contention marked as elsewhere, and
+    notes that say what each figure is and why a cell has none."""
     records = list(records)
     header = ["model / adapter", "optimizer", "levers", "seq", "weights", "gradients", "optimizer state",
               "activations", "peak", "tokens/s"]
     align = ["---"] * 4 + ["---:"] * (len(header) - 4)  # the four labels left, the figures right
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    causes = []
     for r in records:
         c = r.config
         names = f"| {c.model.name} / {c.adapter.name} | {c.optimizer.label} | {c.levers_label or 'none'} | " \
                 f"{c.shape.seq_len} |"
         if r.status is not Status.OK:
-            cause = r.error.splitlines()[0] if r.error else ""  # whole: the cause is often past the 60th character
-            lines.append(f"{names} {markdown_cell(f'{r.status.value}: {cause}')} | | | | | |")
+            causes.append(f"({len(causes) + 1}) {r.status.value}" + (f": {r.error}" if r.error and r.error !=
+                                                                        r.status.value else ""))
+            lines.append(f"{names} – | – | – | – | {peak_text(r, r.peak_bytes)} | {r.status.value} "
+                         f"({len(causes)}) |")
             continue
         weights = (r.frozen_weight_bytes or 0) + (r.trainable_weight_bytes or 0)
         figures = [human_bytes(weights), human_bytes(r.gradient_bytes), human_bytes(r.optimizer_state_bytes),
                    human_bytes(r.activation_bytes), human_bytes(r.peak_bytes),
                    marked(_num(r.tokens_per_s, ",.0f"), [r])]
         lines.append(f"{names} {' | '.join(figures)} |")
-    notes = contention_notes(records)
-    return "\n".join(lines + (["", *notes] if notes else []))
+    cuda = any(r.peak_allocated_bytes is not None for r in records)
+    notes = ["weights, gradients, optimizer state: exact bytes of the tensors; activations: what autograd saves in "
+             "one micro-batch's forward (the peak holds more: the loss's logits, the layer at work in backward; "
+             "`memprof attribute` splits it); " + peak_note(cuda)]
+    if any(r.config.levers.parallel.world_size > 1 for r in records):
+        notes.append("sharded cells (ddp/zero1/fsdp2×n): each figure is the fullest rank's, never a sum over ranks")
+    notes += contention_notes(records) + [markdown_cell(cause) for cause in causes]
+    return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)  # each note a paragraph of its own
 
 
 def markdown_cell(text: str) -> str:
