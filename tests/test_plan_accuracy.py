@@ -74,6 +74,21 @@ def test_other_architectures_cpu_peaks_lie_within_the_plans_stated_uncertainty()
     assert all(row["within_uncertainty"] for row in rows), [row for row in rows if not row["within_uncertainty"]]
 
 
+def test_other_architectures_peaks_are_split_at_the_moment_and_into_the_parts_their_plan_has() -> None:
+    """The same run attributed: each peak at the moment its step on the meta device peaks, the plan's own bytes
+    there (one definition, meta_step.moments), and no part of the remainder negative (Gemma3's full fine-tune had
+    -21.9 MiB when every saved activation and every gradient were counted at one moment)."""
+    run = plan_accuracy.CPU_ARCHITECTURES
+    plans = {r.key: plan.plan_requests([r.config], calibration.load(), "cpu")[0]
+             for r in with_suite_configs(read_records(run), run)}
+    for r in attribute_run(run):
+        planned = plans[r.key]
+        assert r.peak_moment == planned.moment and r.peak_moment.endswith("(meta device)"), r.key
+        for part in ("activations", "loss_logits", "layer", "gradients"):
+            assert r.breakdown.get(part, 0) == sum(p.bytes for p in planned.parts if p.name == part), (r.key, part)
+        assert r.breakdown["other"] >= 0, r.key
+
+
 def test_the_shipped_cuda_calibration_is_what_the_h200_runs_give() -> None:
     shipped = calibration.load().devices["cuda"]
     assert fit_device(list(plan_accuracy.GPU_RUNS)) == shipped

@@ -7,6 +7,7 @@ cache and the memory outside PyTorch. The moment is the one of ``memprof.measure
 among those of the peak's phase: at the loss's backward every saved activation and the loss's fp32 logits
 gradients are alive but last step's gradients are not (``zero_grad(set_to_none=True)``); at a recomputed layer's
 attention backward the checkpointed inputs and that layer's transients are. For a model the formulas do not cover,
+the moments come from its step on the meta device (``meta_step.moments``: a second or so); where that cannot run,
 the exact parts, every saved activation and the gradients are named and the rest is the remainder.
 
 On the CPU the peak is the growth of resident memory over the worker's baseline, which also holds library pages
@@ -15,6 +16,7 @@ touched for the first time and the C allocator's slack: the remainder says how m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -68,7 +70,7 @@ _NAMES = {"optimizer_state": "optimizer_state", "cublas_workspaces": "workspaces
           "nll_grad": "loss_logits", "log_softmax_grad": "loss_logits", "log_softmax_out": "loss_logits",
           "gradients": "gradients", "foreach_temporaries": "optimizer_temporaries",
           "hidden_grad": "loss_logits", "eval_hidden": "loss_logits", "head_grad_sum": "gradients",
-          "gathered_weights": "gathered_weights"}
+          "gathered_weights": "gathered_weights", "loss_logits": "loss_logits"}
 
 
 def attribute(record: Record, peak_phase: str = "") -> Record:
@@ -102,18 +104,43 @@ def _parts(record: Record, device: str, peak_phase: str) -> tuple[str, dict[str,
     paged = (record.optimizer_state_paged_bytes or 0) if device == "cuda" else 0
     state = record.optimizer_state_bytes - paged
     shape = step_memory.step_shape(record.config, device)
-    if shape is None:  # no moment to place FSDP2's all-gathered weights at: left in the remainder
-        return "", {**weights, "gradients": record.gradient_bytes or 0, "optimizer_state": state,
-                    "activations": record.activation_bytes}
+    if shape is None:
+        return _meta_parts(record, device, peak_phase, weights, state)
     moments = step_memory.moments(shape, weights=sum(weights.values()), optimizer=state,
                                   gradients=record.gradient_bytes or 0, activations=record.activation_bytes)
     gathered = _gathered(record.config)
     if gathered is not None:
         moments = step_memory.with_gathered(moments, gathered)
+    moment, parts = _fullest(moments, peak_phase, step_memory.phase)
+    return moment, {**weights, **name_parts(parts)}
+
+
+def _meta_parts(record: Record, device: str, peak_phase: str, weights: dict[str, int],
+                state: int) -> tuple[str, dict[str, int]]:
+    """The moment and parts of a model the formulas do not cover, from its step on the meta device
+    (``meta_step.moments``); where that cannot run, no moment and every saved activation with the gradients (FSDP2's
+    all-gathered weights left in the remainder)."""
+    from memprof.measure import meta_step  # torch and transformers: only where a record needs the meta device
+
+    try:
+        found = meta_step.moments(record.config, device, record.gradient_bytes or 0)
+    except Exception:  # noqa: BLE001 - a model the meta device cannot step is attributed without a moment
+        found = None
+    if found is None:
+        return "", {**weights, "gradients": record.gradient_bytes or 0, "optimizer_state": state,
+                    "activations": record.activation_bytes}
+    moment, parts = _fullest(found[1], peak_phase, meta_step.PHASES.__getitem__)
+    return f"{moment} (meta device)", {**weights, "optimizer_state": state, **name_parts(parts)}
+
+
+def _fullest(moments: dict[str, dict[str, int]], peak_phase: str,
+             phase: Callable[[str], str]) -> tuple[str, dict[str, int]]:
+    """The moment with the most bytes among those in ``peak_phase`` (every one where none is, or it is ''), and its
+    parts."""
     candidates = {name: parts for name, parts in moments.items()
-                  if not peak_phase or step_memory.phase(name) == peak_phase} or moments
+                  if not peak_phase or phase(name) == peak_phase} or moments
     moment = max(candidates, key=lambda name: sum(candidates[name].values()))
-    return moment, {**weights, **name_parts(candidates[moment])}
+    return moment, candidates[moment]
 
 
 def name_parts(moment_parts: dict[str, int]) -> dict[str, int]:

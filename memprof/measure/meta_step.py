@@ -357,3 +357,36 @@ def step_peak(cell: CellConfig, device: str) -> StepPeak | None:
     except StepFails as err:
         raise StepFails(f"{cell.model.name} / {cell.adapter.name}: the step fails on the meta device, as a run's "
                         f"would: {err}") from err.__cause__
+
+
+# The phase of the loop each moment of ``moments`` falls in (the step's peak at one of _LiveBytes' moments)
+PHASES = {"forward": "forward", "loss forward": "forward", "loss backward": "backward", "backward": "backward",
+          "backward end": "backward", "optimizer step": "optimizer"}
+DEQUANTISED = "the 4-bit weight bitsandbytes dequantises"
+
+
+def moments(cell: CellConfig, device: str, gradients: int) -> tuple[StepPeak, dict[str, dict[str, int]]] | None:
+    """The moments of a step whose model ``step_memory``'s formulas do not cover, from its step on the meta device,
+    as ``step_memory.moments`` gives them for those it does (weights and optimizer state left to the caller): the
+    step's peak, under its moment's name, with a later micro-batch's beside every one of the ``gradients`` and a
+    QLoRA layer's dequantised 4-bit weight inside bitsandbytes' kernel (``DEQUANTISED``, derived); the end of
+    backward; the optimizer step. With the step itself; None where the meta device cannot run it, or for FSDP2
+    (whose shards one process does not hold).
+
+    Raises:
+        LeverUnavailable, StepFails: as ``step_peak``."""
+    step = step_peak(cell, device) if cell.levers.parallel.strategy != "fsdp2" else None
+    if step is None:
+        return None
+    at_peak = dict(step.parts)
+    if cell.adapter.kind == "qlora" and step.moment in ("forward", "backward"):  # inside a layer
+        dequantised = step_memory.dequantised_weight_parts(step.largest_frozen_linear,
+                                                           step_memory.compute_bytes(cell.adapter))
+        at_peak[DEQUANTISED] = sum(dequantised.values())
+    if cell.shape.grad_accum > 1:
+        at_peak["gradients"] += gradients
+    temporaries = step_memory.optimizer_temporaries(device, step_memory.fused_optimizer(cell.optimizer.name),
+                                                    gradients, step.largest_gradient)
+    return step, {step.moment: at_peak, "backward end": {"gradients": gradients},
+                  "optimizer step": {"gradients": gradients, "foreach_temporaries": temporaries}}
+

@@ -402,29 +402,24 @@ def meta_plan(request: CellConfig, exact: Exact, calibration: Calibration, devic
     activations, the loss's logits, the layer at work and the gradients made by then), the end of backward or the
     optimizer step, whichever holds most, with cuBLAS's workspaces, the batch and the device's fitted remainder.
     None where the meta device cannot run the step, or for FSDP2 (whose shards one process does not hold)."""
-    step = meta_step.step_peak(request, device) if request.levers.parallel.strategy != "fsdp2" else None
-    if step is None:
+    found = meta_step.moments(request, device, exact.gradient_bytes)
+    if found is None:
         return None
+    step, by_moment = found
     measured = calibration.devices.get(device)
     gradients = exact.gradient_bytes
-    in_layer = step.moment in ("forward", "backward")
-    dequantised = 0  # a layer's 4-bit matmul dequantises its weight, inside bitsandbytes' kernel
-    if request.adapter.kind == "qlora" and in_layer:
-        compute = step_memory.compute_bytes(request.adapter)
-        dequantised = sum(step_memory.dequantised_weight_parts(step.largest_frozen_linear, compute).values())
-    how, at_peak = "measured on the meta device", dict(step.parts)
-    if request.shape.grad_accum > 1:  # a later micro-batch runs beside every gradient of the first
-        at_peak["gradients"] += gradients
-        how += " (a later micro-batch, beside every gradient)"
+    at_peak = dict(by_moment[step.moment])
+    dequantised = at_peak.pop(meta_step.DEQUANTISED, 0)  # inside bitsandbytes' kernel: the layer at work's
+    how = "measured on the meta device" + (" (a later micro-batch, beside every gradient)"
+                                           if request.shape.grad_accum > 1 else "")
     moments = {
         f"{step.moment} (meta device)": [
             Part(name, nbytes + (dequantised if name == "layer" else 0),
-                 how + (" + the 4-bit weight bitsandbytes dequantises (derived)" if name == "layer" and dequantised
-                        else ""), META_ERROR[device]) for name, nbytes in at_peak.items()],
+                 how + (f" + {meta_step.DEQUANTISED} (derived)" if name == "layer" and dequantised else ""),
+                 META_ERROR[device]) for name, nbytes in at_peak.items()],
         "backward end": [Part("gradients", gradients, "exact")],
         "optimizer step": [Part("gradients", gradients, "exact"), Part(
-            "optimizer_temporaries", step_memory.optimizer_temporaries(
-                device, step_memory.fused_optimizer(request.optimizer.name), gradients, step.largest_gradient),
+            "optimizer_temporaries", by_moment["optimizer step"]["foreach_temporaries"],
             "derived: the optimizer's own")]}
     moment = max(moments, key=lambda name: sum(p.bytes or 0 for p in moments[name]))
     weights = _weights(request, exact)
