@@ -36,9 +36,10 @@ class Figure:
     png: bytes
 
 
-# One colour per part, the same in every figure: weights greens, gradients and state blues, activations oranges
+# One colour per part, the same in every figure: weights greens, gradients and state blues, activations oranges;
+# no two alike that can share a bar (buffers and glibc's free heap, on the CPU)
 PART_COLOURS = {"frozen_weights": "#2ca02c", "kbit_fp32_weights": "#98df8a", "trainable_weights": "#17becf",
-                "buffers": "#bcbd22", "gradients": "#9edae5", "optimizer_state": "#1f77b4",
+                "buffers": "#c5b0d5", "gradients": "#9edae5", "optimizer_state": "#1f77b4",
                 "optimizer_state_paged_bytes": "#aec7e8", "activations": "#ff7f0e", "loss_logits": "#d62728",
                 "layer": "#ffbb78", "optimizer_temporaries": "#9467bd", "workspaces": "#8c564b", "input": "#c49c94",
                 "gathered_weights": "#006d2c", "heap_free": "#dbdb8d", "other": "#7f7f7f",
@@ -49,8 +50,9 @@ def memory_figure(run: Run) -> Figure | None:
     """Each configuration's peak as a stacked bar of its parts (``memprof.measure.attribution``), the configurations
     of a model/shape group side by side; memory outside the torch allocator (paged state, the allocator's cache,
     CUDA's context) hatched after it. A configuration without parts (OOM, crash, unavailable) says how it ended and
-    what it reached instead. Beside each group its optimizer state alone, on its own scale, so a saving that is small
-    against the peak (LoRA's state) is seen too. None when no cell has a breakdown."""
+    what it reached instead. Where a group's configurations differ in optimizer state, beside each group its state
+    alone, on the group's own scale, so a saving that is small against the peak (LoRA's state) is seen too. None when
+    no cell has a breakdown."""
     records = one_per_config(run.records)
     shown = [r for r in records if r.breakdown and r.peak_bytes is not None]
     if not shown:
@@ -61,7 +63,8 @@ def memory_figure(run: Run) -> Figure | None:
     totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
     unit, scale = scale_unit(max(totals))
     heights = [0.45 * len(rs) + 0.9 for rs in groups.values()]
-    states = len({r.optimizer_state_bytes for r in shown}) > 1  # else the state panel would say nothing
+    # else the state panel would say nothing the bars' labels do not
+    states = any(len({r.optimizer_state_bytes for r in rs if r.breakdown}) > 1 for rs in groups.values())
     fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
                              dpi=DPI, squeeze=False, gridspec_kw={"height_ratios": heights,
                                                                   "width_ratios": (4, 1.5) if states else (1,)})
