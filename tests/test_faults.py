@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 import psutil
 import pytest
+import torch
 from conftest import run_cli, write_suite
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -624,6 +625,7 @@ def test_bad_suites_are_refused_before_anything_runs(tmp_path: Path, extra_suite
     (["--rule", "peak:lots", "--dry-run"], "error: --rule: unknown metric 'peak'"),
     (["--out", "{file}"], "error: --out: {file} is a file, not a folder"),
     (["--out", "{file}/results"], "error: --out: {file} is a file, not a folder"),
+    (["--out", "/proc/memprof-results"], "error: --out: cannot make /proc/memprof-results: No such file or directory"),
     # what only a comparison reads is a mistake without one, as a --rule is
     (["--rule", "peak_rss_delta_bytes:10%"], "error: --rule: is for the comparison: it needs --compare-to"),
     (["--markdown", "{file}.md"], "error: --markdown: is for the comparison: it needs --compare-to"),
@@ -647,6 +649,17 @@ def test_bad_run_flags_are_one_line_naming_the_flag_and_run_nothing(tmp_path: Pa
     lines = err.getvalue().strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(**names)), err.getvalue()
     assert not (tmp_path / "r").exists() and taken.read_text() == ""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this host has a CUDA device")
+def test_a_run_on_cuda_on_a_host_without_one_is_refused_before_any_cell(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each cell would crash on it (torch without CUDA asserts): one line, and no results folder."""
+    path = tmp_path / "ok.toml"
+    path.write_text(_X + _GRID)
+    assert run_cli("run", str(path), "--device", "cuda", "--out", str(tmp_path / "r")) == 2
+    assert capsys.readouterr().err.startswith("error: --device: cuda, but this host has no CUDA device")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("command", [["run", "--dry-run"], ["crosscheck"]])

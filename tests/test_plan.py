@@ -18,7 +18,7 @@ from memprof.train import meta
 from memprof.train.models import build_model
 from memprof.results.record import Status
 from memprof.results.store import read_records
-from memprof.config.spec import AdapterSpec, CellConfig, ModelSpec, OptimizerSpec, ShapeSpec
+from memprof.config.spec import MAX_BATCH_SIZE, AdapterSpec, CellConfig, ModelSpec, OptimizerSpec, ShapeSpec
 from memprof.suite import parse
 from memprof.suite.schema import AdapterTable
 from memprof.measure.accounting import weight_bytes
@@ -338,6 +338,10 @@ def test_a_bad_suite_is_one_line_naming_file_and_key(extra: str, where: str, tmp
     (["--model", "tiny-llama", "--world-size", "2", "--strategy", "fsdp2", "--loss-chunk", "16"],
      "--loss-chunk, --strategy: loss_chunk with parallel fsdp2: the chunked loss calls"),
     (["--model", "tiny-llama", "--world-size", "3"], "--world-size: 3 needs --strategy (ddp, zero1 or fsdp2)"),
+    (["--model", "tiny-llama", "--world-size", "99999999999", "--strategy", "fsdp2"],
+     "--world-size: must be 1 to 1,024, got 99,999,999,999"),  # a MemoryError, or hours of per-rank parts
+    (["--model", "tiny-llama", "--batch-size", "99999999999"], "--batch-size: must be 1 to 1,048,576, got"),
+    (["--model", "tiny-llama", "--seq-len", "1"], "--seq-len: must be 2 to 16,777,216, got 1"),
     (["--model", "tiny-llama", "--target-modules", "nope_proj"],
      "--target-modules: adapter: Target modules {'nope_proj'} not found in the base model"),
 ])
@@ -345,6 +349,15 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], where: str, capsys: pytes
     assert run_cli("plan", *argv) == 2
     err = capsys.readouterr().err.strip()
     assert where in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_the_largest_batch_a_card_takes_is_searched_within_a_batch_s_bounds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """tiny-llama at 8 tokens: the search from a batch of 1 doubles past 2**20 sequences before a 141 GB card is
+    full; it stops at the bound (it crashed there, a batch no ShapeSpec takes)."""
+    assert run_cli("plan", "--model", "tiny-llama", "--seq-len", "8", "--gpu", "h200", "--json") == 0
+    ((fit,),) = [row["gpus"] for row in json.loads(capsys.readouterr().out)]
+    assert 0 < fit["max_batch_size"] <= MAX_BATCH_SIZE
 
 
 def test_a_model_folder_a_model_cannot_be_built_from_is_the_model_flags_error(

@@ -305,6 +305,22 @@ optim = "faulty:KillRankOne"
     assert ok.status is Status.OK and len(ok.ranks) == 2
 
 
+def test_more_ranks_than_the_machine_has_cores_is_unavailable_before_any_fork(tmp_path: Path) -> None:
+    """Each rank is a process: a world size past the cores (the GPUs on CUDA) is that cell's 'unavailable' result,
+    where 100000 ranks forked until the host ran out of memory."""
+    import os
+
+    from memprof.run.ranks import run_ranks
+
+    cores = len(os.sched_getaffinity(0))
+    text = SUITE.replace("parallel = [", f'parallel = [{{strategy = "ddp", world_size = {cores + 1}}}, ')
+    cell = next(c for c in parse(text, tmp_path / "s.toml").cells if c.levers.parallel.world_size == cores + 1)
+    record = run_ranks(cell, None).record
+    assert record.status is Status.UNAVAILABLE
+    assert record.error == (f"ddp×{cores + 1} needs {cores + 1} ranks, one per device: this machine has {cores} "
+                            "CPU cores")
+
+
 def test_sharding_needs_a_strategy(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(SUITE.replace('{strategy = "ddp", world_size = 2}', '{world_size = 2}'))

@@ -79,6 +79,11 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('batch_size = [2]', 'batch_size = [9223372036854775807]'),
      "grid.batch_size[0]: Input should be less than or equal to 1048576"),
     (('seq_len = [32]', 'seq_len = [33554432]'), "grid.seq_len[0]: Input should be less than or equal to 16777216"),
+    (('seq_len = [32]', 'seq_len = [1]'), "grid.seq_len[0]: Input should be greater than or equal to 2"),  # NaN loss
+    (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 100000 }]'),
+     "grid.parallel[0].world_size: Input should be less than or equal to 1024"),
+    (('steps = 3', 'steps = 3\nmemory_budget_bytes = 1000000'),
+     "memory_budget_bytes is 0 (none) or at least 16,777,216 (16 MiB)"),  # a 1 MB budget hung its worker
     (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/nonexistent/model"'),
      "models.unused.path: no such folder: /nonexistent/model"),
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.full]\nkind = "none"\nr = 8'),

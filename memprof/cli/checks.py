@@ -13,10 +13,20 @@ if TYPE_CHECKING:
 
 
 def check_folder(flag: str, path: Path) -> None:
-    """Refuse ``path``, a folder to write in, when it or the nearest of its parents that exists is a file."""
+    """Refuse ``path``, a folder to write in, before any work: when it or the nearest of its parents that exists is
+    a file, or it cannot be made (no permission, a read-only file system, a folder that takes none: /proc). The
+    probe makes the folders that are missing and removes them again."""
     taken = next((p for p in (path, *path.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
         raise UserError(flag, f"{taken} is a file, not a folder")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(flag, f"cannot make {path}: {err.strerror or err}") from None
+    finally:
+        for made in (p for p in missing if p.is_dir()):
+            made.rmdir()
 
 
 def check_file(flag: str, path: Path) -> None:

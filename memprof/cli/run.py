@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         refuse(suite, check_all(suite.preflight_pairs()))
         output.out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
+    _cuda_where_asked(cells, "--device" if args.device else f"{suite.path}: device")
     baseline = None
     if args.compare_to:
         from memprof.analysis import compare
@@ -139,6 +140,15 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         check_file("--markdown", args.markdown)
     if args.resume is None:  # a resumed run writes in its own folder
         check_folder("--out", args.out)
+
+
+def _cuda_where_asked(cells: list[CellConfig], source: str) -> None:
+    """Refuse a run on CUDA on a host without a CUDA device, before any cell runs (each would crash on it)."""
+    import torch  # device_count asks NVML first: it starts no CUDA context in this process
+
+    if any(c.budget.device == "cuda" for c in cells) and torch.cuda.device_count() == 0:
+        raise UserError(source, f"cuda, but this host has no CUDA device that torch {torch.__version__} sees (run "
+                                "with --device cpu)")
 
 
 def _budget_on_the_cpu_only(cells: list[CellConfig], source: Path) -> None:

@@ -53,6 +53,10 @@ TimeoutSeconds = Annotated[float, BeforeValidator(_int_to_float), Field(gt=0, le
 # running out of memory, which is a result.
 MAX_BATCH_SIZE = 2**20
 MAX_SEQ_LEN = 2**24
+# Ranks a plan is drawn for; a run forks one process per rank, at most one per GPU or CPU core of its machine
+# (memprof.run.ranks).
+MAX_WORLD_SIZE = 1024
+MIN_MEMORY_BUDGET = 16 << 20
 Precision = Literal["fp32", "bf16", "fp16"]
 Checkpointing = Annotated[Literal["off", "on", "reentrant"], BeforeValidator(_on_off)]  # true/false: on/off
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
@@ -146,7 +150,7 @@ class ParallelSpec(Spec):
     optimizer state (ZeroRedundancyOptimizer), fsdp2 shards parameters, gradients and state (``fully_shard``)."""
 
     strategy: Literal["none", "ddp", "zero1", "fsdp2"] = "none"
-    world_size: PositiveInt = 1
+    world_size: Annotated[int, Field(gt=0, le=MAX_WORLD_SIZE)] = 1
 
     @model_validator(mode="after")
     def _ranks_match(self) -> ParallelSpec:
@@ -216,6 +220,13 @@ class Budget(Spec):
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
     timeout_s: TimeoutSeconds = 600.0
     memory_budget_bytes: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _budget_a_worker_can_start_in(self) -> Budget:
+        if 0 < self.memory_budget_bytes < MIN_MEMORY_BUDGET:
+            raise ValueError(f"memory_budget_bytes is 0 (none) or at least {MIN_MEMORY_BUDGET:,} (16 MiB): below "
+                             "that a worker cannot start its threads (a 1 MB one hung in Python's thread start)")
+        return self
 
 
 LIMITS = ("timeout_s", "memory_budget_bytes")  # Budget fields that limit a cell without changing what it runs
@@ -373,7 +384,7 @@ AXES: tuple[Axis, ...] = (
     Axis("adapter", "adapter", lambda a: a.name),
     Axis("optimizer", "optimizer", lambda o: o.label),
     Axis("batch_size", "shape.batch_size", "b{}".format, label="batch", minimum=1),
-    Axis("seq_len", "shape.seq_len", "s{}".format, label="seq", minimum=1),
+    Axis("seq_len", "shape.seq_len", "s{}".format, label="seq", minimum=2),  # one token leaves none to predict
     Axis("grad_accum", "shape.grad_accum", "ga{}".format, label="accum"),
     Axis("precision", "shape.precision"),
     Axis("lr", "training.lr", lambda lr: f"lr{lr:g}"),

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from memprof.config.spec import MAX_TIMEOUT_S, CellConfig
+from memprof.config.spec import (AXIS_BY_NAME, MAX_BATCH_SIZE, MAX_SEQ_LEN, MAX_TIMEOUT_S, MIN_MEMORY_BUDGET,
+                                 CellConfig)
 from memprof.errors import UserError
 from memprof.plan.predict import largest
 from memprof.results.record import Record, Status
@@ -126,7 +127,7 @@ def search(request: CellConfig, axis: str, run: Callable[[CellConfig], Record], 
         return ok
 
     try:
-        out.best = largest(fits, max(1, start // granularity), maximum // granularity) * granularity
+        out.best = largest(fits, maximum // granularity, start=max(1, start // granularity)) * granularity
     except _Stopped:
         out.interrupted = interrupted()
         out.failed = out.trials[-1] if out.trials and out.trials[-1].fits is None else None
@@ -165,10 +166,17 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
     if start > maximum:
         raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
+    most = MAX_BATCH_SIZE if axis == "batch_size" else MAX_SEQ_LEN
+    if maximum > most:
+        raise UserError("--max", f"{axis} is at most {most:,}, got {maximum:,}")
+    least = AXIS_BY_NAME[axis].minimum
+    if max(start // granularity, 1) * granularity < least:
+        raise UserError("--start", f"{axis} is at least {least}, got {max(start // granularity, 1) * granularity}")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise UserError("--timeout", f"must be positive and at most {MAX_TIMEOUT_S:g} s (a week), got {timeout_s}")
-    if budget_bytes is not None and budget_bytes <= 0:
-        raise UserError("--memory-budget", f"a memory budget must be positive, got {budget_bytes}")
+    if budget_bytes is not None and budget_bytes < MIN_MEMORY_BUDGET:
+        raise UserError("--memory-budget", f"a memory budget must be at least {MIN_MEMORY_BUDGET:,} B (16 MiB), got "
+                                           f"{budget_bytes:,}")
     cuda = on_cuda(device)
     limit = budget_bytes
     if limit is None and cuda:

@@ -28,8 +28,9 @@ from torch import nn
 from memprof.measure import meta_step, step_memory
 from memprof.measure.attribution import OUTSIDE, PARTS, name_parts
 from memprof.plan.calibration import Calibration, DeviceCalibration, Shape, cache_pressure, other_feature
-from memprof.config.spec import (ADAPTER_KINDS, AXES, LORA_DEFAULTS, AdapterSpec, CellConfig, Levers, ModelSpec,
-                                 OptimizerSpec, ParallelSpec, ShapeSpec)
+from memprof.config.spec import (ADAPTER_KINDS, AXES, AXIS_BY_NAME, LORA_DEFAULTS, MAX_BATCH_SIZE, MAX_SEQ_LEN,
+                                 MAX_WORLD_SIZE, AdapterSpec, CellConfig, Levers, ModelSpec, OptimizerSpec,
+                                 ParallelSpec, ShapeSpec)
 from memprof.errors import UserError
 from memprof.plan.gpus import Gpu
 from memprof.train.fourbit import is_four_bit
@@ -37,7 +38,6 @@ from memprof.train.models import LeverUnavailable
 from memprof.train.sharding import Gathered
 from memprof.train.meta import adapted_numel, four_bit_bytes, frozen_weight_bytes, meta_model
 
-MAX_SEARCH = 1 << 24              # no batch or sequence search goes beyond this
 
 
 @dataclass(frozen=True)
@@ -550,7 +550,7 @@ def _bracket(fits: Callable[[int], bool], start: int, limit: int,
     return 0, bad
 
 
-def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH) -> int:
+def largest(fits: Callable[[int], bool], limit: int, start: int = 1) -> int:
     """The largest n in [1, limit] with ``fits(n)`` (0 when not even 1 fits), for a monotone ``fits``, searched from
     ``start``: doubling while it fits, or halving until it does, then bisection."""
     good, bad = _bracket(fits, start, limit)
@@ -563,7 +563,7 @@ def largest(fits: Callable[[int], bool], start: int = 1, limit: int = MAX_SEARCH
     return good
 
 
-def largest_within(margin: Callable[[int], float], start: int = 1, limit: int = MAX_SEARCH) -> int:
+def largest_within(margin: Callable[[int], float], limit: int, start: int = 1) -> int:
     """The largest n in [1, limit] with ``margin(n) >= 0`` (0 when not even 1), for a decreasing ``margin`` (what a
     card has left). A plan's bytes grow smoothly with the batch and the length, so the search follows the line
     through the last two margins to where it crosses zero, bisecting whenever that does not halve the bracket: the
@@ -607,10 +607,10 @@ def verdict(plan: Plan, gpu: Gpu, calibration: Calibration) -> GpuFit:
         return gpu.capacity_bytes - sized.needed_bytes - sized.uncertainty_bytes
 
     # searched from the request's own values: the answer is the same, in fewer plans
-    max_batch = largest_within(lambda b: left(b, request.shape.seq_len), start=request.shape.batch_size)
-    cap = exact.shape.max_positions or MAX_SEARCH
-    max_seq = largest_within(lambda s: left(request.shape.batch_size, s), start=min(request.shape.seq_len, cap),
-                             limit=cap)
+    max_batch = largest_within(lambda b: left(b, request.shape.seq_len), MAX_BATCH_SIZE,
+                               start=request.shape.batch_size)
+    cap = min(exact.shape.max_positions or MAX_SEQ_LEN, MAX_SEQ_LEN)
+    max_seq = largest_within(lambda s: left(request.shape.batch_size, s), cap, start=min(request.shape.seq_len, cap))
     return GpuFit(gpu, plan.total_bytes, plan.uncertainty_bytes, plan.pageable_bytes, max_batch, max_seq,
                   max_seq == cap)
 
@@ -708,10 +708,14 @@ def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_m
                         "config.json")
     if adapter not in ADAPTER_KINDS:
         raise UserError("--adapter", f"must be {', '.join(ADAPTER_KINDS)}, not '{adapter}'")
-    for flag, value in (("--rank", rank), ("--batch-size", batch_size), ("--seq-len", seq_len),
-                        ("--grad-accum", grad_accum)):
+    for flag, value in (("--rank", rank), ("--grad-accum", grad_accum)):
         if value <= 0:
             raise UserError(flag, f"must be positive, got {value}")
+    for flag, value, axis, most in (("--batch-size", batch_size, "batch_size", MAX_BATCH_SIZE),
+                                    ("--seq-len", seq_len, "seq_len", MAX_SEQ_LEN)):
+        least = AXIS_BY_NAME[axis].minimum
+        if not least <= value <= most:
+            raise UserError(flag, f"must be {least} to {most:,}, got {value:,}")
     if loss_chunk < 0:
         raise UserError("--loss-chunk", f"must be 0 (off) or a number of tokens, got {loss_chunk}")
     targets: str | list[str] = target_modules
@@ -741,8 +745,8 @@ def sharding_flags(world_size: int, strategy: str | None) -> ParallelSpec:
     Raises:
         UserError: naming the flag that is wrong.
     """
-    if world_size < 1:
-        raise UserError("--world-size", f"must be positive, got {world_size}")
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise UserError("--world-size", f"must be 1 to {MAX_WORLD_SIZE:,}, got {world_size:,}")
     if strategy is None and world_size > 1:
         raise UserError("--world-size", f"{world_size} needs --strategy (ddp, zero1 or fsdp2)")
     if strategy is not None and world_size == 1:

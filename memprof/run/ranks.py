@@ -34,6 +34,9 @@ def run_ranks(cell: CellConfig, sample_interval_s: float | None,
     """Run ``cell`` on ``world_size`` ranks and merge their records; a rank that dies takes the others down and
     makes the cell ``crashed``. Rank 0 reports its steps to ``on_step``."""
     world_size = cell.levers.parallel.world_size
+    missing = missing_ranks(cell)
+    if missing:
+        return CellResult(Record(cell, status=Status.UNAVAILABLE, error=missing))
     with tempfile.TemporaryDirectory(prefix="memprof-ranks-") as tmp:
         rendezvous = Path(tmp) / "rendezvous"
         pids = {}
@@ -50,6 +53,19 @@ def run_ranks(cell: CellConfig, sample_interval_s: float | None,
             if path.exists():
                 results[rank] = CellResult.from_dict(json.loads(path.read_text()))
     return merge(cell, results, codes)
+
+
+def missing_ranks(cell: CellConfig) -> str:
+    """Why this machine cannot run the cell's ranks ('' where it can): each rank is a process of its own, on a GPU
+    of its own on CUDA, and on the CPU on a core of its own at most (ranks beyond the cores would only multiply the
+    memory and slow every rank)."""
+    world_size = cell.levers.parallel.world_size
+    gpus = torch.cuda.device_count() if cell.budget.device != "cpu" else 0  # NVML's count: CUDA left uninitialised
+    have, what = (gpus, "GPUs") if gpus else (len(os.sched_getaffinity(0)), "CPU cores")
+    if world_size <= have:
+        return ""
+    return (f"{cell.levers.parallel.strategy}×{world_size} needs {world_size} ranks, one per device: this machine "
+            f"has {have} {what}")
 
 
 def _join(pids: dict[int, int]) -> dict[int, int]:
