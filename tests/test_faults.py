@@ -719,7 +719,8 @@ def test_lora_targets_that_match_nothing_are_refused_before_any_cell(tmp_path: P
 def test_preflight_names_the_model_that_does_not_build_and_the_adapter_that_does_not_fit(tmp_path: Path) -> None:
     from memprof.run.preflight import check_all
 
-    (tmp_path / "model-dir").mkdir()  # a folder, but no checkpoint in it
+    (tmp_path / "model-dir").mkdir()  # a folder, but its config.json cut short
+    (tmp_path / "model-dir" / "config.json").write_text('{"model_type": "llama", ')
     path = _suite(tmp_path, "pre", ["sgd", "bad"], f'[models.mine]\npath = "{tmp_path / "model-dir"}"\n'
                   '[adapters.wide]\nkind = "dora"\ntarget_modules = "all-linear"\n'
                   '[adapters.none_here]\nkind = "qlora"\ntarget_modules = ["c_attn"]\n'

@@ -83,9 +83,11 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 100000 }]'),
      "grid.parallel[0].world_size: Input should be less than or equal to 1024"),
     (('steps = 3', 'steps = 3\nmemory_budget_bytes = 1000000'),
-     "memory_budget_bytes is 0 (none) or at least 16,777,216 (16 MiB)"),  # a 1 MB budget hung its worker
+     "memory_budget_bytes is 0 (none) or at least 8,388,608 (8 MiB, a thread's stack)"),  # a 1 MB budget hung its worker
     (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/nonexistent/model"'),
      "models.unused.path: no such folder: /nonexistent/model"),
+    (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/proc"'),
+     "models.unused.path: /proc has no config.json"),  # transformers: 'Should have a model_type key in its config.json'
     (('seq_len = [32]', 'seq_len = [32]\n[adapters.full]\nkind = "none"\nr = 8'),
      'adapters.full.r: a kind = "none" adapter trains every weight and has no LoRA settings'),
     (('batch_size = [2]', 'batch_size = [2, 2]'), "grid.batch_size[1]: 2 is given twice"),
@@ -215,6 +217,7 @@ def test_relative_paths_start_from_the_suite_files_folder_and_a_resumed_run_read
     (folder / "corpus.txt").write_text("x" * 400)
     (elsewhere / "corpus.txt").write_text("y" * 400)  # what the working directory would have given
     (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "config.json").write_text('{"model_type": "llama"}')  # a checkpoint's folder has one
     path = write_suite(folder, steps=2, extra='[data]\nsource = "file"\npath = "corpus.txt"\n'
                                               '[models.local]\npath = "ckpt"\n')
     monkeypatch.chdir(elsewhere)

@@ -70,7 +70,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         refuse(suite, check_all(suite.preflight_pairs()))
         output.out.print(cells_table(cells, f"{suite.name}: {len(cells)} cells ({suite.path})"))
         return 0
-    _cuda_where_asked(cells, "--device" if args.device else f"{suite.path}: device")
+    if args.executor == "local" and args.resume is None:  # Ray's cells run on its nodes; a resume's folder first
+        _cuda_where_asked(cells, "--device" if args.device else f"{suite.path}: device")
     baseline = None
     if args.compare_to:
         from memprof.analysis import compare

@@ -56,7 +56,7 @@ MAX_SEQ_LEN = 2**24
 # Ranks a plan is drawn for; a run forks one process per rank, at most one per GPU or CPU core of its machine
 # (memprof.run.ranks).
 MAX_WORLD_SIZE = 1024
-MIN_MEMORY_BUDGET = 16 << 20
+MIN_MEMORY_BUDGET = 8 << 20  # a thread's stack reserves this much address space
 Precision = Literal["fp32", "bf16", "fp16"]
 Checkpointing = Annotated[Literal["off", "on", "reentrant"], BeforeValidator(_on_off)]  # true/false: on/off
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
@@ -224,8 +224,8 @@ class Budget(Spec):
     @model_validator(mode="after")
     def _budget_a_worker_can_start_in(self) -> Budget:
         if 0 < self.memory_budget_bytes < MIN_MEMORY_BUDGET:
-            raise ValueError(f"memory_budget_bytes is 0 (none) or at least {MIN_MEMORY_BUDGET:,} (16 MiB): below "
-                             "that a worker cannot start its threads (a 1 MB one hung in Python's thread start)")
+            raise ValueError(f"memory_budget_bytes is 0 (none) or at least {MIN_MEMORY_BUDGET:,} (8 MiB, a thread's "
+                             "stack): a 1 MB budget hung its worker in Python's thread start")
         return self
 
 

@@ -175,7 +175,7 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise UserError("--timeout", f"must be positive and at most {MAX_TIMEOUT_S:g} s (a week), got {timeout_s}")
     if budget_bytes is not None and budget_bytes < MIN_MEMORY_BUDGET:
-        raise UserError("--memory-budget", f"a memory budget must be at least {MIN_MEMORY_BUDGET:,} B (16 MiB), got "
+        raise UserError("--memory-budget", f"a memory budget must be at least {MIN_MEMORY_BUDGET:,} B (8 MiB), got "
                                            f"{budget_bytes:,}")
     cuda = on_cuda(device)
     limit = budget_bytes

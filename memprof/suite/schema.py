@@ -97,6 +97,8 @@ class ModelTable(ModelSpec):
             raise ValueError(f"no such folder: {path}")
         if path and not Path(path).is_dir():
             raise ValueError(f"not a folder: {path} (a local checkpoint is the folder from_pretrained reads)")
+        if path and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json (a local checkpoint is the folder from_pretrained reads)")
         return path
 
     @model_validator(mode="after")
