@@ -67,7 +67,7 @@ def memory_figure(run: Run) -> Figure | None:
     states = any(len({r.optimizer_state_bytes for r in rs if r.breakdown}) > 1 for rs in groups.values())
     fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
                              dpi=DPI, squeeze=False, gridspec_kw={"height_ratios": heights,
-                                                                  "width_ratios": (4, 1.5) if states else (1,)})
+                                                                  "width_ratios": (4, 2) if states else (1,)})
     present: dict[str, str] = {}
     attributed = {id(r) for r in shown}
     overshoot = False  # a bar whose named parts exceed its peak (a negative remainder)
@@ -157,7 +157,7 @@ def _state_bars(ax: Axes, rs: list[Record], shown: list[Record]) -> list[Any]:
         ax.barh(y, (state - paged) / scale, height=0.7, linewidth=0.6, **_style("optimizer_state"))
         ax.barh(y, paged / scale, left=(state - paged) / scale, height=0.7, linewidth=0.6,
                 **_style("optimizer_state_paged_bytes"))
-        label = f" {human_bytes(state)}" + (f" ({human_bytes(paged)} paged)" if paged else "")
+        label = f" {human_bytes(state)}" + (f", {human_bytes(paged)} paged" if paged else "")
         labels.append(ax.text(state / scale, y, label, va="center", fontsize=8))
     ax.set_yticks(range(len(rs)), [""] * len(rs))
     ax.set_ylim(len(rs) - 0.5, -0.5)
