@@ -66,8 +66,8 @@ def test_fit_finds_the_largest_batch_under_a_budget(capsys: pytest.CaptureFixtur
      "--world-size: must be 1 to 1,024, got 100,000"),  # it forked a rank per process until the host ran out
     (["--memory-budget", "1GB", "--batch-size", "99999999999"], "--batch-size: must be 1 to 1,048,576, got"),
     (["--memory-budget", "1GB", "--max", "99999999"], "--max: batch_size is at most 1,048,576, got 99,999,999"),
-    (["--memory-budget", "1GB", "--search", "seq_len", "--granularity", "1", "--start", "1"],
-     "--start: seq_len is at least 2, got 1"),  # one token leaves nothing to predict
+    (["--memory-budget", "1GB", "--search", "seq_len", "--granularity", "1", "--start", "4"],
+     "--granularity: seq_len is at least 2: search it in multiples of 2 or more, not 1"),  # it may halve to 1
     (["--memory-budget", "1000000", "--strategy", "zero1"], "--strategy: zero1 needs --world-size > 1"),
     (["--memory-budget", "1000000", "--margin", "1.5"], "--margin: must be in [0, 1)"),
     (["--memory-budget", "1000000", "--timeout", "0"], "--timeout: must be positive and at most 604800 s"),

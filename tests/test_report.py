@@ -214,8 +214,13 @@ def test_a_folder_copied_without_its_step_logs_says_so_and_draws_no_empty_curves
         shutil.copy(run_dir / name, copy / name)
     capsys.readouterr()
     assert run_cli("report", str(copy)) == 0
-    err = capsys.readouterr().err
-    assert f"warning: {copy}/cells holds no steps.csv: no loss curves" in " ".join(err.split())
+    out, err = (" ".join(text.split()) for text in capsys.readouterr())
+    said = f"{copy}/cells holds no steps.csv: no loss curves"
+    assert out.count(said) == 1 and said not in err  # once: a note of the target table
+    levers = tmp_path / "levers-cpu"  # no target, so no table to say it under: the command warns
+    shutil.copytree(Path(__file__).parent.parent / "results" / "levers-cpu", levers)
+    assert run_cli("report", str(levers)) == 0
+    assert f"warning: {levers}/cells holds no steps.csv" in " ".join(capsys.readouterr().err.split())
     # no loss figures; the LR sweep's points are the records' own final losses
     assert sorted(p.name for p in (copy / "report").glob("*.png")) == ["lr-rank.png", "memory.png"]
     table, logged = report.target_table(report.load_run(copy)), report.target_table(report.load_run(run_dir))

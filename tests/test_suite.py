@@ -83,7 +83,9 @@ def test_repeats_give_one_cell_per_seed(tmp_path: Path) -> None:
     (('seq_len = [32]', 'seq_len = [32]\nparallel = [{ strategy = "ddp", world_size = 100000 }]'),
      "grid.parallel[0].world_size: Input should be less than or equal to 1024"),
     (('steps = 3', 'steps = 3\nmemory_budget_bytes = 1000000'),
-     "memory_budget_bytes is 0 (none) or at least 8,388,608 (8 MiB, a thread's stack)"),  # a 1 MB budget hung its worker
+     "suite.memory_budget_bytes: must be 0 (none) or at least 8,388,608 (8 MiB, a thread's stack)"),  # hung a worker
+    (('seq_len = [32]', 'seq_len = [32]\n[[override]]\nmatch = { seq_len = 32 }\nset = { memory_budget_bytes = 1000 }'),
+     "override[0].set.memory_budget_bytes: must be 0 (none) or at least 8,388,608"),
     (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/nonexistent/model"'),
      "models.unused.path: no such folder: /nonexistent/model"),
     (('seq_len = [32]', 'seq_len = [32]\n[models.unused]\npath = "/proc"'),
@@ -230,3 +232,19 @@ def test_relative_paths_start_from_the_suite_files_folder_and_a_resumed_run_read
     copy = suite.load(str(run_dir / "suite.toml"))  # what --resume reads: the folder's copy of the suite
     assert [c.config_hash for c in copy.cells] == [cell.config_hash]
     assert run_cli("run", "--resume", str(run_dir)) == 0
+
+
+def test_a_record_of_a_budget_below_a_suites_floor_still_reads(tmp_path: Path) -> None:
+    """The 8 MiB floor is a suite's (a worker cannot start in less): a record of any budget loads, the 1 MB run that
+    hung included, so report, compare and attribute still read its folder."""
+    import shutil
+
+    from memprof.results.store import read_records
+
+    folder = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent.parent / "results" / "levers-cpu", folder)
+    first = json.loads((folder / "records.jsonl").read_text().splitlines()[0])
+    first["config"]["budget"]["memory_budget_bytes"] = 1_000_000
+    (folder / "records.jsonl").write_text(json.dumps(first) + "\n")
+    (record,) = read_records(folder)
+    assert record.config.budget.memory_budget_bytes == 1_000_000

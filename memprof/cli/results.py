@@ -52,7 +52,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     page = report_views.write(run, sections, args.out or args.run_dir / "report")
     output.out.print(rich_tables(memory + tables, output.out.width))
     output.console.print(f"report: {page}")
-    output.warn("" if report.has_step_logs(run) else report.NO_STEP_LOGS.format(args.run_dir))
+    said = report.NO_STEP_LOGS.format(args.run_dir)
+    if not report.has_step_logs(run) and not any(said in t.notes for t in tables):  # a note of the target table
+        output.warn(said)
     output.warn(torn_last_line(args.run_dir))
     return 0
 

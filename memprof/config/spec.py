@@ -221,13 +221,6 @@ class Budget(Spec):
     timeout_s: TimeoutSeconds = 600.0
     memory_budget_bytes: NonNegativeInt = 0
 
-    @model_validator(mode="after")
-    def _budget_a_worker_can_start_in(self) -> Budget:
-        if 0 < self.memory_budget_bytes < MIN_MEMORY_BUDGET:
-            raise ValueError(f"memory_budget_bytes is 0 (none) or at least {MIN_MEMORY_BUDGET:,} (8 MiB, a thread's "
-                             "stack): a 1 MB budget hung its worker in Python's thread start")
-        return self
-
 
 LIMITS = ("timeout_s", "memory_budget_bytes")  # Budget fields that limit a cell without changing what it runs
 

@@ -170,8 +170,9 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
     if maximum > most:
         raise UserError("--max", f"{axis} is at most {most:,}, got {maximum:,}")
     least = AXIS_BY_NAME[axis].minimum
-    if max(start // granularity, 1) * granularity < least:
-        raise UserError("--start", f"{axis} is at least {least}, got {max(start // granularity, 1) * granularity}")
+    if granularity < least:  # the search may come down to one granularity
+        raise UserError("--granularity", f"{axis} is at least {least}: search it in multiples of {least} or more, "
+                                         f"not {granularity}")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise UserError("--timeout", f"must be positive and at most {MAX_TIMEOUT_S:g} s (a week), got {timeout_s}")
     if budget_bytes is not None and budget_bytes < MIN_MEMORY_BUDGET:

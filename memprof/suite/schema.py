@@ -14,9 +14,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationI
                       model_validator)
 
 from memprof.config import catalogue
-from memprof.config.spec import (AXES, LORA_DEFAULTS, AdapterSpec, Axis, Budget, CellConfig, DataSpec, ModelSpec,
-                                 NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability, QuantSpec,
-                                 Spec, TimeoutSeconds, TrainingSpec)
+from memprof.config.spec import (AXES, LORA_DEFAULTS, MIN_MEMORY_BUDGET, AdapterSpec, Axis, Budget, CellConfig,
+                                 DataSpec, ModelSpec, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                                 Probability, QuantSpec, Spec, TimeoutSeconds, TrainingSpec)
 from memprof.errors import UserError
 from memprof.results.metrics import resolve_rules
 
@@ -41,6 +41,15 @@ class SuiteSettings(Spec):
     eval_every: NonNegativeInt = 0  # steps between evaluations; 0: only after the last step
     eval_batches: NonNegativeInt = 4  # fixed held-out batches per evaluation; 0: no evaluation
     target_loss: PositiveFloat | None = None  # for steps_to_target / seconds_to_target
+
+    @field_validator("memory_budget_bytes")
+    @classmethod
+    def _a_budget_a_worker_starts_in(cls, budget: int) -> int:
+        """Checked where a suite sets it (records of any budget still load)."""
+        if 0 < budget < MIN_MEMORY_BUDGET:
+            raise ValueError(f"must be 0 (none) or at least {MIN_MEMORY_BUDGET:,} (8 MiB, a thread's stack): a 1 MB "
+                             "budget hung its worker in Python's thread start")
+        return budget
 
     @model_validator(mode="after")
     def _measured_steps_remain(self) -> SuiteSettings:

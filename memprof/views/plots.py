@@ -63,17 +63,17 @@ def memory_figure(run: Run) -> Figure | None:
     totals = [sum(max(v, 0) for v in _segments(r).values()) for r in shown]
     unit, scale = scale_unit(max(totals))
     heights = [0.45 * len(rs) + 0.9 for rs in groups.values()]
+    attributed = {id(r) for r in shown}
     # else the state panel would say nothing the bars' labels do not
-    states = any(len({r.optimizer_state_bytes for r in rs if r.breakdown}) > 1 for rs in groups.values())
+    states = any(len({r.optimizer_state_bytes for r in rs if id(r) in attributed}) > 1 for rs in groups.values())
     fig, axes = plt.subplots(len(groups), 2 if states else 1, figsize=(14 if states else 12, sum(heights) + 1.0),
                              dpi=DPI, squeeze=False, gridspec_kw={"height_ratios": heights,
                                                                   "width_ratios": (4, 2) if states else (1,)})
     present: dict[str, str] = {}
-    attributed = {id(r) for r in shown}
     overshoot = False  # a bar whose named parts exceed its peak (a negative remainder)
     labels: list[Any] = []
     state_labels: list[list[Any]] = []
-    for i, (row, (title, rs)) in enumerate(zip(axes, groups.items())):
+    for row, (title, rs) in zip(axes, groups.items()):
         ax = row[0]
         names = [a for a in varying([r.config for r in rs], always=("optimizer",)) if a.name not in GROUP_AXES]
         ticks = [" ".join(a.text(r.config) for a in names if not (a.lever and a.is_default(r.config))) for r in rs]

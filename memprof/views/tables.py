@@ -52,6 +52,10 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+SHARDED_NOTE = "sharded cells (ddp/zero1/fsdp2×n): each figure is the max over ranks, never a sum"
+LOWER_BOUND_NOTE = "≥: the cell stopped early (OOM, crash, timeout, interrupt): the most it reached until then"
+
+
 def peak_note(cuda: bool) -> str:
     """What a record's ``peak`` is, for a footnote: the allocator's on CUDA, RSS growth on the CPU."""
     return "peak: the torch allocator's peak" if cuda else "peak: growth of the worker's resident memory (RSS) " \
@@ -87,8 +91,7 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
                    Text(peak_note(any(r.peak_allocated_bytes is not None for r in records)), style="dim"),
                    Text("loss: the first step's → the mean of the last 5 steps", style="dim")]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
-        parts.append(Text("sharded cells: state and peak are the fullest rank's (max over ranks, never a sum)",
-                          style="dim"))
+        parts.append(Text(SHARDED_NOTE, style="dim"))
     slopes = activation_slopes(records)
     if slopes:
         parts.append(slopes_table(slopes))
@@ -189,7 +192,9 @@ def levers_markdown(records: Iterable[Record]) -> str:
              "one micro-batch's forward (the peak holds more: the loss's logits, the layer at work in backward; "
              "`memprof attribute` splits it); " + peak_note(cuda)]
     if any(r.config.levers.parallel.world_size > 1 for r in records):
-        notes.append("sharded cells (ddp/zero1/fsdp2×n): each figure is the fullest rank's, never a sum over ranks")
+        notes.append(SHARDED_NOTE)
+    if any(r.peak_is_lower_bound and r.peak_bytes is not None for r in records):
+        notes.append(LOWER_BOUND_NOTE)
     notes += contention_notes(records) + [markdown_cell(cause) for cause in causes]
     return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)  # each note a paragraph of its own
 
