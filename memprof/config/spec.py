@@ -307,6 +307,7 @@ class Axis:
         label: the column title in tables.
         show: how a lever is named for people, when not by its token.
         minimum: the least value a suite's grid takes, where it is more than the field's own (a size: 1).
+        maximum: the field's own bound, for values checked before a cell is made of them (command-line flags).
         default_text: how a table cell names a lever at its default (sdpa, off).
     """
 
@@ -317,6 +318,7 @@ class Axis:
     label: str = ""
     show: Callable[[Any], str] | None = None
     minimum: int | None = None
+    maximum: int | None = None
     default_text: str = "–"
 
     @property
@@ -376,8 +378,9 @@ AXES: tuple[Axis, ...] = (
     Axis("model", "model", lambda m: m.name),
     Axis("adapter", "adapter", lambda a: a.name),
     Axis("optimizer", "optimizer", lambda o: o.label),
-    Axis("batch_size", "shape.batch_size", "b{}".format, label="batch", minimum=1),
-    Axis("seq_len", "shape.seq_len", "s{}".format, label="seq", minimum=2),  # one token leaves none to predict
+    Axis("batch_size", "shape.batch_size", "b{}".format, label="batch", minimum=1, maximum=MAX_BATCH_SIZE),
+    Axis("seq_len", "shape.seq_len", "s{}".format, label="seq", minimum=2,  # one token leaves none to predict
+         maximum=MAX_SEQ_LEN),
     Axis("grad_accum", "shape.grad_accum", "ga{}".format, label="accum"),
     Axis("precision", "shape.precision"),
     Axis("lr", "training.lr", lambda lr: f"lr{lr:g}"),

@@ -389,4 +389,3 @@ def moments(cell: CellConfig, device: str, gradients: int) -> tuple[StepPeak, di
                                                     gradients, step.largest_gradient)
     return step, {step.moment: at_peak, "backward end": {"gradients": gradients},
                   "optimizer step": {"gradients": gradients, "foreach_temporaries": temporaries}}
-

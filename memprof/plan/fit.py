@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from memprof.config.spec import (AXIS_BY_NAME, MAX_BATCH_SIZE, MAX_SEQ_LEN, MAX_TIMEOUT_S, MIN_MEMORY_BUDGET,
-                                 CellConfig)
+from memprof.config.spec import AXIS_BY_NAME, MAX_TIMEOUT_S, MIN_MEMORY_BUDGET, CellConfig
 from memprof.errors import UserError
 from memprof.plan.predict import largest
 from memprof.results.record import Record, Status
@@ -166,10 +165,9 @@ def run_search(request: CellConfig, axis: str, budget_bytes: int | None, margin:
         raise UserError("--max", f"must be at least the granularity ({granularity}), got {maximum}")
     if start > maximum:
         raise UserError("--start", f"must be at most --max ({maximum}), got {start}")
-    most = MAX_BATCH_SIZE if axis == "batch_size" else MAX_SEQ_LEN
+    least, most = AXIS_BY_NAME[axis].minimum, AXIS_BY_NAME[axis].maximum
     if maximum > most:
         raise UserError("--max", f"{axis} is at most {most:,}, got {maximum:,}")
-    least = AXIS_BY_NAME[axis].minimum
     if granularity < least:  # the search may come down to one granularity
         raise UserError("--granularity", f"{axis} is at least {least}: search it in multiples of {least} or more, "
                                          f"not {granularity}")

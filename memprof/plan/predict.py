@@ -711,9 +711,8 @@ def cell_from_flags(model: str, adapter: str = "qlora", rank: int = 16, target_m
     for flag, value in (("--rank", rank), ("--grad-accum", grad_accum)):
         if value <= 0:
             raise UserError(flag, f"must be positive, got {value}")
-    for flag, value, axis, most in (("--batch-size", batch_size, "batch_size", MAX_BATCH_SIZE),
-                                    ("--seq-len", seq_len, "seq_len", MAX_SEQ_LEN)):
-        least = AXIS_BY_NAME[axis].minimum
+    for flag, value, axis in (("--batch-size", batch_size, "batch_size"), ("--seq-len", seq_len, "seq_len")):
+        least, most = AXIS_BY_NAME[axis].minimum, AXIS_BY_NAME[axis].maximum
         if not least <= value <= most:
             raise UserError(flag, f"must be {least} to {most:,}, got {value:,}")
     if loss_chunk < 0:

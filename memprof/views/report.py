@@ -13,7 +13,7 @@ from pathlib import Path
 from memprof.analysis.memory import on_card_bytes, state_vs_baseline
 from memprof.analysis.report import Run, TableData, fixed_axes, one_per_config, varying_axes
 from memprof.errors import UserError
-from memprof.views.tables import (LOWER_BOUND_NOTE, constant_columns, every_row_line, human_bytes, numeric_column,
+from memprof.views.tables import (constant_columns, every_row_line, human_bytes, lower_bound_note, numeric_column,
                                   peak_note, peak_text)
 
 STYLE = """
@@ -68,8 +68,7 @@ def memory_table(run: Run) -> TableData:
                      + (" plus paged state" if paged else ""))
     if paged:
         notes.append("paged: bitsandbytes' state in CUDA managed memory, outside the allocator's peak")
-    if any(r.peak_is_lower_bound and r.peak_bytes is not None for r in run.records):
-        notes.append(LOWER_BOUND_NOTE)
+    notes += lower_bound_note(run.records)
     return TableData(f"Optimizer state and peak of each configuration ({fixed_axes(run.records)})", columns, rows,
                      notes)
 

@@ -52,8 +52,18 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-SHARDED_NOTE = "sharded cells (ddp/zero1/fsdp2×n): each figure is the max over ranks, never a sum"
-LOWER_BOUND_NOTE = "≥: the cell stopped early (OOM, crash, timeout, interrupt): the most it reached until then"
+def sharded_note(records: Iterable[Record]) -> list[str]:
+    """How a sharded cell's figures are taken, where the records hold one."""
+    if any(r.config.levers.parallel.world_size > 1 for r in records):
+        return ["sharded cells (ddp/zero1/fsdp2×n): each figure is the max over ranks, never a sum"]
+    return []
+
+
+def lower_bound_note(records: Iterable[Record]) -> list[str]:
+    """What '≥' means, where a record's peak is a lower bound (``peak_text`` marks it so)."""
+    if any(r.peak_is_lower_bound and r.peak_bytes is not None for r in records):
+        return ["≥: the cell stopped early (OOM, crash, timeout, interrupt): the most it reached until then"]
+    return []
 
 
 def peak_note(cuda: bool) -> str:
@@ -90,8 +100,7 @@ def results_table(records: Iterable[Record], width: int, title: str = "memprof r
     parts: list = [Text(title, style="bold"), rich_tables(tables, width, elsewhere="memprof report"),
                    Text(peak_note(any(r.peak_allocated_bytes is not None for r in records)), style="dim"),
                    Text("loss: the first step's → the mean of the last 5 steps", style="dim")]
-    if any(r.config.levers.parallel.world_size > 1 for r in records):
-        parts.append(Text(SHARDED_NOTE, style="dim"))
+    parts.extend(Text(note, style="dim") for note in sharded_note(records))
     slopes = activation_slopes(records)
     if slopes:
         parts.append(slopes_table(slopes))
@@ -191,11 +200,8 @@ def levers_markdown(records: Iterable[Record]) -> str:
     notes = ["weights, gradients, optimizer state: exact bytes of the tensors; activations: what autograd saves in "
              "one micro-batch's forward (the peak holds more: the loss's logits, the layer at work in backward; "
              "`memprof attribute` splits it); " + peak_note(cuda)]
-    if any(r.config.levers.parallel.world_size > 1 for r in records):
-        notes.append(SHARDED_NOTE)
-    if any(r.peak_is_lower_bound and r.peak_bytes is not None for r in records):
-        notes.append(LOWER_BOUND_NOTE)
-    notes += contention_notes(records) + [markdown_cell(cause) for cause in causes]
+    notes += sharded_note(records) + lower_bound_note(records) + contention_notes(records)
+    notes += [markdown_cell(cause) for cause in causes]
     return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes)  # each note a paragraph of its own
 
 
